@@ -1,0 +1,130 @@
+//! What every command shares: configuration, logging, the database, signals.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use longshore_workers::config::Config;
+use longshore_workers::db;
+use longshore_workers::embedded::{self, Embedded};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The migrations of the whole fleet: runtime and domain, one folder.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// An error with the exit code it deserves: 2 for bad input, 1 for everything else.
+pub struct CliError {
+    inner: anyhow::Error,
+    code: u8,
+}
+
+impl CliError {
+    pub fn usage(e: impl Into<anyhow::Error>) -> Self {
+        CliError {
+            inner: e.into(),
+            code: 2,
+        }
+    }
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError {
+            inner: e.into(),
+            code: 1,
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if f.alternate() {
+            write!(f, "{:#}", self.inner)
+        } else {
+            write!(f, "{}", self.inner)
+        }
+    }
+}
+
+pub type CliResult = Result<(), CliError>;
+
+/// Loads and validates configuration, installs logging.
+pub fn config() -> Result<Arc<Config>, CliError> {
+    let cfg = Config::load().map_err(CliError::usage)?;
+    longshore_workers::telemetry::init_logging(&cfg.log);
+    Ok(Arc::new(cfg))
+}
+
+/// The configured database (DATABASE_URL / database.url), required.
+pub async fn pool(cfg: &Config, app: &str) -> Result<PgPool, CliError> {
+    let url = cfg.database_url().ok_or_else(|| {
+        CliError::usage(anyhow::anyhow!(
+            "no database configured: set DATABASE_URL (or LONGSHORE__DATABASE__URL); `longshore dev` runs without one"
+        ))
+    })?;
+    Ok(db::connect(url, &cfg.database, app).await?)
+}
+
+/// The embedded default: the configured database; else a `longshore` database on
+/// 127.0.0.1:5432; else a private cluster under `dev.data_dir`, stopped by the caller.
+pub async fn embedded_default(cfg: &Config, app: &str) -> Result<(PgPool, Option<Embedded>), CliError> {
+    if let Some(url) = cfg.database_url() {
+        return Ok((db::connect(url, &cfg.database, app).await?, None));
+    }
+    let (server, cluster) = if embedded::local_server_listening() {
+        info!("using the PostgreSQL server on 127.0.0.1:5432");
+        ("postgres://postgres@127.0.0.1:5432".to_string(), None)
+    } else {
+        let dir = std::path::PathBuf::from(&cfg.dev.data_dir);
+        let pg = tokio::task::spawn_blocking(move || Embedded::start(&dir))
+            .await
+            .context("starting the private cluster")??;
+        (format!("postgres://postgres@127.0.0.1:{}", pg.port()), Some(pg))
+    };
+    let admin = db::connect(&format!("{server}/postgres"), &cfg.database, app).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'longshore')")
+        .fetch_one(&admin)
+        .await?;
+    if !exists {
+        if let Err(e) = sqlx::query("CREATE DATABASE longshore").execute(&admin).await {
+            warn!(error = %e, "could not create database longshore (another process may have)");
+        }
+    }
+    admin.close().await;
+    let pool = db::connect(&format!("{server}/longshore"), &cfg.database, app).await?;
+    Ok((pool, cluster))
+}
+
+/// Migrates with every job kind this build knows.
+pub async fn migrate(pool: &PgPool) -> CliResult {
+    db::migrate(pool, &MIGRATOR, &longshore_jobs::registry()).await?;
+    Ok(())
+}
+
+/// A token cancelled on SIGTERM or SIGINT; a second signal exits at once.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                info!("shutdown requested: no new jobs; draining");
+                t.cancel();
+            } else {
+                warn!("second signal: exiting now; unfinished jobs run again after their lease");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}

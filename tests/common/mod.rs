@@ -1,0 +1,136 @@
+//! Shared by the test binaries: a fresh database per test, the real binary as a child
+//! process, and polling helpers (bounded waits, never a fixed sleep as an assertion).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use longshore_workers::config::Config;
+use longshore_workers::testing::TestDb;
+use sqlx::PgPool;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub async fn db() -> TestDb {
+    TestDb::create(&MIGRATOR, &longshore_jobs::registry()).await
+}
+
+/// Configuration as the binary would load it, plus `LONGSHORE__…` overrides.
+pub fn config(vars: &[(&str, &str)]) -> Arc<Config> {
+    let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Arc::new(Config::load_from(&PathBuf::from("config"), None, vars).expect("test config"))
+}
+
+/// Polls `f` until it returns Some or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.expect(sql)
+}
+
+/// A `longshore` child process with its stderr captured to a file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = std::env::temp_dir().join(format!(
+            "longshore-test-{}-{}.log",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut c = Command::new(env!("CARGO_BIN_EXE_longshore"));
+        c.args(args)
+            .env("DATABASE_URL", db_url)
+            .env("LONGSHORE__LOG__LEVEL", "info,sqlx=warn")
+            .env_remove("RUST_LOG")
+            .env_remove("LONGSHORE_ENV")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Proc {
+            child: c.spawn().expect("spawn longshore"),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit up to `limit`; returns the exit code (None if killed by signal).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st.code();
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {limit:?}; log:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs the binary to completion: (exit code, stdout, stderr).
+pub fn run_cli(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_longshore"));
+    c.args(args)
+        .env("DATABASE_URL", db_url)
+        .env_remove("RUST_LOG")
+        .env_remove("LONGSHORE_ENV");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run longshore");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

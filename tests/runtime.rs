@@ -1,0 +1,472 @@
+//! Database tests of the runtime: the store's fenced statements, the worker's outcome
+//! handling, enqueue options and idempotency. Real PostgreSQL, a fresh database each.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{config, count, db, eventually};
+use longshore_jobs::probe::Probe;
+use longshore_workers::store::{Bury, Fence, QueueSql, Reschedule};
+use longshore_workers::{
+    EnqueueOptions, Handler, JobArgs, JobContext, JobError, Outcome, QueueName, Registry, Worker,
+    enqueue, enqueue_json, enqueue_many,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+fn probe_sql() -> QueueSql {
+    QueueSql::new(QueueName::parse("probe").unwrap())
+}
+
+fn fence(c: &longshore_workers::store::Claimed) -> Fence {
+    Fence {
+        msg_id: c.msg_id,
+        read_ct: c.read_ct,
+    }
+}
+
+/// Runs a worker in this process until `done` holds, then shuts it down cleanly.
+async fn work_until<F, Fut>(pool: &PgPool, registry: Registry, cfg: &[(&str, &str)], what: &str, done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let stop = CancellationToken::new();
+    let w = Worker::new(pool.clone(), registry, config(cfg));
+    let h = tokio::spawn(w.run(stop.clone()));
+    eventually(Duration::from_secs(20), what, done).await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn claim_and_ack_archive_keep_the_result() {
+    let t = db().await;
+    let q = probe_sql();
+    let ids = enqueue_many(&t.pool, &[Probe::new(1), Probe::new(2), Probe::new(3)], Default::default())
+        .await
+        .unwrap();
+    let batch = q.claim(&t.pool, 2, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(batch.iter().map(|c| c.msg_id).collect::<Vec<_>>(), ids[..2]);
+    assert!(batch.iter().all(|c| c.read_ct == 1 && c.attempt() == 1));
+    let stats = q.stats(&t.pool).await.unwrap();
+    assert_eq!((stats.visible, stats.in_flight, stats.delayed), (1, 2, 0));
+
+    let acks = vec![(fence(&batch[0]), Some(json!({"ok": 1}))), (fence(&batch[1]), None)];
+    assert_eq!(q.ack_archive(&t.pool, &acks).await.unwrap().len(), 2);
+    let result: Option<Value> =
+        sqlx::query_scalar("SELECT headers->'result' FROM pgmq.a_probe WHERE msg_id = $1")
+            .bind(ids[0])
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(result, Some(json!({"ok": 1})));
+    let stats = q.stats(&t.pool).await.unwrap();
+    assert_eq!((stats.visible, stats.in_flight, stats.archived), (1, 0, 2));
+}
+
+#[tokio::test]
+async fn a_stale_read_ct_changes_nothing() {
+    let t = db().await;
+    let q = probe_sql();
+    enqueue(&t.pool, &Probe::new(1), Default::default()).await.unwrap();
+    // Worker A claims with a lease that runs out; worker B claims the same message.
+    let a = q.claim(&t.pool, 1, Duration::from_millis(50)).await.unwrap().remove(0);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let b = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
+    assert_eq!(a.msg_id, b.msg_id);
+    assert_eq!((a.read_ct, b.read_ct), (1, 2));
+
+    let stale = fence(&a);
+    assert!(q.ack_archive(&t.pool, &[(stale, None)]).await.unwrap().is_empty());
+    assert!(q.ack_delete(&t.pool, &[stale]).await.unwrap().is_empty());
+    assert!(q.heartbeat(&t.pool, &[stale], Duration::from_secs(60)).await.unwrap().is_empty());
+    let r = Reschedule { fence: stale, delay: Duration::ZERO, error: Some("x".into()), free: false };
+    assert!(q.reschedule(&t.pool, &[r]).await.unwrap().is_empty());
+    let bury = Bury { fence: stale, attempts: 1, error: "x".into() };
+    assert!(q.bury(&t.pool, &[bury]).await.unwrap().is_empty());
+    // Still B's, untouched.
+    let s = q.stats(&t.pool).await.unwrap();
+    assert_eq!((s.in_flight, s.dead_letters, s.archived), (1, 0, 0));
+    assert_eq!(q.ack_archive(&t.pool, &[(fence(&b), None)]).await.unwrap(), vec![b.msg_id]);
+}
+
+#[tokio::test]
+async fn snooze_and_release_do_not_spend_attempts_or_fencing_tokens() {
+    let t = db().await;
+    let q = probe_sql();
+    enqueue(&t.pool, &Probe::new(1), Default::default()).await.unwrap();
+    let c = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
+    let r = Reschedule { fence: fence(&c), delay: Duration::ZERO, error: None, free: true };
+    assert_eq!(q.reschedule(&t.pool, &[r]).await.unwrap().len(), 1);
+    let c2 = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
+    // read_ct still grows (it is the fencing token), the attempt does not.
+    assert_eq!((c2.read_ct, c2.attempt()), (2, 1));
+    // The holder of read_ct 1 cannot act even though the attempt number is the same.
+    assert!(q.ack_archive(&t.pool, &[(fence(&c), None)]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reschedule_records_the_error_and_delays() {
+    let t = db().await;
+    let q = probe_sql();
+    enqueue(&t.pool, &Probe::new(1), Default::default()).await.unwrap();
+    let c = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
+    let r = Reschedule { fence: fence(&c), delay: Duration::from_secs(60), error: Some("boom".into()), free: false };
+    q.reschedule(&t.pool, &[r]).await.unwrap();
+    assert!(q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().is_empty());
+    let s = q.stats(&t.pool).await.unwrap();
+    assert_eq!((s.visible, s.in_flight, s.delayed), (0, 0, 1));
+    let err: String = sqlx::query_scalar("SELECT headers->>'last_error' FROM pgmq.q_probe")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(err, "boom");
+}
+
+#[tokio::test]
+async fn retry_then_done_and_the_effect_commits_once() {
+    let t = db().await;
+    let mut p = Probe::new(7);
+    p.fail_times = Some(2);
+    p.effect = Some(true);
+    enqueue(&t.pool, &p, Default::default()).await.unwrap();
+    let pool = t.pool.clone();
+    work_until(&t.pool, longshore_jobs::registry(), &[("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "10ms")], "probe 7 done", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 1).then_some(()) }
+    })
+    .await;
+    let (attempt,): (i32,) = sqlx::query_as("SELECT attempt FROM probe_effects WHERE id = 7")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempt, 3, "two retries, then the effect");
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 1);
+    let hdr: Value = sqlx::query_scalar("SELECT headers FROM pgmq.a_probe").fetch_one(&t.pool).await.unwrap();
+    assert_eq!(hdr["result"]["attempt"], 3);
+    assert!(hdr["last_error"].as_str().unwrap().contains("attempt 2"), "{hdr}");
+}
+
+#[tokio::test]
+async fn bad_args_panics_and_exhaustion_dead_letter_while_good_jobs_finish() {
+    let t = db().await;
+    sqlx::query("SELECT pgmq.send('probe', '\"not an object\"')").execute(&t.pool).await.unwrap();
+    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"nope\": true}')").execute(&t.pool).await.unwrap();
+    let mut panicky = Probe::new(2);
+    panicky.panic = Some(true);
+    let mut failing = Probe::new(3);
+    failing.fail_times = Some(100);
+    enqueue(&t.pool, &panicky, Default::default()).await.unwrap();
+    enqueue(&t.pool, &failing, Default::default()).await.unwrap();
+    let good: Vec<Probe> = (100..150).map(Probe::new).collect();
+    enqueue_many(&t.pool, &good, Default::default()).await.unwrap();
+    let pool = t.pool.clone();
+    work_until(
+        &t.pool,
+        longshore_jobs::registry(),
+        &[("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "5ms"), ("LONGSHORE__QUEUES__DEFAULT__MAX_ATTEMPTS", "3")],
+        "4 dead letters and 50 done",
+        || {
+            let pool = pool.clone();
+            async move {
+                let dead = count(&pool, "SELECT count(*) FROM longshore.dead_letters").await;
+                let done = count(&pool, "SELECT count(*) FROM pgmq.a_probe").await;
+                (dead == 4 && done == 50).then_some(())
+            }
+        },
+    )
+    .await;
+    let rows: Vec<(Value, i32, String)> =
+        sqlx::query_as("SELECT message, attempts, last_error FROM longshore.dead_letters ORDER BY msg_id")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows[0].1, 1, "unparseable args die at once");
+    assert!(rows[0].2.contains("invalid args for probe"), "{}", rows[0].2);
+    assert_eq!(rows[1].1, 1);
+    assert!(rows[1].2.contains("unknown field `nope`"), "{}", rows[1].2);
+    assert_eq!(rows[2].1, 3, "panics retry up to max_attempts");
+    assert!(rows[2].2.contains("handler panicked: probe 2 asked to panic"), "{}", rows[2].2);
+    assert_eq!(rows[3].1, 3);
+    assert!(rows[3].2.contains("gave up after 3 attempts"), "{}", rows[3].2);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
+}
+
+#[tokio::test]
+async fn timeouts_are_retries() {
+    let t = db().await;
+    let mut slow = Probe::new(1);
+    slow.sleep_ms = Some(5_000);
+    enqueue(&t.pool, &slow, Default::default()).await.unwrap();
+    let pool = t.pool.clone();
+    work_until(
+        &t.pool,
+        longshore_jobs::registry(),
+        &[
+            ("LONGSHORE__QUEUES__PROBE__TIMEOUT", "100ms"),
+            ("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "2"),
+            ("LONGSHORE__QUEUES__PROBE__BACKOFF_BASE", "5ms"),
+        ],
+        "timed-out job dead-lettered",
+        || {
+            let pool = pool.clone();
+            async move { (count(&pool, "SELECT count(*) FROM longshore.dead_letters").await == 1).then_some(()) }
+        },
+    )
+    .await;
+    let err: String = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters").fetch_one(&t.pool).await.unwrap();
+    assert!(err.contains("timed out after 0.100s"), "{err}");
+}
+
+/// Snoozes twice, then completes; with max_attempts = 1 it would be dead otherwise.
+#[derive(Serialize, Deserialize)]
+struct Nap {
+    id: i64,
+}
+impl JobArgs for Nap {
+    const KIND: &'static str = "probe";
+}
+struct NapHandler(Arc<AtomicU32>);
+impl Handler for NapHandler {
+    type Args = Nap;
+    async fn handle(&self, _a: Nap, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        assert_eq!(ctx.attempt, 1, "snoozes must not spend attempts");
+        if self.0.fetch_add(1, Ordering::SeqCst) < 2 {
+            return Outcome::snooze(Duration::from_millis(20));
+        }
+        Outcome::done()
+    }
+}
+
+#[tokio::test]
+async fn snooze_does_not_spend_an_attempt() {
+    let t = db().await;
+    enqueue_json(&t.pool, &QueueName::parse("probe").unwrap(), json!({"id": 1}), Default::default())
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let pool = t.pool.clone();
+    work_until(
+        &t.pool,
+        Registry::new().register(NapHandler(runs.clone())),
+        &[("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "1"), ("LONGSHORE__WORKER__POLL_INTERVAL", "10ms")],
+        "napper done",
+        || {
+            let pool = pool.clone();
+            async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 1).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await, 0);
+}
+
+/// Writes its effect, but before it returns another worker takes the message over
+/// (the lease is forced to expire and the message claimed again). The runtime's fenced
+/// acknowledgement must fail and roll the effect back.
+#[derive(Serialize, Deserialize)]
+struct Overtaken {
+    id: i64,
+}
+impl JobArgs for Overtaken {
+    const KIND: &'static str = "probe";
+}
+struct OvertakenHandler;
+impl Handler for OvertakenHandler {
+    type Args = Overtaken;
+    async fn handle(&self, a: Overtaken, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        sqlx::query("INSERT INTO probe_effects (id, attempt) VALUES ($1, $2)")
+            .bind(a.id)
+            .bind(ctx.attempt as i32)
+            .execute(ctx.tx().await?)
+            .await?;
+        if ctx.attempt == 1 {
+            sqlx::query("UPDATE pgmq.q_probe SET vt = now() - interval '1 second' WHERE msg_id = $1")
+                .bind(ctx.job_id)
+                .execute(ctx.pool())
+                .await?;
+            let stolen = probe_sql().claim(ctx.pool(), 1, Duration::from_millis(200)).await?;
+            assert_eq!(stolen.len(), 1, "the other worker got it");
+        }
+        Outcome::done()
+    }
+}
+
+#[tokio::test]
+async fn a_lost_lease_rolls_back_the_handlers_effects() {
+    let t = db().await;
+    enqueue_json(&t.pool, &QueueName::parse("probe").unwrap(), json!({"id": 9}), Default::default())
+        .await
+        .unwrap();
+    let pool = t.pool.clone();
+    work_until(
+        &t.pool,
+        Registry::new().register(OvertakenHandler),
+        &[("LONGSHORE__WORKER__POLL_INTERVAL", "20ms")],
+        "the re-delivered run completes",
+        || {
+            let pool = pool.clone();
+            async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 1).then_some(()) }
+        },
+    )
+    .await;
+    // Only the second run's effect exists: the first was fenced out and rolled back.
+    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects").fetch_all(&t.pool).await.unwrap();
+    assert_eq!(rows, vec![(9, 2)]);
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_slow_job_from_running_twice() {
+    let t = db().await;
+    let mut slow = Probe::new(1);
+    slow.sleep_ms = Some(2_600);
+    slow.effect = Some(true);
+    enqueue(&t.pool, &slow, Default::default()).await.unwrap();
+    // Two workers with a 1 s lease: without heartbeats the second would take it.
+    let cfg = [("LONGSHORE__QUEUES__PROBE__LEASE", "1s"), ("LONGSHORE__WORKER__POLL_INTERVAL", "50ms")];
+    let stop = CancellationToken::new();
+    let a = tokio::spawn(Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()));
+    let b = tokio::spawn(Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()));
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(10), "slow job done", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 1).then_some(()) }
+    })
+    .await;
+    stop.cancel();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(count(&t.pool, "SELECT read_ct::bigint FROM pgmq.a_probe").await, 1, "claimed once");
+    assert_eq!(count(&t.pool, "SELECT attempt::bigint FROM probe_effects").await, 1);
+}
+
+#[tokio::test]
+async fn idempotency_keys_return_the_first_job() {
+    let t = db().await;
+    let q = QueueName::parse("probe").unwrap();
+    let o = || EnqueueOptions::default().key("order-42");
+    let a = enqueue_json(&t.pool, &q, json!({"id": 1}), o()).await.unwrap();
+    let b = enqueue_json(&t.pool, &q, json!({ "id" : 1 }), o()).await.unwrap();
+    assert!(!a.duplicate && b.duplicate && b.same_body);
+    assert_eq!(a.id, b.id);
+    let c = enqueue_json(&t.pool, &q, json!({"id": 2}), o()).await.unwrap();
+    assert_eq!((c.id, c.duplicate, c.same_body), (a.id, true, false));
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 1);
+
+    // After the TTL the key is free again.
+    let short = || EnqueueOptions::default().key("short").ttl(Duration::from_millis(100));
+    let d = enqueue_json(&t.pool, &q, json!({"id": 3}), short()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = enqueue_json(&t.pool, &q, json!({"id": 3}), short()).await.unwrap();
+    assert!(!e.duplicate && e.id != d.id);
+}
+
+#[tokio::test]
+async fn racing_enqueues_with_one_key_make_one_job() {
+    let t = db().await;
+    let q = QueueName::parse("probe").unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let pool = t.pool.clone();
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            enqueue_json(&pool, &q, json!({"id": 1}), EnqueueOptions::default().key("race")).await.unwrap().id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 1);
+}
+
+#[tokio::test]
+async fn enqueue_inside_a_transaction_commits_or_rolls_back_with_it() {
+    let t = db().await;
+    let mut tx = t.pool.begin().await.unwrap();
+    enqueue(&mut *tx, &Probe::new(1), Default::default()).await.unwrap();
+    enqueue(&mut tx, &Probe::new(2), EnqueueOptions::default().key("k")).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.idempotency_keys").await, 0);
+
+    let mut tx = t.pool.begin().await.unwrap();
+    enqueue(&mut *tx, &Probe::new(1), Default::default()).await.unwrap();
+    enqueue(&mut tx, &Probe::new(2), EnqueueOptions::default().key("k")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 2);
+}
+
+#[tokio::test]
+async fn delayed_jobs_wait_until_due() {
+    let t = db().await;
+    let q = probe_sql();
+    enqueue(&t.pool, &Probe::new(1), EnqueueOptions::default().delay(Duration::from_millis(300))).await.unwrap();
+    let at = chrono::Utc::now() + chrono::Duration::hours(1);
+    enqueue(&t.pool, &Probe::new(2), EnqueueOptions::default().run_at(at)).await.unwrap();
+    assert!(q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap().is_empty());
+    assert_eq!(q.stats(&t.pool).await.unwrap().delayed, 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let got = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message["id"], 1);
+    assert!(got[0].due_at() > got[0].enqueued_at, "run_at header drives the wait metric");
+}
+
+#[tokio::test]
+async fn unknown_queue_and_bad_names_are_clear_errors() {
+    let t = db().await;
+    let e = enqueue_json(&t.pool, &QueueName::parse("nosuch").unwrap(), json!({}), Default::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("queue \"nosuch\" does not exist"), "{e}");
+    let e = enqueue_json(&t.pool, &QueueName::parse("probe").unwrap(), json!({}), EnqueueOptions::default().key(""))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("idempotency key"), "{e}");
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_retried_and_purged() {
+    let t = db().await;
+    let q = probe_sql();
+    enqueue_many(&t.pool, &[Probe::new(1), Probe::new(2)], Default::default()).await.unwrap();
+    let batch = q.claim(&t.pool, 2, Duration::from_secs(30)).await.unwrap();
+    let bury: Vec<Bury> = batch.iter().map(|c| Bury { fence: fence(c), attempts: 1, error: "nope".into() }).collect();
+    assert_eq!(q.bury(&t.pool, &bury).await.unwrap().len(), 2);
+    let name = QueueName::parse("probe").unwrap();
+    let dl = longshore_workers::store::dead_letters(&t.pool, &name, &[], 10).await.unwrap();
+    assert_eq!(dl.len(), 2);
+    assert_eq!(dl[0].last_error, "nope");
+    let mut tx = t.pool.begin().await.unwrap();
+    let moved = longshore_workers::store::retry_dead_letters(&mut tx, &q, &[dl[0].id]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(moved.len(), 1);
+    let fresh = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(fresh.len(), 1);
+    assert_eq!((fresh[0].attempt(), fresh[0].message.clone()), (1, dl[0].message.clone()));
+    assert!(fresh[0].headers.get("last_error").is_none());
+    assert_eq!(longshore_workers::store::purge_dead_letters(&t.pool, &name, &[]).await.unwrap(), 1);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let t = db().await;
+    let before = count(&t.pool, "SELECT count(*) FROM pg_class").await;
+    for _ in 0..2 {
+        longshore_workers::db::migrate(&t.pool, &common::MIGRATOR, &longshore_jobs::registry())
+            .await
+            .unwrap();
+    }
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pg_class").await, before);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.meta").await, 1);
+}

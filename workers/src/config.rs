@@ -1,0 +1,374 @@
+//! Typed, layered configuration.
+//!
+//! Layers, later wins: the embedded `config/default.toml` (compiled into the binary so
+//! it runs from any directory) → `config/default.toml` on disk, if present →
+//! `config/{LONGSHORE_ENV}.toml` → `LONGSHORE__SECTION__KEY` environment variables →
+//! `DATABASE_URL`. Every value is checked at start; an error names the key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::queue_name::QueueName;
+
+/// The defaults every build carries; `config/default.toml` in the repository.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub worker: WorkerConfig,
+    /// Per-queue settings; `default` applies to every queue, a named table overrides it.
+    pub queues: BTreeMap<String, QueueOverrides>,
+    pub enqueue: EnqueueConfig,
+    pub log: LogConfig,
+    pub dev: DevConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Empty: `DATABASE_URL`, else the embedded default (`dev` only). May hold a
+    /// password, so it is a secret and never printed.
+    #[serde(serialize_with = "ser_secret")]
+    pub url: SecretString,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout` for every pooled connection; 0 disables it.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+fn ser_secret<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.expose_secret())
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Handlers running at once, per queue.
+    pub concurrency: usize,
+    /// How often an idle consumer looks for work without a NOTIFY (delayed jobs,
+    /// expired leases, a lost listener).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// After SIGTERM: how long in-flight jobs may run before they are released.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Acknowledgements are written in batches of up to this many...
+    pub ack_batch: usize,
+    /// ...or after this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub ack_flush: Duration,
+    /// Port for `/metrics` of a worker process; 0 = do not serve.
+    pub metrics_port: u16,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueOverrides {
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub backoff_base: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub backoff_cap: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_done: Option<OnDone>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+}
+
+/// What happens to a message whose job is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDone {
+    /// Moved to the queue's archive table (kept for the archive retention).
+    Archive,
+    /// Deleted.
+    Delete,
+}
+
+/// The settings of one queue after the `default` table and its own are merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    /// Visibility timeout of a claim; extended by heartbeats while the handler runs.
+    pub lease: Duration,
+    /// A run longer than this is cut off and retried.
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub on_done: OnDone,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueConfig {
+    /// How long an idempotency key holds.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfig {
+    /// Where `longshore dev` keeps its private PostgreSQL cluster.
+    pub data_dir: String,
+}
+
+impl Config {
+    /// Loads the layers from the current directory and the process environment.
+    pub fn load() -> Result<Config, ConfigError> {
+        let env_name = std::env::var("LONGSHORE_ENV").ok();
+        Self::load_from(Path::new("config"), env_name.as_deref(), std::env::vars())
+    }
+
+    /// Loads with an explicit config directory, environment name and variables (tests).
+    pub fn load_from(
+        dir: &Path,
+        env_name: Option<&str>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::new().merge(Toml::string(EMBEDDED_DEFAULT));
+        let on_disk = dir.join("default.toml");
+        if on_disk.exists() {
+            fig = fig.merge(Toml::file(on_disk));
+        }
+        if let Some(name) = env_name.filter(|n| !n.is_empty()) {
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError::invalid("LONGSHORE_ENV", "must be a plain name"));
+            }
+            let file = dir.join(format!("{name}.toml"));
+            if !file.exists() {
+                return Err(ConfigError::invalid(
+                    "LONGSHORE_ENV",
+                    format!("no file {}", file.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        // Env::prefixed reads the real environment; feed our own iterator instead so
+        // tests can pass variables without touching the process environment.
+        let mut env_layer = Figment::new();
+        for (k, v) in &vars {
+            if let Some(rest) = k.strip_prefix("LONGSHORE__") {
+                let key = rest.to_ascii_lowercase().replace("__", ".");
+                let value: figment::value::Value = v.parse().expect("figment parses any string");
+                env_layer = env_layer.merge(Serialized::default(&key, value));
+            }
+        }
+        fig = fig.merge(env_layer);
+        if let Some((_, url)) = vars.iter().find(|(k, _)| k == "DATABASE_URL") {
+            if !url.is_empty() {
+                fig = fig.merge(Serialized::default("database.url", url));
+            }
+        }
+        let cfg: Config = fig.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let msg = e.kind.to_string();
+            if key.is_empty() {
+                ConfigError::Load(msg)
+            } else {
+                ConfigError::invalid(key, msg)
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.database;
+        if d.max_connections < 2 {
+            return Err(ConfigError::invalid("database.max_connections", "must be at least 2"));
+        }
+        if d.acquire_timeout.is_zero() {
+            return Err(ConfigError::invalid("database.acquire_timeout", "must be positive"));
+        }
+        let w = &self.worker;
+        if w.concurrency == 0 || w.concurrency > 10_000 {
+            return Err(ConfigError::invalid("worker.concurrency", "must be 1..=10000"));
+        }
+        if w.poll_interval < Duration::from_millis(10) {
+            return Err(ConfigError::invalid("worker.poll_interval", "must be at least 10ms"));
+        }
+        if w.ack_batch == 0 {
+            return Err(ConfigError::invalid("worker.ack_batch", "must be at least 1"));
+        }
+        if self.enqueue.idempotency_ttl.is_zero() {
+            return Err(ConfigError::invalid("enqueue.idempotency_ttl", "must be positive"));
+        }
+        if !self.queues.contains_key("default") {
+            return Err(ConfigError::invalid("queues.default", "is required"));
+        }
+        for name in self.queues.keys() {
+            if name != "default" {
+                QueueName::parse(name)
+                    .map_err(|e| ConfigError::invalid(format!("queues.{name}"), e.to_string()))?;
+            }
+            // Each table must merge into complete, sane settings.
+            self.queue_settings_checked(name)?;
+        }
+        Ok(())
+    }
+
+    /// The merged settings of a queue (`default` overlaid by the queue's own table).
+    pub fn queue(&self, name: &str) -> QueueSettings {
+        self.queue_settings_checked(name)
+            .expect("validated at load: every queue table merges")
+    }
+
+    fn queue_settings_checked(&self, name: &str) -> Result<QueueSettings, ConfigError> {
+        let base = self.queues.get("default").cloned().unwrap_or_default();
+        let own = self.queues.get(name).cloned().unwrap_or_default();
+        let key = |f: &str| format!("queues.{name}.{f}");
+        let missing = |f: &str| ConfigError::invalid(format!("queues.default.{f}"), "is required");
+        let s = QueueSettings {
+            lease: own.lease.or(base.lease).ok_or_else(|| missing("lease"))?,
+            timeout: own.timeout.or(base.timeout).ok_or_else(|| missing("timeout"))?,
+            max_attempts: own
+                .max_attempts
+                .or(base.max_attempts)
+                .ok_or_else(|| missing("max_attempts"))?,
+            backoff_base: own
+                .backoff_base
+                .or(base.backoff_base)
+                .ok_or_else(|| missing("backoff_base"))?,
+            backoff_cap: own
+                .backoff_cap
+                .or(base.backoff_cap)
+                .ok_or_else(|| missing("backoff_cap"))?,
+            on_done: own.on_done.or(base.on_done).unwrap_or(OnDone::Archive),
+            concurrency: own.concurrency.unwrap_or(self.worker.concurrency),
+        };
+        if s.lease < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(key("lease"), "must be at least 1s"));
+        }
+        if s.timeout.is_zero() {
+            return Err(ConfigError::invalid(key("timeout"), "must be positive"));
+        }
+        if s.max_attempts == 0 {
+            return Err(ConfigError::invalid(key("max_attempts"), "must be at least 1"));
+        }
+        if s.backoff_cap < s.backoff_base {
+            return Err(ConfigError::invalid(key("backoff_cap"), "must be >= backoff_base"));
+        }
+        if s.concurrency == 0 {
+            return Err(ConfigError::invalid(key("concurrency"), "must be at least 1"));
+        }
+        Ok(s)
+    }
+
+    /// The database URL, if one is configured.
+    pub fn database_url(&self) -> Option<&str> {
+        let u = self.database.url.expose_secret();
+        (!u.is_empty()).then_some(u)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_from(Path::new("/nonexistent"), None, vars)
+    }
+
+    #[test]
+    fn embedded_default_loads_and_validates() {
+        let c = load(&[]).unwrap();
+        assert!(c.database_url().is_none());
+        let q = c.queue("anything");
+        assert_eq!(q.on_done, OnDone::Archive);
+        assert!(q.max_attempts >= 1);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = load(&[
+            ("LONGSHORE__WORKER__CONCURRENCY", "7"),
+            ("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "3"),
+            ("DATABASE_URL", "postgres://u:p@h/db"),
+        ])
+        .unwrap();
+        assert_eq!(c.worker.concurrency, 7);
+        assert_eq!(c.queue("probe").max_attempts, 3);
+        assert_eq!(c.queue("probe").concurrency, 7);
+        assert_eq!(c.database_url(), Some("postgres://u:p@h/db"));
+    }
+
+    #[test]
+    fn bad_value_names_its_key() {
+        let e = load(&[("LONGSHORE__WORKER__CONCURRENCY", "lots")]).unwrap_err();
+        assert!(e.to_string().contains("worker.concurrency"), "{e}");
+        let e = load(&[("LONGSHORE__WORKER__CONCURRENCY", "0")]).unwrap_err();
+        assert!(e.to_string().contains("worker.concurrency"), "{e}");
+        let e = load(&[("LONGSHORE__QUEUES__PROBE__LEASE", "10ms")]).unwrap_err();
+        assert!(e.to_string().contains("queues.probe.lease"), "{e}");
+        let e = load(&[("LONGSHORE__WORKER__POLL_INTERVAL", "soon")]).unwrap_err();
+        assert!(e.to_string().contains("worker.poll_interval"), "{e}");
+    }
+
+    #[test]
+    fn bad_queue_name_in_config_is_rejected() {
+        let e = load(&[("LONGSHORE__QUEUES__BAD-NAME__MAX_ATTEMPTS", "3")]).unwrap_err();
+        assert!(e.to_string().contains("queues.bad-name"), "{e}");
+    }
+
+    #[test]
+    fn database_url_never_in_debug() {
+        let c = load(&[("DATABASE_URL", "postgres://u:hunter2canary@h/db")]).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2canary"), "{dbg}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Connection pools and migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use tracing::info;
+
+use crate::config::DatabaseConfig;
+use crate::queue_name::QueueName;
+use crate::registry::Registry;
+use crate::store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is not echoed: it may hold a password.
+    #[error("database url is not valid (check DATABASE_URL / database.url)")]
+    BadUrl,
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("database: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("pgmq install failed: {0}")]
+    Pgmq(String),
+}
+
+/// Opens a pool: bounded acquire wait (never hangs), server-side statement timeout,
+/// an application name so operators can tell our connections apart.
+pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
+    let mut opts = PgConnectOptions::from_str(url)
+        .map_err(|_| DbError::BadUrl)?
+        .application_name(app)
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+    if !cfg.statement_timeout.is_zero() {
+        opts = opts.options([(
+            "statement_timeout",
+            format!("{}", cfg.statement_timeout.as_millis()),
+        )]);
+    }
+    PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .min_connections(0)
+        .acquire_timeout(cfg.acquire_timeout)
+        .test_before_acquire(false)
+        .connect_with(opts)
+        .await
+        .map_err(DbError::Connect)
+}
+
+/// `longshore migrate`: installs pgmq (extension if the server has it, else the
+/// embedded SQL), applies the migrations, creates one queue per registered kind.
+/// Idempotent; concurrent runs serialise on an advisory lock.
+pub async fn migrate(pool: &PgPool, migrator: &Migrator, registry: &Registry) -> Result<(), DbError> {
+    let mut conn = pool.acquire().await.map_err(DbError::Connect)?;
+    sqlx::query("SELECT pg_advisory_lock(7254001)")
+        .execute(&mut *conn)
+        .await?;
+    let r = migrate_locked(&mut conn, pool, migrator, registry).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock(7254001)")
+        .execute(&mut *conn)
+        .await;
+    r
+}
+
+async fn migrate_locked(
+    conn: &mut sqlx::PgConnection,
+    pool: &PgPool,
+    migrator: &Migrator,
+    registry: &Registry,
+) -> Result<(), DbError> {
+    install_pgmq(conn, pool).await?;
+    migrator.run(&mut *conn).await?;
+    for kind in registry.kinds() {
+        let name = QueueName::parse(kind).expect("registry validates kinds");
+        store::create_queue(conn, &name).await?;
+    }
+    Ok(())
+}
+
+async fn install_pgmq(conn: &mut sqlx::PgConnection, pool: &PgPool) -> Result<(), DbError> {
+    let installed_as_sql: bool =
+        sqlx::query_scalar("SELECT to_regclass('pgmq.meta') IS NOT NULL").fetch_one(&mut *conn).await?;
+    let ext_installed: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgmq')")
+            .fetch_one(&mut *conn)
+            .await?;
+    if ext_installed {
+        return Ok(());
+    }
+    let ext_available: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq')")
+            .fetch_one(&mut *conn)
+            .await?;
+    if ext_available && !installed_as_sql {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pgmq")
+            .execute(&mut *conn)
+            .await?;
+        info!("installed pgmq as an extension");
+        return Ok(());
+    }
+    // No extension on this server: the pgmq crate's embedded SQL (idempotent: it keeps
+    // its own record of applied scripts).
+    pgmq::install::install_sql_from_embedded(pool)
+        .await
+        .map_err(|e| DbError::Pgmq(e.to_string()))?;
+    if !installed_as_sql {
+        info!("installed pgmq from its embedded SQL");
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! A private PostgreSQL cluster for `longshore dev` and the test suite on machines that
+//! have PostgreSQL installed but not running: `initdb` + `pg_ctl` from PATH or
+//! `/usr/lib/postgresql/*/bin`, run as the `postgres` user when we are root (initdb
+//! refuses root). Listens on 127.0.0.1 on a free port, trust auth, `--no-sync`
+//! (a development cluster: speed over durability).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; install PostgreSQL or set DATABASE_URL")]
+    NoBinaries,
+    #[error("{step} failed: {detail}")]
+    Command { step: String, detail: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running private cluster. Dropping it does not stop it; call [`Embedded::stop`].
+#[derive(Debug)]
+pub struct Embedded {
+    data_dir: PathBuf,
+    bin_dir: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Embedded {
+    /// Starts (creating if needed) the cluster in `data_dir`; reuses one already running.
+    pub fn start(data_dir: &Path) -> Result<Embedded, EmbeddedError> {
+        let bin_dir = find_bin_dir().ok_or(EmbeddedError::NoBinaries)?;
+        let as_postgres = is_root();
+        std::fs::create_dir_all(data_dir)?;
+        let data_dir = data_dir.canonicalize()?;
+        let e = Embedded {
+            port: 0,
+            data_dir,
+            bin_dir,
+            as_postgres,
+        };
+        if as_postgres {
+            e.run("chown", Command::new("chown").arg("-R").arg("postgres:postgres").arg(&e.data_dir))?;
+            // The postgres user must be able to reach the directory.
+            let _ = Command::new("chmod").arg("o+x").args(ancestors(&e.data_dir)).status();
+        }
+        if !e.data_dir.join("PG_VERSION").exists() {
+            info!(dir = %e.data_dir.display(), "creating a private PostgreSQL cluster");
+            let mut c = e.pg_command("initdb");
+            c.arg("-D")
+                .arg(&e.data_dir)
+                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"]);
+            e.run("initdb", &mut c)?;
+        }
+        let port_file = e.data_dir.join("longshore.port");
+        if let Ok(p) = std::fs::read_to_string(&port_file) {
+            if let Ok(port) = p.trim().parse::<u16>() {
+                let running = Embedded { port, ..e.clone_paths() };
+                if running.is_running() {
+                    return Ok(running);
+                }
+            }
+        }
+        let port = free_port()?;
+        let mut c = e.pg_command("pg_ctl");
+        c.arg("-D")
+            .arg(&e.data_dir)
+            .arg("-l")
+            .arg(e.data_dir.join("server.log"))
+            .arg("-w")
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                e.data_dir.display()
+            ))
+            .arg("start");
+        e.run("pg_ctl start", &mut c)?;
+        std::fs::write(&port_file, port.to_string())?;
+        info!(port, dir = %e.data_dir.display(), "private PostgreSQL started");
+        Ok(Embedded { port, ..e })
+    }
+
+    fn clone_paths(&self) -> Embedded {
+        Embedded {
+            data_dir: self.data_dir.clone(),
+            bin_dir: self.bin_dir.clone(),
+            port: self.port,
+            as_postgres: self.as_postgres,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for database `db` on this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        let mut c = self.pg_command("pg_ctl");
+        c.arg("-D").arg(&self.data_dir).arg("status");
+        c.output().map(|o| o.status.success()).unwrap_or(false)
+            && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
+    /// Stops the cluster (`pg_ctl stop -m fast`).
+    pub fn stop(&self) -> Result<(), EmbeddedError> {
+        let mut c = self.pg_command("pg_ctl");
+        c.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
+        self.run("pg_ctl stop", &mut c)?;
+        info!("private PostgreSQL stopped");
+        Ok(())
+    }
+
+    /// A command for a server binary, run as `postgres` when we are root.
+    pub fn pg_command(&self, bin: &str) -> Command {
+        let path = self.bin_dir.join(bin);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run(&self, step: &str, c: &mut Command) -> Result<(), EmbeddedError> {
+        let out = c.output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(EmbeddedError::Command {
+                step: step.to_string(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+}
+
+fn ancestors(p: &Path) -> Vec<PathBuf> {
+    p.ancestors()
+        .skip(1)
+        .filter(|a| a.parent().is_some())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+/// `initdb`'s directory: PATH first, then the newest `/usr/lib/postgresql/*/bin`.
+pub fn find_bin_dir() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// Whether something accepts TCP connections at 127.0.0.1:5432.
+pub fn local_server_listening() -> bool {
+    std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5432".parse().expect("valid addr"),
+        std::time::Duration::from_millis(300),
+    )
+    .is_ok()
+}

@@ -1,0 +1,187 @@
+//! The job contract: what a job kind is, what a handler gets and what it returns.
+//!
+//! A job kind is an args type with a stable string [`JobArgs::KIND`] (which is also the
+//! name of its pgmq queue) plus a [`Handler`]. Renaming the Rust type never orphans
+//! queued jobs, because only `KIND` is stored.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+/// The arguments of a job kind. `KIND` is the queue name: `[a-z0-9_]`, at most 48 chars.
+pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
+    const KIND: &'static str;
+}
+
+/// Runs jobs of one kind.
+///
+/// Return `Ok(Outcome::Done(..))` (see [`Outcome::done`]), `Ok(Outcome::Snooze(..))`,
+/// or an error: a [`JobError::Retry`] is retried with backoff, a [`JobError::Fail`]
+/// dead-letters at once. Use [`ResultExt::retryable`] / [`ResultExt::fatal`] to
+/// classify foreign errors with `?`. A panic or a timeout counts as a retry.
+pub trait Handler: Send + Sync + 'static {
+    type Args: JobArgs;
+
+    fn handle(
+        &self,
+        args: Self::Args,
+        ctx: &mut JobContext,
+    ) -> impl Future<Output = Result<Outcome, JobError>> + Send;
+}
+
+/// What became of one run of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Acknowledged: archived (or deleted, per queue config); the result, if any, is
+    /// kept with the archived message.
+    Done(Option<Value>),
+    /// Made visible again after the backoff for this attempt; the error is recorded.
+    Retry(String),
+    /// Made visible again after the given duration. Does not spend an attempt.
+    Snooze(Duration),
+    /// Dead-lettered at once: input that can never succeed.
+    Fail(String),
+}
+
+impl Outcome {
+    pub fn done() -> Result<Outcome, JobError> {
+        Ok(Outcome::Done(None))
+    }
+
+    pub fn done_with(result: impl Serialize) -> Result<Outcome, JobError> {
+        match serde_json::to_value(result) {
+            Ok(v) => Ok(Outcome::Done(Some(v))),
+            Err(e) => Err(JobError::Fail(format!("result is not serialisable: {e}"))),
+        }
+    }
+
+    pub fn snooze(after: Duration) -> Result<Outcome, JobError> {
+        Ok(Outcome::Snooze(after))
+    }
+
+    /// The label used in metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Done(_) => "done",
+            Outcome::Retry(_) => "retry",
+            Outcome::Snooze(_) => "snooze",
+            Outcome::Fail(_) => "failed",
+        }
+    }
+}
+
+/// A handler's error, already classified.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    /// Transient: try again later (with backoff, up to the queue's max attempts).
+    #[error("{0}")]
+    Retry(String),
+    /// Permanent: dead-letter now.
+    #[error("{0}")]
+    Fail(String),
+}
+
+impl JobError {
+    pub fn retry(msg: impl std::fmt::Display) -> Self {
+        JobError::Retry(msg.to_string())
+    }
+    pub fn fail(msg: impl std::fmt::Display) -> Self {
+        JobError::Fail(msg.to_string())
+    }
+}
+
+impl From<JobError> for Outcome {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Retry(m) => Outcome::Retry(m),
+            JobError::Fail(m) => Outcome::Fail(m),
+        }
+    }
+}
+
+/// Database errors are transient from a job's point of view (connection lost, deadlock,
+/// serialization failure). A handler that knows better maps them itself.
+impl From<sqlx::Error> for JobError {
+    fn from(e: sqlx::Error) -> Self {
+        JobError::Retry(format!("database: {e}"))
+    }
+}
+
+/// Classify any error for `?` in a handler: `client.get(..).await.retryable()?`.
+pub trait ResultExt<T> {
+    fn retryable(self) -> Result<T, JobError>;
+    fn fatal(self) -> Result<T, JobError>;
+}
+
+impl<T, E: std::fmt::Display> ResultExt<T> for Result<T, E> {
+    fn retryable(self) -> Result<T, JobError> {
+        self.map_err(JobError::retry)
+    }
+    fn fatal(self) -> Result<T, JobError> {
+        self.map_err(JobError::fail)
+    }
+}
+
+/// Everything a handler knows about the run it is in.
+pub struct JobContext {
+    /// The pgmq `msg_id`.
+    pub job_id: i64,
+    pub queue: &'static str,
+    /// 1 for the first run; snoozes and shutdown releases do not count.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub enqueued_at: DateTime<Utc>,
+    /// Cancelled when the lease is lost or the worker's shutdown grace period ends.
+    /// Long handlers should watch it; the runtime drops the handler soon after.
+    pub cancel: CancellationToken,
+    pool: PgPool,
+    tx: Option<Transaction<'static, Postgres>>,
+}
+
+impl JobContext {
+    pub(crate) fn new(
+        job_id: i64,
+        queue: &'static str,
+        attempt: u32,
+        max_attempts: u32,
+        enqueued_at: DateTime<Utc>,
+        cancel: CancellationToken,
+        pool: PgPool,
+    ) -> Self {
+        JobContext {
+            job_id,
+            queue,
+            attempt,
+            max_attempts,
+            enqueued_at,
+            cancel,
+            pool,
+            tx: None,
+        }
+    }
+
+    /// The completion transaction: writes made through it commit in the same
+    /// transaction as this job's fenced acknowledgement, or not at all (retry, failure,
+    /// lost lease). Begun on first use.
+    pub async fn tx(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.tx.is_none() {
+            self.tx = Some(self.pool.begin().await?);
+        }
+        Ok(self.tx.as_mut().expect("just set"))
+    }
+
+    /// A pool for reads or for writes that must stand even if the job is retried.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) fn take_tx(&mut self) -> Option<Transaction<'static, Postgres>> {
+        self.tx.take()
+    }
+}

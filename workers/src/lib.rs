@@ -1,0 +1,37 @@
+//! # longshore-workers: the runtime
+//!
+//! A domain-agnostic job runtime on PostgreSQL queues (pgmq). It knows nothing of any
+//! pipeline; job kinds live in `longshore-jobs` and are wired in by the binary.
+//!
+//! Layout:
+//! - [`job`]: the contract: [`JobArgs`] (a stable kind), [`Handler`], [`Outcome`],
+//!   [`JobContext`] (attempt, id, cancellation, the completion transaction).
+//! - [`registry`]: every kind once, by queue name.
+//! - [`enqueue`]: enqueue through a pool, a connection or a transaction.
+//! - [`store`]: **all** queue SQL: claim, fenced ack/retry/snooze/bury, heartbeat.
+//! - [`worker`]: consumers, heartbeats, batched acks, shutdown; [`listener`] wakes them.
+//! - [`outcome`] + [`backoff`]: from a handler's outcome to what the store does.
+//! - [`config`], [`db`] (pools, migrate), [`telemetry`] (logs, metrics),
+//!   [`embedded`] (a private PostgreSQL for `dev`), [`testing`] (the test kit).
+
+pub mod backoff;
+pub mod config;
+pub mod db;
+pub mod embedded;
+pub mod enqueue;
+pub mod job;
+pub mod listener;
+pub(crate) mod outcome;
+pub mod queue_name;
+pub mod registry;
+pub mod store;
+pub mod telemetry;
+pub mod testing;
+pub mod worker;
+
+pub use config::Config;
+pub use enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_json, enqueue_json_many, enqueue_many};
+pub use job::{Handler, JobArgs, JobContext, JobError, Outcome, ResultExt};
+pub use queue_name::QueueName;
+pub use registry::Registry;
+pub use worker::{Observer, Worker, WorkerError};
