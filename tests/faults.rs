@@ -10,7 +10,8 @@ use common::{Proc, count, db, eventually};
 use serde_json::json;
 use sqlx::PgPool;
 
-const IN_FLIGHT: &str = "SELECT count(*) FROM pgmq.q_probe WHERE last_read_at IS NOT NULL AND vt > now()";
+const IN_FLIGHT: &str =
+    "SELECT count(*) FROM pgmq.q_probe WHERE last_read_at IS NOT NULL AND vt > now()";
 
 async fn send(pool: &PgPool, body: serde_json::Value) -> i64 {
     sqlx::query_scalar("SELECT pgmq.send('probe', $1)")
@@ -39,7 +40,11 @@ fn worker(url: &str, env: &[(&str, &str)]) -> Proc {
 #[tokio::test]
 async fn row1_kill9_mid_handler_redelivers_after_the_lease() {
     let t = db().await;
-    send(&t.pool, json!({"id": 1, "sleep_ms": 60_000, "effect": true})).await;
+    send(
+        &t.pool,
+        json!({"id": 1, "sleep_ms": 60_000, "effect": true}),
+    )
+    .await;
     let lease = [("LONGSHORE__QUEUES__PROBE__LEASE", "2s")];
     let mut a = worker(&t.url, &lease);
     wait_count(&t.pool, IN_FLIGHT, 1, Duration::from_secs(10)).await;
@@ -50,8 +55,17 @@ async fn row1_kill9_mid_handler_redelivers_after_the_lease() {
         .await
         .unwrap();
     let _b = worker(&t.url, &lease);
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.a_probe", 1, Duration::from_secs(15)).await;
-    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects").fetch_all(&t.pool).await.unwrap();
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.a_probe",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects")
+        .fetch_all(&t.pool)
+        .await
+        .unwrap();
     assert_eq!(rows, vec![(1, 2)], "one effect, by the second delivery");
 }
 
@@ -74,11 +88,27 @@ async fn row2_kill9_after_the_effect_before_the_ack_leaves_nothing_half_done() {
     })
     .await;
     a.kill9();
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 0, "uncommitted effect gone with the kill");
-    sqlx::query("UPDATE pgmq.q_probe SET message = message - 'hold_ms'").execute(&t.pool).await.unwrap();
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        0,
+        "uncommitted effect gone with the kill"
+    );
+    sqlx::query("UPDATE pgmq.q_probe SET message = message - 'hold_ms'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
     let _b = worker(&t.url, &lease);
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.a_probe", 1, Duration::from_secs(15)).await;
-    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects").fetch_all(&t.pool).await.unwrap();
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.a_probe",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects")
+        .fetch_all(&t.pool)
+        .await
+        .unwrap();
     assert_eq!(rows, vec![(2, 2)]);
 }
 
@@ -92,8 +122,16 @@ async fn row3_sigterm_drains_fifty_in_flight_jobs_and_exits_zero() {
     let mut w = worker(&t.url, &[("LONGSHORE__WORKER__CONCURRENCY", "64")]);
     wait_count(&t.pool, IN_FLIGHT, 50, Duration::from_secs(10)).await;
     w.signal("TERM");
-    assert_eq!(w.wait_exit(Duration::from_secs(30)).await, Some(0), "{}", w.logs());
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 50);
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        w.logs()
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        50
+    );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
     assert!(w.logs().contains("draining"), "{}", w.logs());
 }
@@ -104,19 +142,59 @@ async fn row3_sigterm_drains_fifty_in_flight_jobs_and_exits_zero() {
 async fn row3_sigterm_past_the_grace_period_releases_without_spending_attempts() {
     let t = db().await;
     for i in 0..20 {
-        send(&t.pool, json!({"id": i, "sleep_ms": 60_000, "effect": true})).await;
+        send(
+            &t.pool,
+            json!({"id": i, "sleep_ms": 60_000, "effect": true}),
+        )
+        .await;
     }
     let mut w = worker(&t.url, &[("LONGSHORE__WORKER__SHUTDOWN_GRACE", "300ms")]);
     wait_count(&t.pool, IN_FLIGHT, 20, Duration::from_secs(10)).await;
     w.signal("TERM");
-    assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0), "{}", w.logs());
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        w.logs()
+    );
     // Released: visible now, not waiting for the 30 s lease.
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe WHERE vt <= now()").await, 20);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe WHERE (headers->>'free_reads')::int = 1").await, 20);
-    sqlx::query("UPDATE pgmq.q_probe SET message = message - 'sleep_ms'").execute(&t.pool).await.unwrap();
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.q_probe WHERE vt <= now()"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.q_probe WHERE (headers->>'free_reads')::int = 1"
+        )
+        .await,
+        20
+    );
+    sqlx::query("UPDATE pgmq.q_probe SET message = message - 'sleep_ms'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
     let _b = worker(&t.url, &[]);
-    wait_count(&t.pool, "SELECT count(*) FROM probe_effects", 20, Duration::from_secs(15)).await;
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects WHERE attempt = 1").await, 20, "attempt not spent");
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM probe_effects",
+        20,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM probe_effects WHERE attempt = 1"
+        )
+        .await,
+        20,
+        "attempt not spent"
+    );
 }
 
 /// Row 4: a handler slower than its lease, heartbeating, is never run twice, though a
@@ -128,9 +206,22 @@ async fn row4_heartbeats_keep_a_slow_job_with_its_worker() {
     let env = [("LONGSHORE__QUEUES__PROBE__LEASE", "1s")];
     let _a = worker(&t.url, &env);
     let _b = worker(&t.url, &env);
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.a_probe", 1, Duration::from_secs(15)).await;
-    assert_eq!(count(&t.pool, "SELECT read_ct::bigint FROM pgmq.a_probe").await, 1, "claimed exactly once");
-    assert_eq!(count(&t.pool, "SELECT attempt::bigint FROM probe_effects").await, 1);
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.a_probe",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(
+        count(&t.pool, "SELECT read_ct::bigint FROM pgmq.a_probe").await,
+        1,
+        "claimed exactly once"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT attempt::bigint FROM probe_effects").await,
+        1
+    );
 }
 
 /// Row 5: a worker stalls (SIGSTOP: no heartbeat), its lease expires, another worker
@@ -152,18 +243,47 @@ async fn row5_a_stalled_worker_is_fenced_out_when_it_resumes() {
         .await
         .unwrap();
     let b = worker(&t.url, &env);
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.q_probe WHERE read_ct = 2 AND vt > now()", 1, Duration::from_secs(10)).await;
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.q_probe WHERE read_ct = 2 AND vt > now()",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     // A's sleep is long over: on resume it completes at once, while B holds read_ct 2.
     a.signal("CONT");
-    let log_a = eventually(Duration::from_secs(10), "worker A noticed its lost lease", || async {
-        let l = a.logs();
-        (l.contains("lease was lost before completion") || l.contains("lease lost; cancelling")).then_some(l)
-    })
+    let log_a = eventually(
+        Duration::from_secs(10),
+        "worker A noticed its lost lease",
+        || async {
+            let l = a.logs();
+            (l.contains("lease was lost before completion") || l.contains("lease lost; cancelling"))
+                .then_some(l)
+        },
+    )
     .await;
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 0, "A's effect rolled back\n{log_a}");
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.a_probe", 1, Duration::from_secs(15)).await;
-    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects").fetch_all(&t.pool).await.unwrap();
-    assert_eq!(rows, vec![(5, 2)], "only B's effect\nA:\n{log_a}\nB:\n{}", b.logs());
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        0,
+        "A's effect rolled back\n{log_a}"
+    );
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.a_probe",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects")
+        .fetch_all(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![(5, 2)],
+        "only B's effect\nA:\n{log_a}\nB:\n{}",
+        b.logs()
+    );
 }
 
 /// Rows 6 and 7: poison messages (panics, args that don't parse) are dead-lettered
@@ -185,23 +305,55 @@ async fn row6_and_7_poison_messages_and_duplicate_delivery() {
     }
     let mut w = worker(
         &t.url,
-        &[("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "3"), ("LONGSHORE__QUEUES__PROBE__BACKOFF_BASE", "10ms")],
+        &[
+            ("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "3"),
+            ("LONGSHORE__QUEUES__PROBE__BACKOFF_BASE", "10ms"),
+        ],
     );
-    wait_count(&t.pool, "SELECT count(*) FROM longshore.dead_letters", 2, Duration::from_secs(15)).await;
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.a_probe", 102, Duration::from_secs(15)).await;
-    assert!(w.child.try_wait().unwrap().is_none(), "the worker survived the poison");
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 101);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects WHERE id = 70").await, 1);
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM longshore.dead_letters",
+        2,
+        Duration::from_secs(15),
+    )
+    .await;
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.a_probe",
+        102,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "the worker survived the poison"
+    );
     assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool").await,
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        101
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects WHERE id = 70").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
+        )
+        .await,
         1,
         "the second delivery ran and found its effect done"
     );
-    let errs: Vec<String> = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters ORDER BY msg_id")
-        .fetch_all(&t.pool)
-        .await
-        .unwrap();
-    assert!(errs[0].contains("panicked") && errs[0].contains("gave up after 3"), "{errs:?}");
+    let errs: Vec<String> =
+        sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters ORDER BY msg_id")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert!(
+        errs[0].contains("panicked") && errs[0].contains("gave up after 3"),
+        "{errs:?}"
+    );
     assert!(errs[1].contains("invalid args"), "{errs:?}");
     w.signal("TERM");
     assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0));
@@ -217,13 +369,28 @@ async fn row13_a_dropped_listener_reconnects_and_polling_covers_the_gap() {
     let pool = t.pool.clone();
     let first: i32 = eventually(Duration::from_secs(10), "listener connected", || {
         let pool = pool.clone();
-        async move { sqlx::query_scalar(listener_pid).fetch_optional(&pool).await.unwrap() }
+        async move {
+            sqlx::query_scalar(listener_pid)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
     })
     .await;
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(first).fetch_one(&t.pool).await.unwrap();
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
     assert!(killed);
     send(&t.pool, json!({"id": 13, "effect": true})).await;
-    wait_count(&t.pool, "SELECT count(*) FROM probe_effects", 1, Duration::from_secs(5)).await;
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM probe_effects",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     let second: i32 = eventually(Duration::from_secs(10), "listener reconnected", || {
         let pool = pool.clone();
         async move {
@@ -237,13 +404,27 @@ async fn row13_a_dropped_listener_reconnects_and_polling_covers_the_gap() {
     .await;
     assert_ne!(first, second);
     send(&t.pool, json!({"id": 14, "effect": true})).await;
-    wait_count(&t.pool, "SELECT count(*) FROM probe_effects", 2, Duration::from_secs(5)).await;
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM probe_effects",
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
 }
 
 /// Runs `workers` worker processes over the probe queue, killing one with -9 and
 /// restarting it every `every`, until `total` effects exist. Then checks exactly-once.
-async fn kill_loop(t: &longshore_workers::testing::TestDb, workers: usize, every: Duration, total: i64) -> usize {
-    let env = [("LONGSHORE__QUEUES__PROBE__LEASE", "2s"), ("LONGSHORE__WORKER__CONCURRENCY", "32")];
+async fn kill_loop(
+    t: &longshore_workers::testing::TestDb,
+    workers: usize,
+    every: Duration,
+    total: i64,
+) -> usize {
+    let env = [
+        ("LONGSHORE__QUEUES__PROBE__LEASE", "2s"),
+        ("LONGSHORE__WORKER__CONCURRENCY", "32"),
+    ];
     let mut procs: Vec<Proc> = (0..workers).map(|_| worker(&t.url, &env)).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let mut kills = 0;
@@ -254,18 +435,41 @@ async fn kill_loop(t: &longshore_workers::testing::TestDb, workers: usize, every
         if done == total {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "only {done} of {total} effects after 240 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {done} of {total} effects after 240 s"
+        );
         procs[victim].kill9();
         kills += 1;
         procs[victim] = worker(&t.url, &env);
         victim = (victim + 1) % workers;
     }
-    wait_count(&t.pool, "SELECT count(*) FROM pgmq.q_probe", 0, Duration::from_secs(20)).await;
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, total);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await, total, "each job acknowledged once");
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await, 0);
+    wait_count(
+        &t.pool,
+        "SELECT count(*) FROM pgmq.q_probe",
+        0,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool").await,
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        total
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await,
+        total,
+        "each job acknowledged once"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
+        )
+        .await,
         0,
         "no completed run found its effect already written"
     );

@@ -31,8 +31,13 @@ fn fence(c: &longshore_workers::store::Claimed) -> Fence {
 }
 
 /// Runs a worker in this process until `done` holds, then shuts it down cleanly.
-async fn work_until<F, Fut>(pool: &PgPool, registry: Registry, cfg: &[(&str, &str)], what: &str, done: F)
-where
+async fn work_until<F, Fut>(
+    pool: &PgPool,
+    registry: Registry,
+    cfg: &[(&str, &str)],
+    what: &str,
+    done: F,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<()>>,
 {
@@ -48,16 +53,23 @@ where
 async fn claim_and_ack_archive_keep_the_result() {
     let t = db().await;
     let q = probe_sql();
-    let ids = enqueue_many(&t.pool, &[Probe::new(1), Probe::new(2), Probe::new(3)], Default::default())
-        .await
-        .unwrap();
+    let ids = enqueue_many(
+        &t.pool,
+        &[Probe::new(1), Probe::new(2), Probe::new(3)],
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let batch = q.claim(&t.pool, 2, Duration::from_secs(30)).await.unwrap();
     assert_eq!(batch.iter().map(|c| c.msg_id).collect::<Vec<_>>(), ids[..2]);
     assert!(batch.iter().all(|c| c.read_ct == 1 && c.attempt() == 1));
     let stats = q.stats(&t.pool).await.unwrap();
     assert_eq!((stats.visible, stats.in_flight, stats.delayed), (1, 2, 0));
 
-    let acks = vec![(fence(&batch[0]), Some(json!({"ok": 1}))), (fence(&batch[1]), None)];
+    let acks = vec![
+        (fence(&batch[0]), Some(json!({"ok": 1}))),
+        (fence(&batch[1]), None),
+    ];
     assert_eq!(q.ack_archive(&t.pool, &acks).await.unwrap().len(), 2);
     let result: Option<Value> =
         sqlx::query_scalar("SELECT headers->'result' FROM pgmq.a_probe WHERE msg_id = $1")
@@ -74,52 +86,120 @@ async fn claim_and_ack_archive_keep_the_result() {
 async fn a_stale_read_ct_changes_nothing() {
     let t = db().await;
     let q = probe_sql();
-    enqueue(&t.pool, &Probe::new(1), Default::default()).await.unwrap();
+    enqueue(&t.pool, &Probe::new(1), Default::default())
+        .await
+        .unwrap();
     // Worker A claims with a lease that runs out; worker B claims the same message.
-    let a = q.claim(&t.pool, 1, Duration::from_millis(50)).await.unwrap().remove(0);
+    let a = q
+        .claim(&t.pool, 1, Duration::from_millis(50))
+        .await
+        .unwrap()
+        .remove(0);
     tokio::time::sleep(Duration::from_millis(120)).await;
-    let b = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
+    let b = q
+        .claim(&t.pool, 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(a.msg_id, b.msg_id);
     assert_eq!((a.read_ct, b.read_ct), (1, 2));
 
     let stale = fence(&a);
-    assert!(q.ack_archive(&t.pool, &[(stale, None)]).await.unwrap().is_empty());
+    assert!(
+        q.ack_archive(&t.pool, &[(stale, None)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(q.ack_delete(&t.pool, &[stale]).await.unwrap().is_empty());
-    assert!(q.heartbeat(&t.pool, &[stale], Duration::from_secs(60)).await.unwrap().is_empty());
-    let r = Reschedule { fence: stale, delay: Duration::ZERO, error: Some("x".into()), free: false };
+    assert!(
+        q.heartbeat(&t.pool, &[stale], Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let r = Reschedule {
+        fence: stale,
+        delay: Duration::ZERO,
+        error: Some("x".into()),
+        free: false,
+    };
     assert!(q.reschedule(&t.pool, &[r]).await.unwrap().is_empty());
-    let bury = Bury { fence: stale, attempts: 1, error: "x".into() };
+    let bury = Bury {
+        fence: stale,
+        attempts: 1,
+        error: "x".into(),
+    };
     assert!(q.bury(&t.pool, &[bury]).await.unwrap().is_empty());
     // Still B's, untouched.
     let s = q.stats(&t.pool).await.unwrap();
     assert_eq!((s.in_flight, s.dead_letters, s.archived), (1, 0, 0));
-    assert_eq!(q.ack_archive(&t.pool, &[(fence(&b), None)]).await.unwrap(), vec![b.msg_id]);
+    assert_eq!(
+        q.ack_archive(&t.pool, &[(fence(&b), None)]).await.unwrap(),
+        vec![b.msg_id]
+    );
 }
 
 #[tokio::test]
 async fn snooze_and_release_do_not_spend_attempts_or_fencing_tokens() {
     let t = db().await;
     let q = probe_sql();
-    enqueue(&t.pool, &Probe::new(1), Default::default()).await.unwrap();
-    let c = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
-    let r = Reschedule { fence: fence(&c), delay: Duration::ZERO, error: None, free: true };
+    enqueue(&t.pool, &Probe::new(1), Default::default())
+        .await
+        .unwrap();
+    let c = q
+        .claim(&t.pool, 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    let r = Reschedule {
+        fence: fence(&c),
+        delay: Duration::ZERO,
+        error: None,
+        free: true,
+    };
     assert_eq!(q.reschedule(&t.pool, &[r]).await.unwrap().len(), 1);
-    let c2 = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
+    let c2 = q
+        .claim(&t.pool, 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     // read_ct still grows (it is the fencing token), the attempt does not.
     assert_eq!((c2.read_ct, c2.attempt()), (2, 1));
     // The holder of read_ct 1 cannot act even though the attempt number is the same.
-    assert!(q.ack_archive(&t.pool, &[(fence(&c), None)]).await.unwrap().is_empty());
+    assert!(
+        q.ack_archive(&t.pool, &[(fence(&c), None)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn reschedule_records_the_error_and_delays() {
     let t = db().await;
     let q = probe_sql();
-    enqueue(&t.pool, &Probe::new(1), Default::default()).await.unwrap();
-    let c = q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().remove(0);
-    let r = Reschedule { fence: fence(&c), delay: Duration::from_secs(60), error: Some("boom".into()), free: false };
+    enqueue(&t.pool, &Probe::new(1), Default::default())
+        .await
+        .unwrap();
+    let c = q
+        .claim(&t.pool, 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    let r = Reschedule {
+        fence: fence(&c),
+        delay: Duration::from_secs(60),
+        error: Some("boom".into()),
+        free: false,
+    };
     q.reschedule(&t.pool, &[r]).await.unwrap();
-    assert!(q.claim(&t.pool, 1, Duration::from_secs(30)).await.unwrap().is_empty());
+    assert!(
+        q.claim(&t.pool, 1, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let s = q.stats(&t.pool).await.unwrap();
     assert_eq!((s.visible, s.in_flight, s.delayed), (0, 0, 1));
     let err: String = sqlx::query_scalar("SELECT headers->>'last_error' FROM pgmq.q_probe")
@@ -147,30 +227,54 @@ async fn retry_then_done_and_the_effect_commits_once() {
         .await
         .unwrap();
     assert_eq!(attempt, 3, "two retries, then the effect");
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 1);
-    let hdr: Value = sqlx::query_scalar("SELECT headers FROM pgmq.a_probe").fetch_one(&t.pool).await.unwrap();
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        1
+    );
+    let hdr: Value = sqlx::query_scalar("SELECT headers FROM pgmq.a_probe")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
     assert_eq!(hdr["result"]["attempt"], 3);
-    assert!(hdr["last_error"].as_str().unwrap().contains("attempt 2"), "{hdr}");
+    assert!(
+        hdr["last_error"].as_str().unwrap().contains("attempt 2"),
+        "{hdr}"
+    );
 }
 
 #[tokio::test]
 async fn bad_args_panics_and_exhaustion_dead_letter_while_good_jobs_finish() {
     let t = db().await;
-    sqlx::query("SELECT pgmq.send('probe', '\"not an object\"')").execute(&t.pool).await.unwrap();
-    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"nope\": true}')").execute(&t.pool).await.unwrap();
+    sqlx::query("SELECT pgmq.send('probe', '\"not an object\"')")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"nope\": true}')")
+        .execute(&t.pool)
+        .await
+        .unwrap();
     let mut panicky = Probe::new(2);
     panicky.panic = Some(true);
     let mut failing = Probe::new(3);
     failing.fail_times = Some(100);
-    enqueue(&t.pool, &panicky, Default::default()).await.unwrap();
-    enqueue(&t.pool, &failing, Default::default()).await.unwrap();
+    enqueue(&t.pool, &panicky, Default::default())
+        .await
+        .unwrap();
+    enqueue(&t.pool, &failing, Default::default())
+        .await
+        .unwrap();
     let good: Vec<Probe> = (100..150).map(Probe::new).collect();
-    enqueue_many(&t.pool, &good, Default::default()).await.unwrap();
+    enqueue_many(&t.pool, &good, Default::default())
+        .await
+        .unwrap();
     let pool = t.pool.clone();
     work_until(
         &t.pool,
         longshore_jobs::registry(),
-        &[("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "5ms"), ("LONGSHORE__QUEUES__DEFAULT__MAX_ATTEMPTS", "3")],
+        &[
+            ("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "5ms"),
+            ("LONGSHORE__QUEUES__DEFAULT__MAX_ATTEMPTS", "3"),
+        ],
         "4 dead letters and 50 done",
         || {
             let pool = pool.clone();
@@ -182,19 +286,34 @@ async fn bad_args_panics_and_exhaustion_dead_letter_while_good_jobs_finish() {
         },
     )
     .await;
-    let rows: Vec<(Value, i32, String)> =
-        sqlx::query_as("SELECT message, attempts, last_error FROM longshore.dead_letters ORDER BY msg_id")
-            .fetch_all(&t.pool)
-            .await
-            .unwrap();
+    let rows: Vec<(Value, i32, String)> = sqlx::query_as(
+        "SELECT message, attempts, last_error FROM longshore.dead_letters ORDER BY msg_id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
     assert_eq!(rows[0].1, 1, "unparseable args die at once");
-    assert!(rows[0].2.contains("invalid args for probe"), "{}", rows[0].2);
+    assert!(
+        rows[0].2.contains("invalid args for probe"),
+        "{}",
+        rows[0].2
+    );
     assert_eq!(rows[1].1, 1);
     assert!(rows[1].2.contains("unknown field `nope`"), "{}", rows[1].2);
     assert_eq!(rows[2].1, 3, "panics retry up to max_attempts");
-    assert!(rows[2].2.contains("handler panicked: probe 2 asked to panic"), "{}", rows[2].2);
+    assert!(
+        rows[2]
+            .2
+            .contains("handler panicked: probe 2 asked to panic"),
+        "{}",
+        rows[2].2
+    );
     assert_eq!(rows[3].1, 3);
-    assert!(rows[3].2.contains("gave up after 3 attempts"), "{}", rows[3].2);
+    assert!(
+        rows[3].2.contains("gave up after 3 attempts"),
+        "{}",
+        rows[3].2
+    );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
 }
 
@@ -216,11 +335,17 @@ async fn timeouts_are_retries() {
         "timed-out job dead-lettered",
         || {
             let pool = pool.clone();
-            async move { (count(&pool, "SELECT count(*) FROM longshore.dead_letters").await == 1).then_some(()) }
+            async move {
+                (count(&pool, "SELECT count(*) FROM longshore.dead_letters").await == 1)
+                    .then_some(())
+            }
         },
     )
     .await;
-    let err: String = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters").fetch_one(&t.pool).await.unwrap();
+    let err: String = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
     assert!(err.contains("timed out after 0.100s"), "{err}");
 }
 
@@ -247,9 +372,14 @@ impl Handler for NapHandler {
 #[tokio::test]
 async fn snooze_does_not_spend_an_attempt() {
     let t = db().await;
-    enqueue_json(&t.pool, &QueueName::parse("probe").unwrap(), json!({"id": 1}), Default::default())
-        .await
-        .unwrap();
+    enqueue_json(
+        &t.pool,
+        &QueueName::parse("probe").unwrap(),
+        json!({"id": 1}),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let runs = Arc::new(AtomicU32::new(0));
     let pool = t.pool.clone();
     work_until(
@@ -264,7 +394,10 @@ async fn snooze_does_not_spend_an_attempt() {
     )
     .await;
     assert_eq!(runs.load(Ordering::SeqCst), 3);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await, 0);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
 }
 
 /// Writes its effect, but before it returns another worker takes the message over
@@ -278,6 +411,7 @@ impl JobArgs for Overtaken {
     const KIND: &'static str = "probe";
 }
 struct OvertakenHandler;
+static STOLEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 impl Handler for OvertakenHandler {
     type Args = Overtaken;
     async fn handle(&self, a: Overtaken, ctx: &mut JobContext) -> Result<Outcome, JobError> {
@@ -287,12 +421,16 @@ impl Handler for OvertakenHandler {
             .execute(ctx.tx().await?)
             .await?;
         if ctx.attempt == 1 {
-            sqlx::query("UPDATE pgmq.q_probe SET vt = now() - interval '1 second' WHERE msg_id = $1")
-                .bind(ctx.job_id)
-                .execute(ctx.pool())
+            sqlx::query(
+                "UPDATE pgmq.q_probe SET vt = now() - interval '1 second' WHERE msg_id = $1",
+            )
+            .bind(ctx.job_id)
+            .execute(ctx.pool())
+            .await?;
+            let stolen = probe_sql()
+                .claim(ctx.pool(), 1, Duration::from_millis(200))
                 .await?;
-            let stolen = probe_sql().claim(ctx.pool(), 1, Duration::from_millis(200)).await?;
-            assert_eq!(stolen.len(), 1, "the other worker got it");
+            STOLEN.store(stolen.len() == 1, Ordering::SeqCst);
         }
         Outcome::done()
     }
@@ -301,9 +439,14 @@ impl Handler for OvertakenHandler {
 #[tokio::test]
 async fn a_lost_lease_rolls_back_the_handlers_effects() {
     let t = db().await;
-    enqueue_json(&t.pool, &QueueName::parse("probe").unwrap(), json!({"id": 9}), Default::default())
-        .await
-        .unwrap();
+    enqueue_json(
+        &t.pool,
+        &QueueName::parse("probe").unwrap(),
+        json!({"id": 9}),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let pool = t.pool.clone();
     work_until(
         &t.pool,
@@ -316,9 +459,15 @@ async fn a_lost_lease_rolls_back_the_handlers_effects() {
         },
     )
     .await;
-    // Only the second run's effect exists: the first was fenced out and rolled back.
-    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects").fetch_all(&t.pool).await.unwrap();
-    assert_eq!(rows, vec![(9, 2)]);
+    // One effect, from a later run: the first run's was fenced out and rolled back.
+    // The thief (read_ct 2) never completes; once its short lease expires the worker
+    // claims again, so the winner is attempt 3.
+    let rows: Vec<(i64, i32)> = sqlx::query_as("SELECT id, attempt FROM probe_effects")
+        .fetch_all(&t.pool)
+        .await
+        .unwrap();
+    assert!(STOLEN.load(Ordering::SeqCst), "the thief's claim happened");
+    assert_eq!(rows, vec![(9, 3)], "only the run after the thief's lease");
 }
 
 #[tokio::test]
@@ -329,10 +478,17 @@ async fn heartbeats_keep_a_slow_job_from_running_twice() {
     slow.effect = Some(true);
     enqueue(&t.pool, &slow, Default::default()).await.unwrap();
     // Two workers with a 1 s lease: without heartbeats the second would take it.
-    let cfg = [("LONGSHORE__QUEUES__PROBE__LEASE", "1s"), ("LONGSHORE__WORKER__POLL_INTERVAL", "50ms")];
+    let cfg = [
+        ("LONGSHORE__QUEUES__PROBE__LEASE", "1s"),
+        ("LONGSHORE__WORKER__POLL_INTERVAL", "50ms"),
+    ];
     let stop = CancellationToken::new();
-    let a = tokio::spawn(Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()));
-    let b = tokio::spawn(Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()));
+    let a = tokio::spawn(
+        Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()),
+    );
+    let b = tokio::spawn(
+        Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()),
+    );
     let pool = t.pool.clone();
     eventually(Duration::from_secs(10), "slow job done", || {
         let pool = pool.clone();
@@ -342,8 +498,15 @@ async fn heartbeats_keep_a_slow_job_from_running_twice() {
     stop.cancel();
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
-    assert_eq!(count(&t.pool, "SELECT read_ct::bigint FROM pgmq.a_probe").await, 1, "claimed once");
-    assert_eq!(count(&t.pool, "SELECT attempt::bigint FROM probe_effects").await, 1);
+    assert_eq!(
+        count(&t.pool, "SELECT read_ct::bigint FROM pgmq.a_probe").await,
+        1,
+        "claimed once"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT attempt::bigint FROM probe_effects").await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -351,19 +514,33 @@ async fn idempotency_keys_return_the_first_job() {
     let t = db().await;
     let q = QueueName::parse("probe").unwrap();
     let o = || EnqueueOptions::default().key("order-42");
-    let a = enqueue_json(&t.pool, &q, json!({"id": 1}), o()).await.unwrap();
-    let b = enqueue_json(&t.pool, &q, json!({ "id" : 1 }), o()).await.unwrap();
+    let a = enqueue_json(&t.pool, &q, json!({"id": 1}), o())
+        .await
+        .unwrap();
+    let b = enqueue_json(&t.pool, &q, json!({ "id" : 1 }), o())
+        .await
+        .unwrap();
     assert!(!a.duplicate && b.duplicate && b.same_body);
     assert_eq!(a.id, b.id);
-    let c = enqueue_json(&t.pool, &q, json!({"id": 2}), o()).await.unwrap();
+    let c = enqueue_json(&t.pool, &q, json!({"id": 2}), o())
+        .await
+        .unwrap();
     assert_eq!((c.id, c.duplicate, c.same_body), (a.id, true, false));
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 1);
 
     // After the TTL the key is free again.
-    let short = || EnqueueOptions::default().key("short").ttl(Duration::from_millis(100));
-    let d = enqueue_json(&t.pool, &q, json!({"id": 3}), short()).await.unwrap();
+    let short = || {
+        EnqueueOptions::default()
+            .key("short")
+            .ttl(Duration::from_millis(100))
+    };
+    let d = enqueue_json(&t.pool, &q, json!({"id": 3}), short())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let e = enqueue_json(&t.pool, &q, json!({"id": 3}), short()).await.unwrap();
+    let e = enqueue_json(&t.pool, &q, json!({"id": 3}), short())
+        .await
+        .unwrap();
     assert!(!e.duplicate && e.id != d.id);
 }
 
@@ -376,7 +553,15 @@ async fn racing_enqueues_with_one_key_make_one_job() {
         let pool = t.pool.clone();
         let q = q.clone();
         tasks.push(tokio::spawn(async move {
-            enqueue_json(&pool, &q, json!({"id": 1}), EnqueueOptions::default().key("race")).await.unwrap().id
+            enqueue_json(
+                &pool,
+                &q,
+                json!({"id": 1}),
+                EnqueueOptions::default().key("race"),
+            )
+            .await
+            .unwrap()
+            .id
         }));
     }
     let mut ids = Vec::new();
@@ -392,15 +577,26 @@ async fn racing_enqueues_with_one_key_make_one_job() {
 async fn enqueue_inside_a_transaction_commits_or_rolls_back_with_it() {
     let t = db().await;
     let mut tx = t.pool.begin().await.unwrap();
-    enqueue(&mut *tx, &Probe::new(1), Default::default()).await.unwrap();
-    enqueue(&mut tx, &Probe::new(2), EnqueueOptions::default().key("k")).await.unwrap();
+    enqueue(&mut *tx, &Probe::new(1), Default::default())
+        .await
+        .unwrap();
+    enqueue(&mut tx, &Probe::new(2), EnqueueOptions::default().key("k"))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.idempotency_keys").await, 0);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.idempotency_keys").await,
+        0
+    );
 
     let mut tx = t.pool.begin().await.unwrap();
-    enqueue(&mut *tx, &Probe::new(1), Default::default()).await.unwrap();
-    enqueue(&mut tx, &Probe::new(2), EnqueueOptions::default().key("k")).await.unwrap();
+    enqueue(&mut *tx, &Probe::new(1), Default::default())
+        .await
+        .unwrap();
+    enqueue(&mut tx, &Probe::new(2), EnqueueOptions::default().key("k"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 2);
 }
@@ -409,28 +605,61 @@ async fn enqueue_inside_a_transaction_commits_or_rolls_back_with_it() {
 async fn delayed_jobs_wait_until_due() {
     let t = db().await;
     let q = probe_sql();
-    enqueue(&t.pool, &Probe::new(1), EnqueueOptions::default().delay(Duration::from_millis(300))).await.unwrap();
+    enqueue(
+        &t.pool,
+        &Probe::new(1),
+        EnqueueOptions::default().delay(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
     let at = chrono::Utc::now() + chrono::Duration::hours(1);
-    enqueue(&t.pool, &Probe::new(2), EnqueueOptions::default().run_at(at)).await.unwrap();
-    assert!(q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap().is_empty());
+    enqueue(
+        &t.pool,
+        &Probe::new(2),
+        EnqueueOptions::default().run_at(at),
+    )
+    .await
+    .unwrap();
+    assert!(
+        q.claim(&t.pool, 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(q.stats(&t.pool).await.unwrap().delayed, 2);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let got = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message["id"], 1);
-    assert!(got[0].due_at() > got[0].enqueued_at, "run_at header drives the wait metric");
+    assert!(
+        got[0].due_at() > got[0].enqueued_at,
+        "run_at header drives the wait metric"
+    );
 }
 
 #[tokio::test]
 async fn unknown_queue_and_bad_names_are_clear_errors() {
     let t = db().await;
-    let e = enqueue_json(&t.pool, &QueueName::parse("nosuch").unwrap(), json!({}), Default::default())
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("queue \"nosuch\" does not exist"), "{e}");
-    let e = enqueue_json(&t.pool, &QueueName::parse("probe").unwrap(), json!({}), EnqueueOptions::default().key(""))
-        .await
-        .unwrap_err();
+    let e = enqueue_json(
+        &t.pool,
+        &QueueName::parse("nosuch").unwrap(),
+        json!({}),
+        Default::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("queue \"nosuch\" does not exist"),
+        "{e}"
+    );
+    let e = enqueue_json(
+        &t.pool,
+        &QueueName::parse("probe").unwrap(),
+        json!({}),
+        EnqueueOptions::default().key(""),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("idempotency key"), "{e}");
 }
 
@@ -438,24 +667,48 @@ async fn unknown_queue_and_bad_names_are_clear_errors() {
 async fn dead_letters_can_be_retried_and_purged() {
     let t = db().await;
     let q = probe_sql();
-    enqueue_many(&t.pool, &[Probe::new(1), Probe::new(2)], Default::default()).await.unwrap();
+    enqueue_many(&t.pool, &[Probe::new(1), Probe::new(2)], Default::default())
+        .await
+        .unwrap();
     let batch = q.claim(&t.pool, 2, Duration::from_secs(30)).await.unwrap();
-    let bury: Vec<Bury> = batch.iter().map(|c| Bury { fence: fence(c), attempts: 1, error: "nope".into() }).collect();
+    let bury: Vec<Bury> = batch
+        .iter()
+        .map(|c| Bury {
+            fence: fence(c),
+            attempts: 1,
+            error: "nope".into(),
+        })
+        .collect();
     assert_eq!(q.bury(&t.pool, &bury).await.unwrap().len(), 2);
     let name = QueueName::parse("probe").unwrap();
-    let dl = longshore_workers::store::dead_letters(&t.pool, &name, &[], 10).await.unwrap();
+    let dl = longshore_workers::store::dead_letters(&t.pool, &name, &[], 10)
+        .await
+        .unwrap();
     assert_eq!(dl.len(), 2);
     assert_eq!(dl[0].last_error, "nope");
     let mut tx = t.pool.begin().await.unwrap();
-    let moved = longshore_workers::store::retry_dead_letters(&mut tx, &q, &[dl[0].id]).await.unwrap();
+    let moved = longshore_workers::store::retry_dead_letters(&mut tx, &q, &[dl[0].id])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(moved.len(), 1);
     let fresh = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
     assert_eq!(fresh.len(), 1);
-    assert_eq!((fresh[0].attempt(), fresh[0].message.clone()), (1, dl[0].message.clone()));
+    assert_eq!(
+        (fresh[0].attempt(), fresh[0].message.clone()),
+        (1, dl[0].message.clone())
+    );
     assert!(fresh[0].headers.get("last_error").is_none());
-    assert_eq!(longshore_workers::store::purge_dead_letters(&t.pool, &name, &[]).await.unwrap(), 1);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await, 0);
+    assert_eq!(
+        longshore_workers::store::purge_dead_letters(&t.pool, &name, &[])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -467,6 +720,9 @@ async fn migrate_is_idempotent() {
             .await
             .unwrap();
     }
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM pg_class").await, before);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pg_class").await,
+        before
+    );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.meta").await, 1);
 }

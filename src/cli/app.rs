@@ -71,7 +71,10 @@ pub async fn pool(cfg: &Config, app: &str) -> Result<PgPool, CliError> {
 
 /// The embedded default: the configured database; else a `longshore` database on
 /// 127.0.0.1:5432; else a private cluster under `dev.data_dir`, stopped by the caller.
-pub async fn embedded_default(cfg: &Config, app: &str) -> Result<(PgPool, Option<Embedded>), CliError> {
+pub async fn embedded_default(
+    cfg: &Config,
+    app: &str,
+) -> Result<(PgPool, Option<Embedded>), CliError> {
     if let Some(url) = cfg.database_url() {
         return Ok((db::connect(url, &cfg.database, app).await?, None));
     }
@@ -83,16 +86,22 @@ pub async fn embedded_default(cfg: &Config, app: &str) -> Result<(PgPool, Option
         let pg = tokio::task::spawn_blocking(move || Embedded::start(&dir))
             .await
             .context("starting the private cluster")??;
-        (format!("postgres://postgres@127.0.0.1:{}", pg.port()), Some(pg))
+        (
+            format!("postgres://postgres@127.0.0.1:{}", pg.port()),
+            Some(pg),
+        )
     };
     let admin = db::connect(&format!("{server}/postgres"), &cfg.database, app).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'longshore')")
-        .fetch_one(&admin)
-        .await?;
-    if !exists {
-        if let Err(e) = sqlx::query("CREATE DATABASE longshore").execute(&admin).await {
-            warn!(error = %e, "could not create database longshore (another process may have)");
-        }
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'longshore')")
+            .fetch_one(&admin)
+            .await?;
+    if !exists
+        && let Err(e) = sqlx::query("CREATE DATABASE longshore")
+            .execute(&admin)
+            .await
+    {
+        warn!(error = %e, "could not create database longshore (another process may have)");
     }
     admin.close().await;
     let pool = db::connect(&format!("{server}/longshore"), &cfg.database, app).await?;

@@ -21,8 +21,8 @@ use longshore_workers::config::Config;
 use longshore_workers::store::{Fence, QueueSql};
 use longshore_workers::{EnqueueOptions, Observer, QueueName, Worker, db, enqueue, enqueue_many};
 use serde_json::json;
-use sqlx::{ConnectOptions, PgPool};
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +57,10 @@ struct Recorder {
 
 impl Observer for Recorder {
     fn job_started(&self, _q: &str, id: i64, _attempt: u32) {
-        self.starts.lock().expect("not poisoned").insert(id, Instant::now());
+        self.starts
+            .lock()
+            .expect("not poisoned")
+            .insert(id, Instant::now());
     }
     fn acked(&self, _q: &str, done: usize, stale: usize) {
         self.done.fetch_add(done, Ordering::Relaxed);
@@ -93,12 +96,20 @@ pub async fn run(args: Args) -> CliResult {
 
 async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, super::app::CliError> {
     let admin = sqlx::PgPool::connect_with(opts.clone().database("postgres")).await?;
-    sqlx::query("DROP DATABASE IF EXISTS longshore_bench WITH (FORCE)").execute(&admin).await?;
-    sqlx::query("CREATE DATABASE longshore_bench").execute(&admin).await?;
+    sqlx::query("DROP DATABASE IF EXISTS longshore_bench WITH (FORCE)")
+        .execute(&admin)
+        .await?;
+    sqlx::query("CREATE DATABASE longshore_bench")
+        .execute(&admin)
+        .await?;
     admin.close().await;
     let mut dbcfg = cfg.database.clone();
     dbcfg.max_connections = 16;
-    let url = opts.clone().database("longshore_bench").to_url_lossy().to_string();
+    let url = opts
+        .clone()
+        .database("longshore_bench")
+        .to_url_lossy()
+        .to_string();
     let pool = db::connect(&url, &dbcfg, "longshore-bench").await?;
     app::migrate(&pool).await?;
     Ok(pool)
@@ -127,7 +138,10 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
     let ours_rate = store_phase(&pool, store_n, false).await?;
 
     // 2. drain
-    say(format!("phase 2/4: drain {} queued jobs, concurrency {}", args.jobs, args.concurrency));
+    say(format!(
+        "phase 2/4: drain {} queued jobs, concurrency {}",
+        args.jobs, args.concurrency
+    ));
     let t = Instant::now();
     fill(&pool, args.jobs).await?;
     let enqueue_rate = args.jobs as f64 / t.elapsed().as_secs_f64();
@@ -152,7 +166,10 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
 
     // 3. end to end
     let pool = fresh_db(&cfg, &opts).await?;
-    say(format!("phase 3/4: end to end, {} jobs enqueued while working", args.jobs));
+    say(format!(
+        "phase 3/4: end to end, {} jobs enqueued while working",
+        args.jobs
+    ));
     let rec = Arc::new(Recorder::default());
     let stop = CancellationToken::new();
     let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
@@ -184,7 +201,10 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
 
     // 4. idle latency
     let pool = fresh_db(&cfg, &opts).await?;
-    say(format!("phase 4/4: idle latency, {} jobs at {}/s", args.latency_jobs, args.rate));
+    say(format!(
+        "phase 4/4: idle latency, {} jobs at {}/s",
+        args.latency_jobs, args.rate
+    ));
     let rec = Arc::new(Recorder::default());
     let stop = CancellationToken::new();
     let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
@@ -193,13 +213,16 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
     let h = tokio::spawn(w.run(stop.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut commits = HashMap::with_capacity(args.latency_jobs);
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+    let mut tick =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     for i in 0..args.latency_jobs {
         tick.tick().await;
         let e = enqueue(&pool, &Probe::new(i as i64), EnqueueOptions::default()).await?;
         commits.insert(e.id, Instant::now());
     }
-    let ok = rec.wait_done(args.latency_jobs, Duration::from_secs(120)).await;
+    let ok = rec
+        .wait_done(args.latency_jobs, Duration::from_secs(120))
+        .await;
     stop.cancel();
     let _ = h.await;
     if !ok {
@@ -222,14 +245,38 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
     if args.json {
         println!("{report}");
     } else {
-        println!("longshore bench ({} jobs, concurrency {})", args.jobs, args.concurrency);
-        println!("  store, pgmq.read + pgmq.archive        {:>9.0} msgs/s", pgmq_rate);
-        println!("  store, prepared claim + fenced archive {:>9.0} msgs/s", ours_rate);
-        println!("  enqueue, batches of 1000               {:>9.0} jobs/s", enqueue_rate);
-        println!("  drain (queued first)                   {:>9.0} jobs/s", drain_rate);
-        println!("  end to end (enqueue while working)     {:>9.0} jobs/s", e2e_rate);
-        println!("  end to end enqueue→start  p50 {} p90 {} p99 {} ms", e2e_lat["p50"], e2e_lat["p90"], e2e_lat["p99"]);
-        println!("  idle ({}/s) enqueue→start  p50 {} p90 {} p99 {} ms", args.rate, idle_lat["p50"], idle_lat["p90"], idle_lat["p99"]);
+        println!(
+            "longshore bench ({} jobs, concurrency {})",
+            args.jobs, args.concurrency
+        );
+        println!(
+            "  store, pgmq.read + pgmq.archive        {:>9.0} msgs/s",
+            pgmq_rate
+        );
+        println!(
+            "  store, prepared claim + fenced archive {:>9.0} msgs/s",
+            ours_rate
+        );
+        println!(
+            "  enqueue, batches of 1000               {:>9.0} jobs/s",
+            enqueue_rate
+        );
+        println!(
+            "  drain (queued first)                   {:>9.0} jobs/s",
+            drain_rate
+        );
+        println!(
+            "  end to end (enqueue while working)     {:>9.0} jobs/s",
+            e2e_rate
+        );
+        println!(
+            "  end to end enqueue→start  p50 {} p90 {} p99 {} ms",
+            e2e_lat["p50"], e2e_lat["p90"], e2e_lat["p99"]
+        );
+        println!(
+            "  idle ({}/s) enqueue→start  p50 {} p90 {} p99 {} ms",
+            args.rate, idle_lat["p50"], idle_lat["p90"], idle_lat["p99"]
+        );
     }
     Ok(())
 }
@@ -246,7 +293,11 @@ async fn fill(pool: &PgPool, n: usize) -> Result<(), super::app::CliError> {
 }
 
 /// Claim + archive loop on a pre-filled queue with 2 clients; msgs/s.
-async fn store_phase(pool: &PgPool, n: usize, pgmq_functions: bool) -> Result<f64, super::app::CliError> {
+async fn store_phase(
+    pool: &PgPool,
+    n: usize,
+    pgmq_functions: bool,
+) -> Result<f64, super::app::CliError> {
     fill(pool, n).await?;
     let sql = Arc::new(QueueSql::new(QueueName::parse("probe").expect("valid")));
     let t = Instant::now();
@@ -258,9 +309,10 @@ async fn store_phase(pool: &PgPool, n: usize, pgmq_functions: bool) -> Result<f6
             let mut done = 0usize;
             loop {
                 let got = if pgmq_functions {
-                    let ids: Vec<i64> = sqlx::query_scalar("SELECT msg_id FROM pgmq.read('probe', 30, 100)")
-                        .fetch_all(&pool)
-                        .await?;
+                    let ids: Vec<i64> =
+                        sqlx::query_scalar("SELECT msg_id FROM pgmq.read('probe', 30, 100)")
+                            .fetch_all(&pool)
+                            .await?;
                     if !ids.is_empty() {
                         sqlx::query("SELECT pgmq.archive('probe', $1::bigint[])")
                             .bind(&ids)
@@ -272,7 +324,15 @@ async fn store_phase(pool: &PgPool, n: usize, pgmq_functions: bool) -> Result<f6
                     let batch = sql.claim(&pool, 100, Duration::from_secs(30)).await?;
                     let acks: Vec<(Fence, Option<serde_json::Value>)> = batch
                         .iter()
-                        .map(|c| (Fence { msg_id: c.msg_id, read_ct: c.read_ct }, None))
+                        .map(|c| {
+                            (
+                                Fence {
+                                    msg_id: c.msg_id,
+                                    read_ct: c.read_ct,
+                                },
+                                None,
+                            )
+                        })
                         .collect();
                     if !acks.is_empty() {
                         sql.ack_archive(&pool, &acks).await?;
@@ -297,7 +357,11 @@ fn latencies(rec: &Recorder, commits: &HashMap<i64, Instant>) -> serde_json::Val
     let starts = rec.starts.lock().expect("not poisoned");
     let mut ms: Vec<f64> = commits
         .iter()
-        .filter_map(|(id, c)| starts.get(id).map(|s| s.saturating_duration_since(*c).as_secs_f64() * 1e3))
+        .filter_map(|(id, c)| {
+            starts
+                .get(id)
+                .map(|s| s.saturating_duration_since(*c).as_secs_f64() * 1e3)
+        })
         .collect();
     ms.sort_by(|a, b| a.total_cmp(b));
     let p = |q: f64| {

@@ -44,7 +44,10 @@ pub async fn run(args: Args) -> CliResult {
             let moved = store::retry_dead_letters(&mut tx, &QueueSql::new(q.clone()), &ids).await?;
             tx.commit().await?;
             for (dl, id) in &moved {
-                println!("{}", serde_json::json!({"dead_letter": dl, "queue": q.as_str(), "id": id}));
+                println!(
+                    "{}",
+                    serde_json::json!({"dead_letter": dl, "queue": q.as_str(), "id": id})
+                );
             }
             eprintln!("re-sent {} dead letter(s) to {q}", moved.len());
         }

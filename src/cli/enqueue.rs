@@ -32,8 +32,8 @@ pub async fn run(args: Args) -> CliResult {
             known.join(", ")
         )));
     }
-    let body: serde_json::Value =
-        serde_json::from_str(&args.json).map_err(|e| CliError::usage(anyhow!("args are not JSON: {e}")))?;
+    let body: serde_json::Value = serde_json::from_str(&args.json)
+        .map_err(|e| CliError::usage(anyhow!("args are not JSON: {e}")))?;
     registry
         .validate(queue.as_str(), &body)
         .map_err(|e| CliError::usage(anyhow!("args do not fit {queue}: {e}")))?;

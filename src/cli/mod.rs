@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "longshore", version, about = "A queue-driven background worker fleet on PostgreSQL (pgmq)")]
+#[command(
+    name = "longshore",
+    version,
+    about = "A queue-driven background worker fleet on PostgreSQL (pgmq)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,10 +52,16 @@ pub fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "non-string panic payload".into());
-        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         tracing::error!(panic = %msg, at = %at, "panicked");
     }));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -17,15 +17,20 @@ pub async fn run(args: Args) -> CliResult {
     let pool = app::pool(&cfg, "longshore-cli").await?;
     let mut rows = Vec::new();
     for name in store::existing_queues(&pool).await? {
-        let Ok(q) = QueueName::parse(&name) else { continue };
+        let Ok(q) = QueueName::parse(&name) else {
+            continue;
+        };
         rows.push(QueueSql::new(q).stats(&pool).await?);
     }
     if args.json {
         for r in &rows {
-            println!("{}", serde_json::json!({
-                "queue": r.queue, "visible": r.visible, "in_flight": r.in_flight, "delayed": r.delayed,
-                "oldest_age_seconds": r.oldest_age_seconds, "dead_letters": r.dead_letters, "archived": r.archived,
-            }));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "queue": r.queue, "visible": r.visible, "in_flight": r.in_flight, "delayed": r.delayed,
+                    "oldest_age_seconds": r.oldest_age_seconds, "dead_letters": r.dead_letters, "archived": r.archived,
+                })
+            );
         }
     } else {
         print!("{}", table(&rows));
@@ -41,7 +46,13 @@ fn table(rows: &[QueueStats]) -> String {
     for r in rows {
         out.push_str(&format!(
             "{:<24} {:>9} {:>9} {:>9} {:>11.1}s {:>9} {:>10}\n",
-            r.queue, r.visible, r.in_flight, r.delayed, r.oldest_age_seconds, r.dead_letters, r.archived
+            r.queue,
+            r.visible,
+            r.in_flight,
+            r.delayed,
+            r.oldest_age_seconds,
+            r.dead_letters,
+            r.archived
         ));
     }
     out

@@ -35,7 +35,8 @@ pub async fn run(args: Args) -> CliResult {
     let cfg = Arc::new(cfg);
     if cfg.worker.metrics_port != 0 {
         let addr = ([0, 0, 0, 0], cfg.worker.metrics_port).into();
-        telemetry::init_metrics(Some(addr)).map_err(|e| CliError::usage(anyhow::anyhow!("metrics: {e}")))?;
+        telemetry::init_metrics(Some(addr))
+            .map_err(|e| CliError::usage(anyhow::anyhow!("metrics: {e}")))?;
     }
     let pool = app::pool(&cfg, "longshore-worker").await?;
     let mut worker = Worker::new(pool, longshore_jobs::registry(), cfg);

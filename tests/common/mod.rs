@@ -34,13 +34,19 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.expect(sql)
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .expect(sql)
 }
 
 /// A `longshore` child process with its stderr captured to a file.
@@ -99,7 +105,11 @@ impl Proc {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
                 return st.code();
             }
-            assert!(Instant::now() < deadline, "process did not exit within {limit:?}; log:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}; log:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -91,15 +91,31 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueOverrides {
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub lease: Option<Duration>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backoff_base: Option<Duration>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backoff_cap: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_done: Option<OnDone>,
@@ -184,7 +200,10 @@ impl Config {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             {
-                return Err(ConfigError::invalid("LONGSHORE_ENV", "must be a plain name"));
+                return Err(ConfigError::invalid(
+                    "LONGSHORE_ENV",
+                    "must be a plain name",
+                ));
             }
             let file = dir.join(format!("{name}.toml"));
             if !file.exists() {
@@ -207,10 +226,10 @@ impl Config {
             }
         }
         fig = fig.merge(env_layer);
-        if let Some((_, url)) = vars.iter().find(|(k, _)| k == "DATABASE_URL") {
-            if !url.is_empty() {
-                fig = fig.merge(Serialized::default("database.url", url));
-            }
+        if let Some((_, url)) = vars.iter().find(|(k, _)| k == "DATABASE_URL")
+            && !url.is_empty()
+        {
+            fig = fig.merge(Serialized::default("database.url", url));
         }
         let cfg: Config = fig.extract().map_err(|e| {
             let key = e.path.join(".");
@@ -229,23 +248,41 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.database;
         if d.max_connections < 2 {
-            return Err(ConfigError::invalid("database.max_connections", "must be at least 2"));
+            return Err(ConfigError::invalid(
+                "database.max_connections",
+                "must be at least 2",
+            ));
         }
         if d.acquire_timeout.is_zero() {
-            return Err(ConfigError::invalid("database.acquire_timeout", "must be positive"));
+            return Err(ConfigError::invalid(
+                "database.acquire_timeout",
+                "must be positive",
+            ));
         }
         let w = &self.worker;
         if w.concurrency == 0 || w.concurrency > 10_000 {
-            return Err(ConfigError::invalid("worker.concurrency", "must be 1..=10000"));
+            return Err(ConfigError::invalid(
+                "worker.concurrency",
+                "must be 1..=10000",
+            ));
         }
         if w.poll_interval < Duration::from_millis(10) {
-            return Err(ConfigError::invalid("worker.poll_interval", "must be at least 10ms"));
+            return Err(ConfigError::invalid(
+                "worker.poll_interval",
+                "must be at least 10ms",
+            ));
         }
         if w.ack_batch == 0 {
-            return Err(ConfigError::invalid("worker.ack_batch", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "worker.ack_batch",
+                "must be at least 1",
+            ));
         }
         if self.enqueue.idempotency_ttl.is_zero() {
-            return Err(ConfigError::invalid("enqueue.idempotency_ttl", "must be positive"));
+            return Err(ConfigError::invalid(
+                "enqueue.idempotency_ttl",
+                "must be positive",
+            ));
         }
         if !self.queues.contains_key("default") {
             return Err(ConfigError::invalid("queues.default", "is required"));
@@ -274,7 +311,10 @@ impl Config {
         let missing = |f: &str| ConfigError::invalid(format!("queues.default.{f}"), "is required");
         let s = QueueSettings {
             lease: own.lease.or(base.lease).ok_or_else(|| missing("lease"))?,
-            timeout: own.timeout.or(base.timeout).ok_or_else(|| missing("timeout"))?,
+            timeout: own
+                .timeout
+                .or(base.timeout)
+                .ok_or_else(|| missing("timeout"))?,
             max_attempts: own
                 .max_attempts
                 .or(base.max_attempts)
@@ -297,13 +337,22 @@ impl Config {
             return Err(ConfigError::invalid(key("timeout"), "must be positive"));
         }
         if s.max_attempts == 0 {
-            return Err(ConfigError::invalid(key("max_attempts"), "must be at least 1"));
+            return Err(ConfigError::invalid(
+                key("max_attempts"),
+                "must be at least 1",
+            ));
         }
         if s.backoff_cap < s.backoff_base {
-            return Err(ConfigError::invalid(key("backoff_cap"), "must be >= backoff_base"));
+            return Err(ConfigError::invalid(
+                key("backoff_cap"),
+                "must be >= backoff_base",
+            ));
         }
         if s.concurrency == 0 {
-            return Err(ConfigError::invalid(key("concurrency"), "must be at least 1"));
+            return Err(ConfigError::invalid(
+                key("concurrency"),
+                "must be at least 1",
+            ));
         }
         Ok(s)
     }

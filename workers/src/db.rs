@@ -55,7 +55,11 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPoo
 /// `longshore migrate`: installs pgmq (extension if the server has it, else the
 /// embedded SQL), applies the migrations, creates one queue per registered kind.
 /// Idempotent; concurrent runs serialise on an advisory lock.
-pub async fn migrate(pool: &PgPool, migrator: &Migrator, registry: &Registry) -> Result<(), DbError> {
+pub async fn migrate(
+    pool: &PgPool,
+    migrator: &Migrator,
+    registry: &Registry,
+) -> Result<(), DbError> {
     let mut conn = pool.acquire().await.map_err(DbError::Connect)?;
     sqlx::query("SELECT pg_advisory_lock(7254001)")
         .execute(&mut *conn)
@@ -83,8 +87,9 @@ async fn migrate_locked(
 }
 
 async fn install_pgmq(conn: &mut sqlx::PgConnection, pool: &PgPool) -> Result<(), DbError> {
-    let installed_as_sql: bool =
-        sqlx::query_scalar("SELECT to_regclass('pgmq.meta') IS NOT NULL").fetch_one(&mut *conn).await?;
+    let installed_as_sql: bool = sqlx::query_scalar("SELECT to_regclass('pgmq.meta') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
     let ext_installed: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgmq')")
             .fetch_one(&mut *conn)
@@ -92,10 +97,11 @@ async fn install_pgmq(conn: &mut sqlx::PgConnection, pool: &PgPool) -> Result<()
     if ext_installed {
         return Ok(());
     }
-    let ext_available: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq')")
-            .fetch_one(&mut *conn)
-            .await?;
+    let ext_available: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     if ext_available && !installed_as_sql {
         sqlx::query("CREATE EXTENSION IF NOT EXISTS pgmq")
             .execute(&mut *conn)

@@ -12,7 +12,9 @@ use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; install PostgreSQL or set DATABASE_URL")]
+    #[error(
+        "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; install PostgreSQL or set DATABASE_URL"
+    )]
     NoBinaries,
     #[error("{step} failed: {detail}")]
     Command { step: String, detail: String },
@@ -43,25 +45,44 @@ impl Embedded {
             as_postgres,
         };
         if as_postgres {
-            e.run("chown", Command::new("chown").arg("-R").arg("postgres:postgres").arg(&e.data_dir))?;
+            e.run(
+                "chown",
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:postgres")
+                    .arg(&e.data_dir),
+            )?;
             // The postgres user must be able to reach the directory.
-            let _ = Command::new("chmod").arg("o+x").args(ancestors(&e.data_dir)).status();
+            let _ = Command::new("chmod")
+                .arg("o+x")
+                .args(ancestors(&e.data_dir))
+                .status();
         }
         if !e.data_dir.join("PG_VERSION").exists() {
             info!(dir = %e.data_dir.display(), "creating a private PostgreSQL cluster");
             let mut c = e.pg_command("initdb");
-            c.arg("-D")
-                .arg(&e.data_dir)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"]);
+            c.arg("-D").arg(&e.data_dir).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ]);
             e.run("initdb", &mut c)?;
         }
         let port_file = e.data_dir.join("longshore.port");
-        if let Ok(p) = std::fs::read_to_string(&port_file) {
-            if let Ok(port) = p.trim().parse::<u16>() {
-                let running = Embedded { port, ..e.clone_paths() };
-                if running.is_running() {
-                    return Ok(running);
-                }
+        if let Ok(p) = std::fs::read_to_string(&port_file)
+            && let Ok(port) = p.trim().parse::<u16>()
+        {
+            let running = Embedded {
+                port,
+                ..e.clone_paths()
+            };
+            if running.is_running() {
+                return Ok(running);
             }
         }
         let port = free_port()?;
@@ -111,7 +132,9 @@ impl Embedded {
     /// Stops the cluster (`pg_ctl stop -m fast`).
     pub fn stop(&self) -> Result<(), EmbeddedError> {
         let mut c = self.pg_command("pg_ctl");
-        c.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "stop"]);
         self.run("pg_ctl stop", &mut c)?;
         info!("private PostgreSQL stopped");
         Ok(())

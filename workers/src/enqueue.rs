@@ -52,9 +52,9 @@ impl EnqueueOptions {
 
     fn visible_at(&self) -> Option<DateTime<Utc>> {
         self.run_at.or_else(|| {
-            self.delay
-                .filter(|d| !d.is_zero())
-                .map(|d| Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+            self.delay.filter(|d| !d.is_zero()).map(|d| {
+                Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+            })
         })
     }
 }
@@ -84,10 +84,10 @@ pub enum EnqueueError {
 }
 
 fn db_err(queue: &QueueName, e: sqlx::Error) -> EnqueueError {
-    if let sqlx::Error::Database(d) = &e {
-        if d.code().as_deref() == Some("42P01") {
-            return EnqueueError::UnknownQueue(queue.to_string());
-        }
+    if let sqlx::Error::Database(d) = &e
+        && d.code().as_deref() == Some("42P01")
+    {
+        return EnqueueError::UnknownQueue(queue.to_string());
     }
     EnqueueError::Database(e)
 }
@@ -164,10 +164,10 @@ pub async fn enqueue_json_many<'c>(
     jobs: Vec<(Value, EnqueueOptions)>,
 ) -> Result<Vec<Enqueued>, EnqueueError> {
     for (_, o) in &jobs {
-        if let Some(k) = &o.idempotency_key {
-            if k.is_empty() || k.len() > 200 || k.chars().any(char::is_control) {
-                return Err(EnqueueError::BadKey);
-            }
+        if let Some(k) = &o.idempotency_key
+            && (k.is_empty() || k.len() > 200 || k.chars().any(char::is_control))
+        {
+            return Err(EnqueueError::BadKey);
         }
     }
     let sql = queue_sql(queue);
@@ -175,7 +175,10 @@ pub async fn enqueue_json_many<'c>(
     if !keyed {
         let msgs: Vec<NewMessage> = jobs.into_iter().map(|(b, o)| new_message(b, &o)).collect();
         let mut conn = ex.acquire().await.map_err(EnqueueError::Database)?;
-        let ids = sql.insert(&mut *conn, &msgs).await.map_err(|e| db_err(queue, e))?;
+        let ids = sql
+            .insert(&mut *conn, &msgs)
+            .await
+            .map_err(|e| db_err(queue, e))?;
         return Ok(ids
             .into_iter()
             .map(|id| Enqueued {
@@ -241,7 +244,11 @@ fn new_message(body: Value, opts: &EnqueueOptions) -> NewMessage {
     }
     NewMessage {
         body,
-        headers: if h.is_empty() { Value::Null } else { Value::Object(h) },
+        headers: if h.is_empty() {
+            Value::Null
+        } else {
+            Value::Object(h)
+        },
         visible_at,
     }
 }

@@ -30,7 +30,9 @@ pub mod testing;
 pub mod worker;
 
 pub use config::Config;
-pub use enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_json, enqueue_json_many, enqueue_many};
+pub use enqueue::{
+    EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_json, enqueue_json_many, enqueue_many,
+};
 pub use job::{Handler, JobArgs, JobContext, JobError, Outcome, ResultExt};
 pub use queue_name::QueueName;
 pub use registry::Registry;

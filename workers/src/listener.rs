@@ -31,7 +31,11 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 failures += 1;
-                let wait = crate::backoff::delay(failures, Duration::from_millis(200), Duration::from_secs(5));
+                let wait = crate::backoff::delay(
+                    failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(5),
+                );
                 warn!(error = %e, retry_in = ?wait, "listener could not connect; polling meanwhile");
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -60,7 +60,16 @@ mod tests {
 
     #[test]
     fn rejects_injection_and_junk() {
-        for bad in ["", "x; drop table", "a'b", "Probe", "q-1", "é", "a\"b", "a b"] {
+        for bad in [
+            "",
+            "x; drop table",
+            "a'b",
+            "Probe",
+            "q-1",
+            "é",
+            "a\"b",
+            "a b",
+        ] {
             assert!(QueueName::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(

@@ -17,12 +17,24 @@ pub(crate) trait ErasedHandler: Send + Sync {
 
 struct Typed<H>(H);
 
+/// Job args are always a JSON object. (serde's derive would also accept an array in
+/// field order, which no producer means.)
+fn parse<A: JobArgs>(args: Value) -> Result<A, String> {
+    if !args.is_object() {
+        return Err(format!(
+            "invalid args for {}: expected a JSON object",
+            A::KIND
+        ));
+    }
+    serde_json::from_value(args).map_err(|e| format!("invalid args for {}: {e}", A::KIND))
+}
+
 impl<H: Handler> ErasedHandler for Typed<H> {
     fn call<'a>(&'a self, args: Value, ctx: &'a mut JobContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            let args: H::Args = match serde_json::from_value(args) {
+            let args: H::Args = match parse(args) {
                 Ok(a) => a,
-                Err(e) => return Outcome::Fail(format!("invalid args for {}: {e}", H::Args::KIND)),
+                Err(e) => return Outcome::Fail(e),
             };
             match self.0.handle(args, ctx).await {
                 Ok(o) => o,
@@ -32,11 +44,9 @@ impl<H: Handler> ErasedHandler for Typed<H> {
     }
 
     fn validate(&self, args: &Value) -> Result<(), String> {
-        H::Args::deserialize(args).map(|_| ()).map_err(|e| e.to_string())
+        parse::<H::Args>(args.clone()).map(|_| ())
     }
 }
-
-use serde::Deserialize as _;
 
 /// Every job kind the process knows, by queue name.
 #[derive(Clone, Default)]

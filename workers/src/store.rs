@@ -317,7 +317,10 @@ impl QueueSql {
         msgs: &[NewMessage],
     ) -> Result<Vec<i64>, sqlx::Error> {
         let bodies: Vec<&Value> = msgs.iter().map(|m| &m.body).collect();
-        let headers: Vec<Option<&Value>> = msgs.iter().map(|m| Some(&m.headers).filter(|h| !h.is_null())).collect();
+        let headers: Vec<Option<&Value>> = msgs
+            .iter()
+            .map(|m| Some(&m.headers).filter(|h| !h.is_null()))
+            .collect();
         let vts: Vec<Option<DateTime<Utc>>> = msgs.iter().map(|m| m.visible_at).collect();
         sqlx::query_scalar(&self.insert)
             .bind(bodies)
@@ -353,7 +356,10 @@ pub async fn existing_queues(ex: impl PgExecutor<'_>) -> Result<Vec<String>, sql
 }
 
 /// Creates a pgmq queue (idempotent) and its statement-level NOTIFY trigger.
-pub async fn create_queue(ex: &mut sqlx::PgConnection, name: &QueueName) -> Result<(), sqlx::Error> {
+pub async fn create_queue(
+    ex: &mut sqlx::PgConnection,
+    name: &QueueName,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pgmq.create($1)")
         .bind(name.as_str())
         .execute(&mut *ex)

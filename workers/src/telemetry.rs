@@ -36,8 +36,8 @@ pub fn init_logging(cfg: &LogConfig) {
 /// Installs the Prometheus recorder; serves `/metrics` on `listen` when given.
 pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, String> {
     let buckets = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        30.0, 60.0, 300.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0,
     ];
     let mut b = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), &buckets)

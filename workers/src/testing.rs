@@ -21,11 +21,11 @@ use crate::registry::Registry;
 
 /// The admin URL (database `postgres`) of the server tests use.
 pub fn server_url() -> String {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        if !url.is_empty() {
-            let opts = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a valid URL");
-            return opts.database("postgres").to_url_lossy().to_string();
-        }
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && !url.is_empty()
+    {
+        let opts = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a valid URL");
+        return opts.database("postgres").to_url_lossy().to_string();
     }
     if embedded::local_server_listening() {
         return "postgres://postgres@127.0.0.1:5432/postgres".into();
@@ -106,11 +106,12 @@ async fn ensure_template(
         .execute(&mut *admin)
         .await
         .expect("template lock");
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&template)
-        .fetch_one(&mut *admin)
-        .await
-        .expect("query pg_database");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&template)
+            .fetch_one(&mut *admin)
+            .await
+            .expect("query pg_database");
     if !exists {
         let building = format!("{template}_build");
         sqlx::query(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
@@ -149,18 +150,20 @@ async fn ensure_template(
 
 /// Drops test databases whose creating process is gone.
 async fn drop_orphans(admin: &mut PgConnection) {
-    let names: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'ls\\_t\\_%'")
-        .fetch_all(&mut *admin)
-        .await
-        .unwrap_or_default();
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'ls\\_t\\_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
     for n in names {
         let pid = n.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
-                    .execute(&mut *admin)
-                    .await;
-            }
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
+                .execute(&mut *admin)
+                .await;
         }
     }
 }

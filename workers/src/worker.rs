@@ -272,14 +272,23 @@ impl Consumer {
             .collect();
         if !rest.is_empty() {
             match self.sql.reschedule(&self.pool, &rest).await {
-                Ok(ids) => info!(queue = self.queue, released = ids.len(), "released unfinished jobs"),
+                Ok(ids) => info!(
+                    queue = self.queue,
+                    released = ids.len(),
+                    "released unfinished jobs"
+                ),
                 Err(e) => warn!(queue = self.queue, error = %e, count = rest.len(),
                     "could not release unfinished jobs; their leases will expire"),
             }
         }
     }
 
-    fn start(self: &Arc<Self>, jobs: &mut JoinSet<()>, msg: Claimed, acks: &mpsc::UnboundedSender<Ack>) {
+    fn start(
+        self: &Arc<Self>,
+        jobs: &mut JoinSet<()>,
+        msg: Claimed,
+        acks: &mpsc::UnboundedSender<Ack>,
+    ) {
         let cancel = CancellationToken::new();
         self.held.lock().expect("not poisoned").insert(
             msg.msg_id,
@@ -290,7 +299,9 @@ impl Consumer {
         );
         let attempt = msg.attempt();
         if attempt == 1 {
-            let wait = (chrono::Utc::now() - msg.due_at()).to_std().unwrap_or_default();
+            let wait = (chrono::Utc::now() - msg.due_at())
+                .to_std()
+                .unwrap_or_default();
             metrics::histogram!(t::JOB_WAIT, "queue" => self.queue).record(wait.as_secs_f64());
         }
         if let Some(o) = &self.observer {
@@ -345,7 +356,8 @@ impl Consumer {
             if let Some(tx) = tx {
                 let _ = tx.rollback().await;
             }
-            metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "cancelled").increment(1);
+            metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "cancelled")
+                .increment(1);
             warn!("job cancelled (lease lost or shutdown); its effects were rolled back");
             return;
         };
@@ -354,7 +366,9 @@ impl Consumer {
         match (&outcome, &action) {
             (_, Action::Done(_)) => debug!(took = ?elapsed, "done"),
             (Outcome::Fail(e), _) => warn!(error = %e, "failed; dead-lettered"),
-            (Outcome::Retry(e), Action::Bury { .. }) => warn!(error = %e, "attempts exhausted; dead-lettered"),
+            (Outcome::Retry(e), Action::Bury { .. }) => {
+                warn!(error = %e, "attempts exhausted; dead-lettered")
+            }
             (Outcome::Retry(e), _) => info!(error = %e, "will retry"),
             _ => debug!(outcome = label, "rescheduled"),
         }
@@ -378,7 +392,10 @@ impl Consumer {
                     }
                     Err(e) => Err(e),
                 };
-                self.held.lock().expect("not poisoned").remove(&fence.msg_id);
+                self.held
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&fence.msg_id);
                 match committed {
                     Ok(done) => {
                         if let Some(o) = &self.observer {
@@ -391,7 +408,12 @@ impl Consumer {
                         warn!(error = %e, "completion transaction failed; retrying the job");
                         let _ = acks.send(Ack {
                             fence,
-                            action: decide(&Outcome::Retry(format!("completion failed: {e}")), attempt, &self.settings, rand::random()),
+                            action: decide(
+                                &Outcome::Retry(format!("completion failed: {e}")),
+                                attempt,
+                                &self.settings,
+                                rand::random(),
+                            ),
                         });
                     }
                 }
@@ -474,7 +496,11 @@ impl Consumer {
                 Ok(v) => break v,
                 Err(e) if Instant::now() < give_up_at => {
                     tries += 1;
-                    let wait = crate::backoff::delay(tries, Duration::from_millis(50), Duration::from_secs(2));
+                    let wait = crate::backoff::delay(
+                        tries,
+                        Duration::from_millis(50),
+                        Duration::from_secs(2),
+                    );
                     warn!(queue = self.queue, error = %e, pending = total, "ack failed; retrying");
                     tokio::time::sleep(wait).await;
                     // Statements that succeeded are fenced: repeating them changes nothing.
@@ -489,7 +515,10 @@ impl Consumer {
         let stale = total - ok_all;
         if stale > 0 {
             metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(stale as u64);
-            warn!(queue = self.queue, stale, "acknowledgements fenced out (leases lost)");
+            warn!(
+                queue = self.queue,
+                stale, "acknowledgements fenced out (leases lost)"
+            );
         }
         {
             let mut held = self.held.lock().expect("not poisoned");
@@ -526,7 +555,11 @@ impl Consumer {
             if held.is_empty() {
                 continue;
             }
-            match self.sql.heartbeat(&self.pool, &held, self.settings.lease).await {
+            match self
+                .sql
+                .heartbeat(&self.pool, &held, self.settings.lease)
+                .await
+            {
                 Ok(kept) => {
                     if kept.len() == held.len() {
                         continue;
@@ -538,7 +571,11 @@ impl Consumer {
                             let h = map.remove(&f.msg_id).expect("present");
                             h.cancel.cancel();
                             metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(1);
-                            warn!(queue = self.queue, id = f.msg_id, "lease lost; cancelling the handler");
+                            warn!(
+                                queue = self.queue,
+                                id = f.msg_id,
+                                "lease lost; cancelling the handler"
+                            );
                         }
                     }
                 }
