@@ -1,7 +1,7 @@
 //! `longshore bench`: throughput and latency of the runtime on the `probe` kind, in a
 //! throwaway database `longshore_bench` on the configured (or embedded default) server.
 //!
-//! Phases:
+//! Phases (`--phases store,drain,e2e,idle`, all by default):
 //! 1. **store**: the raw queue statements, 2 clients, 100-message batches on a
 //!    pre-filled queue: pgmq's `pgmq.read` + `pgmq.archive` functions vs. our prepared
 //!    claim + fenced archive. Why the runtime uses the latter.
@@ -26,7 +26,7 @@ use sqlx::{ConnectOptions, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::app::{self, CliResult};
+use super::app::{self, CliError, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,6 +45,9 @@ pub struct Args {
     /// Print one JSON object instead of a report.
     #[arg(long)]
     pub json: bool,
+    /// Phases to run (comma-separated): store, drain, e2e, idle.
+    #[arg(long, value_delimiter = ',', default_value = "store,drain,e2e,idle")]
+    pub phases: Vec<String>,
 }
 
 #[derive(Default)]
@@ -94,7 +97,7 @@ pub async fn run(args: Args) -> CliResult {
     r
 }
 
-async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, super::app::CliError> {
+async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, CliError> {
     let admin = sqlx::PgPool::connect_with(opts.clone().database("postgres")).await?;
     sqlx::query("DROP DATABASE IF EXISTS longshore_bench WITH (FORCE)")
         .execute(&admin)
@@ -122,166 +125,210 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
     for q in cfg.queues.values_mut() {
         q.concurrency = None;
     }
-    cfg.validate().map_err(super::app::CliError::usage)?;
+    cfg.validate().map_err(CliError::usage)?;
     let cfg = Arc::new(cfg);
+    for p in &args.phases {
+        if !["store", "drain", "e2e", "idle"].contains(&p.as_str()) {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "unknown phase {p:?}: store, drain, e2e, idle"
+            )));
+        }
+    }
+    let run = |p: &str| args.phases.iter().any(|x| x == p);
     let say = |s: String| {
         if !args.json {
             eprintln!("{s}");
         }
     };
+    let mut report = serde_json::Map::new();
+    report.insert("jobs".into(), json!(args.jobs));
+    report.insert("concurrency".into(), json!(args.concurrency));
+    report.insert(
+        "cores".into(),
+        json!(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
+        ),
+    );
+    let mut lines = Vec::new();
 
-    // 1. store
-    let pool = fresh_db(&cfg, &opts).await?;
-    say("phase 1/4: raw store statements (2 clients, batches of 100)".into());
-    let store_n = args.jobs.min(100_000);
-    let pgmq_rate = store_phase(&pool, store_n, true).await?;
-    let ours_rate = store_phase(&pool, store_n, false).await?;
-
-    // 2. drain
-    say(format!(
-        "phase 2/4: drain {} queued jobs, concurrency {}",
-        args.jobs, args.concurrency
-    ));
-    let t = Instant::now();
-    fill(&pool, args.jobs).await?;
-    let enqueue_rate = args.jobs as f64 / t.elapsed().as_secs_f64();
-    let rec = Arc::new(Recorder::default());
-    let (drain_rate, drain_stale) = {
-        let stop = CancellationToken::new();
-        let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
-            .only(&["probe".to_string()])?
-            .observer(rec.clone());
+    if run("store") {
+        say("store: raw claim + archive statements (2 clients, batches of 100)".into());
+        let n = args.jobs.min(100_000);
+        // Each variant on a fresh database: no dead tuples or archive left by another.
+        let mut rates = Vec::new();
+        for v in [
+            StoreVariant::PgmqFunctions,
+            StoreVariant::PgmqReadFencedAck,
+            StoreVariant::Prepared,
+        ] {
+            let pool = fresh_db(&cfg, &opts).await?;
+            rates.push(store_phase(&pool, n, v).await?);
+            pool.close().await;
+        }
+        let (pgmq, mixed, ours) = (rates[0], rates[1], rates[2]);
+        report.insert(
+            "store_msgs_per_s".into(),
+            json!({"pgmq_read_archive_unfenced": pgmq.round(), "pgmq_read_fenced_archive": mixed.round(),
+                   "prepared_claim_fenced_archive": ours.round()}),
+        );
+        lines.push(format!(
+            "store, pgmq.read + pgmq.archive (unfenced)  {pgmq:>9.0} msgs/s"
+        ));
+        lines.push(format!(
+            "store, pgmq.read + fenced archive           {mixed:>9.0} msgs/s"
+        ));
+        lines.push(format!(
+            "store, prepared claim + fenced archive      {ours:>9.0} msgs/s"
+        ));
+    }
+    if run("drain") {
+        say(format!(
+            "drain: {} jobs queued first, concurrency {}",
+            args.jobs, args.concurrency
+        ));
+        let pool = fresh_db(&cfg, &opts).await?;
         let t = Instant::now();
-        let h = tokio::spawn(w.run(stop.clone()));
+        fill(&pool, args.jobs).await?;
+        let enqueue_rate = args.jobs as f64 / t.elapsed().as_secs_f64();
+        let rec = Arc::new(Recorder::default());
+        let fleet = Fleet::start(&pool, &cfg, rec.clone())?;
+        let t = Instant::now();
         let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
-        let secs = t.elapsed().as_secs_f64();
-        stop.cancel();
-        let _ = h.await;
+        let rate = args.jobs as f64 / t.elapsed().as_secs_f64();
+        fleet.stop().await;
+        pool.close().await;
         if !ok {
             return Err(anyhow::anyhow!("drain did not finish within 10 minutes").into());
         }
-        (args.jobs as f64 / secs, rec.stale.load(Ordering::Relaxed))
-    };
-    pool.close().await;
+        report.insert(
+            "enqueue_batched_jobs_per_s".into(),
+            json!(enqueue_rate.round()),
+        );
+        report.insert("drain_jobs_per_s".into(), json!(rate.round()));
+        report.insert(
+            "drain_stale_acks".into(),
+            json!(rec.stale.load(Ordering::Relaxed)),
+        );
+        lines.push(format!(
+            "enqueue, batches of 1000                    {enqueue_rate:>9.0} jobs/s"
+        ));
+        lines.push(format!(
+            "drain (queued first)                        {rate:>9.0} jobs/s"
+        ));
+    }
+    if run("e2e") {
+        say(format!(
+            "end to end: {} jobs enqueued in batches of 500 while working",
+            args.jobs
+        ));
+        let pool = fresh_db(&cfg, &opts).await?;
+        let rec = Arc::new(Recorder::default());
+        let fleet = Fleet::start(&pool, &cfg, rec.clone())?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        let mut commits: HashMap<i64, Instant> = HashMap::with_capacity(args.jobs);
+        let batch: Vec<Probe> = (0..500).map(Probe::new).collect();
+        let mut sent = 0;
+        while sent < args.jobs {
+            let n = (args.jobs - sent).min(batch.len());
+            let ids = enqueue_many(&pool, &batch[..n], EnqueueOptions::default()).await?;
+            let at = Instant::now();
+            commits.extend(ids.into_iter().map(|id| (id, at)));
+            sent += n;
+        }
+        let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
+        let rate = args.jobs as f64 / t.elapsed().as_secs_f64();
+        fleet.stop().await;
+        pool.close().await;
+        if !ok {
+            return Err(
+                anyhow::anyhow!("end-to-end phase did not finish within 10 minutes").into(),
+            );
+        }
+        let lat = latencies(&rec, &commits);
+        lines.push(format!(
+            "end to end (enqueue while working)          {rate:>9.0} jobs/s"
+        ));
+        lines.push(format!(
+            "end to end enqueue→start      p50 {} p90 {} p99 {} ms",
+            lat["p50"], lat["p90"], lat["p99"]
+        ));
+        report.insert("end_to_end_jobs_per_s".into(), json!(rate.round()));
+        report.insert("end_to_end_latency_ms".into(), lat);
+    }
+    if run("idle") {
+        say(format!(
+            "idle latency: {} jobs one at a time at {}/s",
+            args.latency_jobs, args.rate
+        ));
+        let pool = fresh_db(&cfg, &opts).await?;
+        let rec = Arc::new(Recorder::default());
+        let fleet = Fleet::start(&pool, &cfg, rec.clone())?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut commits = HashMap::with_capacity(args.latency_jobs);
+        let mut tick =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+        for i in 0..args.latency_jobs {
+            tick.tick().await;
+            let e = enqueue(&pool, &Probe::new(i as i64), EnqueueOptions::default()).await?;
+            commits.insert(e.id, Instant::now());
+        }
+        let ok = rec
+            .wait_done(args.latency_jobs, Duration::from_secs(120))
+            .await;
+        fleet.stop().await;
+        pool.close().await;
+        if !ok {
+            return Err(anyhow::anyhow!("idle-latency phase did not finish").into());
+        }
+        let lat = latencies(&rec, &commits);
+        lines.push(format!(
+            "idle ({}/s) enqueue→start      p50 {} p90 {} p99 {} ms",
+            args.rate, lat["p50"], lat["p90"], lat["p99"]
+        ));
+        report.insert("idle_rate_jobs_per_s".into(), json!(args.rate));
+        report.insert("idle_latency_ms".into(), lat);
+    }
 
-    // 3. end to end
-    let pool = fresh_db(&cfg, &opts).await?;
-    say(format!(
-        "phase 3/4: end to end, {} jobs enqueued while working",
-        args.jobs
-    ));
-    let rec = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
-        .only(&["probe".to_string()])?
-        .observer(rec.clone());
-    let h = tokio::spawn(w.run(stop.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t = Instant::now();
-    let mut commits: HashMap<i64, Instant> = HashMap::with_capacity(args.jobs);
-    let batch: Vec<Probe> = (0..500).map(Probe::new).collect();
-    let mut sent = 0;
-    while sent < args.jobs {
-        let n = (args.jobs - sent).min(batch.len());
-        let ids = enqueue_many(&pool, &batch[..n], EnqueueOptions::default()).await?;
-        let at = Instant::now();
-        commits.extend(ids.into_iter().map(|id| (id, at)));
-        sent += n;
-    }
-    let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
-    let e2e_secs = t.elapsed().as_secs_f64();
-    stop.cancel();
-    let _ = h.await;
-    if !ok {
-        return Err(anyhow::anyhow!("end-to-end phase did not finish within 10 minutes").into());
-    }
-    let e2e_rate = args.jobs as f64 / e2e_secs;
-    let e2e_lat = latencies(&rec, &commits);
-    pool.close().await;
-
-    // 4. idle latency
-    let pool = fresh_db(&cfg, &opts).await?;
-    say(format!(
-        "phase 4/4: idle latency, {} jobs at {}/s",
-        args.latency_jobs, args.rate
-    ));
-    let rec = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
-        .only(&["probe".to_string()])?
-        .observer(rec.clone());
-    let h = tokio::spawn(w.run(stop.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut commits = HashMap::with_capacity(args.latency_jobs);
-    let mut tick =
-        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
-    for i in 0..args.latency_jobs {
-        tick.tick().await;
-        let e = enqueue(&pool, &Probe::new(i as i64), EnqueueOptions::default()).await?;
-        commits.insert(e.id, Instant::now());
-    }
-    let ok = rec
-        .wait_done(args.latency_jobs, Duration::from_secs(120))
-        .await;
-    stop.cancel();
-    let _ = h.await;
-    if !ok {
-        return Err(anyhow::anyhow!("idle-latency phase did not finish").into());
-    }
-    let idle_lat = latencies(&rec, &commits);
-    pool.close().await;
-
-    let report = json!({
-        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
-        "store_msgs_per_s": {"pgmq_read_archive": pgmq_rate.round(), "prepared_claim_fenced_archive": ours_rate.round()},
-        "enqueue_batched_jobs_per_s": enqueue_rate.round(),
-        "drain_jobs_per_s": drain_rate.round(),
-        "drain_stale_acks": drain_stale,
-        "end_to_end_jobs_per_s": e2e_rate.round(),
-        "end_to_end_latency_ms": e2e_lat,
-        "idle_latency_ms": idle_lat,
-        "jobs": args.jobs, "concurrency": args.concurrency, "latency_jobs": args.latency_jobs, "rate": args.rate,
-    });
     if args.json {
-        println!("{report}");
+        println!("{}", serde_json::Value::Object(report));
     } else {
         println!(
             "longshore bench ({} jobs, concurrency {})",
             args.jobs, args.concurrency
         );
-        println!(
-            "  store, pgmq.read + pgmq.archive        {:>9.0} msgs/s",
-            pgmq_rate
-        );
-        println!(
-            "  store, prepared claim + fenced archive {:>9.0} msgs/s",
-            ours_rate
-        );
-        println!(
-            "  enqueue, batches of 1000               {:>9.0} jobs/s",
-            enqueue_rate
-        );
-        println!(
-            "  drain (queued first)                   {:>9.0} jobs/s",
-            drain_rate
-        );
-        println!(
-            "  end to end (enqueue while working)     {:>9.0} jobs/s",
-            e2e_rate
-        );
-        println!(
-            "  end to end enqueue→start  p50 {} p90 {} p99 {} ms",
-            e2e_lat["p50"], e2e_lat["p90"], e2e_lat["p99"]
-        );
-        println!(
-            "  idle ({}/s) enqueue→start  p50 {} p90 {} p99 {} ms",
-            args.rate, idle_lat["p50"], idle_lat["p90"], idle_lat["p99"]
-        );
+        for l in lines {
+            println!("  {l}");
+        }
     }
     Ok(())
 }
 
-async fn fill(pool: &PgPool, n: usize) -> Result<(), super::app::CliError> {
+/// A worker on the probe queue, running in this process.
+struct Fleet {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), longshore_workers::WorkerError>>,
+}
+
+impl Fleet {
+    fn start(pool: &PgPool, cfg: &Arc<Config>, rec: Arc<Recorder>) -> Result<Fleet, CliError> {
+        let stop = CancellationToken::new();
+        let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
+            .only(&["probe".to_string()])?
+            .observer(rec);
+        let handle = tokio::spawn(w.run(stop.clone()));
+        Ok(Fleet { stop, handle })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+async fn fill(pool: &PgPool, n: usize) -> Result<(), CliError> {
     let batch: Vec<Probe> = (0..1000).map(Probe::new).collect();
     let mut sent = 0;
     while sent < n {
@@ -292,12 +339,20 @@ async fn fill(pool: &PgPool, n: usize) -> Result<(), super::app::CliError> {
     Ok(())
 }
 
-/// Claim + archive loop on a pre-filled queue with 2 clients; msgs/s.
-async fn store_phase(
-    pool: &PgPool,
-    n: usize,
-    pgmq_functions: bool,
-) -> Result<f64, super::app::CliError> {
+/// How the store phase claims and acknowledges.
+#[derive(Clone, Copy)]
+enum StoreVariant {
+    /// `pgmq.read` + `pgmq.archive(ids)`: pgmq's functions, unfenced.
+    PgmqFunctions,
+    /// `pgmq.read` + our fenced archive.
+    PgmqReadFencedAck,
+    /// Our prepared claim + fenced archive (what the runtime uses).
+    Prepared,
+}
+
+/// Claim + archive loop on a pre-filled queue with 2 clients, fetching and decoding
+/// whole messages as a worker must; msgs/s.
+async fn store_phase(pool: &PgPool, n: usize, v: StoreVariant) -> Result<f64, CliError> {
     fill(pool, n).await?;
     let sql = Arc::new(QueueSql::new(QueueName::parse("probe").expect("valid")));
     let t = Instant::now();
@@ -308,41 +363,39 @@ async fn store_phase(
         tasks.push(tokio::spawn(async move {
             let mut done = 0usize;
             loop {
-                let got = if pgmq_functions {
-                    let ids: Vec<i64> =
-                        sqlx::query_scalar("SELECT msg_id FROM pgmq.read('probe', 30, 100)")
+                let claimed: Vec<(i64, i32, serde_json::Value, Option<serde_json::Value>)> = match v {
+                    StoreVariant::PgmqFunctions | StoreVariant::PgmqReadFencedAck => {
+                        sqlx::query_as("SELECT msg_id, read_ct, message, headers FROM pgmq.read('probe', 30, 100)")
                             .fetch_all(&pool)
-                            .await?;
-                    if !ids.is_empty() {
+                            .await?
+                    }
+                    StoreVariant::Prepared => sql
+                        .claim(&pool, 100, Duration::from_secs(30))
+                        .await?
+                        .into_iter()
+                        .map(|c| (c.msg_id, c.read_ct, c.message, Some(c.headers)))
+                        .collect(),
+                };
+                if claimed.is_empty() {
+                    return Ok::<usize, sqlx::Error>(done);
+                }
+                match v {
+                    StoreVariant::PgmqFunctions => {
+                        let ids: Vec<i64> = claimed.iter().map(|c| c.0).collect();
                         sqlx::query("SELECT pgmq.archive('probe', $1::bigint[])")
                             .bind(&ids)
                             .execute(&pool)
                             .await?;
                     }
-                    ids.len()
-                } else {
-                    let batch = sql.claim(&pool, 100, Duration::from_secs(30)).await?;
-                    let acks: Vec<(Fence, Option<serde_json::Value>)> = batch
-                        .iter()
-                        .map(|c| {
-                            (
-                                Fence {
-                                    msg_id: c.msg_id,
-                                    read_ct: c.read_ct,
-                                },
-                                None,
-                            )
-                        })
-                        .collect();
-                    if !acks.is_empty() {
+                    StoreVariant::PgmqReadFencedAck | StoreVariant::Prepared => {
+                        let acks: Vec<(Fence, Option<serde_json::Value>)> = claimed
+                            .iter()
+                            .map(|c| (Fence { msg_id: c.0, read_ct: c.1 }, None))
+                            .collect();
                         sql.ack_archive(&pool, &acks).await?;
                     }
-                    acks.len()
-                };
-                if got == 0 {
-                    return Ok::<usize, sqlx::Error>(done);
                 }
-                done += got;
+                done += claimed.len();
             }
         }));
     }

@@ -36,6 +36,12 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPoo
         .application_name(app)
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+    // Queue tables swing from empty to millions of rows. A generic plan cached while a
+    // table was small (a hash join over a sequential scan) makes every later claim
+    // O(table); custom plans are made against the table as it is now, for tens of
+    // microseconds of planning per statement. Measured: 27 ms vs 0.3 ms per claim of
+    // 256 at 200k queued rows.
+    opts = opts.options([("plan_cache_mode", "force_custom_plan")]);
     if !cfg.statement_timeout.is_zero() {
         opts = opts.options([(
             "statement_timeout",
