@@ -220,3 +220,43 @@ async fn a_private_cluster_starts_serves_and_stops() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_json_object_per_line() {
+    let t = db().await;
+    let mut w = Proc::spawn(&t.url, &["worker"], &[("LONGSHORE__LOG__FORMAT", "json")]);
+    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"fail_times\": 1}')")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let w_log = w.log.clone();
+    eventually(Duration::from_secs(10), "a retry logged", || {
+        let w_log = w_log.clone();
+        async move {
+            let l = std::fs::read_to_string(&w_log).unwrap_or_default();
+            l.contains("will retry").then_some(())
+        }
+    })
+    .await;
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let logs = w.logs();
+    let mut saw_job_span = false;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+        if v["message"] == "will retry" {
+            assert_eq!(
+                v["span"]["queue"], "probe",
+                "job span carries the queue: {line}"
+            );
+            assert_eq!(v["span"]["attempt"], 1, "{line}");
+            saw_job_span = true;
+        }
+    }
+    assert!(saw_job_span, "{logs}");
+}

@@ -129,6 +129,20 @@ impl Embedded {
             && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
     }
 
+    /// Restarts the cluster (`pg_ctl restart -m fast`), keeping its port: every
+    /// connection is cut, as in a server restart in production.
+    pub fn restart(&self) -> Result<(), EmbeddedError> {
+        let mut c = self.pg_command("pg_ctl");
+        // With -l the new postmaster writes to the log file, not to our pipes (which
+        // `output()` would otherwise wait on forever).
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.join("server.log"))
+            .args(["-m", "fast", "-w", "restart"]);
+        self.run("pg_ctl restart", &mut c)
+    }
+
     /// Stops the cluster (`pg_ctl stop -m fast`).
     pub fn stop(&self) -> Result<(), EmbeddedError> {
         let mut c = self.pg_command("pg_ctl");

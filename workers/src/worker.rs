@@ -104,6 +104,18 @@ impl Worker {
         if self.queues.is_empty() {
             return Err(WorkerError::NoQueues);
         }
+        let pool_size = self.pool.options().get_max_connections() as usize;
+        for &q in &self.queues {
+            let c = self.config.queue(q).concurrency;
+            if c > pool_size {
+                warn!(
+                    queue = q,
+                    concurrency = c,
+                    pool_size,
+                    "concurrency exceeds database.max_connections: handlers that write through ctx.tx() will wait for connections"
+                );
+            }
+        }
         let mut wakers = HashMap::new();
         let mut consumers = JoinSet::new();
         for &name in &self.queues {
