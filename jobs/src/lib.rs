@@ -11,5 +11,7 @@ use longshore_workers::Registry;
 
 /// Every job kind this build knows.
 pub fn registry() -> Registry {
-    Registry::new().register(probe::ProbeHandler)
+    Registry::new()
+        .register(probe::ProbeHandler)
+        .register(longshore_workers::maintenance::MaintenanceHandler)
 }

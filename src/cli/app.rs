@@ -69,6 +69,16 @@ pub async fn pool(cfg: &Config, app: &str) -> Result<PgPool, CliError> {
     Ok(db::connect(url, &cfg.database, app).await?)
 }
 
+/// Like [`pool`], but connects on first use.
+pub fn pool_lazy(cfg: &Config, app: &str) -> Result<PgPool, CliError> {
+    let url = cfg.database_url().ok_or_else(|| {
+        CliError::usage(anyhow::anyhow!(
+            "no database configured: set DATABASE_URL (or LONGSHORE__DATABASE__URL)"
+        ))
+    })?;
+    Ok(db::connect_lazy(url, &cfg.database, app)?)
+}
+
 /// The embedded default: the configured database; else a `longshore` database on
 /// 127.0.0.1:5432; else a private cluster under `dev.data_dir`, stopped by the caller.
 pub async fn embedded_default(

@@ -5,8 +5,10 @@ mod bench;
 mod dev;
 mod dlq;
 mod enqueue;
+mod ingress;
 mod migrate;
 mod queues;
+mod scheduler;
 mod worker;
 
 use std::process::ExitCode;
@@ -30,6 +32,10 @@ enum Command {
     Migrate,
     /// Work jobs until SIGTERM/SIGINT.
     Worker(worker::Args),
+    /// The HTTP ingress: enqueue, job status, signed webhooks, health, metrics.
+    Ingress(ingress::Args),
+    /// Fire the configured schedules (run any number of replicas).
+    Scheduler(scheduler::Args),
     /// Everything in one process on the embedded default (private PostgreSQL if none).
     Dev(dev::Args),
     /// Enqueue one job: `longshore enqueue probe '{"id":1}' --delay 10s --key k1`.
@@ -72,6 +78,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Migrate => migrate::run().await,
             Command::Worker(a) => worker::run(a).await,
+            Command::Ingress(a) => ingress::run(a).await,
+            Command::Scheduler(a) => scheduler::run(a).await,
             Command::Dev(a) => dev::run(a).await,
             Command::Enqueue(a) => enqueue::run(a).await,
             Command::Queues(a) => queues::run(a).await,

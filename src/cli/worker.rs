@@ -39,10 +39,21 @@ pub async fn run(args: Args) -> CliResult {
             .map_err(|e| CliError::usage(anyhow::anyhow!("metrics: {e}")))?;
     }
     let pool = app::pool(&cfg, "longshore-worker").await?;
+    let stop = app::shutdown_on_signals();
+    let sampler = (cfg.worker.metrics_port != 0).then(|| {
+        tokio::spawn(telemetry::sample_queues(
+            pool.clone(),
+            cfg.metrics.sample_interval,
+            stop.clone(),
+        ))
+    });
     let mut worker = Worker::new(pool, longshore_jobs::registry(), cfg);
     if !args.queues.is_empty() {
         worker = worker.only(&args.queues).map_err(CliError::usage)?;
     }
-    worker.run(app::shutdown_on_signals()).await?;
+    worker.run(stop).await?;
+    if let Some(s) = sampler {
+        let _ = s.await;
+    }
     Ok(())
 }

@@ -18,6 +18,8 @@ use crate::queue_name::QueueName;
 
 /// The defaults every build carries; `config/default.toml` in the repository.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
+/// The `dev` overlay, also compiled in so `longshore dev` works from any directory.
+pub const EMBEDDED_DEV: &str = include_str!("../../config/dev.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +48,132 @@ pub struct Config {
     pub enqueue: EnqueueConfig,
     pub log: LogConfig,
     pub dev: DevConfig,
+    pub ingress: IngressConfig,
+    /// Signed webhook sources, by name (`POST /v1/hooks/{name}`).
+    #[serde(default)]
+    pub hooks: BTreeMap<String, HookConfig>,
+    pub scheduler: SchedulerConfig,
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Address the HTTP ingress listens on.
+    pub listen: String,
+    /// Largest request body accepted (413 beyond).
+    pub body_limit_bytes: usize,
+    /// A request body must arrive within this long (slow clients are dropped).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Longest `?wait=` on a job status.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Most jobs in one `jobs:batch` request.
+    pub batch_max: usize,
+    /// Longest wait for a database connection before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub db_timeout: Duration,
+    /// Bearer tokens, stored as SHA-256 hashes.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it (logs and metrics name this, never the token).
+    pub name: String,
+    /// Hex SHA-256 of the token: `printf %s "$TOKEN" | sha256sum`.
+    pub sha256: String,
+    /// Queues it may enqueue to and read; `"*"` for all.
+    pub queues: Vec<String>,
+    /// Sustained requests per second (token bucket refill).
+    pub rate_per_second: u32,
+    /// Bucket size: requests allowed in a burst.
+    pub burst: u32,
+    /// A revoked token is refused with 401 `token_revoked`.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// HMAC-SHA256 key. A secret: never logged.
+    #[serde(serialize_with = "ser_secret")]
+    pub secret: SecretString,
+    /// The queue a verified delivery is enqueued to; the body must fit its kind.
+    pub queue: String,
+    /// Header carrying the hex HMAC (an optional `sha256=` prefix is accepted).
+    pub signature_header: String,
+    /// If set: this header must carry a Unix timestamp within `tolerance`, and the
+    /// signed message is `"{timestamp}.{raw body}"` so a replay cannot refresh it.
+    #[serde(default)]
+    pub timestamp_header: Option<String>,
+    /// If set: deliveries with the same id enqueue one job.
+    #[serde(default)]
+    pub delivery_header: Option<String>,
+    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    pub tolerance: Duration,
+}
+
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Port for `/metrics` of a scheduler process; 0 = do not serve.
+    pub metrics_port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// Cron with seconds: `sec min hour day-of-month month day-of-week [year]`.
+    pub cron: String,
+    pub queue: String,
+    #[serde(default = "empty_object")]
+    pub args: serde_json::Value,
+    /// IANA time zone the cron is read in.
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// After downtime: `skip` missed fires, or enqueue the `latest` one.
+    #[serde(default)]
+    pub missed: Missed,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
+}
+fn utc() -> String {
+    "UTC".into()
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Missed {
+    #[default]
+    Skip,
+    Latest,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// How often queue gauges (depth, in flight, …) are sampled from the database.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -184,6 +312,16 @@ impl Config {
         Self::load_from(Path::new("config"), env_name.as_deref(), std::env::vars())
     }
 
+    /// Like [`Config::load`], with `default_env` when `LONGSHORE_ENV` is unset
+    /// (`longshore dev` defaults to `dev`).
+    pub fn load_with_default_env(default_env: &str) -> Result<Config, ConfigError> {
+        let env_name = std::env::var("LONGSHORE_ENV")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| default_env.to_string());
+        Self::load_from(Path::new("config"), Some(&env_name), std::env::vars())
+    }
+
     /// Loads with an explicit config directory, environment name and variables (tests).
     pub fn load_from(
         dir: &Path,
@@ -206,13 +344,17 @@ impl Config {
                 ));
             }
             let file = dir.join(format!("{name}.toml"));
-            if !file.exists() {
+            // admerge: arrays (tokens, schedules) are appended to the defaults'.
+            if file.exists() {
+                fig = fig.admerge(Toml::file(file));
+            } else if name == "dev" {
+                fig = fig.admerge(Toml::string(EMBEDDED_DEV));
+            } else {
                 return Err(ConfigError::invalid(
                     "LONGSHORE_ENV",
                     format!("no file {}", file.display()),
                 ));
             }
-            fig = fig.merge(Toml::file(file));
         }
         let vars: Vec<(String, String)> = vars.into_iter().collect();
         // Env::prefixed reads the real environment; feed our own iterator instead so
@@ -284,6 +426,14 @@ impl Config {
                 "must be positive",
             ));
         }
+        self.validate_ingress()?;
+        self.validate_schedules()?;
+        if self.metrics.sample_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "metrics.sample_interval",
+                "must be at least 100ms",
+            ));
+        }
         if !self.queues.contains_key("default") {
             return Err(ConfigError::invalid("queues.default", "is required"));
         }
@@ -294,6 +444,97 @@ impl Config {
             }
             // Each table must merge into complete, sane settings.
             self.queue_settings_checked(name)?;
+        }
+        Ok(())
+    }
+
+    fn validate_ingress(&self) -> Result<(), ConfigError> {
+        let i = &self.ingress;
+        i.listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| ConfigError::invalid("ingress.listen", e.to_string()))?;
+        if i.body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "ingress.body_limit_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if i.batch_max == 0 {
+            return Err(ConfigError::invalid(
+                "ingress.batch_max",
+                "must be at least 1",
+            ));
+        }
+        if i.read_timeout.is_zero() || i.db_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "ingress.read_timeout",
+                "timeouts must be positive",
+            ));
+        }
+        for (n, t) in i.tokens.iter().enumerate() {
+            let key = |f: &str| format!("ingress.tokens[{n}].{f}");
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    key("sha256"),
+                    "must be 64 hex digits (sha256sum of the token)",
+                ));
+            }
+            if t.rate_per_second == 0 || t.burst == 0 {
+                return Err(ConfigError::invalid(
+                    key("rate_per_second"),
+                    "rate and burst must be positive",
+                ));
+            }
+            for q in &t.queues {
+                if q != "*" {
+                    QueueName::parse(q)
+                        .map_err(|e| ConfigError::invalid(key("queues"), format!("{q:?}: {e}")))?;
+                }
+            }
+        }
+        for (name, h) in &self.hooks {
+            let key = |f: &str| format!("hooks.{name}.{f}");
+            QueueName::parse(name)
+                .map_err(|e| ConfigError::invalid(format!("hooks.{name}"), e.to_string()))?;
+            QueueName::parse(&h.queue)
+                .map_err(|e| ConfigError::invalid(key("queue"), e.to_string()))?;
+            if h.secret.expose_secret().len() < 16 {
+                return Err(ConfigError::invalid(
+                    key("secret"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if h.signature_header.is_empty() {
+                return Err(ConfigError::invalid(key("signature_header"), "is required"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_schedules(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (n, s) in self.schedules.iter().enumerate() {
+            let key = |f: &str| format!("schedules[{n}].{f}");
+            if s.name.is_empty() || !names.insert(s.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("{:?} is empty or not unique", s.name),
+                ));
+            }
+            s.cron
+                .parse::<cron::Schedule>()
+                .map_err(|e| ConfigError::invalid(key("cron"), format!("{:?}: {e}", s.cron)))?;
+            s.timezone
+                .parse::<chrono_tz::Tz>()
+                .map_err(|e| ConfigError::invalid(key("timezone"), e.to_string()))?;
+            QueueName::parse(&s.queue)
+                .map_err(|e| ConfigError::invalid(key("queue"), e.to_string()))?;
+            if !s.args.is_object() {
+                return Err(ConfigError::invalid(
+                    key("args"),
+                    "must be a table (JSON object)",
+                ));
+            }
         }
         Ok(())
     }

@@ -31,6 +31,31 @@ pub enum DbError {
 /// Opens a pool: bounded acquire wait (never hangs), server-side statement timeout,
 /// an application name so operators can tell our connections apart.
 pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
+    pool_options(cfg)
+        .connect_with(connect_options(url, cfg, app)?)
+        .await
+        .map_err(DbError::Connect)
+}
+
+/// Like [`connect`], but opens connections on first use: a process that must start
+/// while the database is down (the ingress answers 503 meanwhile).
+pub fn connect_lazy(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
+    Ok(pool_options(cfg).connect_lazy_with(connect_options(url, cfg, app)?))
+}
+
+fn pool_options(cfg: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .min_connections(0)
+        .acquire_timeout(cfg.acquire_timeout)
+        .test_before_acquire(false)
+}
+
+fn connect_options(
+    url: &str,
+    cfg: &DatabaseConfig,
+    app: &str,
+) -> Result<PgConnectOptions, DbError> {
     let mut opts = PgConnectOptions::from_str(url)
         .map_err(|_| DbError::BadUrl)?
         .application_name(app)
@@ -48,14 +73,14 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPoo
             format!("{}", cfg.statement_timeout.as_millis()),
         )]);
     }
-    PgPoolOptions::new()
-        .max_connections(cfg.max_connections)
-        .min_connections(0)
-        .acquire_timeout(cfg.acquire_timeout)
-        .test_before_acquire(false)
-        .connect_with(opts)
-        .await
-        .map_err(DbError::Connect)
+    Ok(opts)
+}
+
+/// A second pool to the same database as `pool` with other pool settings (the ingress
+/// wants a short acquire timeout). Connects lazily.
+pub fn connect_like(pool: &PgPool, cfg: &DatabaseConfig, app: &str) -> PgPool {
+    let opts = (*pool.connect_options()).clone().application_name(app);
+    pool_options(cfg).connect_lazy_with(opts)
 }
 
 /// `longshore migrate`: installs pgmq (extension if the server has it, else the

@@ -11,6 +11,9 @@
 //! - [`store`]: **all** queue SQL: claim, fenced ack/retry/snooze/bury, heartbeat.
 //! - [`worker`]: consumers, heartbeats, batched acks, shutdown; [`listener`] wakes them.
 //! - [`outcome`] + [`backoff`]: from a handler's outcome to what the store does.
+//! - [`ingress`]: the HTTP ingress (enqueue, job status, webhooks, health, metrics).
+//! - [`scheduler`]: cron schedules, each fire exactly once across replicas;
+//!   [`maintenance`]: retention jobs run by schedules.
 //! - [`config`], [`db`] (pools, migrate), [`telemetry`] (logs, metrics),
 //!   [`embedded`] (a private PostgreSQL for `dev`), [`testing`] (the test kit).
 
@@ -19,11 +22,14 @@ pub mod config;
 pub mod db;
 pub mod embedded;
 pub mod enqueue;
+pub mod ingress;
 pub mod job;
 pub mod listener;
+pub mod maintenance;
 pub(crate) mod outcome;
 pub mod queue_name;
 pub mod registry;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

@@ -1,30 +1,30 @@
-//! LISTEN/NOTIFY wake-ups. Every queue table has a statement-level trigger that
-//! notifies `longshore_enqueue` with the queue name; the listener wakes that queue's
-//! consumer. When the listening connection drops, every consumer is woken (a
-//! notification may have been missed) and the listener reconnects; the consumers' poll
-//! interval covers the gap.
+//! LISTEN/NOTIFY with reconnection. Workers listen on [`ENQUEUE`] (a statement-level
+//! trigger on every queue table notifies with the queue name); the ingress listens on
+//! [`DONE`] (triggers on archives and dead letters) to answer `?wait=`.
+//!
+//! When the connection drops, the callback gets `None` ("you may have missed
+//! something: re-check everything") and the listener reconnects with backoff.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub const CHANNEL: &str = "longshore_enqueue";
+/// Notified with the queue name when jobs are enqueued.
+pub const ENQUEUE: &str = "longshore_enqueue";
+/// Notified with the queue name when jobs are archived (done) or dead-lettered.
+pub const DONE: &str = "longshore_done";
 
-pub(crate) async fn run(
-    pool: PgPool,
-    wakers: Arc<HashMap<String, Arc<Notify>>>,
-    stop: CancellationToken,
-) {
-    let wake_all = || wakers.values().for_each(|w| w.notify_one());
+/// `Some(payload)` for a notification, `None` after a (re)connect.
+pub type OnEvent = Arc<dyn Fn(Option<&str>) + Send + Sync>;
+
+pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: CancellationToken) {
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        let mut listener = match connect(&pool).await {
+        let mut listener = match connect(&pool, channel).await {
             Ok(l) => {
                 failures = 0;
                 l
@@ -36,31 +36,27 @@ pub(crate) async fn run(
                     Duration::from_millis(200),
                     Duration::from_secs(5),
                 );
-                warn!(error = %e, retry_in = ?wait, "listener could not connect; polling meanwhile");
+                warn!(channel, error = %e, retry_in = ?wait, "listener could not connect; polling meanwhile");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => continue,
                 }
             }
         };
-        debug!("listening for enqueues");
-        wake_all();
+        debug!(channel, "listening");
+        on_event(None);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 r = listener.try_recv() => match r {
-                    Ok(Some(n)) => {
-                        if let Some(w) = wakers.get(n.payload()) {
-                            w.notify_one();
-                        }
-                    }
+                    Ok(Some(n)) => on_event(Some(n.payload())),
                     Ok(None) => {
-                        warn!("listener connection lost; reconnecting");
-                        wake_all();
+                        warn!(channel, "listener connection lost; reconnecting");
+                        on_event(None);
                     }
                     Err(e) => {
-                        warn!(error = %e, "listener failed; reconnecting");
-                        wake_all();
+                        warn!(channel, error = %e, "listener failed; reconnecting");
+                        on_event(None);
                         break;
                     }
                 }
@@ -69,8 +65,8 @@ pub(crate) async fn run(
     }
 }
 
-async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
     let mut l = PgListener::connect_with(pool).await?;
-    l.listen(CHANNEL).await?;
+    l.listen(channel).await?;
     Ok(l)
 }

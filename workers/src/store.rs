@@ -90,6 +90,32 @@ pub struct NewMessage {
     pub visible_at: Option<DateTime<Utc>>,
 }
 
+/// Where a job stands, as the ingress reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Dead,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Done | JobState::Dead)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct JobStatus {
+    pub id: i64,
+    pub state: JobState,
+    /// Attempts spent so far (snoozes and releases not counted).
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub result: Option<Value>,
+}
+
 /// Counts for one queue.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueStats {
@@ -120,6 +146,7 @@ pub struct QueueSql {
     heartbeat: String,
     insert: String,
     stats: String,
+    status: String,
 }
 
 impl QueueSql {
@@ -191,8 +218,50 @@ impl QueueSql {
                    (SELECT count(*) FROM {a}) AS archived \
                  FROM {q}"
             ),
+            status: format!(
+                "SELECT 'queued' AS src, read_ct - coalesce((headers->>'free_reads')::int, 0), \
+                   (last_read_at IS NOT NULL AND vt > now()), headers, headers->>'last_error' \
+                   FROM {q} WHERE msg_id = $1 \
+                 UNION ALL SELECT 'done', read_ct - coalesce((headers->>'free_reads')::int, 0), false, headers, \
+                   headers->>'last_error' FROM {a} WHERE msg_id = $1 \
+                 UNION ALL SELECT 'dead', attempts, false, headers, last_error \
+                   FROM longshore.dead_letters WHERE queue = '{name}' AND msg_id = $1 \
+                 LIMIT 1"
+            ),
             name,
         }
+    }
+
+    /// Where a job is: queued (or running), done (archived, with its result) or dead.
+    /// `None` when unknown (never enqueued, or done on a `delete` queue, or pruned).
+    pub async fn status(
+        &self,
+        ex: impl PgExecutor<'_>,
+        msg_id: i64,
+    ) -> Result<Option<JobStatus>, sqlx::Error> {
+        let Some(r) = sqlx::query(&self.status)
+            .bind(msg_id)
+            .fetch_optional(ex)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let src: String = r.try_get(0)?;
+        let running: bool = r.try_get(2)?;
+        let headers: Option<Value> = r.try_get(3)?;
+        let state = match (src.as_str(), running) {
+            ("queued", true) => JobState::Running,
+            ("queued", false) => JobState::Queued,
+            ("done", _) => JobState::Done,
+            _ => JobState::Dead,
+        };
+        Ok(Some(JobStatus {
+            id: msg_id,
+            state,
+            attempts: r.try_get::<i32, _>(1)?.max(0),
+            last_error: r.try_get(4)?,
+            result: headers.and_then(|h| h.get("result").cloned()),
+        }))
     }
 
     /// Claims up to `limit` visible messages with a lease of `lease`.
@@ -370,6 +439,12 @@ pub async fn create_queue(
     ))
     .execute(&mut *ex)
     .await?;
+    sqlx::query(&format!(
+        "CREATE OR REPLACE TRIGGER longshore_done_notify AFTER INSERT ON pgmq.a_{name} \
+         FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_archived()"
+    ))
+    .execute(&mut *ex)
+    .await?;
     Ok(())
 }
 
@@ -518,4 +593,126 @@ pub async fn idempotency_record(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Records a scheduled fire and enqueues its job in one transaction. Returns the job id,
+/// or `None` when another scheduler already fired this `(schedule, fire_at)`.
+pub async fn fire_schedule(
+    tx: &mut sqlx::PgConnection,
+    queue: &QueueSql,
+    schedule: &str,
+    fire_at: DateTime<Utc>,
+    args: &Value,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7254003))")
+        .bind(schedule)
+        .execute(&mut *tx)
+        .await?;
+    let taken: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM longshore.schedule_fires WHERE schedule = $1 AND fire_at = $2)",
+    )
+    .bind(schedule)
+    .bind(fire_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    if taken {
+        return Ok(None);
+    }
+    let headers = serde_json::json!({"schedule": schedule, "fire_at": fire_at.to_rfc3339()});
+    let id = queue
+        .insert(
+            &mut *tx,
+            &[NewMessage {
+                body: args.clone(),
+                headers,
+                visible_at: None,
+            }],
+        )
+        .await?[0];
+    sqlx::query(
+        "INSERT INTO longshore.schedule_fires (schedule, fire_at, msg_id) VALUES ($1, $2, $3)",
+    )
+    .bind(schedule)
+    .bind(fire_at)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Some(id))
+}
+
+/// The latest recorded fire of a schedule.
+pub async fn last_fire(
+    ex: impl PgExecutor<'_>,
+    schedule: &str,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(fire_at) FROM longshore.schedule_fires WHERE schedule = $1")
+        .bind(schedule)
+        .fetch_one(ex)
+        .await
+}
+
+/// Maintenance: deletes archived messages older than `older_than` from every queue.
+pub async fn prune_archives(
+    ex: &mut sqlx::PgConnection,
+    older_than: Duration,
+) -> Result<u64, sqlx::Error> {
+    let mut n = 0;
+    for q in existing_queues(&mut *ex).await? {
+        let Ok(name) = QueueName::parse(&q) else {
+            continue;
+        };
+        n += sqlx::query(&format!(
+            "DELETE FROM pgmq.a_{name} WHERE archived_at < now() - make_interval(secs => $1)"
+        ))
+        .bind(older_than.as_secs_f64())
+        .execute(&mut *ex)
+        .await?
+        .rows_affected();
+    }
+    Ok(n)
+}
+
+/// Maintenance: deletes dead letters older than `older_than`.
+pub async fn prune_dead_letters(
+    ex: impl PgExecutor<'_>,
+    older_than: Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM longshore.dead_letters WHERE failed_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(ex)
+    .await?
+    .rows_affected())
+}
+
+/// Maintenance: deletes expired idempotency keys.
+pub async fn expire_idempotency_keys(ex: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("DELETE FROM longshore.idempotency_keys WHERE expires_at <= now()")
+            .execute(ex)
+            .await?
+            .rows_affected(),
+    )
+}
+
+/// Maintenance: deletes fire rows older than `older_than`, keeping each schedule's
+/// latest (the scheduler reads it to find missed fires).
+pub async fn prune_schedule_fires(
+    ex: impl PgExecutor<'_>,
+    older_than: Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM longshore.schedule_fires f WHERE fire_at < now() - make_interval(secs => $1) \
+         AND fire_at < (SELECT max(fire_at) FROM longshore.schedule_fires l WHERE l.schedule = f.schedule)",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(ex)
+    .await?
+    .rows_affected())
+}
+
+/// `SELECT 1` for readiness.
+pub async fn ping(ex: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(ex).await.map(|_| ())
 }

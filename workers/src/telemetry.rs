@@ -2,6 +2,10 @@
 //! and the Prometheus exporter.
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -17,6 +21,45 @@ pub const JOBS_TOTAL: &str = "longshore_jobs_total";
 pub const JOB_DURATION: &str = "longshore_job_duration_seconds";
 pub const JOB_WAIT: &str = "longshore_job_wait_seconds";
 pub const STALE_ACKS: &str = "longshore_stale_acks_total";
+pub const HTTP_REQUESTS: &str = "longshore_http_requests_total";
+pub const HTTP_DURATION: &str = "longshore_http_request_duration_seconds";
+pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
+
+/// Samples the per-queue gauges from the database every `every` until `stop`.
+/// Every process that serves `/metrics` runs one; aggregate with `max by (queue)`.
+pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToken) {
+    loop {
+        match crate::store::existing_queues(&pool).await {
+            Ok(queues) => {
+                for q in queues {
+                    let Ok(name) = crate::queue_name::QueueName::parse(&q) else {
+                        continue;
+                    };
+                    match crate::enqueue::queue_sql(&name).stats(&pool).await {
+                        Ok(s) => {
+                            metrics::gauge!(QUEUE_DEPTH, "queue" => q.clone())
+                                .set(s.visible as f64);
+                            metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone())
+                                .set(s.in_flight as f64);
+                            metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone())
+                                .set(s.delayed as f64);
+                            metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone())
+                                .set(s.oldest_age_seconds);
+                            metrics::gauge!(DEAD_LETTERS, "queue" => q.clone())
+                                .set(s.dead_letters as f64);
+                        }
+                        Err(e) => tracing::debug!(queue = q, error = %e, "queue sample failed"),
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "queue sample failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
 
 /// Installs the global tracing subscriber: JSON lines or readable text.
 pub fn init_logging(cfg: &LogConfig) {
@@ -35,6 +78,9 @@ pub fn init_logging(cfg: &LogConfig) {
 
 /// Installs the Prometheus recorder; serves `/metrics` on `listen` when given.
 pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, String> {
+    let latency = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
     let buckets = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         60.0, 300.0,
@@ -42,6 +88,7 @@ pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, Stri
     let mut b = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), &buckets)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_WAIT.into()), &buckets))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), &latency))
         .map_err(|e| e.to_string())?;
     if let Some(addr) = listen {
         b = b.with_http_listener(addr);

@@ -140,9 +140,19 @@ impl Worker {
             consumers.spawn(Arc::new(c).run(shutdown.clone()));
         }
         let stop_listener = CancellationToken::new();
+        let wakers: HashMap<String, Arc<Notify>> = wakers;
+        let on_event: listener::OnEvent = Arc::new(move |queue: Option<&str>| match queue {
+            Some(q) => {
+                if let Some(w) = wakers.get(q) {
+                    w.notify_one();
+                }
+            }
+            None => wakers.values().for_each(|w| w.notify_one()),
+        });
         let lst = tokio::spawn(listener::run(
             self.pool.clone(),
-            Arc::new(wakers),
+            listener::ENQUEUE,
+            on_event,
             stop_listener.clone(),
         ));
         info!(queues = ?self.queues, "worker started");

@@ -1,0 +1,295 @@
+//! The HTTP ingress: validate, enqueue, answer. It never runs job logic.
+//!
+//! - `POST /v1/queues/{queue}/jobs`, `POST /v1/queues/{queue}/jobs:batch` → 202 + ids
+//! - `GET /v1/jobs/{queue}/{id}[?wait=N]` → queued | running | done | dead
+//! - `POST /v1/hooks/{source}` → signed webhooks
+//! - `GET /healthz`, `/readyz`, `/metrics`, `/openapi.json`
+//!
+//! Every failure is one JSON envelope, `{"error":{"code","message","request_id"}}`,
+//! rendered in one place ([`envelope`]) from an [`ApiError`] or, for failures axum
+//! produces itself (unknown route, wrong method), from the status code. The request id
+//! is also in the `x-request-id` header and in the request's log line.
+
+mod auth;
+mod routes;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::listener;
+use crate::registry::Registry;
+use crate::telemetry as t;
+
+pub use auth::hash_token;
+
+/// The OpenAPI document of these endpoints (checked in beside this file).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Shared state of the ingress.
+pub struct Ingress {
+    pool: PgPool,
+    registry: Registry,
+    cfg: Arc<Config>,
+    tokens: auth::Tokens,
+    waiters: Waiters,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl Ingress {
+    pub fn new(
+        pool: PgPool,
+        registry: Registry,
+        cfg: Arc<Config>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Arc<Self> {
+        Arc::new(Ingress {
+            tokens: auth::Tokens::from_config(&cfg.ingress.tokens),
+            pool,
+            registry,
+            cfg,
+            waiters: Waiters::default(),
+            metrics,
+        })
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/queues/{queue}/jobs", post(routes::enqueue_one))
+            .route("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch))
+            .route("/v1/jobs/{queue}/{id}", get(routes::job_status))
+            .route("/v1/hooks/{source}", post(routes::hook))
+            .route("/healthz", get(routes::healthz))
+            .route("/readyz", get(routes::readyz))
+            .route("/metrics", get(routes::metrics))
+            .route("/openapi.json", get(routes::openapi))
+            .fallback(routes::not_found)
+            .layer(middleware::from_fn(envelope))
+            .with_state(self.clone())
+    }
+
+    /// Serves until `stop`; in-flight requests finish (graceful shutdown).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let waiters = self.waiters.clone();
+        let on_done: listener::OnEvent = Arc::new(move |q: Option<&str>| waiters.wake(q));
+        let lst = tokio::spawn(listener::run(
+            self.pool.clone(),
+            listener::DONE,
+            on_done,
+            stop.clone(),
+        ));
+        let app = self.router();
+        let s = stop.clone();
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await;
+        stop.cancel();
+        let _ = lst.await;
+        r
+    }
+}
+
+/// Long-poll waiters, woken per queue by completion notifications.
+#[derive(Clone, Default)]
+struct Waiters(Arc<Mutex<HashMap<String, Arc<Notify>>>>);
+
+impl Waiters {
+    fn get(&self, queue: &str) -> Arc<Notify> {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .entry(queue.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn wake(&self, queue: Option<&str>) {
+        let map = self.0.lock().expect("not poisoned");
+        match queue {
+            Some(q) => {
+                if let Some(n) = map.get(q) {
+                    n.notify_waiters();
+                }
+            }
+            None => map.values().for_each(|n| n.notify_waiters()),
+        }
+    }
+}
+
+/// A failure with its machine code. Rendered into the envelope by [`envelope`].
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    /// A database failure: unreachable or too slow → 503 + Retry-After; other → 500.
+    /// The message never carries the driver's text (it may name hosts or users).
+    pub fn database(e: &sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => {
+                warn!(error = %e, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable; try again",
+                )
+                .retry_after(1)
+            }
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("57014") => {
+                warn!(error = %e, "database statement timed out");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is too slow; try again",
+                )
+                .retry_after(1)
+            }
+            _ => {
+                warn!(error = %e, "database error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+/// Carried from [`ApiError`] to the [`envelope`] middleware in the response extensions.
+#[derive(Clone)]
+struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = self.status.into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r.extensions_mut().insert(ErrorBody {
+            code: self.code,
+            message: self.message,
+        });
+        r
+    }
+}
+
+/// Request id, error envelope, metrics and one log line per request.
+async fn envelope(req: Request, next: Next) -> Response {
+    let rid = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        let (code, message) = match resp.extensions().get::<ErrorBody>() {
+            Some(e) => (e.code, e.message.clone()),
+            None => default_error(status),
+        };
+        let keep: Vec<_> = [header::RETRY_AFTER, header::ALLOW]
+            .into_iter()
+            .filter_map(|h| resp.headers().get(&h).cloned().map(|v| (h, v)))
+            .collect();
+        resp = (
+            status,
+            axum::Json(json!({"error": {"code": code, "message": message, "request_id": rid}})),
+        )
+            .into_response();
+        for (h, v) in keep {
+            resp.headers_mut().insert(h, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let st = status.as_u16().to_string();
+    metrics::counter!(t::HTTP_REQUESTS, "route" => route.clone(), "method" => method.to_string(), "status" => st).increment(1);
+    metrics::histogram!(t::HTTP_DURATION, "route" => route.clone()).record(secs);
+    info!(request_id = %rid, %method, route, status = status.as_u16(), ms = secs * 1e3, "request");
+    resp
+}
+
+fn default_error(status: StatusCode) -> (&'static str, String) {
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    (
+        code,
+        status.canonical_reason().unwrap_or("error").to_lowercase(),
+    )
+}
+
+/// Deadline helper for long polls.
+pub(crate) fn clamp_wait(secs: f64, max: Duration) -> Duration {
+    if !secs.is_finite() || secs <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(secs.min(max.as_secs_f64()))
+}

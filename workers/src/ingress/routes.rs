@@ -1,0 +1,378 @@
+//! Route handlers. Each validates before any SQL: queue names are checked against the
+//! registry (so nothing hostile reaches a table name), args against the kind's type.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, Ingress, auth, clamp_wait};
+use crate::enqueue::{EnqueueError, EnqueueOptions, enqueue_json_many, queue_sql};
+use crate::queue_name::QueueName;
+use crate::store;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A queue from the path: a valid name of a registered kind, else 404 before any SQL.
+fn known_queue(st: &Ingress, raw: &str) -> ApiResult<QueueName> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "unknown_queue", "no such queue");
+    let q = QueueName::parse(raw).map_err(|_| not_found())?;
+    if !st.registry.contains(q.as_str()) {
+        return Err(not_found());
+    }
+    Ok(q)
+}
+
+/// Reads the body within the size limit and the read timeout.
+async fn read_body(st: &Ingress, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+    let limit = st.cfg.ingress.body_limit_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(
+        st.cfg.ingress.read_timeout,
+        axum::body::to_bytes(body, limit),
+    )
+    .await
+    {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the body did not arrive in time",
+        )),
+        Ok(Err(e)) if e.to_string().contains("length limit") => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body could not be read",
+        )),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> ApiResult<Value> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )
+    })
+}
+
+fn validate(st: &Ingress, queue: &QueueName, args: &Value) -> ApiResult<()> {
+    st.registry
+        .validate(queue.as_str(), args)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_args", e))
+}
+
+#[derive(Deserialize)]
+pub(super) struct EnqueueQuery {
+    /// "10s", "5m" or plain seconds.
+    delay: Option<String>,
+    /// RFC 3339.
+    run_at: Option<String>,
+}
+
+impl EnqueueQuery {
+    fn options(&self) -> ApiResult<EnqueueOptions> {
+        let bad = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_options", m);
+        let mut o = EnqueueOptions::default();
+        if let Some(d) = &self.delay {
+            let d = d
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .or_else(|_| humantime::parse_duration(d))
+                .map_err(|e| bad(format!("delay {d:?}: {e}")))?;
+            o.delay = Some(d);
+        }
+        if let Some(t) = &self.run_at {
+            let t =
+                DateTime::parse_from_rfc3339(t).map_err(|e| bad(format!("run_at {t:?}: {e}")))?;
+            o.run_at = Some(t.with_timezone(&Utc));
+        }
+        Ok(o)
+    }
+}
+
+fn enqueue_error(e: EnqueueError) -> ApiError {
+    match e {
+        EnqueueError::UnknownQueue(q) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_queue",
+            format!("queue {q:?} is not migrated yet"),
+        ),
+        EnqueueError::BadKey => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_idempotency_key",
+            e.to_string(),
+        ),
+        EnqueueError::Database(d) => ApiError::database(&d),
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_args",
+            other.to_string(),
+        ),
+    }
+}
+
+pub(super) async fn enqueue_one(
+    State(st): State<Arc<Ingress>>,
+    Path(queue): Path<String>,
+    Query(q): Query<EnqueueQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = known_queue(&st, &queue)?;
+    st.tokens.authorize(&headers, queue.as_str())?;
+    let mut opts = q.options()?;
+    let bytes = read_body(&st, &headers, body).await?;
+    let args = parse_json(&bytes)?;
+    validate(&st, &queue, &args)?;
+    if let Some(k) = headers.get("idempotency-key") {
+        let k = k.to_str().map_err(|_| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_idempotency_key",
+                "not printable ASCII",
+            )
+        })?;
+        opts.idempotency_key = Some(k.to_string());
+        opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
+    }
+    let e = enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
+        .await
+        .map_err(enqueue_error)?
+        .remove(0);
+    if e.duplicate && !e.same_body {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_conflict",
+            format!(
+                "this Idempotency-Key was used for job {} with a different body",
+                e.id
+            ),
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": e.id, "queue": queue.as_str(), "duplicate": e.duplicate})),
+    )
+        .into_response())
+}
+
+pub(super) async fn enqueue_batch(
+    State(st): State<Arc<Ingress>>,
+    Path(queue): Path<String>,
+    Query(q): Query<EnqueueQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = known_queue(&st, &queue)?;
+    st.tokens.authorize(&headers, queue.as_str())?;
+    let opts = q.options()?;
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_options",
+            "Idempotency-Key is for single jobs; send keyed jobs one at a time",
+        ));
+    }
+    let bytes = read_body(&st, &headers, body).await?;
+    let Value::Array(items) = parse_json(&bytes)? else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "a batch is a JSON array of job args",
+        ));
+    };
+    let max = st.cfg.ingress.batch_max;
+    if items.is_empty() || items.len() > max {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_batch",
+            format!("a batch holds 1 to {max} jobs, not {}", items.len()),
+        ));
+    }
+    for (i, a) in items.iter().enumerate() {
+        st.registry.validate(queue.as_str(), a).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_args",
+                format!("job {i}: {e}"),
+            )
+        })?;
+    }
+    let jobs = items.into_iter().map(|a| (a, opts.clone())).collect();
+    let ids: Vec<i64> = enqueue_json_many(&st.pool, &queue, jobs)
+        .await
+        .map_err(enqueue_error)?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"ids": ids, "queue": queue.as_str()})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct StatusQuery {
+    /// Seconds to wait for the job to finish (done or dead), up to `ingress.max_wait`.
+    wait: Option<f64>,
+}
+
+pub(super) async fn job_status(
+    State(st): State<Arc<Ingress>>,
+    Path((queue, id)): Path<(String, i64)>,
+    Query(q): Query<StatusQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let queue = known_queue(&st, &queue)?;
+    st.tokens.authorize(&headers, queue.as_str())?;
+    let sql = queue_sql(&queue);
+    let wait = clamp_wait(q.wait.unwrap_or(0.0), st.cfg.ingress.max_wait);
+    let deadline = Instant::now() + wait;
+    let notify = st.waiters.get(queue.as_str());
+    loop {
+        // Register for the wake-up before reading, so a completion between the read and
+        // the wait is not missed.
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let status = sql
+            .status(&st.pool, id)
+            .await
+            .map_err(|e| ApiError::database(&e))?;
+        let Some(status) = status else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_job",
+                format!(
+                    "no job {id} in queue {queue} (done jobs are kept for the archive retention)"
+                ),
+            ));
+        };
+        if status.state.is_final() || Instant::now() >= deadline {
+            let mut body = serde_json::to_value(&status).expect("serialisable");
+            body["queue"] = json!(queue.as_str());
+            return Ok(Json(body).into_response());
+        }
+        // Woken by a completion on this queue, or re-check each second in case the
+        // notification listener is reconnecting.
+        let next = deadline.min(Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            _ = woken => {}
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+}
+
+pub(super) async fn hook(
+    State(st): State<Arc<Ingress>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let Some(hook) = st.cfg.hooks.get(&source) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_source",
+            "no such webhook source",
+        ));
+    };
+    let queue = known_queue(&st, &hook.queue)?;
+    let bytes = read_body(&st, &headers, body).await?;
+    auth::verify_hook(hook, &headers, &bytes)?;
+    let args = parse_json(&bytes)?;
+    validate(&st, &queue, &args)?;
+    let mut opts = EnqueueOptions::default();
+    if let Some(h) = &hook.delivery_header {
+        let id = headers
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 150)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "missing_delivery_id",
+                    format!("header {h} is required"),
+                )
+            })?;
+        opts.idempotency_key = Some(format!("hook:{source}:{id}"));
+        opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
+    }
+    let e = enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
+        .await
+        .map_err(enqueue_error)?
+        .remove(0);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": e.id, "queue": queue.as_str(), "duplicate": e.duplicate})),
+    )
+        .into_response())
+}
+
+pub(super) async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub(super) async fn readyz(State(st): State<Arc<Ingress>>) -> ApiResult<Json<Value>> {
+    let limit = st.cfg.ingress.db_timeout;
+    match tokio::time::timeout(limit, store::ping(&st.pool)).await {
+        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
+        Ok(Err(e)) => Err(ApiError::database(&e)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!(
+                "the database did not answer within {}s",
+                limit.as_secs_f64()
+            ),
+        )
+        .retry_after(1)),
+    }
+}
+
+pub(super) async fn metrics(State(st): State<Arc<Ingress>>) -> Response {
+    match &st.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are not enabled",
+        )
+        .into_response(),
+    }
+}
+
+pub(super) async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI).into_response()
+}
+
+pub(super) async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}

@@ -1,0 +1,64 @@
+//! Maintenance as ordinary scheduled jobs (config `[[schedules]]` on queue
+//! `maintenance`): archive retention, dead-letter retention, idempotency-key expiry and
+//! scheduler-fire retention. Retention periods are the jobs' args, so each schedule
+//! carries its own.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::job::{Handler, JobArgs, JobContext, JobError, Outcome};
+use crate::store;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    pub task: Task,
+    /// Age beyond which rows go (required by the prune tasks), e.g. `"7d"`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub older_than: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    PruneArchives,
+    PruneDeadLetters,
+    ExpireIdempotencyKeys,
+    PruneScheduleFires,
+}
+
+impl JobArgs for Maintenance {
+    const KIND: &'static str = "maintenance";
+}
+
+pub struct MaintenanceHandler;
+
+impl Handler for MaintenanceHandler {
+    type Args = Maintenance;
+
+    async fn handle(&self, a: Maintenance, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let age = || {
+            a.older_than
+                .ok_or_else(|| JobError::fail(format!("{:?} needs older_than", a.task)))
+        };
+        let deleted = match a.task {
+            Task::PruneArchives => {
+                let age = age()?;
+                store::prune_archives(ctx.tx().await?, age).await?
+            }
+            Task::PruneDeadLetters => store::prune_dead_letters(ctx.tx().await?, age()?).await?,
+            Task::ExpireIdempotencyKeys => store::expire_idempotency_keys(ctx.tx().await?).await?,
+            Task::PruneScheduleFires => {
+                store::prune_schedule_fires(ctx.tx().await?, age()?).await?
+            }
+        };
+        tracing::info!(task = ?a.task, deleted, "maintenance");
+        Outcome::done_with(json!({"task": a.task, "deleted": deleted}))
+    }
+}
