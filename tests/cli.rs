@@ -33,7 +33,15 @@ async fn enqueue_queues_and_dlq_commands() {
 
     let (code, out, _) = run_cli(&t.url, &["queues", "--json"], &[]);
     assert_eq!(code, 0);
-    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per registered queue: {out}");
+    let row = rows
+        .iter()
+        .find(|r| r["queue"] == "probe")
+        .expect("probe row");
     assert_eq!(
         (
             row["queue"].as_str(),
