@@ -57,6 +57,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Self::spawn_in(None, db_url, args, env)
+    }
+
+    /// Runs with `dir` as the working directory, so `dir/config/*.toml` is loaded.
+    pub fn spawn_in(
+        dir: Option<&std::path::Path>,
+        db_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = std::env::temp_dir().join(format!(
             "longshore-test-{}-{}.log",
             std::process::id(),
@@ -73,6 +83,9 @@ impl Proc {
             .stderr(file);
         for (k, v) in env {
             c.env(k, v);
+        }
+        if let Some(d) = dir {
+            c.current_dir(d);
         }
         Proc {
             child: c.spawn().expect("spawn longshore"),
@@ -114,6 +127,18 @@ impl Proc {
         }
     }
 
+    /// The ingress's address, from its "listening on" line.
+    pub async fn ingress_addr(&self) -> String {
+        eventually(Duration::from_secs(15), "ingress listening", || async {
+            self.logs().lines().find_map(|l| {
+                l.split("listening on http://")
+                    .nth(1)
+                    .map(|a| a.trim().to_string())
+            })
+        })
+        .await
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -143,4 +168,16 @@ pub fn run_cli(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A directory with `config/test.toml` holding `toml`; use with `LONGSHORE_ENV=test`.
+pub fn config_dir(toml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "longshore-cfg-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(dir.join("config/test.toml"), toml).unwrap();
+    dir
 }

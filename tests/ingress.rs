@@ -1,0 +1,795 @@
+//! The HTTP ingress, black-box: the real binary over real HTTP against a real
+//! PostgreSQL. Rows refer to ../shared/RELIABILITY.md.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Proc, config_dir, count, db, eventually};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const HOOK_SECRET: &str = "canary-hmac-secret-0123456789";
+
+fn sha(t: &str) -> String {
+    hex::encode(Sha256::digest(t.as_bytes()))
+}
+
+fn test_config() -> String {
+    format!(
+        r#"
+[ingress]
+listen = "127.0.0.1:0"
+body_limit_bytes = 4096
+read_timeout = "1s"
+max_wait = "10s"
+batch_max = 5
+db_timeout = "1s"
+
+[[ingress.tokens]]
+name = "all"
+sha256 = "{all}"
+queues = ["*"]
+rate_per_second = 1000
+burst = 1000
+
+[[ingress.tokens]]
+name = "probe-only"
+sha256 = "{probe}"
+queues = ["probe"]
+rate_per_second = 1000
+burst = 1000
+
+[[ingress.tokens]]
+name = "slow"
+sha256 = "{slow}"
+queues = ["*"]
+rate_per_second = 1
+burst = 3
+
+[[ingress.tokens]]
+name = "old"
+sha256 = "{revoked}"
+queues = ["*"]
+rate_per_second = 10
+burst = 10
+revoked = true
+
+[hooks.watch]
+secret = "{HOOK_SECRET}"
+queue = "probe"
+signature_header = "x-hmac-sha256"
+timestamp_header = "x-timestamp"
+delivery_header = "x-delivery-id"
+
+[hooks.plain]
+secret = "{HOOK_SECRET}"
+queue = "probe"
+signature_header = "x-hmac-sha256"
+"#,
+        all = sha("tok-all-canary"),
+        probe = sha("tok-probe"),
+        slow = sha("tok-slow"),
+        revoked = sha("tok-revoked"),
+    )
+}
+
+struct Env {
+    t: longshore_workers::testing::TestDb,
+    ingress: Proc,
+    base: String,
+    http: reqwest::Client,
+}
+
+async fn start() -> Env {
+    let t = db().await;
+    let dir = config_dir(&test_config());
+    let ingress = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["ingress"],
+        &[("LONGSHORE_ENV", "test")],
+    );
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    Env {
+        t,
+        ingress,
+        base,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Env {
+    fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        let r = self.http.post(format!("{}{path}", self.base)).body(body);
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+    fn get(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+    }
+}
+
+/// Asserts the error envelope and returns its code.
+async fn error_code(r: reqwest::Response, status: u16) -> String {
+    assert_eq!(r.status().as_u16(), status, "status");
+    let rid = r
+        .headers()
+        .get("x-request-id")
+        .expect("x-request-id header")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = r.json().await.expect("JSON error body");
+    let e = &v["error"];
+    assert_eq!(e["request_id"], rid, "request id in body and header: {v}");
+    assert!(!e["message"].as_str().unwrap().is_empty(), "{v}");
+    e["code"].as_str().expect("code").to_string()
+}
+
+#[tokio::test]
+async fn enqueue_then_wait_for_done_with_the_result() {
+    let env = start().await;
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs",
+            Some("tok-all-canary"),
+            r#"{"id":1,"effect":true}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let s: Value = env
+        .get(&format!("/v1/jobs/probe/{id}"), "tok-all-canary")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["state"], "queued");
+    let _w = Proc::spawn(
+        &env.t.url,
+        &["worker"],
+        &[("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "1")],
+    );
+    let started = std::time::Instant::now();
+    let s: Value = env
+        .get(&format!("/v1/jobs/probe/{id}?wait=8"), "tok-all-canary")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(s["result"]["id"], 1);
+    assert_eq!(s["attempts"], 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "woken by the completion, not the deadline"
+    );
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM probe_effects").await,
+        1
+    );
+
+    // A dead job reports its reason; an unknown id is 404.
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs",
+            Some("tok-all-canary"),
+            r#"{"id":2,"panic":true}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let s: Value = env
+        .get(&format!("/v1/jobs/probe/{id}?wait=8"), "tok-all-canary")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["state"], "dead", "{s}");
+    assert!(
+        s["last_error"].as_str().unwrap().contains("panicked"),
+        "{s}"
+    );
+    let r = env
+        .get("/v1/jobs/probe/999999", "tok-all-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_job");
+}
+
+#[tokio::test]
+async fn row33_tokens_missing_wrong_revoked_and_scoped() {
+    let env = start().await;
+    let body = r#"{"id":1}"#;
+    let r = env
+        .post("/v1/queues/probe/jobs", None, body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "missing_token");
+    let r = env
+        .post("/v1/queues/probe/jobs", Some("wrong"), body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "invalid_token");
+    let r = env
+        .http
+        .post(format!("{}/v1/queues/probe/jobs", env.base))
+        .header("authorization", "Basic abc")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "invalid_token");
+    let r = env
+        .post("/v1/queues/probe/jobs", Some("tok-revoked"), body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "token_revoked");
+    let r = env
+        .post(
+            "/v1/queues/maintenance/jobs",
+            Some("tok-probe"),
+            r#"{"task":"expire_idempotency_keys"}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 403).await, "queue_forbidden");
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        0,
+        "nothing enqueued"
+    );
+}
+
+#[tokio::test]
+async fn row32_hostile_queue_names_are_404_before_any_sql() {
+    let env = start().await;
+    let tables = "SELECT count(*) FROM pg_class";
+    let before = count(&env.t.pool, tables).await;
+    for q in [
+        "x%3B%20drop%20table%20probe_effects",
+        "pro'be",
+        "%22probe%22",
+        &"a".repeat(64),
+        "%C3%A9t%C3%A9",
+        "PROBE",
+        "nosuch",
+    ] {
+        let r = env
+            .post(
+                &format!("/v1/queues/{q}/jobs"),
+                Some("tok-all-canary"),
+                r#"{"id":1}"#,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r, 404).await, "unknown_queue", "{q}");
+    }
+    assert_eq!(count(&env.t.pool, tables).await, before);
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM probe_effects").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_and_options() {
+    let env = start().await;
+    let tok = Some("tok-all-canary");
+    let r = env
+        .post("/v1/queues/probe/jobs", tok, "{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "invalid_json");
+    let r = env
+        .post("/v1/queues/probe/jobs", tok, r#"{"id":"one"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "invalid_args");
+    let r = env
+        .post("/v1/queues/probe/jobs", tok, "[1,2]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "invalid_args");
+    let r = env
+        .post("/v1/queues/probe/jobs?delay=soon", tok, r#"{"id":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "invalid_options");
+    let r = env
+        .post("/v1/queues/probe/jobs?delay=1h", tok, r#"{"id":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs?run_at=2030-01-01T00:00:00Z",
+            tok,
+            r#"{"id":2}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        count(
+            &env.t.pool,
+            "SELECT count(*) FROM pgmq.q_probe WHERE vt > now() + interval '50 minutes'"
+        )
+        .await,
+        2
+    );
+    // Unknown route and wrong method get the same envelope.
+    let r = env
+        .get("/v1/nothing", "tok-all-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "not_found");
+    let r = env
+        .get("/v1/queues/probe/jobs", "tok-all-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 405).await, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn row30_oversized_and_slow_bodies() {
+    let env = start().await;
+    let big = format!(r#"{{"id":1,"pad":"{}"}}"#, "x".repeat(5000));
+    let r = env
+        .post("/v1/queues/probe/jobs", Some("tok-all-canary"), big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 413).await, "body_too_large");
+    // Chunked, without a Content-Length: still cut at the limit.
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(big.into_bytes())]);
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs",
+            Some("tok-all-canary"),
+            reqwest::Body::wrap_stream(stream),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 413).await, "body_too_large");
+
+    // 1 byte per second: dropped after the 1 s read timeout with 408.
+    let addr = env.base.trim_start_matches("http://").to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /v1/queues/probe/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tok-all-canary\r\ncontent-length: 100\r\n\r\n{{"
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            std::thread::sleep(Duration::from_millis(400));
+            let _ = s.write_all(b" ");
+            s.set_nonblocking(true).unwrap();
+            let n = s.read(&mut buf).unwrap_or(0);
+            s.set_nonblocking(false).unwrap();
+            if n > 0 || started.elapsed() > Duration::from_secs(8) {
+                return (String::from_utf8_lossy(&buf[..n]).to_string(), started.elapsed());
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(answer.0.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.0.contains("request_timeout"), "{answer:?}");
+    assert!(answer.1 < Duration::from_secs(4), "{answer:?}");
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn idempotency_keys_over_http() {
+    let env = start().await;
+    let send = |body: &'static str| {
+        env.post("/v1/queues/probe/jobs", Some("tok-all-canary"), body)
+            .header("idempotency-key", "order-1")
+            .send()
+    };
+    let a: Value = send(r#"{"id":1}"#).await.unwrap().json().await.unwrap();
+    let b: Value = send(r#"{ "id": 1 }"#).await.unwrap().json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(
+        (a["duplicate"].as_bool(), b["duplicate"].as_bool()),
+        (Some(false), Some(true))
+    );
+    let r = send(r#"{"id":2}"#).await.unwrap();
+    assert_eq!(error_code(r, 409).await, "idempotency_conflict");
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn batches_are_all_or_nothing() {
+    let env = start().await;
+    let tok = Some("tok-all-canary");
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs:batch",
+            tok,
+            r#"[{"id":1},{"id":2},{"id":3}]"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["ids"].as_array().unwrap().len(), 3);
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs:batch",
+            tok,
+            r#"[{"id":4},{"id":"five"}]"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "invalid_args");
+    let six = serde_json::to_string(&(0..6).map(|i| json!({"id": i})).collect::<Vec<_>>()).unwrap();
+    let r = env
+        .post("/v1/queues/probe/jobs:batch", tok, six)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "invalid_batch");
+    let r = env
+        .post("/v1/queues/probe/jobs:batch", tok, r#"{"id":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "invalid_json");
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        3,
+        "only the good batch"
+    );
+}
+
+#[tokio::test]
+async fn row31_a_burst_over_one_tokens_limit_leaves_others_alone() {
+    let env = start().await;
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        let r = env
+            .post(
+                "/v1/queues/probe/jobs",
+                Some("tok-slow"),
+                format!(r#"{{"id":{i}}}"#),
+            )
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            let ra: u64 = r
+                .headers()
+                .get("retry-after")
+                .expect("Retry-After")
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(ra >= 1);
+            assert_eq!(error_code(r, 429).await, "rate_limited");
+            codes.push(429);
+        } else {
+            codes.push(r.status().as_u16());
+        }
+    }
+    assert_eq!(&codes[..3], &[202, 202, 202], "the burst of 3 passes");
+    assert!(codes[3..].contains(&429), "{codes:?}");
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs",
+            Some("tok-all-canary"),
+            r#"{"id":9}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "another token is unaffected");
+}
+
+fn sign(msg: &[u8]) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+    m.update(msg);
+    hex::encode(m.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn row28_and_29_signed_webhooks() {
+    let env = start().await;
+    let body = r#"{"id": 7}"#;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hook = |sig: String, ts: u64, delivery: &str, body: &'static str| {
+        env.http
+            .post(format!("{}/v1/hooks/watch", env.base))
+            .header("x-hmac-sha256", sig)
+            .header("x-timestamp", ts.to_string())
+            .header("x-delivery-id", delivery)
+            .body(body)
+    };
+    let good = sign(format!("{now}.{body}").as_bytes());
+    let a: Value = hook(good.clone(), now, "d1", body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(a["queue"], "probe");
+    // The same delivery again: one job.
+    let b: Value = hook(good.clone(), now, "d1", body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (a["id"].clone(), b["duplicate"].as_bool()),
+        (b["id"].clone(), Some(true))
+    );
+    // Wrong, missing, malformed signature; re-serialised body; stale timestamp.
+    let r = hook("00".repeat(32), now, "d2", body).send().await.unwrap();
+    assert_eq!(error_code(r, 401).await, "invalid_signature");
+    let r = hook("zz".into(), now, "d2", body).send().await.unwrap();
+    assert_eq!(error_code(r, 401).await, "invalid_signature");
+    let r = hook(good.clone(), now, "d2", r#"{"id":7}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "invalid_signature");
+    let old = now - 301;
+    let r = hook(sign(format!("{old}.{body}").as_bytes()), old, "d3", body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "stale_timestamp");
+    let r = env
+        .http
+        .post(format!("{}/v1/hooks/watch", env.base))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "missing_signature");
+    let r = env
+        .http
+        .post(format!("{}/v1/hooks/nosuch", env.base))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_source");
+    // A source without timestamps signs the raw body only.
+    let r = env
+        .http
+        .post(format!("{}/v1/hooks/plain", env.base))
+        .header("x-hmac-sha256", sign(br#"{"id": 8}"#))
+        .body(r#"{"id": 8}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_openapi() {
+    let env = start().await;
+    assert_eq!(
+        env.http
+            .get(format!("{}/healthz", env.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        env.http
+            .get(format!("{}/readyz", env.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    env.post(
+        "/v1/queues/probe/jobs",
+        Some("tok-all-canary"),
+        r#"{"id":1}"#,
+    )
+    .send()
+    .await
+    .unwrap();
+    let base = env.base.clone();
+    let http = env.http.clone();
+    let text = eventually(Duration::from_secs(10), "queue depth sampled", || {
+        let (base, http) = (base.clone(), http.clone());
+        async move {
+            let t = http
+                .get(format!("{base}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            t.contains("longshore_queue_depth{queue=\"probe\"} 1")
+                .then_some(t)
+        }
+    })
+    .await;
+    for series in [
+        "longshore_queue_inflight{queue=\"probe\"}",
+        "longshore_queue_delayed{queue=\"probe\"}",
+        "longshore_queue_oldest_age_seconds{queue=\"probe\"}",
+        "longshore_dead_letters{queue=\"probe\"}",
+        "longshore_http_requests_total{route=\"/v1/queues/{queue}/jobs\",method=\"POST\",status=\"202\"} 1",
+        "longshore_http_request_duration_seconds_bucket{route=\"/v1/queues/{queue}/jobs\"",
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
+    // Every line parses as the Prometheus text format: comments or `name{labels} value`.
+    for l in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let value = l.rsplit(' ').next().unwrap();
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf" || value == "NaN",
+            "bad sample: {l}"
+        );
+    }
+    let served: Value = env
+        .http
+        .get(format!("{}/openapi.json", env.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let checked_in: Value = serde_json::from_str(longshore_workers::ingress::OPENAPI).unwrap();
+    assert_eq!(served, checked_in);
+    for path in [
+        "/v1/queues/{queue}/jobs",
+        "/v1/queues/{queue}/jobs:batch",
+        "/v1/jobs/{queue}/{id}",
+        "/v1/hooks/{source}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(served["paths"].get(path).is_some(), "{path} documented");
+    }
+}
+
+#[tokio::test]
+async fn row12_database_down_is_503_with_retry_after_never_a_hang() {
+    let dir = config_dir(&test_config());
+    let ingress = Proc::spawn_in(
+        Some(&dir),
+        "postgres://postgres@127.0.0.1:1/none",
+        &["ingress"],
+        &[("LONGSHORE_ENV", "test")],
+    );
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{base}/v1/queues/probe/jobs"))
+        .bearer_auth("tok-all-canary")
+        .body(r#"{"id":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(error_code(r, 503).await, "database_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered within the db timeout"
+    );
+    let r = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(error_code(r, 503).await, "database_unavailable");
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn row34_canary_secrets_never_reach_logs_or_bodies() {
+    let env = start().await;
+    let mut bodies = String::new();
+    for (path, tok, body) in [
+        (
+            "/v1/queues/probe/jobs",
+            Some("tok-all-canary"),
+            r#"{"id":"x"}"#,
+        ),
+        (
+            "/v1/queues/probe/jobs",
+            Some("tok-all-canary-wrong"),
+            r#"{"id":1}"#,
+        ),
+        ("/v1/hooks/watch", None, r#"{"id":1}"#),
+    ] {
+        bodies.push_str(
+            &env.post(path, tok, body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
+    }
+    let logs = env.ingress.logs();
+    for canary in ["tok-all-canary", HOOK_SECRET, "canary-hmac"] {
+        assert!(
+            !bodies.contains(canary),
+            "{canary} in a response body: {bodies}"
+        );
+        assert!(!logs.contains(canary), "{canary} in the logs: {logs}");
+    }
+}
