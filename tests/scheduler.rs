@@ -1,0 +1,224 @@
+//! The scheduler through the real binary: replicas fire each tick once (row 14), the
+//! missed-fire policies, and maintenance as scheduled jobs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proc, config_dir, count, db, eventually};
+use longshore_workers::maintenance::{Maintenance, Task};
+use longshore_workers::{enqueue, enqueue_many};
+use sqlx::PgPool;
+
+async fn fire_times(pool: &PgPool, schedule: &str) -> Vec<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar(
+        "SELECT fire_at FROM longshore.schedule_fires WHERE schedule = $1 ORDER BY fire_at",
+    )
+    .bind(schedule)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Row 14 and issue 3's acceptance test: three scheduler processes on a one-second
+/// schedule produce exactly one job per second between them.
+#[tokio::test]
+async fn row14_three_schedulers_fire_each_second_exactly_once() {
+    let t = db().await;
+    let dir = config_dir(
+        r#"
+[[schedules]]
+name = "every_second"
+cron = "* * * * * *"
+queue = "probe"
+args = { id = 1 }
+"#,
+    );
+    let env = [("LONGSHORE_ENV", "test")];
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|_| Proc::spawn_in(Some(&dir), &t.url, &["scheduler"], &env))
+        .collect();
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(20), "6 fires", || {
+        let pool = pool.clone();
+        async move { (fire_times(&pool, "every_second").await.len() >= 6).then_some(()) }
+    })
+    .await;
+    for p in &procs {
+        p.signal("TERM");
+    }
+    for p in &mut procs {
+        assert_eq!(
+            p.wait_exit(Duration::from_secs(10)).await,
+            Some(0),
+            "{}",
+            p.logs()
+        );
+    }
+    let fires = fire_times(&t.pool, "every_second").await;
+    // Consecutive seconds, no gaps, no repeats.
+    for w in fires.windows(2) {
+        assert_eq!((w[1] - w[0]).num_milliseconds(), 1000, "{fires:?}");
+    }
+    let jobs = count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await;
+    assert_eq!(jobs as usize, fires.len(), "one job per fire");
+    let per_fire = count(
+        &t.pool,
+        "SELECT count(DISTINCT headers->>'fire_at') FROM pgmq.q_probe WHERE headers->>'schedule' = 'every_second'",
+    )
+    .await;
+    assert_eq!(per_fire, jobs);
+    // All three really took part: each logged at least one fire or found it taken.
+    let fired_by: usize = procs.iter().filter(|p| p.logs().contains("fired")).count();
+    assert!(fired_by >= 1);
+}
+
+#[tokio::test]
+async fn missed_fires_latest_enqueues_one_skip_enqueues_none() {
+    let t = db().await;
+    let dir = config_dir(
+        r#"
+[[schedules]]
+name = "catch_up"
+cron = "0 */10 * * * *"
+queue = "probe"
+args = { id = 1 }
+missed = "latest"
+
+[[schedules]]
+name = "let_go"
+cron = "0 */10 * * * *"
+queue = "probe"
+args = { id = 2 }
+missed = "skip"
+"#,
+    );
+    // Both last fired three hours ago; the schedulers were down since.
+    for s in ["catch_up", "let_go"] {
+        sqlx::query("INSERT INTO longshore.schedule_fires (schedule, fire_at, msg_id) VALUES ($1, date_trunc('hour', now()) - interval '3 hours', 0)")
+            .bind(s)
+            .execute(&t.pool)
+            .await
+            .unwrap();
+    }
+    let p = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["scheduler"],
+        &[("LONGSHORE_ENV", "test")],
+    );
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(10), "the latest missed fire", || {
+        let pool = pool.clone();
+        async move { (fire_times(&pool, "catch_up").await.len() == 2).then_some(()) }
+    })
+    .await;
+    let latest = fire_times(&t.pool, "catch_up").await[1];
+    let now = chrono::Utc::now();
+    assert!(
+        latest <= now && now - latest < chrono::Duration::minutes(10),
+        "{latest} is the latest 10-minute mark"
+    );
+    assert_eq!(latest.timestamp() % 600, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fire_times(&t.pool, "let_go").await.len(),
+        1,
+        "skip: no back-fill\n{}",
+        p.logs()
+    );
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 1);
+}
+
+#[tokio::test]
+async fn a_bad_schedule_is_refused_at_start_naming_it() {
+    let t = db().await;
+    for (toml, needle) in [
+        (
+            "[[schedules]]\nname = \"x\"\ncron = \"every minute\"\nqueue = \"probe\"\nargs = { id = 1 }\n",
+            "schedules[4].cron",
+        ),
+        (
+            "[[schedules]]\nname = \"y\"\ncron = \"* * * * * *\"\nqueue = \"probe\"\nargs = { nope = 1 }\n",
+            "schedule \"y\": args for probe",
+        ),
+        (
+            "[[schedules]]\nname = \"z\"\ncron = \"* * * * * *\"\nqueue = \"probe\"\ntimezone = \"Mars/Olympus\"\nargs = { id = 1 }\n",
+            "schedules[4].timezone",
+        ),
+    ] {
+        let dir = config_dir(toml);
+        let mut p = Proc::spawn_in(
+            Some(&dir),
+            &t.url,
+            &["scheduler"],
+            &[("LONGSHORE_ENV", "test")],
+        );
+        assert_eq!(p.wait_exit(Duration::from_secs(10)).await, Some(2));
+        assert!(
+            p.logs().contains(needle),
+            "expected {needle:?} in {}",
+            p.logs()
+        );
+    }
+}
+
+/// Maintenance tasks, run by a worker as ordinary jobs.
+#[tokio::test]
+async fn maintenance_prunes_what_is_past_retention() {
+    let t = db().await;
+    let probes: Vec<longshore_jobs::probe::Probe> =
+        (0..3).map(longshore_jobs::probe::Probe::new).collect();
+    enqueue_many(&t.pool, &probes, Default::default())
+        .await
+        .unwrap();
+    let mut w = Proc::spawn(&t.url, &["worker"], &[]);
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(10), "probes archived", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 3).then_some(()) }
+    })
+    .await;
+    sqlx::query("UPDATE pgmq.a_probe SET archived_at = now() - interval '8 days' WHERE msg_id IN (SELECT min(msg_id) FROM pgmq.a_probe)")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO longshore.idempotency_keys (queue, key, msg_id, expires_at) VALUES ('probe', 'old', 1, now() - interval '1 second'), ('probe', 'live', 2, now() + interval '1 hour')")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO longshore.dead_letters (queue, msg_id, attempts, last_error, enqueued_at, failed_at) VALUES ('probe', 100, 1, 'x', now(), now() - interval '31 days'), ('probe', 101, 1, 'x', now(), now())")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let days = |d: u64| Some(Duration::from_secs(d * 86_400));
+    for (task, older_than) in [
+        (Task::PruneArchives, days(7)),
+        (Task::ExpireIdempotencyKeys, None),
+        (Task::PruneDeadLetters, days(30)),
+    ] {
+        enqueue(
+            &t.pool,
+            &Maintenance { task, older_than },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    eventually(Duration::from_secs(10), "maintenance done", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_maintenance").await == 3).then_some(()) }
+    })
+    .await;
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await, 2);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.idempotency_keys").await,
+        1
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        1
+    );
+}
