@@ -181,3 +181,62 @@ pub fn config_dir(toml: &str) -> PathBuf {
     std::fs::write(dir.join("config/test.toml"), toml).unwrap();
     dir
 }
+
+/// A private PostgreSQL cluster for tests that restart, crash or pause the server.
+/// Migrated; stopped and removed on drop.
+pub struct PrivatePg {
+    pub pg: longshore_workers::embedded::Embedded,
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl PrivatePg {
+    pub async fn start(tag: &str) -> PrivatePg {
+        let dir = std::env::temp_dir().join(format!("longshore-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = dir.clone();
+        let pg =
+            tokio::task::spawn_blocking(move || longshore_workers::embedded::Embedded::start(&d))
+                .await
+                .unwrap()
+                .expect("private cluster");
+        let url = pg.url("postgres");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .unwrap();
+        longshore_workers::db::migrate(&pool, &MIGRATOR, &longshore_jobs::registry())
+            .await
+            .unwrap();
+        pool.close().await;
+        PrivatePg { pg, url, dir }
+    }
+
+    /// A small pool for the test's own queries; re-create it after a restart.
+    pub async fn pool(&self) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&self.url)
+            .await
+            .unwrap()
+    }
+
+    pub fn signal_server(&self, sig: &str) {
+        for pid in self.pg.server_pids() {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        self.signal_server("CONT");
+        let _ = self.pg.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,8 +1,10 @@
 //! A private PostgreSQL cluster for `longshore dev` and the test suite on machines that
 //! have PostgreSQL installed but not running: `initdb` + `pg_ctl` from PATH or
 //! `/usr/lib/postgresql/*/bin`, run as the `postgres` user when we are root (initdb
-//! refuses root). Listens on 127.0.0.1 on a free port, trust auth, `--no-sync`
-//! (a development cluster: speed over durability).
+//! refuses root). Listens on 127.0.0.1 on a free port, trust auth. `fsync=off`: a
+//! development cluster survives a crash of PostgreSQL (the OS keeps what was written)
+//! but not of the machine. `synchronous_commit` stays on, so every acknowledged commit
+//! survives a PostgreSQL crash (RELIABILITY row 9).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -93,15 +95,19 @@ impl Embedded {
             .arg(e.data_dir.join("server.log"))
             .arg("-w")
             .arg("-o")
-            .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-                e.data_dir.display()
-            ))
+            .arg(e.server_opts(port))
             .arg("start");
         e.run("pg_ctl start", &mut c)?;
         std::fs::write(&port_file, port.to_string())?;
         info!(port, dir = %e.data_dir.display(), "private PostgreSQL started");
         Ok(Embedded { port, ..e })
+    }
+
+    fn server_opts(&self, port: u16) -> String {
+        format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=off -c full_page_writes=off",
+            self.data_dir.display()
+        )
     }
 
     fn clone_paths(&self) -> Embedded {
@@ -141,6 +147,52 @@ impl Embedded {
             .arg(self.data_dir.join("server.log"))
             .args(["-m", "fast", "-w", "restart"]);
         self.run("pg_ctl restart", &mut c)
+    }
+
+    /// Crashes the cluster (`pg_ctl stop -m immediate`: no shutdown checkpoint; the
+    /// next start runs crash recovery), for fault tests.
+    pub fn crash(&self) -> Result<(), EmbeddedError> {
+        let mut c = self.pg_command("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "immediate", "-w", "stop"]);
+        self.run("pg_ctl stop -m immediate", &mut c)
+    }
+
+    /// Starts a stopped or crashed cluster again on the same port.
+    pub fn start_again(&self) -> Result<(), EmbeddedError> {
+        let mut c = self.pg_command("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.join("server.log"))
+            .arg("-w")
+            .arg("-o")
+            .arg(self.server_opts(self.port))
+            .arg("start");
+        self.run("pg_ctl start", &mut c)
+    }
+
+    /// The postmaster and its children (for SIGSTOP/SIGCONT fault tests).
+    pub fn server_pids(&self) -> Vec<i32> {
+        let Ok(pidfile) = std::fs::read_to_string(self.data_dir.join("postmaster.pid")) else {
+            return Vec::new();
+        };
+        let Some(pm) = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return Vec::new();
+        };
+        let children = Command::new("pgrep")
+            .args(["-P", &pm.to_string()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        std::iter::once(pm)
+            .chain(children.lines().filter_map(|l| l.trim().parse().ok()))
+            .collect()
     }
 
     /// Stops the cluster (`pg_ctl stop -m fast`).

@@ -175,12 +175,19 @@ impl ApiError {
                 )
                 .retry_after(1)
             }
-            sqlx::Error::Database(d) if d.code().as_deref() == Some("57014") => {
-                warn!(error = %e, "database statement timed out");
+            // 57: operator intervention (shutdown, restart, query canceled, "cannot
+            // connect now"); 08: connection exception; 53: insufficient resources (too
+            // many connections). All pass: retry.
+            sqlx::Error::Database(d)
+                if d.code().is_some_and(|c| {
+                    c.starts_with("57") || c.starts_with("08") || c.starts_with("53")
+                }) =>
+            {
+                warn!(error = %e, "database unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_unavailable",
-                    "the database is too slow; try again",
+                    "the database is unavailable; try again",
                 )
                 .retry_after(1)
             }

@@ -113,6 +113,29 @@ impl EnqueueQuery {
     }
 }
 
+/// Bounds a database operation by `ingress.db_timeout` on the client side: a paused
+/// or unreachable server must give 503, never a hung request (the server-side
+/// statement_timeout cannot fire on a server that is not running). A 503 after a
+/// timeout is ambiguous about an enqueue; clients retry with an Idempotency-Key.
+async fn bounded<T>(
+    st: &Ingress,
+    fut: impl std::future::Future<Output = ApiResult<T>>,
+) -> ApiResult<T> {
+    let limit = st.cfg.ingress.db_timeout;
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!(
+                "the database did not answer within {}s; try again",
+                limit.as_secs_f64()
+            ),
+        )
+        .retry_after(1)),
+    }
+}
+
 fn enqueue_error(e: EnqueueError) -> ApiError {
     match e {
         EnqueueError::UnknownQueue(q) => ApiError::new(
@@ -158,10 +181,13 @@ pub(super) async fn enqueue_one(
         opts.idempotency_key = Some(k.to_string());
         opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
-    let e = enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
-        .await
-        .map_err(enqueue_error)?
-        .remove(0);
+    let e = bounded(&st, async {
+        enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
+            .await
+            .map_err(enqueue_error)
+    })
+    .await?
+    .remove(0);
     if e.duplicate && !e.same_body {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -222,12 +248,15 @@ pub(super) async fn enqueue_batch(
         })?;
     }
     let jobs = items.into_iter().map(|a| (a, opts.clone())).collect();
-    let ids: Vec<i64> = enqueue_json_many(&st.pool, &queue, jobs)
-        .await
-        .map_err(enqueue_error)?
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<i64> = bounded(&st, async {
+        enqueue_json_many(&st.pool, &queue, jobs)
+            .await
+            .map_err(enqueue_error)
+    })
+    .await?
+    .into_iter()
+    .map(|e| e.id)
+    .collect();
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"ids": ids, "queue": queue.as_str()})),
@@ -259,10 +288,12 @@ pub(super) async fn job_status(
         let woken = notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let status = sql
-            .status(&st.pool, id)
-            .await
-            .map_err(|e| ApiError::database(&e))?;
+        let status = bounded(&st, async {
+            sql.status(&st.pool, id)
+                .await
+                .map_err(|e| ApiError::database(&e))
+        })
+        .await?;
         let Some(status) = status else {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -321,10 +352,13 @@ pub(super) async fn hook(
         opts.idempotency_key = Some(format!("hook:{source}:{id}"));
         opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
-    let e = enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
-        .await
-        .map_err(enqueue_error)?
-        .remove(0);
+    let e = bounded(&st, async {
+        enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
+            .await
+            .map_err(enqueue_error)
+    })
+    .await?
+    .remove(0);
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": e.id, "queue": queue.as_str(), "duplicate": e.duplicate})),
