@@ -178,20 +178,70 @@ async fn secrets_in_the_database_url_never_reach_output() {
     );
 }
 
+/// Issue 3's acceptance path: `longshore dev` accepts the README's curl with the dev
+/// token, the job completes, `?wait=` returns done, /metrics shows the queue series.
 #[tokio::test]
-async fn dev_runs_the_fleet_and_stops_cleanly() {
+async fn dev_serves_the_readme_curl_and_stops_cleanly() {
     let t = db().await;
-    let mut dev = Proc::spawn(&t.url, &["dev"], &[]);
-    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"effect\": true}')")
-        .execute(&t.pool)
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut dev = Proc::spawn(&t.url, &["dev"], &[("LONGSHORE__INGRESS__LISTEN", &listen)]);
+    let addr = dev.ingress_addr().await;
+    assert!(
+        dev.logs().contains("Bearer dev-token"),
+        "dev prints a curl example: {}",
+        dev.logs()
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{addr}/v1/queues/probe/jobs"))
+        .header("Authorization", "Bearer dev-token")
+        .body(r#"{"id":1,"effect":true}"#)
+        .send()
         .await
         .unwrap();
-    let pool = t.pool.clone();
-    eventually(Duration::from_secs(15), "dev worked the probe", || {
-        let pool = pool.clone();
-        async move { (count(&pool, "SELECT count(*) FROM probe_effects").await == 1).then_some(()) }
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let s: serde_json::Value = http
+        .get(format!("http://{addr}/v1/jobs/probe/{id}?wait=5"))
+        .header("Authorization", "Bearer dev-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        1
+    );
+    let metrics = eventually(Duration::from_secs(15), "queue series", || {
+        let (http, addr) = (http.clone(), addr.clone());
+        async move {
+            let m = http
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            m.contains("longshore_queue_depth{queue=\"probe\"}")
+                .then_some(m)
+        }
     })
     .await;
+    assert!(
+        metrics.contains("longshore_jobs_total{queue=\"probe\",outcome=\"done\"}"),
+        "{metrics}"
+    );
     dev.signal("INT");
     assert_eq!(
         dev.wait_exit(Duration::from_secs(15)).await,

@@ -793,3 +793,87 @@ async fn row34_canary_secrets_never_reach_logs_or_bodies() {
         assert!(!logs.contains(canary), "{canary} in the logs: {logs}");
     }
 }
+
+/// Row 12: the pool is exhausted (every connection stuck behind a lock): new requests
+/// get 503 + Retry-After within the acquire timeout; no 202 for anything uncommitted.
+#[tokio::test]
+async fn row12_pool_exhaustion_is_503_and_nothing_acknowledged_uncommitted() {
+    let t = db().await;
+    let dir = config_dir(&test_config());
+    let ingress = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["ingress"],
+        &[
+            ("LONGSHORE_ENV", "test"),
+            ("LONGSHORE__DATABASE__MAX_CONNECTIONS", "2"),
+        ],
+    );
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    let http = reqwest::Client::new();
+    // Hold the queue table so enqueues block while holding their connections.
+    let mut locker = t.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pgmq.q_probe IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let (http, base) = (http.clone(), base.clone());
+        calls.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = http
+                .post(format!("{base}/v1/queues/probe/jobs"))
+                .bearer_auth("tok-all-canary")
+                .body(format!(r#"{{"id":{i}}}"#))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().contains_key("retry-after"),
+                r.text().await.unwrap(),
+                started.elapsed(),
+            )
+        }));
+    }
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    locker.rollback().await.unwrap();
+    for (status, retry_after, body, took) in &answers {
+        assert_eq!(*status, 503, "{body}");
+        assert!(*retry_after, "{body}");
+        assert!(body.contains("database_unavailable"), "{body}");
+        assert!(
+            *took < Duration::from_secs(4),
+            "answered within the timeout: {took:?}"
+        );
+    }
+    // The pool heals: the next request is accepted, and its job is there.
+    let r = env_post(&http, &base, r#"{"id":100}"#).await;
+    assert_eq!(r.0, 202, "{}", r.1);
+    let id = serde_json::from_str::<Value>(&r.1).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        count(
+            &t.pool,
+            &format!("SELECT count(*) FROM pgmq.q_probe WHERE msg_id = {id}")
+        )
+        .await,
+        1
+    );
+}
+
+async fn env_post(http: &reqwest::Client, base: &str, body: &'static str) -> (u16, String) {
+    let r = http
+        .post(format!("{base}/v1/queues/probe/jobs"))
+        .bearer_auth("tok-all-canary")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
