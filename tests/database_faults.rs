@@ -249,13 +249,12 @@ async fn row10_a_paused_server_gives_timeouts_not_hangs() {
 #[tokio::test]
 async fn row11_terminated_backends_roll_back_and_jobs_retry() {
     let t = db().await;
-    sqlx::query(
-        "SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i, 'effect', true, 'hold_ms', 5))) \
-         FROM generate_series(1, 3000) i",
+    common::send_probes(
+        &t.pool,
+        3_000,
+        serde_json::json!({"effect": true, "hold_ms": 5}),
     )
-    .execute(&t.pool)
-    .await
-    .unwrap();
+    .await;
     let _w = Proc::spawn(
         &t.url,
         &["worker"],

@@ -481,13 +481,7 @@ async fn kill_loop(
 #[tokio::test]
 async fn five_thousand_send_batch_jobs_two_workers_one_killed() {
     let t = db().await;
-    sqlx::query(
-        "SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i, 'effect', true, 'sleep_ms', 2))) \
-         FROM generate_series(1, 5000) i",
-    )
-    .execute(&t.pool)
-    .await
-    .unwrap();
+    common::send_probes(&t.pool, 5_000, json!({"effect": true, "sleep_ms": 2})).await;
     let kills = kill_loop(&t, 2, Duration::from_millis(1500), 5_000).await;
     assert!(kills >= 1, "at least one worker was killed mid-run");
 }
@@ -496,66 +490,24 @@ async fn five_thousand_send_batch_jobs_two_workers_one_killed() {
 #[tokio::test]
 async fn row15_twenty_thousand_jobs_three_workers_killed_in_turn() {
     let t = db().await;
-    sqlx::query(
-        "SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i, 'effect', true, 'sleep_ms', 1))) \
-         FROM generate_series(1, 20000) i",
-    )
-    .execute(&t.pool)
-    .await
-    .unwrap();
+    common::send_probes(&t.pool, 20_000, json!({"effect": true, "sleep_ms": 1})).await;
     let kills = kill_loop(&t, 3, Duration::from_secs(2), 20_000).await;
     assert!(kills >= 1, "at least one worker was killed mid-run");
 }
 
 /// Row 8 (worker side): PostgreSQL restarts under load; the worker reconnects by itself
-/// and every job is done exactly once. On a private cluster, so other tests' server
-/// is not disturbed.
+/// and every job is done exactly once. (Ingress and scheduler: tests/database_faults.rs.)
 #[tokio::test]
 async fn row8_worker_survives_a_postgres_restart_under_load() {
-    let dir = std::env::temp_dir().join(format!("longshore-restart-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let d = dir.clone();
-    let pg = tokio::task::spawn_blocking(move || longshore_workers::embedded::Embedded::start(&d))
-        .await
-        .unwrap()
-        .expect("private cluster");
-    let url = pg.url("postgres");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .unwrap();
-    longshore_workers::db::migrate(&pool, &common::MIGRATOR, &longshore_jobs::registry())
-        .await
-        .unwrap();
-    sqlx::query(
-        "SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i, 'effect', true, 'sleep_ms', 5))) \
-         FROM generate_series(1, 3000) i",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    let _w = worker(&url, &[("LONGSHORE__QUEUES__PROBE__LEASE", "3s")]);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .unwrap();
+    let pg = common::PrivatePg::start("row8-worker").await;
+    let pool = pg.pool().await;
+    common::send_probes(&pool, 3_000, json!({"effect": true, "sleep_ms": 5})).await;
+    let _w = worker(&pg.url, &[("LONGSHORE__QUEUES__PROBE__LEASE", "3s")]);
     wait_count_at_least(&pool, "SELECT count(*) FROM probe_effects", 300).await;
     pool.close().await;
     let restarted = std::time::Instant::now();
-    let pg = tokio::task::spawn_blocking(move || {
-        pg.restart().expect("restart");
-        pg
-    })
-    .await
-    .unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .unwrap();
+    pg.pg.restart().expect("restart");
+    let pool = pg.pool().await;
     let before = count(&pool, "SELECT count(*) FROM probe_effects").await;
     assert!(
         before < 3000,
@@ -589,13 +541,6 @@ async fn row8_worker_survives_a_postgres_restart_under_load() {
         0
     );
     eprintln!("all 3000 done {recovered_in:?} after the restart began");
-    pool.close().await;
-    drop(_w);
-    tokio::task::spawn_blocking(move || pg.stop())
-        .await
-        .unwrap()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 async fn wait_count_at_least(pool: &PgPool, sql: &'static str, n: i64) {

@@ -240,3 +240,17 @@ impl Drop for PrivatePg {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Sends `n` probe jobs with plain `pgmq.send_batch`: ids 1..=n, each with `extra`
+/// merged into its args (e.g. `{"effect": true, "sleep_ms": 2}`).
+pub async fn send_probes(pool: &PgPool, n: i64, extra: serde_json::Value) {
+    sqlx::query(
+        "SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i) || $2::jsonb)) \
+         FROM generate_series(1, $1::bigint) i",
+    )
+    .bind(n)
+    .bind(extra)
+    .execute(pool)
+    .await
+    .expect("send_batch");
+}

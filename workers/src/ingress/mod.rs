@@ -162,43 +162,34 @@ impl ApiError {
     /// A database failure: unreachable or too slow → 503 + Retry-After; other → 500.
     /// The message never carries the driver's text (it may name hosts or users).
     pub fn database(e: &sqlx::Error) -> Self {
-        match e {
+        // Unreachable or shedding load: connection-level failures, and SQLSTATE classes
+        // 57 (operator intervention: shutdown, restart, canceled statement, "cannot
+        // connect now"), 08 (connection exception) and 53 (insufficient resources,
+        // e.g. too many connections). All pass: 503, retry.
+        let unavailable = match e {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::Io(_)
             | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => {
-                warn!(error = %e, "database unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    "the database is unavailable; try again",
-                )
-                .retry_after(1)
-            }
-            // 57: operator intervention (shutdown, restart, query canceled, "cannot
-            // connect now"); 08: connection exception; 53: insufficient resources (too
-            // many connections). All pass: retry.
-            sqlx::Error::Database(d)
-                if d.code().is_some_and(|c| {
-                    c.starts_with("57") || c.starts_with("08") || c.starts_with("53")
-                }) =>
-            {
-                warn!(error = %e, "database unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    "the database is unavailable; try again",
-                )
-                .retry_after(1)
-            }
-            _ => {
-                warn!(error = %e, "database error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
-            }
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(d) => d
+                .code()
+                .is_some_and(|c| c.starts_with("57") || c.starts_with("08") || c.starts_with("53")),
+            _ => false,
+        };
+        warn!(error = %e, unavailable, "database error");
+        if unavailable {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; try again",
+            )
+            .retry_after(1)
+        } else {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
         }
     }
 }

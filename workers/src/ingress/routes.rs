@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Ingress, auth, clamp_wait};
-use crate::enqueue::{EnqueueError, EnqueueOptions, enqueue_json_many, queue_sql};
+use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue_json_many, queue_sql};
 use crate::queue_name::QueueName;
 use crate::store;
 
@@ -157,6 +157,31 @@ fn enqueue_error(e: EnqueueError) -> ApiError {
     }
 }
 
+/// One job, within the database deadline.
+async fn enqueue_single(
+    st: &Ingress,
+    queue: &QueueName,
+    args: Value,
+    opts: EnqueueOptions,
+) -> ApiResult<Enqueued> {
+    let mut out = bounded(st, async {
+        enqueue_json_many(&st.pool, queue, vec![(args, opts)])
+            .await
+            .map_err(enqueue_error)
+    })
+    .await?;
+    Ok(out.remove(0))
+}
+
+/// 202 with the job's id.
+fn accepted(queue: &QueueName, e: Enqueued) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"id": e.id, "queue": queue.as_str(), "duplicate": e.duplicate})),
+    )
+        .into_response()
+}
+
 pub(super) async fn enqueue_one(
     State(st): State<Arc<Ingress>>,
     Path(queue): Path<String>,
@@ -181,13 +206,7 @@ pub(super) async fn enqueue_one(
         opts.idempotency_key = Some(k.to_string());
         opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
-    let e = bounded(&st, async {
-        enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
-            .await
-            .map_err(enqueue_error)
-    })
-    .await?
-    .remove(0);
+    let e = enqueue_single(&st, &queue, args, opts).await?;
     if e.duplicate && !e.same_body {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -198,11 +217,7 @@ pub(super) async fn enqueue_one(
             ),
         ));
     }
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"id": e.id, "queue": queue.as_str(), "duplicate": e.duplicate})),
-    )
-        .into_response())
+    Ok(accepted(&queue, e))
 }
 
 pub(super) async fn enqueue_batch(
@@ -352,18 +367,8 @@ pub(super) async fn hook(
         opts.idempotency_key = Some(format!("hook:{source}:{id}"));
         opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
-    let e = bounded(&st, async {
-        enqueue_json_many(&st.pool, &queue, vec![(args, opts)])
-            .await
-            .map_err(enqueue_error)
-    })
-    .await?
-    .remove(0);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"id": e.id, "queue": queue.as_str(), "duplicate": e.duplicate})),
-    )
-        .into_response())
+    let e = enqueue_single(&st, &queue, args, opts).await?;
+    Ok(accepted(&queue, e))
 }
 
 pub(super) async fn healthz() -> Json<Value> {
