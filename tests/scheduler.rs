@@ -136,7 +136,7 @@ async fn a_bad_schedule_is_refused_at_start_naming_it() {
     for (toml, needle) in [
         (
             "[[schedules]]\nname = \"x\"\ncron = \"every minute\"\nqueue = \"probe\"\nargs = { id = 1 }\n",
-            "schedules[4].cron",
+            "].cron`: \"every minute\"",
         ),
         (
             "[[schedules]]\nname = \"y\"\ncron = \"* * * * * *\"\nqueue = \"probe\"\nargs = { nope = 1 }\n",
@@ -144,7 +144,7 @@ async fn a_bad_schedule_is_refused_at_start_naming_it() {
         ),
         (
             "[[schedules]]\nname = \"z\"\ncron = \"* * * * * *\"\nqueue = \"probe\"\ntimezone = \"Mars/Olympus\"\nargs = { id = 1 }\n",
-            "schedules[4].timezone",
+            "].timezone",
         ),
     ] {
         let dir = config_dir(toml);

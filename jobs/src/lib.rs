@@ -5,6 +5,7 @@
 //! Pipelines get a folder each (`market/`, `billing/`, `chat/`), outside services
 //! `clients/`.
 
+pub mod billing;
 pub mod probe;
 
 use longshore_workers::Registry;
@@ -13,5 +14,8 @@ use longshore_workers::Registry;
 pub fn registry() -> Registry {
     Registry::new()
         .register(probe::ProbeHandler)
+        .register(billing::ingest_logs::IngestLogsHandler)
+        .register(billing::scan_log_spool::ScanLogSpoolHandler)
+        .register(billing::aggregate_usage::AggregateUsageHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler)
 }

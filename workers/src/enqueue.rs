@@ -9,8 +9,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use serde_json::{Map, Value, json};
-use sqlx::{Acquire, Postgres};
+use sqlx::{Acquire, PgConnection, Postgres};
 
 use crate::job::JobArgs;
 use crate::queue_name::{QueueName, QueueNameError};
@@ -118,6 +119,23 @@ pub async fn enqueue<'c, A: JobArgs>(
     enqueue_json(ex, &queue, serde_json::to_value(args)?, opts).await
 }
 
+/// [`enqueue`] on a concrete connection (typically a handler's `ctx.tx()`, so the job
+/// commits with the handler's acknowledgement). Non-generic over the executor, which
+/// keeps handler futures `Send` where the `Acquire`-generic form trips the compiler's
+/// higher-ranked lifetime check.
+pub fn enqueue_on<'a, A: JobArgs>(
+    conn: &'a mut PgConnection,
+    args: &'a A,
+    opts: EnqueueOptions,
+) -> BoxFuture<'a, Result<Enqueued, EnqueueError>> {
+    Box::pin(async move {
+        let queue = QueueName::parse(A::KIND)?;
+        let body = serde_json::to_value(args)?;
+        let mut out = enqueue_conn(conn, &queue, vec![(body, opts)]).await?;
+        Ok(out.pop().expect("one in, one out"))
+    })
+}
+
 /// Enqueues many typed jobs of one kind with the same options, in one statement.
 pub async fn enqueue_many<'c, A: JobArgs>(
     ex: impl Acquire<'c, Database = Postgres>,
@@ -163,6 +181,17 @@ pub async fn enqueue_json_many<'c>(
     queue: &QueueName,
     jobs: Vec<(Value, EnqueueOptions)>,
 ) -> Result<Vec<Enqueued>, EnqueueError> {
+    let mut conn = ex.acquire().await.map_err(EnqueueError::Database)?;
+    enqueue_conn(&mut conn, queue, jobs).await
+}
+
+/// [`enqueue_json_many`] on a concrete connection; inside an open transaction the
+/// keyed path uses a savepoint.
+pub async fn enqueue_conn(
+    conn: &mut PgConnection,
+    queue: &QueueName,
+    jobs: Vec<(Value, EnqueueOptions)>,
+) -> Result<Vec<Enqueued>, EnqueueError> {
     for (_, o) in &jobs {
         if let Some(k) = &o.idempotency_key
             && (k.is_empty() || k.len() > 200 || k.chars().any(char::is_control))
@@ -174,7 +203,6 @@ pub async fn enqueue_json_many<'c>(
     let keyed = jobs.iter().any(|(_, o)| o.idempotency_key.is_some());
     if !keyed {
         let msgs: Vec<NewMessage> = jobs.into_iter().map(|(b, o)| new_message(b, &o)).collect();
-        let mut conn = ex.acquire().await.map_err(EnqueueError::Database)?;
         let ids = sql
             .insert(&mut *conn, &msgs)
             .await
@@ -189,7 +217,9 @@ pub async fn enqueue_json_many<'c>(
             .collect());
     }
     // Keyed: one transaction (a savepoint inside the caller's), the key locked first.
-    let mut tx = ex.begin().await.map_err(EnqueueError::Database)?;
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .map_err(EnqueueError::Database)?;
     let mut out = Vec::with_capacity(jobs.len());
     for (body, opts) in jobs {
         let Some(key) = opts.idempotency_key.clone() else {

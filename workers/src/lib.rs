@@ -37,7 +37,8 @@ pub mod worker;
 
 pub use config::Config;
 pub use enqueue::{
-    EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_json, enqueue_json_many, enqueue_many,
+    EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_conn, enqueue_json, enqueue_json_many,
+    enqueue_many, enqueue_on,
 };
 pub use job::{Handler, JobArgs, JobContext, JobError, Outcome, ResultExt};
 pub use queue_name::QueueName;

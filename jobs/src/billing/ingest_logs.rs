@@ -1,0 +1,234 @@
+//! `ingest_logs {path}` or `{lines}`: HAProxy log lines into `haproxy_logs`, with COPY.
+//!
+//! Exactly once per file: its SHA-256 goes into `ingested_files` in the same transaction
+//! as its rows (the job's completion transaction), so a re-ingest, a retry or a second
+//! job for the same file inserts nothing. Malformed lines are counted, reported (file,
+//! line, reason) in the job's result and in `longshore_log_lines_malformed_total`, and
+//! never stop the rest of the file.
+//!
+//! Ingests hold a shared advisory lock that `aggregate_usage` takes exclusively, so the
+//! aggregation's watermark never passes an id whose row has not committed yet.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use longshore_workers::{Handler, JobArgs, JobContext, JobError, Outcome};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+
+use super::haproxy::{LogRecord, parse_line};
+
+/// Advisory lock: ingests take it shared, the aggregation exclusively.
+pub const INGEST_LOCK: i64 = 7_254_100;
+/// At most this many malformed lines are listed in a job's result (all are counted).
+const MAX_REPORTED: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestLogs {
+    /// A file to read (from the spool directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Or the lines themselves (a batch POSTed through the ingress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<Vec<String>>,
+}
+
+impl JobArgs for IngestLogs {
+    const KIND: &'static str = "ingest_logs";
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestReport {
+    pub source: String,
+    pub sha256: String,
+    pub lines: usize,
+    pub inserted: usize,
+    pub malformed: usize,
+    /// The first malformed lines: `{file, line, reason}`.
+    pub errors: Vec<serde_json::Value>,
+    /// True when this content had been ingested before (nothing inserted).
+    pub already_ingested: bool,
+}
+
+pub struct IngestLogsHandler;
+
+impl Handler for IngestLogsHandler {
+    type Args = IngestLogs;
+
+    async fn handle(&self, a: IngestLogs, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let (source, bytes) = match (a.path, a.lines) {
+            (Some(p), None) => match tokio::fs::read(&p).await {
+                Ok(b) => (p, b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(JobError::fail(format!("{p}: no such file")));
+                }
+                Err(e) => return Err(JobError::retry(format!("{p}: {e}"))),
+            },
+            (None, Some(lines)) => ("batch".to_string(), lines.join("\n").into_bytes()),
+            _ => return Err(JobError::fail("give exactly one of path and lines")),
+        };
+        let report = ingest(ctx.tx().await?, &source, &bytes).await?;
+        if report.malformed > 0 {
+            tracing::warn!(
+                source = report.source,
+                malformed = report.malformed,
+                "malformed log lines"
+            );
+        }
+        Outcome::done_with(report)
+    }
+}
+
+/// Parses `bytes` and stores the good lines, in the caller's transaction.
+pub async fn ingest(
+    tx: &mut PgConnection,
+    source: &str,
+    bytes: &[u8],
+) -> Result<IngestReport, sqlx::Error> {
+    let sha = hex::encode(Sha256::digest(bytes));
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(INGEST_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let seen: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM ingested_files WHERE sha256 = $1)")
+            .bind(&sha)
+            .fetch_one(&mut *tx)
+            .await?;
+    let mut report = IngestReport {
+        source: source.to_string(),
+        sha256: sha.clone(),
+        lines: 0,
+        inserted: 0,
+        malformed: 0,
+        errors: Vec::new(),
+        already_ingested: seen,
+    };
+    if seen {
+        return Ok(report);
+    }
+    let mut lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    report.lines = lines.len();
+    let mut good: Vec<(usize, LogRecord)> = Vec::with_capacity(lines.len());
+    for (i, raw) in lines.iter().enumerate() {
+        match parse_line(raw) {
+            Ok(r) => good.push((i + 1, r)),
+            Err(e) => {
+                report.malformed += 1;
+                if report.errors.len() < MAX_REPORTED {
+                    report
+                        .errors
+                        .push(json!({"file": source, "line": i + 1, "reason": e.to_string()}));
+                }
+            }
+        }
+    }
+    metrics::counter!("longshore_log_lines_malformed_total").increment(report.malformed as u64);
+    metrics::counter!("longshore_log_lines_ingested_total").increment(good.len() as u64);
+    let days: BTreeSet<NaiveDate> = good.iter().map(|(_, r)| r.ts.date_naive()).collect();
+    for d in days {
+        ensure_partition(tx, d).await?;
+    }
+    if !good.is_empty() {
+        let mut buf = String::with_capacity(good.len() * 96);
+        for (line_no, r) in &good {
+            copy_row(&mut buf, r, &sha, *line_no);
+        }
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, \
+                 duration_ms, client_ip, backend, server, file_sha256, line_no) FROM STDIN",
+            )
+            .await?;
+        copy.send(buf.into_bytes()).await?;
+        copy.finish().await?;
+    }
+    report.inserted = good.len();
+    sqlx::query("INSERT INTO ingested_files (sha256, source, lines, inserted, malformed) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&sha)
+        .bind(source)
+        .bind(report.lines as i32)
+        .bind(report.inserted as i32)
+        .bind(report.malformed as i32)
+        .execute(&mut *tx)
+        .await?;
+    Ok(report)
+}
+
+/// One row in COPY's text format.
+fn copy_row(buf: &mut String, r: &LogRecord, sha: &str, line_no: usize) {
+    let dur = r
+        .duration_ms
+        .map(|d| d.to_string())
+        .unwrap_or_else(|| "\\N".into());
+    let _ = writeln!(
+        buf,
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+        r.ts.to_rfc3339(),
+        r.customer_id,
+        esc(&r.service_type),
+        esc(&r.method),
+        r.status_code,
+        r.bytes_out,
+        dur,
+        esc(&r.client_ip),
+        esc(&r.backend),
+        esc(&r.server),
+        sha,
+        line_no
+    );
+}
+
+/// COPY text-format escaping: backslash, tab, newline, carriage return.
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        s.replace('\\', "\\\\")
+            .replace('\t', "\\t")
+            .replace('\n', "\\n")
+            .replace('\r', "\\r")
+            .into()
+    } else {
+        s.into()
+    }
+}
+
+/// Partition name of a day: `haproxy_logs_YYYYMMDD`.
+pub fn partition_name(d: NaiveDate) -> String {
+    format!("haproxy_logs_{:04}{:02}{:02}", d.year(), d.month(), d.day())
+}
+
+async fn ensure_partition(tx: &mut PgConnection, d: NaiveDate) -> Result<(), sqlx::Error> {
+    let name = partition_name(d);
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(&name)
+        .fetch_one(&mut *tx)
+        .await?;
+    if exists {
+        return Ok(());
+    }
+    // Serialise creators of the same partition.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7254101))")
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
+    let from: DateTime<Utc> = d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    let to = from + Duration::days(1);
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {name} PARTITION OF haproxy_logs FOR VALUES FROM ('{}') TO ('{}')",
+        from.to_rfc3339(),
+        to.to_rfc3339()
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

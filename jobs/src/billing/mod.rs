@@ -1,0 +1,11 @@
+//! Usage billing (../shared/SPEC-BILLING.md): HAProxy logs → usage records.
+//!
+//! - [`haproxy`]: the `option httplog` line parser.
+//! - [`ingest_logs`]: a log file (or a batch of lines) into `haproxy_logs`, once.
+//! - [`scan_log_spool`]: a scheduled tick that enqueues one `ingest_logs` per file.
+//! - [`aggregate_usage`]: watermark-based hourly aggregation into `usage_records`.
+
+pub mod aggregate_usage;
+pub mod haproxy;
+pub mod ingest_logs;
+pub mod scan_log_spool;

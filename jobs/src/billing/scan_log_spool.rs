@@ -1,0 +1,71 @@
+//! `scan_log_spool {dir}`: a scheduled tick that lists the spool directory and enqueues
+//! one `ingest_logs {path}` per file. The idempotency key (path, size, mtime) keeps a
+//! slow or repeated tick from enqueuing a file twice; the ingest itself is exactly once
+//! by checksum either way. The enqueues commit with this job's acknowledgement.
+
+use longshore_workers::{
+    EnqueueOptions, Handler, JobArgs, JobContext, JobError, Outcome, ResultExt, enqueue_on,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::ingest_logs::IngestLogs;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScanLogSpool {
+    pub dir: String,
+}
+
+impl JobArgs for ScanLogSpool {
+    const KIND: &'static str = "scan_log_spool";
+}
+
+pub struct ScanLogSpoolHandler;
+
+impl Handler for ScanLogSpoolHandler {
+    type Args = ScanLogSpool;
+
+    async fn handle(&self, a: ScanLogSpool, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let mut entries = match tokio::fs::read_dir(&a.dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(JobError::fail(format!(
+                    "spool directory {}: not found",
+                    a.dir
+                )));
+            }
+            Err(e) => return Err(JobError::retry(format!("spool directory {}: {e}", a.dir))),
+        };
+        let mut files = Vec::new();
+        while let Some(e) = entries.next_entry().await.retryable()? {
+            let name = e.file_name().to_string_lossy().to_string();
+            let meta = e.metadata().await.retryable()?;
+            // Writers put `.tmp`/dot files down first and rename when complete.
+            if !meta.is_file() || name.starts_with('.') || name.ends_with(".tmp") {
+                continue;
+            }
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            files.push((e.path().to_string_lossy().to_string(), meta.len(), mtime));
+        }
+        files.sort();
+        let mut enqueued = 0;
+        for (path, len, mtime) in &files {
+            let key = format!("spool:{path}:{len}:{mtime}");
+            let args = IngestLogs {
+                path: Some(path.clone()),
+                lines: None,
+            };
+            let e = enqueue_on(ctx.tx().await?, &args, EnqueueOptions::default().key(key))
+                .await
+                .retryable()?;
+            enqueued += usize::from(!e.duplicate);
+        }
+        Outcome::done_with(json!({"files": files.len(), "enqueued": enqueued}))
+    }
+}

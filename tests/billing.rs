@@ -1,0 +1,382 @@
+//! Usage billing against a real PostgreSQL: ingesting HAProxy logs (exactly once per
+//! file, malformed lines reported) and aggregating them into usage records (sums equal
+//! raw counts, also after kill -9 at random points: row 3 of RELIABILITY.md).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proc, count, db, eventually};
+use longshore_jobs::billing::aggregate_usage::{AggregateUsage, aggregate_chunk};
+use longshore_jobs::billing::ingest_logs::{IngestLogs, ingest};
+use longshore_workers::{EnqueueOptions, enqueue};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// A log line for customer `c`, service `s`, at `day` `hour:min`, with `status`.
+fn line(c: i32, s: &str, day: u32, hour: u32, min: u32, status: i32, bytes: i64) -> String {
+    format!(
+        "Jan {day:02} {hour:02}:{min:02}:00 lb1 haproxy[3098]: 10.0.0.7:61818 [{day:02}/Jan/2026:{hour:02}:{min:02}:00.000] \
+         fe_api~ be_{s}/s1 0/0/1/1/2 {status} {bytes} - - ---- 1/1/0/0/0 0/0 {{{c}|{s}}} {{}} \"POST /v1/{s} HTTP/1.1\""
+    )
+}
+
+/// Sums per (customer, service, hour) from the raw rows vs. the usage records.
+async fn assert_usage_matches_raw(pool: &PgPool) {
+    let diff: i64 = sqlx::query_scalar(
+        "WITH raw AS (SELECT customer_id, service_type, date_trunc('hour', ts) w, count(*) n, \
+            count(*) FILTER (WHERE status_code BETWEEN 200 AND 399) b, sum(bytes_out) by FROM haproxy_logs GROUP BY 1,2,3), \
+         agg AS (SELECT customer_id, service_type, window_start w, request_count n, billable_count b, bytes_transferred by FROM usage_records) \
+         SELECT count(*) FROM (SELECT * FROM raw EXCEPT SELECT * FROM agg UNION ALL SELECT * FROM agg EXCEPT SELECT * FROM raw) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(diff, 0, "usage_records differ from the raw counts");
+    let total = count(pool, "SELECT count(*) FROM haproxy_logs").await;
+    assert_eq!(
+        count(
+            pool,
+            "SELECT coalesce(sum(request_count), 0)::bigint FROM usage_records"
+        )
+        .await,
+        total
+    );
+}
+
+#[tokio::test]
+async fn a_file_is_ingested_once_and_malformed_lines_are_reported() {
+    let t = db().await;
+    let dir = std::env::temp_dir().join(format!("longshore-spool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("a.log");
+    let mut text = String::new();
+    text.push_str(&line(1, "seal", 27, 21, 52, 200, 517));
+    text.push('\n');
+    text.push_str("garbage that is not a log line\n");
+    text.push_str(&line(2, "seal", 28, 0, 1, 404, 10)); // the next day: a second partition
+    text.push('\n');
+    text.push_str(&line(3, "seal", 28, 0, 2, 200, 10).replace("{3|seal}", "{}"));
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_string_lossy().to_string();
+
+    let mut tx = t.pool.begin().await.unwrap();
+    let r = ingest(&mut tx, &p, &std::fs::read(&path).unwrap())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        (r.lines, r.inserted, r.malformed, r.already_ingested),
+        (4, 2, 2, false)
+    );
+    assert_eq!(r.errors[0]["line"], 2);
+    assert_eq!(r.errors[0]["file"], p.as_str());
+    assert!(
+        r.errors[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("accept date"),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.errors[1]["line"], 4);
+    assert!(
+        r.errors[1]["reason"].as_str().unwrap().contains("capture"),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM haproxy_logs_20260127").await,
+        1
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM haproxy_logs_20260128").await,
+        1
+    );
+
+    // Again, through the queue and a worker: nothing inserted twice.
+    enqueue(
+        &t.pool,
+        &IngestLogs {
+            path: Some(p.clone()),
+            lines: None,
+        },
+        EnqueueOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut w = Proc::spawn(&t.url, &["worker"], &[]);
+    let pool = t.pool.clone();
+    let result: Value = eventually(Duration::from_secs(10), "re-ingest done", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Value>("SELECT headers->'result' FROM pgmq.a_ingest_logs")
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    assert_eq!(result["already_ingested"], true, "{result}");
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 2);
+    // A missing file is a clear, final error.
+    enqueue(
+        &t.pool,
+        &IngestLogs {
+            path: Some("/nonexistent/x.log".into()),
+            lines: None,
+        },
+        EnqueueOptions::default(),
+    )
+    .await
+    .unwrap();
+    let pool = t.pool.clone();
+    let err: String = eventually(Duration::from_secs(10), "dead letter", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar(
+                "SELECT last_error FROM longshore.dead_letters WHERE queue = 'ingest_logs'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    assert!(err.contains("/nonexistent/x.log: no such file"), "{err}");
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_spool_scan_enqueues_each_file_once() {
+    let t = db().await;
+    let dir = std::env::temp_dir().join(format!("longshore-spool2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, c) in [("a.log", 1), ("b.log", 2), ("c.log.tmp", 3), (".hidden", 4)] {
+        std::fs::write(dir.join(name), line(c, "seal", 27, 10, 0, 200, 1) + "\n").unwrap();
+    }
+    let scan = longshore_jobs::billing::scan_log_spool::ScanLogSpool {
+        dir: dir.to_string_lossy().into(),
+    };
+    for _ in 0..2 {
+        enqueue(&t.pool, &scan, EnqueueOptions::default())
+            .await
+            .unwrap();
+    }
+    let _w = Proc::spawn(&t.url, &["worker"], &[]);
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(15), "two files ingested", || {
+        let pool = pool.clone();
+        async move {
+            let scans = count(&pool, "SELECT count(*) FROM pgmq.a_scan_log_spool").await;
+            let ingests = count(&pool, "SELECT count(*) FROM pgmq.a_ingest_logs").await;
+            (scans == 2 && ingests == 2).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM haproxy_logs").await,
+        2,
+        "temp and hidden files skipped"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM ingested_files").await,
+        2
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Generates `n` lines over 3 customers, 2 services, 6 hours, statuses 200/301/404/500.
+fn random_lines(n: usize, seed: u64) -> Vec<String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let c = rng.random_range(1..=3);
+            let s = ["seal", "vault"][rng.random_range(0..2)];
+            let status = [200, 301, 404, 500][rng.random_range(0..4)];
+            line(
+                c,
+                s,
+                27,
+                rng.random_range(0..6),
+                rng.random_range(0..60),
+                status,
+                rng.random_range(0..5000),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn aggregation_counts_each_row_once_across_chunks_and_reruns() {
+    let t = db().await;
+    for (i, chunk) in random_lines(6_000, 1).chunks(1_000).enumerate() {
+        let mut tx = t.pool.begin().await.unwrap();
+        ingest(&mut tx, &format!("f{i}"), chunk.join("\n").as_bytes())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut tx = t.pool.begin().await.unwrap();
+    // Small chunks: many transactions, the watermark moving each time.
+    let mut chunks = 0;
+    loop {
+        let (_, more) = aggregate_chunk(&mut tx, 700).await.unwrap();
+        chunks += 1;
+        if !more {
+            break;
+        }
+    }
+    tx.commit().await.unwrap();
+    assert!(chunks >= 9, "{chunks}");
+    assert_usage_matches_raw(&t.pool).await;
+    // Running again changes nothing; new rows are added on top.
+    let mut tx = t.pool.begin().await.unwrap();
+    assert_eq!(aggregate_chunk(&mut tx, 700).await.unwrap(), (0, false));
+    ingest(&mut tx, "late", random_lines(500, 2).join("\n").as_bytes())
+        .await
+        .unwrap();
+    while aggregate_chunk(&mut tx, 10_000).await.unwrap().1 {}
+    tx.commit().await.unwrap();
+    assert_usage_matches_raw(&t.pool).await;
+}
+
+/// An ingest that has taken its ids but not committed must not be skipped by the
+/// watermark: the aggregation waits for it, then counts its rows.
+#[tokio::test]
+async fn the_watermark_never_passes_an_uncommitted_ingest() {
+    let t = db().await;
+    let mut committed = t.pool.begin().await.unwrap();
+    ingest(
+        &mut committed,
+        "first",
+        random_lines(100, 4).join("\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    committed.commit().await.unwrap();
+    let mut open = t.pool.begin().await.unwrap();
+    ingest(
+        &mut open,
+        "open",
+        random_lines(100, 3).join("\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let pool = t.pool.clone();
+    let agg = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        while aggregate_chunk(&mut tx, 1_000_000).await.unwrap().1 {}
+        tx.commit().await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !agg.is_finished(),
+        "the aggregation waits for the open ingest"
+    );
+    open.commit().await.unwrap();
+    agg.await.unwrap();
+    // One pass counted both ingests: nothing was left behind the watermark.
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT coalesce(sum(request_count),0)::bigint FROM usage_records"
+        )
+        .await,
+        200
+    );
+    assert_usage_matches_raw(&t.pool).await;
+}
+
+/// Row 3: the aggregation worker killed with -9 at random points (20 seeds), then
+/// re-run: sums equal raw counts per key and window every time.
+#[tokio::test]
+async fn row3_aggregation_killed_at_random_points_counts_each_row_once() {
+    let t = db().await;
+    let lines = random_lines(40_000, 7);
+    for (i, chunk) in lines.chunks(10_000).enumerate() {
+        let mut tx = t.pool.begin().await.unwrap();
+        ingest(&mut tx, &format!("k{i}"), chunk.join("\n").as_bytes())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let env = [
+        ("LONGSHORE__QUEUES__AGGREGATE_USAGE__LEASE", "1s"),
+        ("LONGSHORE__WORKER__POLL_INTERVAL", "100ms"),
+    ];
+    let mut killed_mid_run = 0;
+    for seed in 0..20u64 {
+        sqlx::query("TRUNCATE usage_records")
+            .execute(&t.pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE aggregation_watermarks SET last_id = 0")
+            .execute(&t.pool)
+            .await
+            .unwrap();
+        sqlx::query("TRUNCATE pgmq.q_aggregate_usage, pgmq.a_aggregate_usage")
+            .execute(&t.pool)
+            .await
+            .unwrap();
+        enqueue(
+            &t.pool,
+            &AggregateUsage { chunk: Some(1_000) },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut w = Proc::spawn(&t.url, &["worker", "--queues", "aggregate_usage"], &env);
+        // Kill at a random point after the run has begun (its first chunk committed).
+        let pool = t.pool.clone();
+        eventually(Duration::from_secs(10), "aggregation started", || {
+            let pool = pool.clone();
+            async move {
+                (count(
+                    &pool,
+                    "SELECT last_id FROM aggregation_watermarks WHERE name = 'usage'",
+                )
+                .await
+                    > 0)
+                .then_some(())
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..150))).await;
+        w.kill9();
+        let partial = count(
+            &t.pool,
+            "SELECT coalesce(sum(request_count),0)::bigint FROM usage_records",
+        )
+        .await;
+        if partial > 0 && partial < lines.len() as i64 {
+            killed_mid_run += 1;
+        }
+        let mut w = Proc::spawn(&t.url, &["worker", "--queues", "aggregate_usage"], &env);
+        let pool = t.pool.clone();
+        eventually(
+            Duration::from_secs(20),
+            "aggregation done after the kill",
+            || {
+                let pool = pool.clone();
+                async move {
+                    (count(&pool, "SELECT count(*) FROM pgmq.a_aggregate_usage").await == 1)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        w.kill9();
+        assert_usage_matches_raw(&t.pool).await;
+    }
+    eprintln!("{killed_mid_run} of 20 kills landed mid-run");
+    assert!(
+        killed_mid_run >= 3,
+        "some kills landed mid-run ({killed_mid_run} of 20)"
+    );
+}
