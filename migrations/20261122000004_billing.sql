@@ -97,3 +97,13 @@ CREATE TABLE escrow_transactions (
     asset_type  text NOT NULL DEFAULT 'USDC',
     ts          timestamptz NOT NULL DEFAULT now()
 );
+
+-- One row per vault file written: its plaintext content hash (the write is skipped
+-- when unchanged) and row count.
+CREATE TABLE vault_versions (
+    version    bigserial PRIMARY KEY,
+    path       text NOT NULL,
+    sha256     char(64) NOT NULL,
+    rows       integer NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT now()
+);

@@ -17,5 +17,6 @@ pub fn registry() -> Registry {
         .register(billing::ingest_logs::IngestLogsHandler)
         .register(billing::scan_log_spool::ScanLogSpoolHandler)
         .register(billing::aggregate_usage::AggregateUsageHandler)
+        .register(billing::vault::RegenerateVaultHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler)
 }

@@ -124,6 +124,21 @@ pub async fn migrate(pool: &PgPool) -> CliResult {
     Ok(())
 }
 
+/// Makes a write past `ulimit -f` (a full disk's cousin) fail with EFBIG instead of
+/// killing the process with SIGXFSZ, so the job that wrote reports and retries.
+pub fn survive_file_size_limit() {
+    const SIGXFSZ: i32 = 25;
+    if let Ok(mut s) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ))
+    {
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                warn!("a write exceeded the file size limit (SIGXFSZ)");
+            }
+        });
+    }
+}
+
 /// A token cancelled on SIGTERM or SIGINT; a second signal exits at once.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();

@@ -18,6 +18,7 @@ pub async fn run(_args: Args) -> CliResult {
     let result = async {
         app::migrate(&pool).await?;
         let stop = app::shutdown_on_signals();
+    app::survive_file_size_limit();
         let worker = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone());
         let queues = worker.queue_names().join(", ");
         let w = tokio::spawn(worker.run(stop.clone()));

@@ -40,6 +40,7 @@ pub async fn run(args: Args) -> CliResult {
     }
     let pool = app::pool(&cfg, "longshore-worker").await?;
     let stop = app::shutdown_on_signals();
+    app::survive_file_size_limit();
     let sampler = (cfg.worker.metrics_port != 0).then(|| {
         tokio::spawn(telemetry::sample_queues(
             pool.clone(),

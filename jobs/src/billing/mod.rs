@@ -9,3 +9,4 @@ pub mod aggregate_usage;
 pub mod haproxy;
 pub mod ingest_logs;
 pub mod scan_log_spool;
+pub mod vault;
