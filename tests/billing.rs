@@ -380,3 +380,56 @@ async fn row3_aggregation_killed_at_random_points_counts_each_row_once() {
         "some kills landed mid-run ({killed_mid_run} of 20)"
     );
 }
+
+#[tokio::test]
+async fn raw_log_retention_drops_old_aggregated_days_only() {
+    let t = db().await;
+    let old = |day: u32| line(1, "seal", day, 10, 0, 200, 1).replace("Jan/2026", "Jan/2020");
+    let mut tx = t.pool.begin().await.unwrap();
+    ingest(&mut tx, "old", format!("{}\n{}", old(1), old(2)).as_bytes())
+        .await
+        .unwrap();
+    while aggregate_chunk(&mut tx, 1_000_000).await.unwrap().1 {}
+    // Day 3 of 2020 arrives after the aggregation ran: not yet counted.
+    ingest(&mut tx, "late", old(3).as_bytes()).await.unwrap();
+    let recent = line(1, "seal", 27, 10, 0, 200, 1).replace(
+        "27/Jan/2026",
+        &chrono::Utc::now().format("%d/%b/%Y").to_string(),
+    );
+    ingest(&mut tx, "recent", recent.as_bytes()).await.unwrap();
+    tx.commit().await.unwrap();
+    enqueue(
+        &t.pool,
+        &longshore_jobs::billing::prune_raw_logs::PruneRawLogs {
+            older_than: Duration::from_secs(90 * 86_400),
+        },
+        EnqueueOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _w = Proc::spawn(&t.url, &["worker", "--queues", "prune_raw_logs"], &[]);
+    let pool = t.pool.clone();
+    let result: Value = eventually(Duration::from_secs(10), "prune done", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Value>("SELECT headers->'result' FROM pgmq.a_prune_raw_logs")
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    assert_eq!(
+        result["dropped"],
+        serde_json::json!(["haproxy_logs_20200101", "haproxy_logs_20200102"])
+    );
+    assert_eq!(
+        result["kept_unaggregated"],
+        serde_json::json!(["haproxy_logs_20200103"])
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM haproxy_logs").await,
+        2,
+        "the late day and today remain"
+    );
+}

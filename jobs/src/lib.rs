@@ -18,5 +18,6 @@ pub fn registry() -> Registry {
         .register(billing::scan_log_spool::ScanLogSpoolHandler)
         .register(billing::aggregate_usage::AggregateUsageHandler)
         .register(billing::vault::RegenerateVaultHandler)
+        .register(billing::prune_raw_logs::PruneRawLogsHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler)
 }

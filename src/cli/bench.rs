@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use longshore_jobs::billing::aggregate_usage::aggregate_chunk;
+use longshore_jobs::billing::ingest_logs::ingest;
 use longshore_jobs::probe::Probe;
 use longshore_workers::config::Config;
 use longshore_workers::store::{Fence, QueueSql};
@@ -45,9 +47,16 @@ pub struct Args {
     /// Print one JSON object instead of a report.
     #[arg(long)]
     pub json: bool,
-    /// Phases to run (comma-separated): store, drain, e2e, idle.
+    /// Phases to run (comma-separated): store, drain, e2e, idle, and the billing
+    /// pipeline's ingest (HAProxy lines parsed and stored) and aggregate.
     #[arg(long, value_delimiter = ',', default_value = "store,drain,e2e,idle")]
     pub phases: Vec<String>,
+    /// Log lines in the ingest phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub ingest_lines: usize,
+    /// Raw rows in the aggregate phase.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub aggregate_rows: i64,
 }
 
 #[derive(Default)]
@@ -108,6 +117,9 @@ async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, CliEr
     admin.close().await;
     let mut dbcfg = cfg.database.clone();
     dbcfg.max_connections = 16;
+    // Filling millions of rows is one long statement; the benchmark's own pool has no
+    // statement timeout.
+    dbcfg.statement_timeout = Duration::ZERO;
     let url = opts
         .clone()
         .database("longshore_bench")
@@ -128,9 +140,9 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
     cfg.validate().map_err(CliError::usage)?;
     let cfg = Arc::new(cfg);
     for p in &args.phases {
-        if !["store", "drain", "e2e", "idle"].contains(&p.as_str()) {
+        if !["store", "drain", "e2e", "idle", "ingest", "aggregate"].contains(&p.as_str()) {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle"
+                "unknown phase {p:?}: store, drain, e2e, idle, ingest, aggregate"
             )));
         }
     }
@@ -292,6 +304,38 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         report.insert("idle_latency_ms".into(), lat);
     }
 
+    if run("ingest") {
+        say(format!(
+            "ingest: {} HAProxy lines, 2 writers, files of 100,000 lines",
+            args.ingest_lines
+        ));
+        let pool = fresh_db(&cfg, &opts).await?;
+        let rate = ingest_phase(&pool, args.ingest_lines).await?;
+        pool.close().await;
+        report.insert("ingest_lines_per_s".into(), json!(rate.round()));
+        lines.push(format!(
+            "ingest, parse + COPY                        {rate:>9.0} lines/s"
+        ));
+    }
+    if run("aggregate") {
+        say(format!(
+            "aggregate: {} raw rows into hourly usage",
+            args.aggregate_rows
+        ));
+        let pool = fresh_db(&cfg, &opts).await?;
+        let secs = aggregate_phase(&pool, args.aggregate_rows).await?;
+        pool.close().await;
+        report.insert(
+            "aggregate_seconds".into(),
+            json!((secs * 100.0).round() / 100.0),
+        );
+        report.insert("aggregate_rows".into(), json!(args.aggregate_rows));
+        lines.push(format!(
+            "aggregate {} raw rows            {secs:>9.2} s",
+            args.aggregate_rows
+        ));
+    }
+
     if args.json {
         println!("{}", serde_json::Value::Object(report));
     } else {
@@ -337,6 +381,79 @@ async fn fill(pool: &PgPool, n: usize) -> Result<(), CliError> {
         sent += k;
     }
     Ok(())
+}
+
+/// Parses and stores `n` generated HAProxy lines with two concurrent ingests; lines/s.
+async fn ingest_phase(pool: &PgPool, n: usize) -> Result<f64, CliError> {
+    let files: Vec<Vec<u8>> = (0..n.div_ceil(100_000))
+        .map(|f| {
+            let mut text = String::with_capacity(100_000 * 200);
+            for i in (f * 100_000)..((f + 1) * 100_000).min(n) {
+                let (c, hour, min, status) = (1 + i % 50, i % 24, i % 60, [200, 200, 301, 404, 500][i % 5]);
+                text.push_str(&format!(
+                    "Jan 27 {hour:02}:{min:02}:00 lb1 haproxy[3098]: 10.0.{}.{}:61818 [27/Jan/2026:{hour:02}:{min:02}:{:02}.{:03}] \
+                     fe_api~ be_seal/s1 0/0/1/1/2 {status} {} - - ---- 1/1/0/0/0 0/0 {{{c}|seal}} {{}} \"POST /v1/seal HTTP/1.1\"\n",
+                    i % 250, (i / 250) % 250, i % 60, i % 1000, 100 + i % 900
+                ));
+            }
+            text.into_bytes()
+        })
+        .collect();
+    let files = Arc::new(files);
+    let next = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (pool, files, next) = (pool.clone(), files.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(f) = files.get(i) else {
+                    return Ok::<(), sqlx::Error>(());
+                };
+                let mut tx = pool.begin().await?;
+                ingest(&mut tx, &format!("bench-{i}"), f).await?;
+                tx.commit().await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.map_err(anyhow::Error::from)??;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Fills `haproxy_logs` with `rows` rows (untimed), then times the aggregation; seconds.
+async fn aggregate_phase(pool: &PgPool, rows: i64) -> Result<f64, CliError> {
+    // One day's partition, created the way ingests create it.
+    let mut tx = pool.begin().await?;
+    ingest(
+        &mut tx,
+        "seed",
+        b"Jan 27 00:00:00 lb1 haproxy[1]: 10.0.0.1:1 [27/Jan/2026:00:00:00.000] fe be/s 0/0/0/0/0 200 1 - - ---- 0/0/0/0/0 0/0 {1|seal} {} \"GET / HTTP/1.1\"\n",
+    )
+    .await?;
+    tx.commit().await?;
+    sqlx::query(
+        "INSERT INTO haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, duration_ms, client_ip, backend, server, file_sha256, line_no) \
+         SELECT '2026-01-27'::timestamptz + (i % 86400) * interval '1 second', 1 + i % 500, 'seal', 'POST', \
+           (ARRAY[200, 200, 301, 404, 500])[1 + i % 5], 100 + i % 900, 2, '10.0.0.1', 'be_seal', 's1', repeat('0', 64), i \
+         FROM generate_series(1, $1::bigint) i",
+    )
+    .bind(rows - 1)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE haproxy_logs").execute(pool).await?;
+    let t = Instant::now();
+    loop {
+        let mut tx = pool.begin().await?;
+        let (_, more) = aggregate_chunk(&mut tx, 1_000_000).await?;
+        tx.commit().await?;
+        if !more {
+            break;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// How the store phase claims and acknowledges.
