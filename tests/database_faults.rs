@@ -279,20 +279,5 @@ async fn row11_terminated_backends_roll_back_and_jobs_retry() {
         async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 3000).then_some(()) }
     })
     .await;
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
-        3000
-    );
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
-        0
-    );
-    assert_eq!(
-        count(
-            &t.pool,
-            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
-        )
-        .await,
-        0
-    );
+    common::assert_probes_done_exactly_once(&t.pool, 3000).await;
 }

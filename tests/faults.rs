@@ -451,28 +451,7 @@ async fn kill_loop(
         Duration::from_secs(20),
     )
     .await;
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
-        total
-    );
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await,
-        total,
-        "each job acknowledged once"
-    );
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
-        0
-    );
-    assert_eq!(
-        count(
-            &t.pool,
-            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
-        )
-        .await,
-        0,
-        "no completed run found its effect already written"
-    );
+    common::assert_probes_done_exactly_once(&t.pool, total).await;
     kills
 }
 
@@ -528,18 +507,7 @@ async fn row8_worker_survives_a_postgres_restart_under_load() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(
-        count(&pool, "SELECT count(*) FROM longshore.dead_letters").await,
-        0
-    );
-    assert_eq!(
-        count(
-            &pool,
-            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
-        )
-        .await,
-        0
-    );
+    common::assert_probes_done_exactly_once(&pool, 3000).await;
     eprintln!("all 3000 done {recovered_in:?} after the restart began");
 }
 

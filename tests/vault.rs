@@ -26,21 +26,25 @@ fn vault_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// Customers 1..=n, each with an active `seal` service and two keys.
-async fn seed(pool: &PgPool, n: i32) {
-    for c in 1..=n {
-        let tier = ["starter", "pro", "enterprise"][(c % 3) as usize];
+/// Customers `from..=to`, each with an active `seal` service and two keys; the tier
+/// cycles starter/pro/enterprise unless one is given.
+async fn seed_range(pool: &PgPool, from: i32, to: i32, tier: Option<&str>) {
+    for c in from..=to {
+        let tier = tier.unwrap_or(["starter", "pro", "enterprise"][(c % 3) as usize]);
         sqlx::query("INSERT INTO customers (customer_id) VALUES ($1)")
             .bind(c)
             .execute(pool)
             .await
             .unwrap();
-        sqlx::query("INSERT INTO service_instances (instance_id, customer_id, service_type, tier) VALUES (gen_random_uuid(), $1, 'seal', $2)")
-            .bind(c)
-            .bind(tier)
-            .execute(pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO service_instances (instance_id, customer_id, service_type, tier) \
+             VALUES (gen_random_uuid(), $1, 'seal', $2)",
+        )
+        .bind(c)
+        .bind(tier)
+        .execute(pool)
+        .await
+        .unwrap();
         for k in ["a", "b"] {
             sqlx::query("INSERT INTO api_keys (api_key_id, customer_id, service_type) VALUES ($1, $2, 'seal')")
                 .bind(format!("sk_{c}_{k}"))
@@ -50,6 +54,10 @@ async fn seed(pool: &PgPool, n: i32) {
                 .unwrap();
         }
     }
+}
+
+async fn seed(pool: &PgPool, n: i32) {
+    seed_range(pool, 1, n, None).await;
 }
 
 async fn regen(pool: &PgPool, path: &Path) -> longshore_jobs::billing::vault::VaultReport {
@@ -251,7 +259,7 @@ async fn row25_a_full_disk_leaves_the_old_file_and_retries() {
     let path = dir.join("v.csv");
     regen(&t.pool, &path).await;
     let before = std::fs::read(&path).unwrap();
-    seed_more(&t.pool, 3, 40).await; // the new vault is several KiB
+    seed_range(&t.pool, 3, 40, Some("pro")).await; // the new vault is several KiB
     enqueue(
         &t.pool,
         &RegenerateVault {
@@ -337,29 +345,6 @@ async fn row25_a_full_disk_leaves_the_old_file_and_retries() {
     )
     .await;
     assert_eq!(read_vault(&path).len(), 2 * 40);
-}
-
-async fn seed_more(pool: &PgPool, from: i32, to: i32) {
-    for c in from..=to {
-        sqlx::query("INSERT INTO customers (customer_id) VALUES ($1)")
-            .bind(c)
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query("INSERT INTO service_instances (instance_id, customer_id, service_type, tier) VALUES (gen_random_uuid(), $1, 'seal', 'pro')")
-            .bind(c)
-            .execute(pool)
-            .await
-            .unwrap();
-        for k in ["a", "b"] {
-            sqlx::query("INSERT INTO api_keys (api_key_id, customer_id, service_type) VALUES ($1, $2, 'seal')")
-                .bind(format!("sk_{c}_{k}"))
-                .bind(c)
-                .execute(pool)
-                .await
-                .unwrap();
-        }
-    }
 }
 
 #[test]

@@ -254,3 +254,38 @@ pub async fn send_probes(pool: &PgPool, n: i64, extra: serde_json::Value) {
     .await
     .expect("send_batch");
 }
+
+/// Every one of `n` probe jobs done exactly once: `n` effects, `n` archived, none left,
+/// none dead, and no completed run that found its effect already written (a duplicate
+/// run that got past the fence).
+pub async fn assert_probes_done_exactly_once(pool: &PgPool, n: i64) {
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM probe_effects").await,
+        n,
+        "effects"
+    );
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM pgmq.a_probe").await,
+        n,
+        "each job acknowledged once"
+    );
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        0,
+        "nothing left in the queue"
+    );
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0,
+        "nothing dead"
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
+        )
+        .await,
+        0,
+        "no completed run found its effect already written"
+    );
+}
