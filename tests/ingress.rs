@@ -784,6 +784,26 @@ async fn row34_canary_secrets_never_reach_logs_or_bodies() {
                 .unwrap(),
         );
     }
+    // The request id of an error is in the header, the body and the request's log line.
+    let r = env
+        .post("/v1/queues/probe/jobs", None, "{}")
+        .send()
+        .await
+        .unwrap();
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(r.text().await.unwrap().contains(&rid));
+    let line = eventually(Duration::from_secs(5), "the request's log line", || async {
+        env.ingress
+            .logs()
+            .lines()
+            .find(|l| l.contains(&rid))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(
+        line.contains("401") && line.contains("/v1/queues/{queue}/jobs"),
+        "{line}"
+    );
     let logs = env.ingress.logs();
     for canary in ["tok-all-canary", HOOK_SECRET, "canary-hmac"] {
         assert!(

@@ -191,11 +191,22 @@ async fn maintenance_prunes_what_is_past_retention() {
         .execute(&t.pool)
         .await
         .unwrap();
+    // Fire rows: two old ones of "a" (the older goes, the newer stays as "a"'s latest),
+    // one old "b" (its latest: kept), one recent "a".
+    sqlx::query(
+        "INSERT INTO longshore.schedule_fires (schedule, fire_at, msg_id) VALUES \
+         ('a', now() - interval '20 days', 1), ('a', now() - interval '10 days', 2), \
+         ('b', now() - interval '20 days', 3), ('a', now() - interval '1 hour', 4)",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
     let days = |d: u64| Some(Duration::from_secs(d * 86_400));
     for (task, older_than) in [
         (Task::PruneArchives, days(7)),
         (Task::ExpireIdempotencyKeys, None),
         (Task::PruneDeadLetters, days(30)),
+        (Task::PruneScheduleFires, days(7)),
     ] {
         enqueue(
             &t.pool,
@@ -207,7 +218,7 @@ async fn maintenance_prunes_what_is_past_retention() {
     }
     eventually(Duration::from_secs(10), "maintenance done", || {
         let pool = pool.clone();
-        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_maintenance").await == 3).then_some(()) }
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_maintenance").await == 4).then_some(()) }
     })
     .await;
     w.signal("TERM");
@@ -220,5 +231,15 @@ async fn maintenance_prunes_what_is_past_retention() {
     assert_eq!(
         count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
         1
+    );
+    let fires: Vec<i64> =
+        sqlx::query_scalar("SELECT msg_id FROM longshore.schedule_fires ORDER BY msg_id")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fires,
+        vec![3, 4],
+        "old fires pruned, each schedule's latest kept"
     );
 }
