@@ -433,3 +433,67 @@ async fn raw_log_retention_drops_old_aggregated_days_only() {
         "the late day and today remain"
     );
 }
+
+#[tokio::test]
+async fn the_billing_report_shows_usage_charges_and_limits() {
+    let t = db().await;
+    sqlx::query("INSERT INTO customers (customer_id, current_balance_usd_cents, max_monthly_usd_cents, current_month_charged_usd_cents) VALUES (1, 1234, 20000, 500), (2, 0, 20000, 0)")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO service_instances (instance_id, customer_id, service_type, tier, state, suspend_reason) VALUES (gen_random_uuid(), 1, 'seal', 'pro', 'active', NULL), (gen_random_uuid(), 2, 'seal', 'starter', 'suspended', 'insufficient_balance')")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let lines = [
+        line(1, "seal", 27, 10, 0, 200, 100),
+        line(1, "seal", 27, 11, 0, 404, 50),
+        line(2, "seal", 27, 10, 0, 200, 7),
+    ];
+    let mut tx = t.pool.begin().await.unwrap();
+    ingest(&mut tx, "r", lines.join("\n").as_bytes())
+        .await
+        .unwrap();
+    while aggregate_chunk(&mut tx, 1_000_000).await.unwrap().1 {}
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE usage_records SET charged_amount = 0.0001 WHERE customer_id = 1 AND window_start = '2026-01-27 10:00+00'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let (code, out, err) = common::run_cli(
+        &t.url,
+        &["billing", "report", "--month", "2026-01", "--json"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["requests"].as_i64(), rows[0]["billable"].as_i64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(rows[0]["unbilled_billable"], 0);
+    assert_eq!(rows[0]["charged_usd"], "0.00010000");
+    assert_eq!(rows[0]["balance_usd_cents"], 1234);
+    assert_eq!(rows[1]["state"], "suspended");
+    let (code, out, _) = common::run_cli(
+        &t.url,
+        &["billing", "report", "--customer", "2", "--month", "2026-01"],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("suspended: insufficient_balance"), "{out}");
+    assert!(!out.contains("\n         1 "), "only customer 2: {out}");
+    let (_, out, _) = common::run_cli(
+        &t.url,
+        &["billing", "report", "--month", "2025-12", "--json"],
+        &[],
+    );
+    assert!(out.trim().is_empty(), "no usage that month");
+    let (code, _, err) = common::run_cli(&t.url, &["billing", "report", "--month", "Jan"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("YYYY-MM"), "{err}");
+}

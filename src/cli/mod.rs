@@ -2,6 +2,7 @@
 
 mod app;
 mod bench;
+mod billing;
 mod dev;
 mod dlq;
 mod enqueue;
@@ -46,6 +47,8 @@ enum Command {
     Dlq(dlq::Args),
     /// Throughput and latency benchmark on the `probe` kind.
     Bench(bench::Args),
+    /// Billing tools for operators.
+    Billing(billing::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -85,6 +88,7 @@ pub fn main() -> ExitCode {
             Command::Queues(a) => queues::run(a).await,
             Command::Dlq(a) => dlq::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Billing(a) => billing::run(a).await,
         }
     });
     match result {

@@ -11,5 +11,6 @@ pub mod aggregate_usage;
 pub mod haproxy;
 pub mod ingest_logs;
 pub mod prune_raw_logs;
+pub mod report;
 pub mod scan_log_spool;
 pub mod vault;
