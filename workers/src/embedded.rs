@@ -88,16 +88,7 @@ impl Embedded {
             }
         }
         let port = free_port()?;
-        let mut c = e.pg_command("pg_ctl");
-        c.arg("-D")
-            .arg(&e.data_dir)
-            .arg("-l")
-            .arg(e.data_dir.join("server.log"))
-            .arg("-w")
-            .arg("-o")
-            .arg(e.server_opts(port))
-            .arg("start");
-        e.run("pg_ctl start", &mut c)?;
+        e.pg_ctl("pg_ctl start", &["-o", &e.server_opts(port), "start"])?;
         std::fs::write(&port_file, port.to_string())?;
         info!(port, dir = %e.data_dir.display(), "private PostgreSQL started");
         Ok(Embedded { port, ..e })
@@ -138,39 +129,19 @@ impl Embedded {
     /// Restarts the cluster (`pg_ctl restart -m fast`), keeping its port: every
     /// connection is cut, as in a server restart in production.
     pub fn restart(&self) -> Result<(), EmbeddedError> {
-        let mut c = self.pg_command("pg_ctl");
-        // With -l the new postmaster writes to the log file, not to our pipes (which
-        // `output()` would otherwise wait on forever).
-        c.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(self.data_dir.join("server.log"))
-            .args(["-m", "fast", "-w", "restart"]);
-        self.run("pg_ctl restart", &mut c)
+        self.pg_ctl("pg_ctl restart", &["-m", "fast", "restart"])
     }
 
     /// Crashes the cluster (`pg_ctl stop -m immediate`: no shutdown checkpoint; the
     /// next start runs crash recovery), for fault tests.
     pub fn crash(&self) -> Result<(), EmbeddedError> {
-        let mut c = self.pg_command("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data_dir)
-            .args(["-m", "immediate", "-w", "stop"]);
-        self.run("pg_ctl stop -m immediate", &mut c)
+        self.pg_ctl("pg_ctl stop -m immediate", &["-m", "immediate", "stop"])
     }
 
     /// Starts a stopped or crashed cluster again on the same port.
     pub fn start_again(&self) -> Result<(), EmbeddedError> {
-        let mut c = self.pg_command("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(self.data_dir.join("server.log"))
-            .arg("-w")
-            .arg("-o")
-            .arg(self.server_opts(self.port))
-            .arg("start");
-        self.run("pg_ctl start", &mut c)
+        let opts = self.server_opts(self.port);
+        self.pg_ctl("pg_ctl start", &["-o", &opts, "start"])
     }
 
     /// The postmaster and its children (for SIGSTOP/SIGCONT fault tests).
@@ -197,13 +168,23 @@ impl Embedded {
 
     /// Stops the cluster (`pg_ctl stop -m fast`).
     pub fn stop(&self) -> Result<(), EmbeddedError> {
+        self.pg_ctl("pg_ctl stop", &["-m", "fast", "stop"])?;
+        info!("private PostgreSQL stopped");
+        Ok(())
+    }
+
+    /// `pg_ctl -D <data> -l <log> -w <args>`. With `-l` a (re)started postmaster writes
+    /// to the log file, not to our pipes, which `output()` would otherwise wait on
+    /// forever.
+    fn pg_ctl(&self, step: &str, args: &[&str]) -> Result<(), EmbeddedError> {
         let mut c = self.pg_command("pg_ctl");
         c.arg("-D")
             .arg(&self.data_dir)
-            .args(["-m", "fast", "-w", "stop"]);
-        self.run("pg_ctl stop", &mut c)?;
-        info!("private PostgreSQL stopped");
-        Ok(())
+            .arg("-l")
+            .arg(self.data_dir.join("server.log"))
+            .arg("-w")
+            .args(args);
+        self.run(step, &mut c)
     }
 
     /// A command for a server binary, run as `postgres` when we are root.

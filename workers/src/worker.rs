@@ -168,6 +168,25 @@ impl Worker {
     }
 }
 
+/// What a flush achieved: acks that landed (`done` counts the Done ones) and acks the
+/// fence refused (`stale`). Acks given up on after a database outage are neither.
+#[derive(Default)]
+struct Outcomes {
+    done: usize,
+    stale: usize,
+}
+
+impl Outcomes {
+    fn add(&mut self, sent: usize, changed: Option<usize>, is_done: bool) {
+        if let Some(n) = changed {
+            self.stale += sent - n;
+            if is_done {
+                self.done += n;
+            }
+        }
+    }
+}
+
 /// A message this process holds: its fencing token and the token that stops its handler.
 struct Held {
     read_ct: i32,
@@ -491,55 +510,42 @@ impl Consumer {
                 }),
             }
         }
-        let total = fences.len();
+        // Each statement is retried on its own until it succeeds, so one that already
+        // succeeded is never repeated (a repeat would match 0 rows and look stale).
         let give_up_at = Instant::now() + self.settings.lease;
-        let mut tries = 0u32;
-        let (ok_done, ok_all) = loop {
-            let r: Result<(usize, usize), sqlx::Error> = async {
-                let mut d = 0;
-                let mut all = 0;
-                if !done_archive.is_empty() {
-                    d += self.sql.ack_archive(&self.pool, &done_archive).await?.len();
-                }
-                if !done_delete.is_empty() {
-                    d += self.sql.ack_delete(&self.pool, &done_delete).await?.len();
-                }
-                all += d;
-                if !resched.is_empty() {
-                    all += self.sql.reschedule(&self.pool, &resched).await?.len();
-                }
-                if !bury.is_empty() {
-                    all += self.sql.bury(&self.pool, &bury).await?.len();
-                }
-                Ok((d, all))
-            }
-            .await;
-            match r {
-                Ok(v) => break v,
-                Err(e) if Instant::now() < give_up_at => {
-                    tries += 1;
-                    let wait = crate::backoff::delay(
-                        tries,
-                        Duration::from_millis(50),
-                        Duration::from_secs(2),
-                    );
-                    warn!(queue = self.queue, error = %e, pending = total, "ack failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    // Statements that succeeded are fenced: repeating them changes nothing.
-                }
-                Err(e) => {
-                    error!(queue = self.queue, error = %e, pending = total,
-                        "could not acknowledge within the lease; these jobs will run again");
-                    break (0, 0);
-                }
-            }
-        };
-        let stale = total - ok_all;
-        if stale > 0 {
-            metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(stale as u64);
+        let mut done = Outcomes::default();
+        if !done_archive.is_empty() {
+            let r = self
+                .retry_ack(give_up_at, || {
+                    self.sql.ack_archive(&self.pool, &done_archive)
+                })
+                .await;
+            done.add(done_archive.len(), r, true);
+        }
+        if !done_delete.is_empty() {
+            let r = self
+                .retry_ack(give_up_at, || self.sql.ack_delete(&self.pool, &done_delete))
+                .await;
+            done.add(done_delete.len(), r, true);
+        }
+        if !resched.is_empty() {
+            let r = self
+                .retry_ack(give_up_at, || self.sql.reschedule(&self.pool, &resched))
+                .await;
+            done.add(resched.len(), r, false);
+        }
+        if !bury.is_empty() {
+            let r = self
+                .retry_ack(give_up_at, || self.sql.bury(&self.pool, &bury))
+                .await;
+            done.add(bury.len(), r, false);
+        }
+        if done.stale > 0 {
+            metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(done.stale as u64);
             warn!(
                 queue = self.queue,
-                stale, "acknowledgements fenced out (leases lost)"
+                stale = done.stale,
+                "acknowledgements fenced out (leases lost)"
             );
         }
         {
@@ -551,7 +557,38 @@ impl Consumer {
             }
         }
         if let Some(o) = &self.observer {
-            o.acked(self.queue, ok_done, stale);
+            o.acked(self.queue, done.done, done.stale);
+        }
+    }
+
+    /// Runs one fenced statement until it succeeds or `give_up_at` passes (the lease is
+    /// over by then: the jobs will run again, so giving up loses nothing). Returns the
+    /// ids it changed, or `None` if it gave up.
+    async fn retry_ack<'a, F, Fut>(&self, give_up_at: Instant, mut stmt: F) -> Option<usize>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<i64>, sqlx::Error>> + 'a,
+    {
+        let mut tries = 0u32;
+        loop {
+            match stmt().await {
+                Ok(ids) => return Some(ids.len()),
+                Err(e) if Instant::now() < give_up_at => {
+                    tries += 1;
+                    let wait = crate::backoff::delay(
+                        tries,
+                        Duration::from_millis(50),
+                        Duration::from_secs(2),
+                    );
+                    warn!(queue = self.queue, error = %e, retry_in = ?wait, "ack failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    error!(queue = self.queue, error = %e,
+                        "could not acknowledge within the lease; these jobs will run again");
+                    return None;
+                }
+            }
         }
     }
 

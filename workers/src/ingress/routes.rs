@@ -376,20 +376,13 @@ pub(super) async fn healthz() -> Json<Value> {
 }
 
 pub(super) async fn readyz(State(st): State<Arc<Ingress>>) -> ApiResult<Json<Value>> {
-    let limit = st.cfg.ingress.db_timeout;
-    match tokio::time::timeout(limit, store::ping(&st.pool)).await {
-        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
-        Ok(Err(e)) => Err(ApiError::database(&e)),
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            format!(
-                "the database did not answer within {}s",
-                limit.as_secs_f64()
-            ),
-        )
-        .retry_after(1)),
-    }
+    bounded(&st, async {
+        store::ping(&st.pool)
+            .await
+            .map_err(|e| ApiError::database(&e))
+    })
+    .await?;
+    Ok(Json(json!({"status": "ready"})))
 }
 
 pub(super) async fn metrics(State(st): State<Arc<Ingress>>) -> Response {
