@@ -161,6 +161,7 @@ async fn the_spool_scan_enqueues_each_file_once() {
     }
     let scan = longshore_jobs::billing::scan_log_spool::ScanLogSpool {
         dir: dir.to_string_lossy().into(),
+        done_dir: None,
     };
     for _ in 0..2 {
         enqueue(&t.pool, &scan, EnqueueOptions::default())
@@ -187,6 +188,37 @@ async fn the_spool_scan_enqueues_each_file_once() {
         count(&t.pool, "SELECT count(*) FROM ingested_files").await,
         2
     );
+
+    // With a done directory, ingested files leave the spool; a new file stays until
+    // its own ingest commits, then leaves on a later scan.
+    std::fs::write(dir.join("d.log"), line(5, "seal", 27, 11, 0, 200, 1) + "\n").unwrap();
+    let done = dir.join("done");
+    let scan = longshore_jobs::billing::scan_log_spool::ScanLogSpool {
+        dir: dir.to_string_lossy().into(),
+        done_dir: Some(done.to_string_lossy().into()),
+    };
+    enqueue(&t.pool, &scan, EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "d.log ingested", || {
+        let pool = pool.clone();
+        async move {
+            (count(&pool, "SELECT count(*) FROM ingested_files").await == 3).then_some(())
+        }
+    })
+    .await;
+    assert!(done.join("a.log").exists() && done.join("b.log").exists());
+    assert!(dir.join("d.log").exists(), "not ingested when the scan ran");
+    assert!(dir.join("c.log.tmp").exists() && dir.join(".hidden").exists());
+    enqueue(&t.pool, &scan, EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "d.log moved", || {
+        let done = done.clone();
+        async move { done.join("d.log").exists().then_some(()) }
+    })
+    .await;
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -311,7 +343,7 @@ async fn row3_aggregation_killed_at_random_points_counts_each_row_once() {
     ];
     let mut killed_mid_run = 0;
     for seed in 0..20u64 {
-        sqlx::query("TRUNCATE usage_records")
+        sqlx::query("TRUNCATE usage_records CASCADE")
             .execute(&t.pool)
             .await
             .unwrap();
@@ -456,7 +488,7 @@ async fn the_billing_report_shows_usage_charges_and_limits() {
         .unwrap();
     while aggregate_chunk(&mut tx, 1_000_000).await.unwrap().1 {}
     tx.commit().await.unwrap();
-    sqlx::query("UPDATE usage_records SET charged_amount = 0.0001 WHERE customer_id = 1 AND window_start = '2026-01-27 10:00+00'")
+    sqlx::query("UPDATE usage_records SET charged_amount = 0.0001, billed_count = billable_count WHERE customer_id = 1 AND window_start = '2026-01-27 10:00+00'")
         .execute(&t.pool)
         .await
         .unwrap();

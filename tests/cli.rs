@@ -37,7 +37,7 @@ async fn enqueue_queues_and_dlq_commands() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let kinds = longshore_jobs::registry().kinds().count();
+    let kinds = common::registry().kinds().count();
     assert_eq!(rows.len(), kinds, "one row per registered queue: {out}");
     let row = rows
         .iter()
@@ -179,6 +179,36 @@ async fn secrets_in_the_database_url_never_reach_output() {
     );
 }
 
+/// POSTs `body` to `/v1/{path}` with the dev token (202 expected), then waits for the
+/// job on `queue` and returns its status.
+async fn post_and_wait(
+    http: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    body: String,
+    queue: &str,
+) -> serde_json::Value {
+    let r = http
+        .post(format!("http://{addr}/v1/{path}"))
+        .header("Authorization", "Bearer dev-token")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    http.get(format!("http://{addr}/v1/jobs/{queue}/{id}?wait=10"))
+        .header("Authorization", "Bearer dev-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Issue 3's acceptance path: `longshore dev` accepts the README's curl with the dev
 /// token, the job completes, `?wait=` returns done, /metrics shows the queue series.
 #[tokio::test]
@@ -190,7 +220,15 @@ async fn dev_serves_the_readme_curl_and_stops_cleanly() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let mut dev = Proc::spawn(&t.url, &["dev"], &[("LONGSHORE__INGRESS__LISTEN", &listen)]);
+    // The dev overlay's traffic simulator and vault write under .longshore/: not here.
+    let dir = std::env::temp_dir().join(format!("longshore-dev-curl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut dev = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["dev"],
+        &[("LONGSHORE__INGRESS__LISTEN", &listen)],
+    );
     let addr = dev.ingress_addr().await;
     assert!(
         dev.logs().contains("Bearer dev-token"),
@@ -198,26 +236,14 @@ async fn dev_serves_the_readme_curl_and_stops_cleanly() {
         dev.logs()
     );
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("http://{addr}/v1/queues/probe/jobs"))
-        .header("Authorization", "Bearer dev-token")
-        .body(r#"{"id":1,"effect":true}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_i64()
-        .unwrap();
-    let s: serde_json::Value = http
-        .get(format!("http://{addr}/v1/jobs/probe/{id}?wait=5"))
-        .header("Authorization", "Bearer dev-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = post_and_wait(
+        &http,
+        &addr,
+        "queues/probe/jobs",
+        r#"{"id":1,"effect":true}"#.into(),
+        "probe",
+    )
+    .await;
     assert_eq!(s["state"], "done", "{s}");
     assert_eq!(
         count(&t.pool, "SELECT count(*) FROM probe_effects").await,
@@ -252,6 +278,154 @@ async fn dev_serves_the_readme_curl_and_stops_cleanly() {
     );
 }
 
+/// Issue 4's acceptance path: `longshore dev` seeds demo customers, its traffic
+/// simulator writes HAProxy files into the spool, and the scheduled pipeline carries
+/// them to usage records, charge intents confirmed on the chain simulator, and a vault
+/// without the suspended customer's keys. `POST /v1/logs` feeds the same pipeline.
+#[tokio::test]
+async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
+    let t = db().await;
+    let dir = std::env::temp_dir().join(format!("longshore-dev-billing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut dev = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["dev"],
+        &[
+            ("LONGSHORE__INGRESS__LISTEN", &listen),
+            ("LONGSHORE__DEV__TRAFFIC_INTERVAL", "1s"),
+            ("LONGSHORE__DEV__TRAFFIC_LINES", "1000"),
+        ],
+    );
+    let addr = dev.ingress_addr().await;
+    assert!(
+        dev.logs().contains("dev traffic simulator"),
+        "{}",
+        dev.logs()
+    );
+
+    // Raw lines through the ingress.
+    let line = "Jan 27 21:52:56 lb1 haproxy[3098]: 10.0.0.7:61818 [27/Jan/2026:21:52:56.086] fe_api~ be_seal/s1 0/0/1/1/2 200 517 - - ---- 1/1/0/0/0 0/0 {1001|seal} {} \"POST /v1/seal HTTP/1.1\"";
+    let http = reqwest::Client::new();
+    let s = post_and_wait(
+        &http,
+        &addr,
+        "logs",
+        format!("{line}\nnot a log line\n"),
+        "ingest_logs",
+    )
+    .await;
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(
+        (
+            s["result"]["inserted"].as_i64(),
+            s["result"]["malformed"].as_i64()
+        ),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+
+    // An empty batch and a missing token are refused with their codes.
+    let r = http
+        .post(format!("http://{addr}/v1/logs"))
+        .header("Authorization", "Bearer dev-token")
+        .body("\n \n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "empty_batch"
+    );
+    let r = http
+        .post(format!("http://{addr}/v1/logs"))
+        .body(line)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(90), "usage charged on the simulator", || {
+        let pool = pool.clone();
+        async move {
+            let files = count(&pool, "SELECT count(*) FROM ingested_files WHERE source LIKE '%haproxy-%'").await;
+            let usage = count(&pool, "SELECT coalesce(sum(billable_count), 0)::bigint FROM usage_records").await;
+            let charged = count(&pool, "SELECT count(*) FROM charge_intents WHERE state = 'confirmed' AND usage_amount > 0").await;
+            (files > 0 && usage > 0 && charged > 0).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        dev.logs().contains("SIMULATOR"),
+        "the chain simulator names itself"
+    );
+    // Customer 1004 cannot pay its base fee: suspended, with the rule's details.
+    let (state, reason): (String, Option<String>) = sqlx::query_as(
+        "SELECT state, suspend_reason FROM service_instances WHERE customer_id = 1004",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        ("suspended", Some("insufficient_balance"))
+    );
+    // The vault (dev key) has the other customers' keys and not 1004's.
+    let vault = dir.join(".longshore/ma_vault.csv");
+    let customers = eventually(Duration::from_secs(40), "the vault without 1004", || {
+        let vault = vault.clone();
+        async move {
+            let text = std::fs::read_to_string(&vault).ok()?;
+            let mut c: Vec<String> = text
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').next().unwrap().to_string())
+                .collect();
+            c.dedup();
+            (!c.is_empty()).then_some(c)
+        }
+    })
+    .await;
+    assert_eq!(customers, ["1001", "1002", "1003"]);
+    // Ingested files left the spool for done/.
+    assert!(
+        std::fs::read_dir(dir.join(".longshore/spool/done"))
+            .unwrap()
+            .count()
+            > 0
+    );
+    // The ledger agrees with the intents.
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM charge_intents WHERE state = 'confirmed'"
+        )
+        .await,
+        count(
+            &t.pool,
+            "SELECT count(*) FROM escrow_transactions WHERE tx_type = 'charge'"
+        )
+        .await
+    );
+    dev.signal("INT");
+    assert_eq!(
+        dev.wait_exit(Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        dev.logs()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The embedded default on a machine with PostgreSQL installed but not running: a
 /// private cluster is created, started, used and stopped.
 #[tokio::test]
@@ -264,7 +438,7 @@ async fn a_private_cluster_starts_serves_and_stops() {
         .unwrap()
         .expect("initdb/pg_ctl found and the cluster started");
     let pool = sqlx::PgPool::connect(&pg.url("postgres")).await.unwrap();
-    longshore_workers::db::migrate(&pool, &common::MIGRATOR, &longshore_jobs::registry())
+    longshore_workers::db::migrate(&pool, &common::MIGRATOR, &common::registry())
         .await
         .unwrap();
     let id: i64 = sqlx::query_scalar("SELECT pgmq.send('probe', '{\"id\":1}')")

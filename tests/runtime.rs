@@ -217,7 +217,7 @@ async fn retry_then_done_and_the_effect_commits_once() {
     p.effect = Some(true);
     enqueue(&t.pool, &p, Default::default()).await.unwrap();
     let pool = t.pool.clone();
-    work_until(&t.pool, longshore_jobs::registry(), &[("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "10ms")], "probe 7 done", || {
+    work_until(&t.pool, common::registry(), &[("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "10ms")], "probe 7 done", || {
         let pool = pool.clone();
         async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == 1).then_some(()) }
     })
@@ -270,7 +270,7 @@ async fn bad_args_panics_and_exhaustion_dead_letter_while_good_jobs_finish() {
     let pool = t.pool.clone();
     work_until(
         &t.pool,
-        longshore_jobs::registry(),
+        common::registry(),
         &[
             ("LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE", "5ms"),
             ("LONGSHORE__QUEUES__DEFAULT__MAX_ATTEMPTS", "3"),
@@ -326,7 +326,7 @@ async fn timeouts_are_retries() {
     let pool = t.pool.clone();
     work_until(
         &t.pool,
-        longshore_jobs::registry(),
+        common::registry(),
         &[
             ("LONGSHORE__QUEUES__PROBE__TIMEOUT", "100ms"),
             ("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "2"),
@@ -421,15 +421,19 @@ impl Handler for OvertakenHandler {
             .execute(ctx.tx().await?)
             .await?;
         if ctx.attempt == 1 {
+            // Expire the lease and claim in one transaction, so the worker's own poll
+            // cannot take the message in between and leave the thief with nothing.
+            let mut thief = ctx.pool().begin().await?;
             sqlx::query(
                 "UPDATE pgmq.q_probe SET vt = now() - interval '1 second' WHERE msg_id = $1",
             )
             .bind(ctx.job_id)
-            .execute(ctx.pool())
+            .execute(&mut *thief)
             .await?;
             let stolen = probe_sql()
-                .claim(ctx.pool(), 1, Duration::from_millis(200))
+                .claim(&mut *thief, 1, Duration::from_millis(200))
                 .await?;
+            thief.commit().await?;
             STOLEN.store(stolen.len() == 1, Ordering::SeqCst);
         }
         Outcome::done()
@@ -484,10 +488,10 @@ async fn heartbeats_keep_a_slow_job_from_running_twice() {
     ];
     let stop = CancellationToken::new();
     let a = tokio::spawn(
-        Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()),
+        Worker::new(t.pool.clone(), common::registry(), config(&cfg)).run(stop.clone()),
     );
     let b = tokio::spawn(
-        Worker::new(t.pool.clone(), longshore_jobs::registry(), config(&cfg)).run(stop.clone()),
+        Worker::new(t.pool.clone(), common::registry(), config(&cfg)).run(stop.clone()),
     );
     let pool = t.pool.clone();
     eventually(Duration::from_secs(10), "slow job done", || {
@@ -605,10 +609,15 @@ async fn enqueue_inside_a_transaction_commits_or_rolls_back_with_it() {
 async fn delayed_jobs_wait_until_due() {
     let t = db().await;
     let q = probe_sql();
+    // A busy machine can stall for a while between two statements, so the test
+    // never asserts "not yet due" after the delay could have passed: it reads the
+    // clock around each claim instead of trusting a short sleep.
+    let delay = Duration::from_secs(2);
+    let started = std::time::Instant::now();
     enqueue(
         &t.pool,
         &Probe::new(1),
-        EnqueueOptions::default().delay(Duration::from_millis(300)),
+        EnqueueOptions::default().delay(delay),
     )
     .await
     .unwrap();
@@ -620,16 +629,26 @@ async fn delayed_jobs_wait_until_due() {
     )
     .await
     .unwrap();
-    assert!(
-        q.claim(&t.pool, 10, Duration::from_secs(30))
-            .await
-            .unwrap()
-            .is_empty()
+    let early = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
+    if started.elapsed() < delay {
+        assert!(
+            early.is_empty(),
+            "a delayed job was claimed before it was due"
+        );
+        assert_eq!(q.stats(&t.pool).await.unwrap().delayed, 2);
+    }
+    let mut got = early;
+    let deadline = started + Duration::from_secs(30);
+    while got.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
+    }
+    assert!(started.elapsed() >= delay, "claimed before its delay");
+    assert_eq!(
+        got.len(),
+        1,
+        "only the job that is due; the other waits an hour"
     );
-    assert_eq!(q.stats(&t.pool).await.unwrap().delayed, 2);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let got = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(got.len(), 1);
     assert_eq!(got[0].message["id"], 1);
     assert!(
         got[0].due_at() > got[0].enqueued_at,
@@ -716,7 +735,7 @@ async fn migrate_is_idempotent() {
     let t = db().await;
     let before = count(&t.pool, "SELECT count(*) FROM pg_class").await;
     for _ in 0..2 {
-        longshore_workers::db::migrate(&t.pool, &common::MIGRATOR, &longshore_jobs::registry())
+        longshore_workers::db::migrate(&t.pool, &common::MIGRATOR, &common::registry())
             .await
             .unwrap();
     }
@@ -724,7 +743,7 @@ async fn migrate_is_idempotent() {
         count(&t.pool, "SELECT count(*) FROM pg_class").await,
         before
     );
-    let kinds = longshore_jobs::registry().kinds().count() as i64;
+    let kinds = common::registry().kinds().count() as i64;
     assert_eq!(
         count(&t.pool, "SELECT count(*) FROM pgmq.meta").await,
         kinds

@@ -6,18 +6,29 @@
 //! `clients/`.
 
 pub mod billing;
+pub mod clients;
 pub mod probe;
 
-use longshore_workers::Registry;
+use std::sync::Arc;
 
-/// Every job kind this build knows.
-pub fn registry() -> Registry {
-    Registry::new()
+use longshore_workers::Registry;
+use longshore_workers::config::{Config, ConfigError};
+
+/// Every job kind this build knows, with its settings from `cfg`. An invalid pipeline
+/// setting is an error naming its key.
+pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
+    let billing = Arc::new(billing::config::BillingConfig::from_config(cfg)?);
+    Ok(Registry::new()
         .register(probe::ProbeHandler)
         .register(billing::ingest_logs::IngestLogsHandler)
         .register(billing::scan_log_spool::ScanLogSpoolHandler)
         .register(billing::aggregate_usage::AggregateUsageHandler)
-        .register(billing::vault::RegenerateVaultHandler)
+        .register(billing::bill_usage::BillUsageHandler(billing.clone()))
+        .register(billing::charge_escrow::ChargeEscrowHandler::new(
+            billing.clone(),
+        ))
+        .register(billing::charge_escrow::SweepChargeIntentsHandler)
+        .register(billing::vault::RegenerateVaultHandler(billing))
         .register(billing::prune_raw_logs::PruneRawLogsHandler)
-        .register(longshore_workers::maintenance::MaintenanceHandler)
+        .register(longshore_workers::maintenance::MaintenanceHandler))
 }

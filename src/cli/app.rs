@@ -56,7 +56,13 @@ pub type CliResult = Result<(), CliError>;
 pub fn config() -> Result<Arc<Config>, CliError> {
     let cfg = Config::load().map_err(CliError::usage)?;
     longshore_workers::telemetry::init_logging(&cfg.log);
+    registry(&cfg)?;
     Ok(Arc::new(cfg))
+}
+
+/// Every job kind, with its pipeline settings from `cfg` (a bad one is a usage error).
+pub fn registry(cfg: &Config) -> Result<longshore_workers::Registry, CliError> {
+    longshore_jobs::registry(cfg).map_err(CliError::usage)
 }
 
 /// The configured database (DATABASE_URL / database.url), required.
@@ -119,8 +125,8 @@ pub async fn embedded_default(
 }
 
 /// Migrates with every job kind this build knows.
-pub async fn migrate(pool: &PgPool) -> CliResult {
-    db::migrate(pool, &MIGRATOR, &longshore_jobs::registry()).await?;
+pub async fn migrate(pool: &PgPool, cfg: &Config) -> CliResult {
+    db::migrate(pool, &MIGRATOR, &registry(cfg)?).await?;
     Ok(())
 }
 

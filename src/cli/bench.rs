@@ -126,7 +126,7 @@ async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, CliEr
         .to_url_lossy()
         .to_string();
     let pool = db::connect(&url, &dbcfg, "longshore-bench").await?;
-    app::migrate(&pool).await?;
+    app::migrate(&pool, cfg).await?;
     Ok(pool)
 }
 
@@ -359,7 +359,7 @@ struct Fleet {
 impl Fleet {
     fn start(pool: &PgPool, cfg: &Arc<Config>, rec: Arc<Recorder>) -> Result<Fleet, CliError> {
         let stop = CancellationToken::new();
-        let w = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone())
+        let w = Worker::new(pool.clone(), app::registry(cfg)?, cfg.clone())
             .only(&["probe".to_string()])?
             .observer(rec);
         let handle = tokio::spawn(w.run(stop.clone()));

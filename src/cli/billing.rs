@@ -1,7 +1,10 @@
-//! `longshore billing report [--customer ID] [--month YYYY-MM] [--json]`.
+//! `longshore billing report [--customer ID] [--month YYYY-MM] [--json]`, `billing seed`,
+//! `billing cycle [--customer ID]`.
 
 use anyhow::anyhow;
 use chrono::{Datelike, Utc};
+use longshore_jobs::billing::bill_usage::{run_cycle, usd};
+use longshore_jobs::billing::config::BillingConfig;
 use longshore_jobs::billing::report::{parse_month, report};
 
 use super::app::{self, CliError, CliResult};
@@ -25,15 +28,38 @@ enum Action {
         #[arg(long)]
         json: bool,
     },
+    /// Demo customers, services and API keys (what `longshore dev` starts with).
+    Seed,
+    /// One billing cycle now (as the scheduled `bill_usage` job does), printing what
+    /// it did.
+    Cycle {
+        #[arg(long)]
+        customer: Option<i32>,
+    },
 }
 
 pub async fn run(args: Args) -> CliResult {
     let cfg = app::config()?;
-    let Action::Report {
-        customer,
-        month,
-        json,
-    } = args.action;
+    let (customer, month, json) = match args.action {
+        Action::Report {
+            customer,
+            month,
+            json,
+        } => (customer, month, json),
+        Action::Seed => {
+            let pool = app::pool(&cfg, "longshore-cli").await?;
+            let new = longshore_jobs::billing::seed::seed_demo(&pool).await?;
+            println!("seeded {new} new demo customers (ids 1001-1004, service seal)");
+            return Ok(());
+        }
+        Action::Cycle { customer } => {
+            let billing = BillingConfig::from_config(&cfg).map_err(CliError::usage)?;
+            let pool = app::pool(&cfg, "longshore-cli").await?;
+            let r = run_cycle(&pool, &billing, customer, Utc::now()).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+    };
     let month = match month {
         Some(m) => parse_month(&m).map_err(|e| CliError::usage(anyhow!(e)))?,
         None => {
@@ -64,7 +90,7 @@ pub async fn run(args: Args) -> CliResult {
         "MONTH",
         "LIMIT"
     );
-    let cents = |c: i64| format!("{}.{:02}", c / 100, (c % 100).abs());
+    let cents = usd;
     for r in &rows {
         println!(
             "{:>10} {:<12} {:<10} {:<10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",

@@ -8,6 +8,42 @@ use super::app::{self, CliError, CliResult};
 #[derive(clap::Args)]
 pub struct Args {}
 
+/// The dev traffic simulator: a file of HAProxy lines for the demo customers every
+/// `every`, written under a dot name and renamed when complete (as a log shipper does),
+/// so the spool scan never reads half a file.
+async fn traffic_simulator(
+    dir: String,
+    lines: usize,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use rand::SeedableRng as _;
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::error!(dir, error = %e, "dev traffic simulator: cannot create the spool directory");
+        return;
+    }
+    tracing::info!(dir, lines, every = ?every, "dev traffic simulator: writing HAProxy log files (simulated traffic, not real requests)");
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let mut tick = tokio::time::interval(every);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let now = chrono::Utc::now();
+        let text = longshore_jobs::billing::seed::demo_lines(lines, now, &mut rng);
+        let name = format!("haproxy-{}-{n}.log", now.format("%Y%m%dT%H%M%S%3f"));
+        let tmp = std::path::Path::new(&dir).join(format!(".{name}"));
+        let r = std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, std::path::Path::new(&dir).join(&name)));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "dev traffic simulator: write failed");
+        }
+    }
+}
+
 pub async fn run(_args: Args) -> CliResult {
     let cfg = Config::load_with_default_env("dev").map_err(CliError::usage)?;
     telemetry::init_logging(&cfg.log);
@@ -16,10 +52,22 @@ pub async fn run(_args: Args) -> CliResult {
     let metrics = telemetry::init_metrics(None).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let (pool, cluster) = app::embedded_default(&cfg, "longshore-dev").await?;
     let result = async {
-        app::migrate(&pool).await?;
+        app::migrate(&pool, &cfg).await?;
+        let seeded = longshore_jobs::billing::seed::seed_demo(&pool).await?;
+        if seeded > 0 {
+            tracing::info!(customers = seeded, "seeded the demo billing customers (1001-1004)");
+        }
         let stop = app::shutdown_on_signals();
+        let traffic = (!cfg.dev.spool_dir.is_empty()).then(|| {
+            tokio::spawn(traffic_simulator(
+                cfg.dev.spool_dir.clone(),
+                cfg.dev.traffic_lines,
+                cfg.dev.traffic_interval,
+                stop.clone(),
+            ))
+        });
     app::survive_file_size_limit();
-        let worker = Worker::new(pool.clone(), longshore_jobs::registry(), cfg.clone());
+        let worker = Worker::new(pool.clone(), app::registry(&cfg)?, cfg.clone());
         let queues = worker.queue_names().join(", ");
         let w = tokio::spawn(worker.run(stop.clone()));
         let s = tokio::spawn(scheduler::run(pool.clone(), schedules, stop.clone()));
@@ -31,6 +79,9 @@ pub async fn run(_args: Args) -> CliResult {
         stop.cancel();
         w.await??;
         s.await?;
+        if let Some(t) = traffic {
+            t.await?;
+        }
         served
     }
     .await;

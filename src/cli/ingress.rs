@@ -58,7 +58,7 @@ pub async fn serve(
         cfg.metrics.sample_interval,
         stop.clone(),
     ));
-    let ingress = Ingress::new(ingress_pool, longshore_jobs::registry(), cfg, Some(metrics));
+    let ingress = Ingress::new(ingress_pool, app::registry(&cfg)?, cfg, Some(metrics));
     ingress.serve(listener, stop).await?;
     let _ = sampler.await;
     Ok(())

@@ -34,7 +34,7 @@ pub async fn run(_args: Args) -> CliResult {
 
 /// The enabled schedules, checked against the job kinds.
 pub fn compile(cfg: &longshore_workers::Config) -> Result<Vec<Schedule>, CliError> {
-    let registry = longshore_jobs::registry();
+    let registry = app::registry(cfg)?;
     cfg.schedules
         .iter()
         .filter(|s| s.enabled)

@@ -48,7 +48,7 @@ pub async fn run(args: Args) -> CliResult {
             stop.clone(),
         ))
     });
-    let mut worker = Worker::new(pool, longshore_jobs::registry(), cfg);
+    let mut worker = Worker::new(pool, app::registry(&cfg)?, cfg);
     if !args.queues.is_empty() {
         worker = worker.only(&args.queues).map_err(CliError::usage)?;
     }

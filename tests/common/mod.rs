@@ -14,7 +14,12 @@ use sqlx::PgPool;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn db() -> TestDb {
-    TestDb::create(&MIGRATOR, &longshore_jobs::registry()).await
+    TestDb::create(&MIGRATOR, &registry()).await
+}
+
+/// Every job kind with the test configuration's settings.
+pub fn registry() -> longshore_workers::Registry {
+    longshore_jobs::registry(&config(&[])).expect("registry")
 }
 
 /// Configuration as the binary would load it, plus `LONGSHORE__…` overrides.
@@ -206,7 +211,7 @@ impl PrivatePg {
             .connect(&url)
             .await
             .unwrap();
-        longshore_workers::db::migrate(&pool, &MIGRATOR, &longshore_jobs::registry())
+        longshore_workers::db::migrate(&pool, &MIGRATOR, &registry())
             .await
             .unwrap();
         pool.close().await;

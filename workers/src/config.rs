@@ -56,6 +56,10 @@ pub struct Config {
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
     pub metrics: MetricsConfig,
+    /// Settings of the usage-billing job kinds; typed and checked by the jobs crate
+    /// ([`Config::section`]), which names any bad key.
+    #[serde(default)]
+    pub billing: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -303,6 +307,19 @@ pub enum LogFormat {
 pub struct DevConfig {
     /// Where `longshore dev` keeps its private PostgreSQL cluster.
     pub data_dir: String,
+    /// The dev traffic simulator writes HAProxy log files here (the dev schedules scan
+    /// it); "" turns the simulator off.
+    #[serde(default)]
+    pub spool_dir: String,
+    /// Lines per file, one file per `traffic_interval`.
+    #[serde(default)]
+    pub traffic_lines: usize,
+    #[serde(default = "default_traffic_interval", with = "humantime_serde")]
+    pub traffic_interval: Duration,
+}
+
+fn default_traffic_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Config {
@@ -384,6 +401,24 @@ impl Config {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Types a pipeline's section (`billing`, …): an unknown or ill-typed key is an
+    /// error that names it (`billing.charge_threshold_usd: …`).
+    pub fn section<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                name.to_string()
+            } else {
+                format!("{name}.{path}")
+            };
+            ConfigError::invalid(key, e.into_inner().to_string())
+        })
     }
 
     /// Checks what types alone cannot.

@@ -84,6 +84,17 @@ pub enum EnqueueError {
     Database(#[source] sqlx::Error),
 }
 
+impl EnqueueError {
+    /// As an `sqlx::Error`, for code whose errors are database errors (a bad queue
+    /// name or unserialisable args become an encode error).
+    pub fn into_sqlx(self) -> sqlx::Error {
+        match self {
+            EnqueueError::Database(e) => e,
+            other => sqlx::Error::Encode(Box::new(other)),
+        }
+    }
+}
+
 fn db_err(queue: &QueueName, e: sqlx::Error) -> EnqueueError {
     if let sqlx::Error::Database(d) = &e
         && d.code().as_deref() == Some("42P01")

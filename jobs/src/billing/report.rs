@@ -48,7 +48,7 @@ pub async fn report(
            coalesce(sum(u.request_count), 0)::bigint AS requests, \
            coalesce(sum(u.billable_count), 0)::bigint AS billable, \
            coalesce(sum(u.bytes_transferred), 0)::bigint AS bytes, \
-           coalesce(sum(u.billable_count) FILTER (WHERE u.charged_amount IS NULL), 0)::bigint AS unbilled_billable, \
+           coalesce(sum(u.billable_count - u.billed_count), 0)::bigint AS unbilled_billable, \
            coalesce(sum(u.charged_amount), 0)::text AS charged_usd, \
            c.current_balance_usd_cents AS balance_usd_cents, c.max_monthly_usd_cents, \
            c.current_month_charged_usd_cents AS month_charged_usd_cents \

@@ -8,6 +8,7 @@ use longshore_workers::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::ingest_logs::IngestLogs;
 
@@ -15,6 +16,11 @@ use super::ingest_logs::IngestLogs;
 #[serde(deny_unknown_fields)]
 pub struct ScanLogSpool {
     pub dir: String,
+    /// Files whose content is already ingested move here (created if missing), so the
+    /// spool holds only work. A file leaves the spool only after its checksum is in
+    /// `ingested_files`: its rows are committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_dir: Option<String>,
 }
 
 impl JobArgs for ScanLogSpool {
@@ -37,7 +43,7 @@ impl Handler for ScanLogSpoolHandler {
             }
             Err(e) => return Err(JobError::retry(format!("spool directory {}: {e}", a.dir))),
         };
-        let mut files = Vec::new();
+        let mut files: Vec<(String, u64, u128)> = Vec::new();
         while let Some(e) = entries.next_entry().await.retryable()? {
             let name = e.file_name().to_string_lossy().to_string();
             let meta = e.metadata().await.retryable()?;
@@ -54,6 +60,25 @@ impl Handler for ScanLogSpoolHandler {
             files.push((e.path().to_string_lossy().to_string(), meta.len(), mtime));
         }
         files.sort();
+        let mut moved = 0;
+        if let Some(done) = &a.done_dir {
+            let mut left = Vec::with_capacity(files.len());
+            for f in files {
+                match ingested(ctx, &f.0).await? {
+                    None => continue, // gone: another scan moved it
+                    Some(false) => left.push(f),
+                    Some(true) => {
+                        tokio::fs::create_dir_all(done).await.retryable()?;
+                        let name = std::path::Path::new(&f.0).file_name().expect("a file");
+                        tokio::fs::rename(&f.0, std::path::Path::new(done).join(name))
+                            .await
+                            .retryable()?;
+                        moved += 1;
+                    }
+                }
+            }
+            files = left;
+        }
         let mut enqueued = 0;
         for (path, len, mtime) in &files {
             let key = format!("spool:{path}:{len}:{mtime}");
@@ -66,6 +91,23 @@ impl Handler for ScanLogSpoolHandler {
                 .retryable()?;
             enqueued += usize::from(!e.duplicate);
         }
-        Outcome::done_with(json!({"files": files.len(), "enqueued": enqueued}))
+        Outcome::done_with(json!({"files": files.len(), "enqueued": enqueued, "moved": moved}))
     }
+}
+
+/// Whether this file's content is committed in `ingested_files` (`None`: the file is
+/// gone).
+async fn ingested(ctx: &JobContext, path: &str) -> Result<Option<bool>, JobError> {
+    let bytes = match tokio::fs::read(path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(JobError::retry(format!("{path}: {e}"))),
+    };
+    let sha = hex::encode(Sha256::digest(&bytes));
+    Ok(Some(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM ingested_files WHERE sha256 = $1)")
+            .bind(sha)
+            .fetch_one(ctx.pool())
+            .await?,
+    ))
 }

@@ -13,11 +13,13 @@
 //! (its hash is kept in `vault_versions`). Every field passes a strict allowlist; a row
 //! that does not is left out and reported (by customer, never by key).
 //!
-//! The vault key (32 bytes, base64) comes from `LONGSHORE_VAULT_KEY`, a secret that is
-//! never logged.
+//! The vault key (32 bytes, base64) comes from `billing.vault_key` or
+//! `LONGSHORE_VAULT_KEY`, a secret that is never logged. Rate limits per tier come from
+//! `billing.rate_limits`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
@@ -31,6 +33,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Row};
+
+use super::config::{BillingConfig, Tiers};
 
 /// Advisory lock: one vault writer at a time.
 pub const VAULT_LOCK: i64 = 7_254_110;
@@ -118,16 +122,6 @@ impl std::fmt::Debug for VaultKey {
     }
 }
 
-/// Requests per second HAProxy allows a key, by tier (the service's published tiers).
-pub fn rate_limit(tier: &str) -> Option<u32> {
-    match tier {
-        "starter" => Some(100),
-        "pro" => Some(1_000),
-        "enterprise" => Some(10_000),
-        _ => None,
-    }
-}
-
 /// The strict allowlist: every field that reaches the CSV. Returns the reason a row
 /// is refused (no commas, quotes, newlines, NUL, `#`, leading `= + - @`, bounded size).
 pub fn check_fields(api_key_id: &str, tier: &str, service_type: &str) -> Result<(), &'static str> {
@@ -139,7 +133,7 @@ pub fn check_fields(api_key_id: &str, tier: &str, service_type: &str) -> Result<
     if !key_ok {
         return Err("api_key_id outside the allowlist");
     }
-    if rate_limit(tier).is_none() {
+    if !matches!(tier, "starter" | "pro" | "enterprise") {
         return Err("unknown tier");
     }
     let svc_ok = (1..=20).contains(&service_type.len())
@@ -194,14 +188,15 @@ pub struct VaultReport {
     pub stale_temps_removed: usize,
 }
 
-pub struct RegenerateVaultHandler;
+pub struct RegenerateVaultHandler(pub Arc<BillingConfig>);
 
 impl Handler for RegenerateVaultHandler {
     type Args = RegenerateVault;
 
     async fn handle(&self, a: RegenerateVault, ctx: &mut JobContext) -> Result<Outcome, JobError> {
-        let key = VaultKey::from_env().map_err(JobError::fail)?;
-        match regenerate(ctx.tx().await?, Path::new(&a.path), &key).await {
+        let key = self.0.vault_key().map_err(JobError::fail)?;
+        let limits = &self.0.rate_limits;
+        match regenerate(ctx.tx().await?, Path::new(&a.path), &key, limits).await {
             Ok(r) => Outcome::done_with(r),
             Err(VaultError::Db(e)) => Err(e.into()),
             Err(e) => {
@@ -218,6 +213,7 @@ pub async fn regenerate(
     tx: &mut PgConnection,
     path: &Path,
     key: &VaultKey,
+    limits: &Tiers<u32>,
 ) -> Result<VaultReport, VaultError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(VAULT_LOCK)
@@ -240,7 +236,7 @@ pub async fn regenerate(
             (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
         match check_fields(&kid, &tier, &svc) {
             Ok(()) => {
-                let rl = rate_limit(&tier).expect("checked");
+                let rl = limits.get(&tier).expect("checked");
                 plain.push_str(&format!("{cid},{kid},{rl},{tier},{svc}\n"));
                 good.push((cid, kid, rl, tier, svc));
             }

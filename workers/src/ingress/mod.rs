@@ -72,6 +72,7 @@ impl Ingress {
         Router::new()
             .route("/v1/queues/{queue}/jobs", post(routes::enqueue_one))
             .route("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch))
+            .route("/v1/logs", post(routes::logs))
             .route("/v1/jobs/{queue}/{id}", get(routes::job_status))
             .route("/v1/hooks/{source}", post(routes::hook))
             .route("/healthz", get(routes::healthz))

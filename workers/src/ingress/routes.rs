@@ -220,6 +220,32 @@ pub(super) async fn enqueue_one(
     Ok(accepted(&queue, e))
 }
 
+/// `POST /v1/logs`: raw HAProxy lines (text) → one `ingest_logs {lines}` job. Bytes
+/// that are not UTF-8 become U+FFFD (the line is still parsed or reported, never
+/// dropped); blank lines are ignored. Re-posting the same content ingests nothing twice.
+pub(super) async fn logs(
+    State(st): State<Arc<Ingress>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = known_queue(&st, "ingest_logs")?;
+    st.tokens.authorize(&headers, queue.as_str())?;
+    let bytes = read_body(&st, &headers, body).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_batch",
+            "the body has no log lines",
+        ));
+    }
+    let args = serde_json::json!({ "lines": lines });
+    validate(&st, &queue, &args)?;
+    let e = enqueue_single(&st, &queue, args, EnqueueOptions::default()).await?;
+    Ok(accepted(&queue, e))
+}
+
 pub(super) async fn enqueue_batch(
     State(st): State<Arc<Ingress>>,
     Path(queue): Path<String>,
