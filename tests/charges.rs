@@ -4,6 +4,8 @@
 //! bookkeeping on the dev chain simulator (confirmed, rejected, invalid: row 23).
 
 mod common;
+#[path = "common/ledger.rs"]
+mod ledger;
 
 use std::sync::Arc;
 
@@ -27,54 +29,12 @@ fn escrow(c: i32) -> String {
 }
 
 /// A customer with a `seal` service (enterprise: no base fee unless a test wants one)
-/// and one API key.
+/// and one API key; escrow account `escrow(c)`.
 async fn customer(pool: &PgPool, c: i32, balance_cents: i64, max_cents: i64, tier: &str) {
-    sqlx::query(
-        "INSERT INTO customers (customer_id, wallet_address, escrow_account, current_balance_usd_cents, max_monthly_usd_cents) \
-         VALUES ($1, $2, $2, $3, $4)",
-    )
-    .bind(c)
-    .bind(escrow(c))
-    .bind(balance_cents)
-    .bind(max_cents)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO service_instances (instance_id, customer_id, service_type, tier) VALUES (gen_random_uuid(), $1, 'seal', $2)",
-    )
-    .bind(c)
-    .bind(tier)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO api_keys (api_key_id, customer_id, service_type) VALUES ($1, $2, 'seal')",
-    )
-    .bind(format!("sk_{c}"))
-    .bind(c)
-    .execute(pool)
-    .await
-    .unwrap();
+    ledger::customer(pool, c, &escrow(c), balance_cents, max_cents, tier).await
 }
 
-/// Adds `billable` requests to customer `c`'s usage in the hour `hours_ago` back, as
-/// the aggregation does.
-async fn usage(pool: &PgPool, c: i32, hours_ago: i32, billable: i64) {
-    sqlx::query(
-        "INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred) \
-         SELECT $1, 'seal', w, w + interval '1 hour', $3, $3, 0 FROM (SELECT date_trunc('hour', now()) - make_interval(hours => $2) AS w) x \
-         ON CONFLICT (customer_id, service_type, window_start) DO UPDATE SET \
-           request_count = usage_records.request_count + excluded.request_count, \
-           billable_count = usage_records.billable_count + excluded.billable_count",
-    )
-    .bind(c)
-    .bind(hours_ago)
-    .bind(billable)
-    .execute(pool)
-    .await
-    .unwrap();
-}
+use ledger::usage;
 
 async fn cycle(pool: &PgPool, cfg: &BillingConfig) -> BillReport {
     run_cycle(pool, cfg, None, Utc::now()).await.unwrap()
@@ -457,6 +417,19 @@ async fn a_confirmed_charge_is_booked_once_and_late_rows_bill_only_the_delta() {
     // On chain: exactly $6.00 left the escrow account.
     let acct = chain.token_account(&escrow(1)).await.unwrap().unwrap();
     assert_eq!(acct.amount, 1_000_000_000 - 6_000_000);
+    // And the reconciliation agrees: intents = ledger = chain.
+    let r = longshore_jobs::billing::reconcile::reconcile(&t.pool, chain.as_ref(), 1000)
+        .await
+        .unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(
+        (
+            r.confirmed_intents.cents,
+            r.ledger_charges.cents,
+            r.chain_transfers.cents
+        ),
+        (600, 600, 600)
+    );
 
     // Late lines land in the same, already charged hour: only the delta is billed.
     usage(&t.pool, 1, 1, 50_000).await; // +$5.00

@@ -1,10 +1,11 @@
 //! `longshore billing report [--customer ID] [--month YYYY-MM] [--json]`, `billing seed`,
-//! `billing cycle [--customer ID]`.
+//! `billing cycle [--customer ID]`, `billing reconcile [--limit N] [--json]`.
 
 use anyhow::anyhow;
 use chrono::{Datelike, Utc};
 use longshore_jobs::billing::bill_usage::{run_cycle, usd};
-use longshore_jobs::billing::config::BillingConfig;
+use longshore_jobs::billing::config::{BillingConfig, ChainBackend};
+use longshore_jobs::billing::reconcile::reconcile;
 use longshore_jobs::billing::report::{parse_month, report};
 
 use super::app::{self, CliError, CliResult};
@@ -36,6 +37,15 @@ enum Action {
         #[arg(long)]
         customer: Option<i32>,
     },
+    /// Compares confirmed charge intents, the ledger (`escrow_transactions`) and the
+    /// charge transfers into the treasury on chain; exits 1 on any difference.
+    Reconcile {
+        /// How many of the treasury's most recent transactions to read.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(args: Args) -> CliResult {
@@ -50,6 +60,47 @@ pub async fn run(args: Args) -> CliResult {
             let pool = app::pool(&cfg, "longshore-cli").await?;
             let new = longshore_jobs::billing::seed::seed_demo(&pool).await?;
             println!("seeded {new} new demo customers (ids 1001-1004, service seal)");
+            return Ok(());
+        }
+        Action::Reconcile { limit, json } => {
+            let billing = BillingConfig::from_config(&cfg).map_err(CliError::usage)?;
+            if billing.chain.backend == ChainBackend::Simulator {
+                return Err(CliError::usage(anyhow!(
+                    "billing.chain.backend is \"simulator\": its ledger lives inside the running dev process, so a separate command cannot read it; reconcile needs backend \"rpc\""
+                )));
+            }
+            let Some(chain) = billing.chain.build().map_err(CliError::usage)? else {
+                return Err(CliError::usage(anyhow!(
+                    "billing.chain.backend is \"none\": there is no chain to reconcile with"
+                )));
+            };
+            let pool = app::pool(&cfg, "longshore-cli").await?;
+            let r = reconcile(&pool, chain.as_ref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("reconciling with {}", r.chain);
+                for (what, t) in [
+                    ("confirmed intents", &r.confirmed_intents),
+                    ("ledger charges", &r.ledger_charges),
+                    ("chain transfers", &r.chain_transfers),
+                ] {
+                    println!("{what:>18}: {:>6} totalling {}", t.count, usd(t.cents));
+                }
+                for d in &r.differences {
+                    println!("DIFFERENCE {}", serde_json::to_string(d)?);
+                }
+                if r.is_clean() {
+                    println!("clean: the ledger matches the chain");
+                }
+            }
+            if !r.is_clean() {
+                return Err(anyhow!(
+                    "{} difference(s) between the ledger and the chain",
+                    r.differences.len()
+                )
+                .into());
+            }
             return Ok(());
         }
         Action::Cycle { customer } => {

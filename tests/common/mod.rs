@@ -47,11 +47,18 @@ where
     }
 }
 
+/// A read-only observation. On a starved machine the test's own pool can time out
+/// while workers hold the CPU; the observer retries that (and only that) a few times,
+/// so a slow read is not mistaken for a failure of the system under test.
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(pool)
-        .await
-        .expect(sql)
+    let mut tries = 0;
+    loop {
+        match sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await {
+            Ok(n) => return n,
+            Err(sqlx::Error::PoolTimedOut) if tries < 3 => tries += 1,
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
 }
 
 /// A `longshore` child process with its stderr captured to a file.

@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use super::vault::{VaultError, VaultKey};
 use crate::clients::chain::Chain;
+#[cfg(feature = "solana-rpc")]
+use crate::clients::chain_rpc::{Delegate, RpcChain, RpcChainConfig};
 use crate::clients::chain_sim::SimulatedChain;
 
 /// A value per service tier.
@@ -87,6 +89,64 @@ pub struct ChainConfig {
     pub poll_interval: Duration,
     /// The simulator's starting balance and allowance for each escrow account.
     pub simulator_escrow_usd: Decimal,
+    /// `rpc`: the JSON-RPC endpoint. A secret: providers put API keys in it; logs show
+    /// only its scheme and host.
+    #[serde(default)]
+    pub rpc_url: Option<SecretString>,
+    /// `rpc`: the commitment a charge must reach to be booked.
+    #[serde(default)]
+    pub commitment: Commitment,
+    /// `rpc`: per request.
+    #[serde(with = "humantime_serde", default = "default_rpc_timeout")]
+    pub rpc_timeout: Duration,
+    /// `rpc`: the USDC mint (base58); `transfer_checked` verifies it and its decimals.
+    #[serde(default)]
+    pub usdc_mint: String,
+    /// `rpc`: the delegate's keypair file (`solana-keygen` JSON). It signs charges and
+    /// pays their fees.
+    #[serde(default)]
+    pub delegate_keypair_file: Option<std::path::PathBuf>,
+    /// `rpc`: the delegate's keypair itself (JSON array or base58), for example from
+    /// `LONGSHORE__BILLING__CHAIN__DELEGATE_KEYPAIR`. Never logged.
+    #[serde(default, deserialize_with = "keypair_secret")]
+    pub delegate_keypair: Option<SecretString>,
+}
+
+/// The keypair as a string (JSON array text or base58), or as the array itself: an
+/// environment value `[1,2,…]` reaches us already parsed into numbers.
+fn keypair_secret<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+    Ok(match Option::<Form>::deserialize(d) {
+        Ok(Some(Form::Text(s))) => Some(SecretString::from(s)),
+        Ok(Some(Form::Bytes(b))) => Some(SecretString::from(format!("{b:?}"))),
+        Ok(None) => None,
+        // Never echo the value: untagged errors are generic, but say what is expected.
+        Err(_) => {
+            return Err(serde::de::Error::custom(
+                "expected a keypair: a JSON array of 64 bytes or base58",
+            ));
+        }
+    })
+}
+
+fn default_rpc_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Commitment {
+    Processed,
+    #[default]
+    Confirmed,
+    Finalized,
 }
 
 impl ChainConfig {
@@ -108,15 +168,81 @@ impl ChainConfig {
                 usd_to_units(self.simulator_escrow_usd),
                 self.max_charge_units(),
             )))),
+            #[cfg(feature = "solana-rpc")]
+            ChainBackend::Rpc => Ok(Some(Arc::new(RpcChain::new(self.rpc_config()?)))),
+            #[cfg(not(feature = "solana-rpc"))]
             ChainBackend::Rpc => Err(rpc_not_built()),
         }
     }
+
+    /// Without the `solana-rpc` feature, `backend = "rpc"` is refused at start.
+    #[cfg(not(feature = "solana-rpc"))]
+    pub fn rpc_config(&self) -> Result<(), ConfigError> {
+        Err(rpc_not_built())
+    }
+
+    #[cfg(feature = "solana-rpc")]
+    /// The Solana RPC settings, checked: every key `rpc` needs, the addresses parsed
+    /// and the delegate keypair loaded. Errors name the key, never the secret.
+    pub fn rpc_config(&self) -> Result<RpcChainConfig, ConfigError> {
+        use secrecy::ExposeSecret as _;
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            key: format!("billing.chain.{key}"),
+            message,
+        };
+        let url = match &self.rpc_url {
+            Some(u) if !u.expose_secret().trim().is_empty() => u.expose_secret().trim().to_string(),
+            _ => return Err(bad("rpc_url", "is required for backend \"rpc\"".into())),
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(bad("rpc_url", "must be an http(s) URL".into()));
+        }
+        use std::str::FromStr as _;
+        let address = |key: &str, v: &str| {
+            solana_address::Address::from_str(v)
+                .map_err(|_| bad(key, "must be a Solana address (base58 of 32 bytes)".into()))
+        };
+        let mint = address("usdc_mint", &self.usdc_mint)?;
+        let treasury = address("treasury_token_account", &self.treasury_token_account)?;
+        let (key, secret) = match (&self.delegate_keypair, &self.delegate_keypair_file) {
+            (Some(s), _) => ("delegate_keypair", s.expose_secret().to_string()),
+            (None, Some(path)) => (
+                "delegate_keypair_file",
+                std::fs::read_to_string(path).map_err(|e| {
+                    bad("delegate_keypair_file", format!("{}: {e}", path.display()))
+                })?,
+            ),
+            (None, None) => {
+                return Err(bad(
+                    "delegate_keypair_file",
+                    "backend \"rpc\" needs the delegate's keypair (delegate_keypair_file or delegate_keypair)".into(),
+                ));
+            }
+        };
+        let delegate = Delegate::parse(&secret).map_err(|m| bad(key, m))?;
+        use solana_commitment_config::CommitmentConfig;
+        let commitment = match self.commitment {
+            Commitment::Processed => CommitmentConfig::processed(),
+            Commitment::Confirmed => CommitmentConfig::confirmed(),
+            Commitment::Finalized => CommitmentConfig::finalized(),
+        };
+        Ok(RpcChainConfig {
+            url,
+            commitment,
+            timeout: self.rpc_timeout,
+            mint,
+            treasury,
+            delegate,
+            max_units: self.max_charge_units(),
+        })
+    }
 }
 
+#[cfg(not(feature = "solana-rpc"))]
 fn rpc_not_built() -> ConfigError {
     ConfigError::Invalid {
         key: "billing.chain.backend".into(),
-        message: "\"rpc\" (Solana JSON-RPC) is not in this build yet; use \"none\" (intents wait) or \"simulator\" (dev)".into(),
+        message: "\"rpc\" (Solana JSON-RPC) is not in this build: build with `--features solana-rpc` (release images do), or use \"none\" (intents wait) or \"simulator\" (dev)".into(),
     }
 }
 
@@ -177,7 +303,7 @@ impl BillingConfig {
             );
         }
         if b.chain.backend == ChainBackend::Rpc {
-            return Err(rpc_not_built());
+            b.chain.rpc_config()?;
         }
         if !b.chain.treasury_token_account.is_empty()
             && crate::clients::chain::validate_address("treasury", &b.chain.treasury_token_account)

@@ -6,6 +6,7 @@
 //! - [`aggregate_usage`]: watermark-based hourly aggregation into `usage_records`.
 //! - [`bill_usage`]: prices unbilled usage into charge intents (suspends, resumes).
 //! - [`charge_escrow`]: an intent onto the chain exactly once.
+//! - [`reconcile`]: the ledger against the chain (`longshore billing reconcile`).
 //! - [`vault`]: the API-key vault file HAProxy reads.
 //! - [`prune_raw_logs`]: raw-log retention (drops day partitions).
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod haproxy;
 pub mod ingest_logs;
 pub mod prune_raw_logs;
+pub mod reconcile;
 pub mod report;
 pub mod scan_log_spool;
 pub mod seed;

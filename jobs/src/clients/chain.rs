@@ -69,6 +69,17 @@ pub struct AddressSignature {
     pub err: Option<String>,
 }
 
+/// A charge transfer found on chain: a successful transaction into the treasury that
+/// carries a charge memo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChargeTransfer {
+    pub signature: String,
+    /// The memo as written (`longshore:charge:<intent_id>`).
+    pub memo: String,
+    pub source: String,
+    pub amount: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenAccount {
     pub mint: String,
@@ -120,6 +131,14 @@ pub trait Chain: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<AddressSignature>, ChainError>;
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError>;
+    /// The charge transfers into the treasury, newest first, up to `limit`
+    /// transactions of its history (for reconciliation).
+    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError>;
+}
+
+/// The intent a charge memo names.
+pub fn intent_of_memo(memo: &str) -> Option<uuid::Uuid> {
+    memo.trim().strip_prefix("longshore:charge:")?.parse().ok()
 }
 
 /// A Solana address: base58 of exactly 32 bytes.

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 
 use super::chain::{
-    AddressSignature, Blockhash, Chain, ChainError, Charge, SignedTx, TokenAccount, TxStatus,
-    validate_charge,
+    AddressSignature, Blockhash, Chain, ChainError, Charge, ChargeTransfer, SignedTx, TokenAccount,
+    TxStatus, validate_charge,
 };
 
 const SLOT: Duration = Duration::from_millis(400);
@@ -35,6 +35,7 @@ struct Landed {
     at: u64,
     source: String,
     memo: String,
+    amount: u64,
     err: Option<String>,
 }
 
@@ -165,6 +166,7 @@ impl Chain for SimulatedChain {
                 at: h + 1,
                 source: sim.charge.source,
                 memo: sim.charge.memo,
+                amount,
                 err: None,
             },
         );
@@ -223,5 +225,24 @@ impl Chain for SimulatedChain {
             delegate: Some("simulated-delegate".into()),
             delegated_amount: a.delegated,
         }))
+    }
+
+    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError> {
+        let st = self.state.lock().expect("simulator lock");
+        Ok(st
+            .order
+            .iter()
+            .rev()
+            .take(limit)
+            .filter_map(|sig| {
+                let l = &st.txs[sig];
+                (l.err.is_none()).then(|| ChargeTransfer {
+                    signature: sig.clone(),
+                    memo: l.memo.clone(),
+                    source: l.source.clone(),
+                    amount: l.amount,
+                })
+            })
+            .collect())
     }
 }

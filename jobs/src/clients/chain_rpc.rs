@@ -1,0 +1,506 @@
+//! Solana over JSON-RPC (`billing.chain.backend = "rpc"`): the production [`Chain`].
+//!
+//! A charge is one legacy transaction, fee paid and signed by the delegate key:
+//! SPL Token `transfer_checked` (escrow token account → treasury token account, as the
+//! escrow's approved delegate, mint and decimals checked by the program) plus an SPL
+//! Memo `longshore:charge:<intent_id>` that makes the charge findable on chain.
+//!
+//! How RPC answers map onto [`ChainError`]:
+//! - a preflight failure whose error is about the transaction's content (an
+//!   instruction error, insufficient funds for the fee, a wrong account) → `Rejected`:
+//!   the same bytes can never succeed;
+//! - `AlreadyProcessed` → the send succeeded earlier: `Ok`;
+//! - `BlockhashNotFound` (a lagging node, or an expired hash) → `Unavailable`: only
+//!   the expiry rule of `charge_escrow` decides that a transaction is dead;
+//! - transport errors, timeouts, 429/5xx, node unhealthy → `Unavailable`.
+//!
+//! The delegate's secret key never leaves [`Delegate`]: not in `Debug`, logs or errors.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use solana_address::Address;
+use solana_commitment_config::CommitmentConfig;
+use solana_hash::Hash;
+use solana_keypair::Keypair;
+use solana_message::Message;
+use solana_rpc_client::nonblocking::rpc_client::RpcClient;
+use solana_rpc_client::rpc_client::GetConfirmedSignaturesForAddress2Config;
+use solana_rpc_client_api::client_error::{Error as ClientError, ErrorKind};
+use solana_rpc_client_api::request::{RpcError, RpcRequest, RpcResponseErrorData};
+use solana_signature::Signature;
+use solana_signer::Signer;
+use solana_transaction::Transaction;
+use solana_transaction_error::TransactionError;
+
+use super::chain::{
+    AddressSignature, Blockhash, Chain, ChainError, Charge, ChargeTransfer, SignedTx, TokenAccount,
+    TxStatus, USDC_DECIMALS, validate_charge,
+};
+
+/// The delegate key that signs charges (and pays their fees). Holds the secret; shows
+/// only the public key.
+pub struct Delegate(Keypair);
+
+impl Delegate {
+    /// A `solana-keygen` JSON array of 64 numbers, or the base58 of those 64 bytes.
+    /// The error never repeats the input.
+    pub fn parse(secret: &str) -> Result<Self, String> {
+        let s = secret.trim();
+        let kp = if s.starts_with('[') {
+            solana_keypair::read_keypair(&mut s.as_bytes())
+                .map_err(|_| "not a keypair: expected a JSON array of 64 bytes".to_string())?
+        } else {
+            Keypair::try_from_base58_string(s)
+                .map_err(|_| "not a keypair: expected base58 of 64 bytes".to_string())?
+        };
+        Ok(Delegate(kp))
+    }
+
+    pub fn address(&self) -> Address {
+        self.0.pubkey()
+    }
+}
+
+impl fmt::Debug for Delegate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Delegate({})", self.0.pubkey())
+    }
+}
+
+/// What the RPC chain needs to know.
+#[derive(Debug)]
+pub struct RpcChainConfig {
+    pub url: String,
+    pub commitment: CommitmentConfig,
+    pub timeout: Duration,
+    pub mint: Address,
+    pub treasury: Address,
+    pub delegate: Delegate,
+    pub max_units: u64,
+}
+
+pub struct RpcChain {
+    client: RpcClient,
+    describe: String,
+    commitment: CommitmentConfig,
+    mint: Address,
+    treasury: Address,
+    delegate: Delegate,
+    max_units: u64,
+}
+
+impl RpcChain {
+    pub fn new(c: RpcChainConfig) -> Self {
+        let describe = format!(
+            "solana-rpc {} ({:?}, delegate {})",
+            redact_url(&c.url),
+            c.commitment.commitment,
+            c.delegate.address()
+        );
+        RpcChain {
+            client: RpcClient::new_with_timeout_and_commitment(c.url, c.timeout, c.commitment),
+            describe,
+            commitment: c.commitment,
+            mint: c.mint,
+            treasury: c.treasury,
+            delegate: c.delegate,
+            max_units: c.max_units,
+        }
+    }
+
+    /// The transaction for a charge, signed, before any network use.
+    pub fn build(&self, charge: &Charge, blockhash: &Hash) -> Result<Transaction, ChainError> {
+        validate_charge(charge, self.max_units)?;
+        let source = parse_address("escrow account", &charge.source)?;
+        let authority = self.delegate.address();
+        let transfer = spl_token_interface::instruction::transfer_checked(
+            &spl_token_interface::id(),
+            &source,
+            &self.mint,
+            &self.treasury,
+            &authority,
+            &[],
+            charge.amount,
+            USDC_DECIMALS,
+        )
+        .map_err(|e| ChainError::Invalid(format!("transfer_checked: {e}")))?;
+        let memo = spl_memo_interface::instruction::build_memo(
+            &spl_memo_interface::v3::id(),
+            charge.memo.as_bytes(),
+            &[&authority],
+        );
+        let message = Message::new_with_blockhash(&[transfer, memo], Some(&authority), blockhash);
+        let mut tx = Transaction::new_unsigned(message);
+        tx.try_sign(&[&self.delegate.0], *blockhash)
+            .map_err(|e| ChainError::Invalid(format!("signing: {e}")))?;
+        Ok(tx)
+    }
+}
+
+/// The URL without its path and query, where RPC providers put API keys.
+pub fn redact_url(url: &str) -> String {
+    match split_url(url) {
+        Some((scheme, host)) => format!("{scheme}://{host}/…"),
+        None => "<rpc url>".into(),
+    }
+}
+
+fn split_url(url: &str) -> Option<(String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let host = rest.split(['/', '?', '#']).next()?;
+    // user:password@host → host
+    let host = host.rsplit('@').next()?;
+    Some((scheme.to_string(), host.to_string()))
+}
+
+fn parse_address(what: &str, s: &str) -> Result<Address, ChainError> {
+    Address::from_str(s).map_err(|_| ChainError::Invalid(format!("{what} is not a Solana address")))
+}
+
+fn parse_signature(s: &str) -> Result<Signature, ChainError> {
+    Signature::from_str(s).map_err(|_| ChainError::Invalid("not a transaction signature".into()))
+}
+
+/// A failure of any RPC call: the outcome is unknown unless the node says otherwise.
+fn unavailable(e: ClientError) -> ChainError {
+    // Display of a client error names the method and the node's message; the URL (and
+    // any key in it) is not part of it.
+    ChainError::Unavailable(redact_reqwest(&e))
+}
+
+fn redact_reqwest(e: &ClientError) -> String {
+    match e.kind() {
+        // reqwest's Display includes the URL; keep only what went wrong.
+        ErrorKind::Reqwest(r) => {
+            let what = if r.is_timeout() {
+                "timed out"
+            } else if r.is_connect() {
+                "connection failed"
+            } else if r.is_decode() {
+                "undecodable answer"
+            } else {
+                "http error"
+            };
+            match r.status() {
+                Some(s) => format!("rpc: {what} (HTTP {s})"),
+                None => format!("rpc: {what}"),
+            }
+        }
+        _ => format!("rpc: {e}"),
+    }
+}
+
+/// The transaction error a send was refused with, if the node simulated it.
+fn preflight_error(e: &ClientError) -> Option<TransactionError> {
+    if let ErrorKind::RpcError(RpcError::RpcResponseError {
+        data: RpcResponseErrorData::SendTransactionPreflightFailure(sim),
+        ..
+    }) = e.kind()
+    {
+        return sim.err.clone().map(TransactionError::from);
+    }
+    e.get_transaction_error()
+}
+
+#[async_trait]
+impl Chain for RpcChain {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn latest_blockhash(&self) -> Result<Blockhash, ChainError> {
+        let (hash, last_valid_block_height) = self
+            .client
+            .get_latest_blockhash_with_commitment(self.commitment)
+            .await
+            .map_err(unavailable)?;
+        Ok(Blockhash {
+            hash: hash.to_string(),
+            last_valid_block_height,
+        })
+    }
+
+    async fn block_height(&self) -> Result<u64, ChainError> {
+        self.client
+            .get_block_height_with_commitment(self.commitment)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn sign_charge(
+        &self,
+        charge: &Charge,
+        blockhash: &Blockhash,
+    ) -> Result<SignedTx, ChainError> {
+        let hash = Hash::from_str(&blockhash.hash)
+            .map_err(|_| ChainError::Invalid("not a blockhash".into()))?;
+        let tx = self.build(charge, &hash)?;
+        let bytes = wincode::serialize(&tx)
+            .map_err(|e| ChainError::Invalid(format!("serializing: {e}")))?;
+        Ok(SignedTx {
+            bytes,
+            signature: tx.signatures[0].to_string(),
+        })
+    }
+
+    async fn send(&self, tx: &SignedTx) -> Result<String, ChainError> {
+        use solana_rpc_client_api::config::RpcSendTransactionConfig;
+        use solana_transaction_status_client_types::UiTransactionEncoding;
+        // The exact stored bytes, so a resend is the same transaction. The node does
+        // not retry on its own (max_retries 0): charge_escrow owns resending.
+        let config = RpcSendTransactionConfig {
+            skip_preflight: false,
+            preflight_commitment: Some(self.commitment.commitment),
+            encoding: Some(UiTransactionEncoding::Base64),
+            max_retries: Some(0),
+            min_context_slot: None,
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&tx.bytes);
+        let sent: Result<String, ClientError> = self
+            .client
+            .send(
+                RpcRequest::SendTransaction,
+                serde_json::json!([encoded, config]),
+            )
+            .await;
+        match sent {
+            Ok(sig) if sig == tx.signature => Ok(sig),
+            Ok(other) => Err(ChainError::Unavailable(format!(
+                "rpc answered with signature {other}, expected {}",
+                tx.signature
+            ))),
+            Err(e) => match preflight_error(&e) {
+                Some(TransactionError::AlreadyProcessed) => Ok(tx.signature.clone()),
+                // The node does not know the blockhash: it lags, or the hash expired.
+                // Either way the expiry rule decides, not this answer.
+                Some(TransactionError::BlockhashNotFound) | None => Err(unavailable(e)),
+                Some(err) => Err(ChainError::Rejected(err.to_string())),
+            },
+        }
+    }
+
+    async fn signature_statuses(
+        &self,
+        signatures: &[String],
+    ) -> Result<Vec<Option<TxStatus>>, ChainError> {
+        let sigs = signatures
+            .iter()
+            .map(|s| parse_signature(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = self
+            .client
+            .get_signature_statuses_with_history(&sigs)
+            .await
+            .map_err(unavailable)?;
+        Ok(r.value
+            .into_iter()
+            .map(|s| {
+                s.map(|s| {
+                    if !s.satisfies_commitment(self.commitment) {
+                        TxStatus::Pending
+                    } else {
+                        TxStatus::Landed {
+                            err: s.err.map(|e| e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect())
+    }
+
+    async fn signatures_for_address(
+        &self,
+        address: &str,
+        limit: usize,
+    ) -> Result<Vec<AddressSignature>, ChainError> {
+        let addr = parse_address("address", address)?;
+        let r = self
+            .client
+            .get_signatures_for_address_with_config(
+                &addr,
+                GetConfirmedSignaturesForAddress2Config {
+                    before: None,
+                    until: None,
+                    limit: Some(limit),
+                    commitment: Some(self.commitment),
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(r.into_iter()
+            .map(|s| AddressSignature {
+                signature: s.signature,
+                memo: s.memo,
+                err: s.err.map(|e| e.to_string()),
+            })
+            .collect())
+    }
+
+    async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError> {
+        use solana_program_pack::Pack as _;
+        let addr = parse_address("token account", address)?;
+        let r = self
+            .client
+            .get_account_with_commitment(&addr, self.commitment)
+            .await
+            .map_err(unavailable)?;
+        let Some(acc) = r.value else {
+            return Ok(None);
+        };
+        if acc.owner != spl_token_interface::id() {
+            return Err(ChainError::Invalid(format!(
+                "{address} is not an SPL Token account"
+            )));
+        }
+        let t = spl_token_interface::state::Account::unpack(&acc.data)
+            .map_err(|e| ChainError::Invalid(format!("{address}: {e}")))?;
+        Ok(Some(TokenAccount {
+            mint: t.mint.to_string(),
+            owner: t.owner.to_string(),
+            amount: t.amount,
+            delegate: Option::<Address>::from(t.delegate).map(|d| d.to_string()),
+            delegated_amount: t.delegated_amount,
+        }))
+    }
+
+    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError> {
+        let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut before = None;
+        let mut seen = 0;
+        while seen < limit {
+            let page = self
+                .client
+                .get_signatures_for_address_with_config(
+                    &self.treasury,
+                    GetConfirmedSignaturesForAddress2Config {
+                        before,
+                        until: None,
+                        limit: Some((limit - seen).min(1000)),
+                        commitment: Some(self.commitment),
+                    },
+                )
+                .await
+                .map_err(unavailable)?;
+            let asked = (limit - seen).min(1000);
+            let Some(last) = page.last() else { break };
+            before = Some(parse_signature(&last.signature)?);
+            seen += page.len();
+            for s in &page {
+                let charge_memo = s
+                    .memo
+                    .as_deref()
+                    .is_some_and(|m| m.contains("longshore:charge:"));
+                // A node that ignores `before` would hand the same page again.
+                if !listed.insert(s.signature.clone()) {
+                    continue;
+                }
+                if s.err.is_none()
+                    && charge_memo
+                    && let Some(t) = self.charge_in(&s.signature).await?
+                {
+                    out.push(t);
+                }
+            }
+            if page.len() < asked {
+                break; // the start of the history
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RpcChain {
+    /// The charge transfer in a landed transaction, if it is one: a `transfer_checked`
+    /// into the treasury plus a charge memo.
+    async fn charge_in(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError> {
+        use solana_rpc_client_api::config::RpcTransactionConfig;
+        use solana_transaction_status_client_types::UiTransactionEncoding;
+        use spl_token_interface::instruction::TokenInstruction;
+        let r = self
+            .client
+            .get_transaction_with_config(
+                &parse_signature(signature)?,
+                RpcTransactionConfig {
+                    encoding: Some(UiTransactionEncoding::Base64),
+                    commitment: Some(self.commitment),
+                    max_supported_transaction_version: Some(0),
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some(tx) = r.transaction.transaction.decode() else {
+            return Ok(None);
+        };
+        let keys = tx.message.static_account_keys();
+        let key = |i: u8| keys.get(i as usize).copied();
+        let mut memo = None;
+        let mut transfer = None;
+        for ix in tx.message.instructions() {
+            let program = key(ix.program_id_index);
+            if program == Some(spl_memo_interface::v3::id())
+                || program == Some(spl_memo_interface::v1::id())
+            {
+                memo = Some(String::from_utf8_lossy(&ix.data).into_owned());
+            } else if program == Some(spl_token_interface::id())
+                && let Ok(TokenInstruction::TransferChecked { amount, .. }) =
+                    TokenInstruction::unpack(&ix.data)
+            {
+                let source = ix.accounts.first().and_then(|&i| key(i));
+                let dest = ix.accounts.get(2).and_then(|&i| key(i));
+                if dest == Some(self.treasury) {
+                    transfer = source.map(|s| (s, amount));
+                }
+            }
+        }
+        Ok(match (memo, transfer) {
+            (Some(memo), Some((source, amount))) if memo.starts_with("longshore:charge:") => {
+                Some(ChargeTransfer {
+                    signature: signature.to_string(),
+                    memo,
+                    source: source.to_string(),
+                    amount,
+                })
+            }
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secret_never_shows() {
+        let kp = Keypair::new();
+        let json = format!("{:?}", kp.to_bytes().to_vec());
+        let d = Delegate::parse(&json).unwrap();
+        assert_eq!(d.address(), kp.pubkey());
+        let shown = format!("{d:?}");
+        assert!(shown.contains(&kp.pubkey().to_string()));
+        assert!(!shown.contains(&kp.to_base58_string()));
+        let b58 = Delegate::parse(&kp.to_base58_string()).unwrap();
+        assert_eq!(b58.address(), kp.pubkey());
+        let bad = Delegate::parse("[1, 2, 3]").unwrap_err();
+        assert!(!bad.contains("1, 2"));
+        assert!(Delegate::parse("not-a-key").is_err());
+    }
+
+    #[test]
+    fn urls_lose_their_keys() {
+        assert_eq!(
+            redact_url("https://mainnet.helius-rpc.com/?api-key=SECRET"),
+            "https://mainnet.helius-rpc.com/…"
+        );
+        assert_eq!(
+            redact_url("https://user:pw@rpc.example.com/v1/SECRET"),
+            "https://rpc.example.com/…"
+        );
+        assert_eq!(redact_url("junk"), "<rpc url>");
+    }
+}
