@@ -25,11 +25,16 @@ use solana::{FakeSolana, VALID_BLOCKS, until};
 use sqlx::PgPool;
 
 const USDC: u64 = 1_000_000;
+const API_KEY: &str = "sekrit-api-key";
 
 fn env(fake: &FakeSolana) -> Vec<(String, String)> {
     [
         ("LONGSHORE__BILLING__CHAIN__BACKEND", "rpc".to_string()),
-        ("LONGSHORE__BILLING__CHAIN__RPC_URL", fake.url.clone()),
+        // Providers put API keys in the URL: it must never be shown.
+        (
+            "LONGSHORE__BILLING__CHAIN__RPC_URL",
+            format!("{}/?api-key={API_KEY}", fake.url),
+        ),
         (
             "LONGSHORE__BILLING__CHAIN__USDC_MINT",
             fake.mint.to_string(),
@@ -514,9 +519,17 @@ async fn rpc_settings_are_checked_at_start() {
     let cfg = cfg(&fake);
     let shown = format!("{cfg:?}");
     assert!(
-        !shown.contains(&fake.delegate_json) && !shown.contains(&fake.url),
+        !shown.contains(&fake.delegate_json) && !shown.contains(API_KEY),
         "{shown}"
     );
+    let rpc = cfg.chain.rpc_config().unwrap();
+    let shown = format!("{rpc:?}");
+    assert!(
+        !shown.contains(&fake.delegate_json) && !shown.contains(API_KEY),
+        "{shown}"
+    );
+    assert!(shown.contains(&fake.delegate.to_string()), "{shown}");
+    assert!(!chain(&cfg).describe().contains(API_KEY));
 }
 
 // ---- Row 18: kill -9 of a real worker process at each step, then a real resume. ----
@@ -572,6 +585,16 @@ async fn kill_and_resume(hold: impl FnOnce(&mut solana::Script), at: &str) {
     w2.signal("TERM");
     w2.wait_exit(Duration::from_secs(10)).await;
     assert_ndc(&t.pool, &fake, 1).await;
+    for logs in [w.logs(), w2.logs()] {
+        assert!(
+            logs.contains("solana-rpc http://127.0.0.1"),
+            "the chain is named in the log"
+        );
+        assert!(
+            !logs.contains(API_KEY) && !logs.contains(&fake.delegate_json),
+            "a secret in the log:\n{logs}"
+        );
+    }
     println!("{at}: resumed, {} sends", fake.sends());
 }
 
@@ -704,4 +727,37 @@ async fn reconcile_compares_the_ledger_with_the_chain() {
         err.contains("difference(s) between the ledger and the chain"),
         "{err}"
     );
+}
+
+/// Row 23 over RPC: an escrow that is not an address, or an amount over the ceiling,
+/// fails the intent before anything is built: the endpoint never sees a transaction.
+#[tokio::test]
+async fn row23_bad_addresses_and_amounts_never_reach_the_endpoint() {
+    let t = db().await;
+    let fake = FakeSolana::start().await;
+    let mut vars = env(&fake);
+    vars.push((
+        "LONGSHORE__BILLING__CHAIN__MAX_CHARGE_USD".into(),
+        "10.00".into(),
+    ));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cfg = BillingConfig::from_config(&common::config(&vars)).unwrap();
+    let chain = chain(&cfg);
+    let good = fake.open_escrow(100 * USDC, 100 * USDC);
+    for (c, escrow, billable) in [(1, "not,an address", 60_000), (2, good.as_str(), 110_000)] {
+        ledger::customer(&t.pool, c, escrow, 1_000_000, 1_000_000, "enterprise").await;
+        ledger::usage(&t.pool, c, 2, billable).await;
+        run_cycle(&t.pool, &cfg, Some(c), Utc::now()).await.unwrap();
+        let id: String =
+            sqlx::query_scalar("SELECT intent_id::text FROM charge_intents WHERE customer_id = $1")
+                .bind(c)
+                .fetch_one(&t.pool)
+                .await
+                .unwrap();
+        let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
+        assert_eq!(done["state"], "failed", "customer {c}");
+    }
+    assert_eq!(fake.sends(), 0, "nothing was sent");
+    assert_eq!(fake.balance(&good), 100 * USDC);
+    assert_ndc(&t.pool, &fake, 0).await;
 }

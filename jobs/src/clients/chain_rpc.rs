@@ -71,8 +71,7 @@ impl fmt::Debug for Delegate {
     }
 }
 
-/// What the RPC chain needs to know.
-#[derive(Debug)]
+/// What the RPC chain needs to know. `Debug` shows the URL's host only.
 pub struct RpcChainConfig {
     pub url: String,
     pub commitment: CommitmentConfig,
@@ -81,6 +80,20 @@ pub struct RpcChainConfig {
     pub treasury: Address,
     pub delegate: Delegate,
     pub max_units: u64,
+}
+
+impl fmt::Debug for RpcChainConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcChainConfig")
+            .field("url", &redact_url(&self.url))
+            .field("commitment", &self.commitment.commitment)
+            .field("timeout", &self.timeout)
+            .field("mint", &self.mint)
+            .field("treasury", &self.treasury)
+            .field("delegate", &self.delegate)
+            .field("max_units", &self.max_units)
+            .finish()
+    }
 }
 
 pub struct RpcChain {
