@@ -20,6 +20,7 @@ use longshore_jobs::billing::charge_escrow::{Driver, EXPIRY_MARGIN_BLOCKS, Step}
 use longshore_jobs::billing::config::BillingConfig;
 use longshore_jobs::clients::chain::{Chain, ChainError};
 use longshore_jobs::clients::chain_rpc::RpcChain;
+use longshore_workers::testing::TestDb;
 use serde_json::Value;
 use solana::{FakeSolana, VALID_BLOCKS, until};
 use sqlx::PgPool;
@@ -66,6 +67,15 @@ fn cfg(fake: &FakeSolana) -> BillingConfig {
     let vars = env(fake);
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     BillingConfig::from_config(&common::config(&vars)).unwrap()
+}
+
+/// A database, an endpoint, the worker's config for it, and the production client.
+async fn setup() -> (TestDb, FakeSolana, BillingConfig, RpcChain) {
+    let t = db().await;
+    let fake = FakeSolana::start().await;
+    let cfg = cfg(&fake);
+    let chain = chain(&cfg);
+    (t, fake, cfg, chain)
 }
 
 fn chain(cfg: &BillingConfig) -> RpcChain {
@@ -178,10 +188,7 @@ async fn assert_ndc(pool: &PgPool, fake: &FakeSolana, n: usize) {
 
 #[tokio::test]
 async fn a_charge_moves_the_tokens_once_and_books_them() {
-    let t = db().await;
-    let fake = FakeSolana::start().await;
-    let cfg = cfg(&fake);
-    let chain = chain(&cfg);
+    let (t, fake, cfg, chain) = setup().await;
     let (id, escrow) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 50 * USDC, 60_000).await;
     let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
     assert_eq!(done["state"], "confirmed");
@@ -219,10 +226,7 @@ async fn a_charge_moves_the_tokens_once_and_books_them() {
 /// transfer. A node answering 503 on the way changes nothing either.
 #[tokio::test]
 async fn row16_a_send_that_times_out_after_landing_is_not_signed_again() {
-    let t = db().await;
-    let fake = FakeSolana::start().await;
-    let cfg = cfg(&fake);
-    let chain = chain(&cfg);
+    let (t, fake, cfg, chain) = setup().await;
     let (id, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
     fake.script(|s| s.hang_sends_after = 1);
     let e = drive(&t.pool, &cfg, &chain, &id).await.unwrap_err();
@@ -250,10 +254,7 @@ async fn row16_a_send_that_times_out_after_landing_is_not_signed_again() {
 /// transaction. One transfer either way.
 #[tokio::test]
 async fn row17_a_dropped_transaction_is_resent_then_replaced_only_after_expiry() {
-    let t = db().await;
-    let fake = FakeSolana::start().await;
-    let cfg = cfg(&fake);
-    let chain = chain(&cfg);
+    let (t, fake, cfg, chain) = setup().await;
 
     // Dropped once: the resend of the same bytes lands.
     let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
@@ -311,10 +312,7 @@ async fn row17_a_dropped_transaction_is_resent_then_replaced_only_after_expiry()
 /// valid height is found by the final status check, not replaced.
 #[tokio::test]
 async fn row19_a_lagging_node_causes_no_false_expiry() {
-    let t = db().await;
-    let fake = FakeSolana::start().await;
-    let cfg = cfg(&fake);
-    let chain = chain(&cfg);
+    let (t, fake, cfg, chain) = setup().await;
 
     // Stale height.
     let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
@@ -406,10 +404,7 @@ async fn row20_racing_drivers_move_the_tokens_once() {
 /// nothing moved.
 #[tokio::test]
 async fn rejections_by_the_token_program_fail_the_intent_and_move_nothing() {
-    let t = db().await;
-    let fake = FakeSolana::start().await;
-    let cfg = cfg(&fake);
-    let chain = chain(&cfg);
+    let (t, fake, cfg, chain) = setup().await;
     let stranger = solana_address::Address::new_unique();
     let cases: Vec<(&str, String)> = vec![
         ("allowance", fake.open_escrow(100 * USDC, USDC)),
@@ -658,10 +653,7 @@ async fn row18_kill9_after_booking() {
 /// then each kind of damage to the ledger is reported and the exit code is 1.
 #[tokio::test]
 async fn reconcile_compares_the_ledger_with_the_chain() {
-    let t = db().await;
-    let fake = FakeSolana::start().await;
-    let cfg = cfg(&fake);
-    let chain = chain(&cfg);
+    let (t, fake, cfg, chain) = setup().await;
     let mut ids = Vec::new();
     for c in 1..=3 {
         let (id, _) = intent(

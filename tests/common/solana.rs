@@ -347,6 +347,19 @@ fn preflight(id: &Value, err: TransactionError, logs: Vec<String>) -> Response {
     rpc_error(id, -32002, &message, data)
 }
 
+fn address_param(v: &Value) -> Option<Address> {
+    v.as_str()?.parse().ok()
+}
+
+fn bad_address(id: &Value) -> Response {
+    rpc_error(
+        id,
+        -32602,
+        "Invalid param: not a valid address",
+        Value::Null,
+    )
+}
+
 fn context(slot: u64) -> Value {
     json!({"slot": slot, "apiVersion": "4.2.2"})
 }
@@ -440,13 +453,8 @@ async fn rpc(AxState(st): AxState<Arc<Mutex<State>>>, Json(req): Json<Value>) ->
         }
         "getSignaturesForAddress" => {
             let s = st.lock().unwrap();
-            let Ok(address) = params[0].as_str().unwrap_or_default().parse::<Address>() else {
-                return rpc_error(
-                    &id,
-                    -32602,
-                    "Invalid param: not a valid address",
-                    Value::Null,
-                );
+            let Some(address) = address_param(&params[0]) else {
+                return bad_address(&id);
             };
             let limit = params[1]["limit"].as_u64().unwrap_or(1000) as usize;
             let before = params[1]["before"].as_str();
@@ -476,13 +484,8 @@ async fn rpc(AxState(st): AxState<Arc<Mutex<State>>>, Json(req): Json<Value>) ->
         }
         "getAccountInfo" => {
             let s = st.lock().unwrap();
-            let Ok(address) = params[0].as_str().unwrap_or_default().parse::<Address>() else {
-                return rpc_error(
-                    &id,
-                    -32602,
-                    "Invalid param: not a valid address",
-                    Value::Null,
-                );
+            let Some(address) = address_param(&params[0]) else {
+                return bad_address(&id);
             };
             let value = s.svm.get_account(&address).map_or(Value::Null, |a| {
                 json!({
