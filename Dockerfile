@@ -2,7 +2,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --features solana-rpc --bin longshore
+RUN cargo build --release --locked --bin longshore
 
 FROM debian:bookworm-slim
 RUN apt-get update \
