@@ -7,6 +7,7 @@
 
 pub mod billing;
 pub mod clients;
+pub mod market;
 pub mod probe;
 
 use std::sync::Arc;
