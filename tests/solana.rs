@@ -95,17 +95,40 @@ async fn intent(
     billable: i64,
 ) -> (String, String) {
     let escrow = fake.open_escrow(balance, allowance);
-    ledger::customer(pool, c, &escrow, 1_000_000, 1_000_000, "enterprise").await;
+    (billed(pool, cfg, c, &escrow, billable).await, escrow)
+}
+
+/// Customer `c` paying from `escrow`, with `billable` requests of usage: the one
+/// intent a billing cycle creates.
+async fn billed(pool: &PgPool, cfg: &BillingConfig, c: i32, escrow: &str, billable: i64) -> String {
+    ledger::customer(pool, c, escrow, 1_000_000, 1_000_000, "enterprise").await;
     ledger::usage(pool, c, 2, billable).await;
     let r = run_cycle(pool, cfg, Some(c), Utc::now()).await.unwrap();
     assert_eq!(r.intents.len(), 1, "{r:?}");
-    let id: String =
-        sqlx::query_scalar("SELECT intent_id::text FROM charge_intents WHERE customer_id = $1")
-            .bind(c)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    (id, escrow)
+    sqlx::query_scalar("SELECT intent_id::text FROM charge_intents WHERE customer_id = $1")
+        .bind(c)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Drives intent `id` once while the endpoint drops the send: it is `sent`, not
+/// landed. Returns its signature.
+async fn sent_but_dropped(
+    pool: &PgPool,
+    cfg: &BillingConfig,
+    fake: &FakeSolana,
+    chain: &RpcChain,
+    id: &str,
+) -> Option<String> {
+    fake.script(|s| s.drop_sends = 1);
+    assert!(
+        drive(pool, cfg, chain, id).await.unwrap().is_none(),
+        "sent, not landed"
+    );
+    let (st, sig) = state(pool, id).await;
+    assert_eq!(st, "sent");
+    sig
 }
 
 async fn drive(
@@ -258,12 +281,7 @@ async fn row17_a_dropped_transaction_is_resent_then_replaced_only_after_expiry()
 
     // Dropped once: the resend of the same bytes lands.
     let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
-    fake.script(|s| s.drop_sends = 1);
-    assert!(
-        drive(&t.pool, &cfg, &chain, &a).await.unwrap().is_none(),
-        "sent, not landed"
-    );
-    let (_, first) = state(&t.pool, &a).await;
+    let first = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &a).await;
     fake.advance(10);
     let done = drive(&t.pool, &cfg, &chain, &a).await.unwrap().unwrap();
     assert_eq!(
@@ -316,9 +334,7 @@ async fn row19_a_lagging_node_causes_no_false_expiry() {
 
     // Stale height.
     let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
-    fake.script(|s| s.drop_sends = 1);
-    assert!(drive(&t.pool, &cfg, &chain, &a).await.unwrap().is_none());
-    let (_, old) = state(&t.pool, &a).await;
+    let old = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &a).await;
     fake.advance(VALID_BLOCKS + 2 * EXPIRY_MARGIN_BLOCKS);
     fake.script(|s| s.height_lag = VALID_BLOCKS + 2 * EXPIRY_MARGIN_BLOCKS);
     for _ in 0..2 {
@@ -336,9 +352,7 @@ async fn row19_a_lagging_node_causes_no_false_expiry() {
     // Lagging view: the transaction lands at its last valid height; statuses and
     // histories show it only 30 blocks later.
     let (b, _) = intent(&t.pool, &cfg, &fake, 2, 100 * USDC, 100 * USDC, 70_000).await;
-    fake.script(|s| s.drop_sends = 1);
-    assert!(drive(&t.pool, &cfg, &chain, &b).await.unwrap().is_none());
-    let (_, sig) = state(&t.pool, &b).await;
+    let sig = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &b).await;
     let lvbh: i64 = sqlx::query_scalar(
         "SELECT last_valid_block_height FROM charge_intents WHERE intent_id = $1::uuid",
     )
@@ -428,15 +442,7 @@ async fn rejections_by_the_token_program_fail_the_intent_and_move_nothing() {
     ];
     for (i, (why, escrow)) in cases.iter().enumerate() {
         let c = i as i32 + 1;
-        ledger::customer(&t.pool, c, escrow, 1_000_000, 1_000_000, "enterprise").await;
-        ledger::usage(&t.pool, c, 2, 60_000).await;
-        run_cycle(&t.pool, &cfg, Some(c), Utc::now()).await.unwrap();
-        let id: String =
-            sqlx::query_scalar("SELECT intent_id::text FROM charge_intents WHERE customer_id = $1")
-                .bind(c)
-                .fetch_one(&t.pool)
-                .await
-                .unwrap();
+        let id = billed(&t.pool, &cfg, c, escrow, 60_000).await;
         let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
         assert_eq!(done["state"], "failed", "{why}");
         let (state, reason): (String, Option<String>) = sqlx::query_as(
@@ -541,6 +547,20 @@ fn worker(t_url: &str, fake: &FakeSolana) -> Proc {
     Proc::spawn(t_url, &["worker"], &env)
 }
 
+/// Waits until the charge queue is empty (the job acked), then stops the worker.
+async fn stop_when_done(pool: &PgPool, w: &mut Proc) {
+    let pool = pool.clone();
+    eventually(Duration::from_secs(10), "the job is done", || {
+        let pool = pool.clone();
+        async move {
+            (count(&pool, "SELECT count(*) FROM pgmq.q_charge_escrow").await == 0).then_some(())
+        }
+    })
+    .await;
+    w.signal("TERM");
+    w.wait_exit(Duration::from_secs(10)).await;
+}
+
 /// Kills the worker while the endpoint holds the request `hold` scripts, resumes with a
 /// new worker, and checks one transfer and one booking.
 async fn kill_and_resume(hold: impl FnOnce(&mut solana::Script), at: &str) {
@@ -570,15 +590,7 @@ async fn kill_and_resume(hold: impl FnOnce(&mut solana::Script), at: &str) {
         },
     )
     .await;
-    eventually(Duration::from_secs(10), "the job is done", || {
-        let pool = pool.clone();
-        async move {
-            (count(&pool, "SELECT count(*) FROM pgmq.q_charge_escrow").await == 0).then_some(())
-        }
-    })
-    .await;
-    w2.signal("TERM");
-    w2.wait_exit(Duration::from_secs(10)).await;
+    stop_when_done(&t.pool, &mut w2).await;
     assert_ndc(&t.pool, &fake, 1).await;
     for logs in [w.logs(), w2.logs()] {
         assert!(
@@ -636,15 +648,7 @@ async fn row18_kill9_after_booking() {
     .await;
     w.kill9();
     let mut w2 = worker(&t.url, &fake);
-    eventually(Duration::from_secs(10), "the job is done", || {
-        let pool = pool.clone();
-        async move {
-            (count(&pool, "SELECT count(*) FROM pgmq.q_charge_escrow").await == 0).then_some(())
-        }
-    })
-    .await;
-    w2.signal("TERM");
-    w2.wait_exit(Duration::from_secs(10)).await;
+    stop_when_done(&t.pool, &mut w2).await;
     assert_eq!(state(&t.pool, &id).await.0, "confirmed");
     assert_ndc(&t.pool, &fake, 1).await;
 }
@@ -737,15 +741,7 @@ async fn row23_bad_addresses_and_amounts_never_reach_the_endpoint() {
     let chain = chain(&cfg);
     let good = fake.open_escrow(100 * USDC, 100 * USDC);
     for (c, escrow, billable) in [(1, "not,an address", 60_000), (2, good.as_str(), 110_000)] {
-        ledger::customer(&t.pool, c, escrow, 1_000_000, 1_000_000, "enterprise").await;
-        ledger::usage(&t.pool, c, 2, billable).await;
-        run_cycle(&t.pool, &cfg, Some(c), Utc::now()).await.unwrap();
-        let id: String =
-            sqlx::query_scalar("SELECT intent_id::text FROM charge_intents WHERE customer_id = $1")
-                .bind(c)
-                .fetch_one(&t.pool)
-                .await
-                .unwrap();
+        let id = billed(&t.pool, &cfg, c, escrow, billable).await;
         let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
         assert_eq!(done["state"], "failed", "customer {c}");
     }
