@@ -305,11 +305,16 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
         ],
     );
     let addr = dev.ingress_addr().await;
-    assert!(
-        dev.logs().contains("dev traffic simulator"),
-        "{}",
-        dev.logs()
-    );
+    // The simulator starts beside the ingress; its log line may follow the address.
+    eventually(
+        Duration::from_secs(10),
+        "the traffic simulator named in the log",
+        || {
+            let logs = dev.logs();
+            async move { logs.contains("dev traffic simulator").then_some(()) }
+        },
+    )
+    .await;
 
     // Raw lines through the ingress.
     let line = "Jan 27 21:52:56 lb1 haproxy[3098]: 10.0.0.7:61818 [27/Jan/2026:21:52:56.086] fe_api~ be_seal/s1 0/0/1/1/2 200 517 - - ---- 1/1/0/0/0 0/0 {1001|seal} {} \"POST /v1/seal HTTP/1.1\"";
