@@ -423,6 +423,37 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
         )
         .await
     );
+    // The market pipeline on the simulator: the seeded watchers are backfilled into
+    // signals, and the win-rate tick scores them.
+    eventually(
+        Duration::from_secs(60),
+        "signals and win-rates for the three demo pairs",
+        || async {
+            let pairs = count(
+                &t.pool,
+                "SELECT count(DISTINCT (symbol, timeframe)) FROM signals",
+            )
+            .await;
+            // A pair may have no directional signal with a known outcome yet
+            // (sample 0): its row is there all the same.
+            let rates = count(&t.pool, "SELECT count(*) FROM win_rate").await;
+            (pairs == 3 && rates == 3).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM signals WHERE direction <> 'flat'"
+        )
+        .await
+            > 0,
+        "the simulator's market produces directional signals"
+    );
+    assert!(
+        dev.logs()
+            .contains("market simulator (seed 42, deterministic; not market data)")
+    );
     dev.signal("INT");
     assert_eq!(
         dev.wait_exit(Duration::from_secs(20)).await,

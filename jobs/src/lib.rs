@@ -19,6 +19,7 @@ use longshore_workers::config::{Config, ConfigError};
 /// setting is an error naming its key.
 pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
     let billing = Arc::new(billing::config::BillingConfig::from_config(cfg)?);
+    let market = Arc::new(market::config::Market::from_config(cfg)?);
     Ok(Registry::new()
         .register(probe::ProbeHandler)
         .register(billing::ingest_logs::IngestLogsHandler)
@@ -31,5 +32,15 @@ pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
         .register(billing::charge_escrow::SweepChargeIntentsHandler)
         .register(billing::vault::RegenerateVaultHandler(billing))
         .register(billing::prune_raw_logs::PruneRawLogsHandler)
+        .register(market::sync_watcher::SyncWatcherHandler(market.clone()))
+        .register(market::market_tick::MarketTickHandler(market.clone()))
+        .register(market::ingest_indicators::IngestIndicatorsHandler(
+            market.clone(),
+        ))
+        .register(market::compute_signals::ComputeSignalsHandler(
+            market.clone(),
+        ))
+        .register(market::compute_winrate::ComputeWinrateHandler(market))
+        .register(market::prune_market::PruneMarketHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler))
 }

@@ -57,6 +57,10 @@ pub async fn run(_args: Args) -> CliResult {
         if seeded > 0 {
             tracing::info!(customers = seeded, "seeded the demo billing customers (1001-1004)");
         }
+        let watchers = longshore_jobs::market::seed::seed_demo_watchers(&pool).await?;
+        if watchers > 0 {
+            tracing::info!(watchers, "seeded the demo watchers (BTC/USDT 1m, ETH/USDT 5m, SOL/USDT 15m) on the market simulator");
+        }
         let stop = app::shutdown_on_signals();
         let traffic = (!cfg.dev.spool_dir.is_empty()).then(|| {
             tokio::spawn(traffic_simulator(

@@ -60,6 +60,9 @@ pub struct Config {
     /// ([`Config::section`]), which names any bad key.
     #[serde(default)]
     pub billing: serde_json::Value,
+    /// Settings of the market pipeline (`[market]`), typed by the jobs crate.
+    #[serde(default)]
+    pub market: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -4,3 +4,7 @@ pub mod chain;
 #[cfg(feature = "solana-rpc")]
 pub mod chain_rpc;
 pub mod chain_sim;
+pub mod cryptometer;
+pub mod kingfisher;
+pub mod market;
+pub mod market_sim;

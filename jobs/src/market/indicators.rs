@@ -65,7 +65,7 @@ pub fn rsi(closes: &[f64], period: usize) -> Vec<Option<f64>> {
 
 /// MACD line (EMA(fast) − EMA(slow)), its signal line (EMA(signal) of the MACD line,
 /// seeded once the line exists) and the histogram.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Macd {
     pub line: f64,
     pub signal: f64,

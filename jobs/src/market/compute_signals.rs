@@ -1,0 +1,164 @@
+//! `compute_signals {symbol, timeframe, since?}`: strategy v1 on the stored
+//! indicators, with the doubling guardrails, into `signals`.
+//!
+//! Without `since`, the newest indicators row is evaluated; with it, every row from
+//! `since` on that has no signal of this strategy version yet, oldest first (a
+//! backfill). A signal is written once per (symbol, timeframe, candle, version): a
+//! repeated job changes nothing. Signals commit with the job's acknowledgement.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use longshore_workers::{Handler, JobArgs, JobContext, JobError, Outcome};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::config::Market;
+use super::ingest_indicators::IndicatorRow;
+use super::strategy::{Clusters, Direction, Inputs, Position, Previous, doubling, evaluate};
+use super::types::{Cluster, Symbol, Timeframe};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeSignals {
+    pub symbol: Symbol,
+    pub timeframe: Timeframe,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl JobArgs for ComputeSignals {
+    const KIND: &'static str = "compute_signals";
+}
+
+pub struct ComputeSignalsHandler(pub Arc<Market>);
+
+/// Six decimals are plenty for a score and keep stored numbers readable.
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+type Row = (DateTime<Utc>, Value, Option<Value>, Option<Value>);
+
+impl Handler for ComputeSignalsHandler {
+    type Args = ComputeSignals;
+
+    async fn handle(&self, a: ComputeSignals, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let m = &self.0;
+        let (strategy, guard) = (&m.cfg.strategy, &m.cfg.guardrails);
+        let (sym, tf) = (a.symbol.to_string(), a.timeframe.as_str());
+        let tx = ctx.tx().await?;
+        // One evaluator per symbol at a time: "the previous signal" must be settled.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('signals:' || $1))")
+            .bind(&sym)
+            .execute(&mut *tx)
+            .await?;
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT i.at, i.data, x.data, l.clusters FROM indicators i \
+             LEFT JOIN indicators x ON x.symbol = i.symbol AND x.timeframe = i.timeframe AND x.at = i.at AND x.source = 'cryptometer' \
+             LEFT JOIN liq_clusters l ON l.symbol = i.symbol AND l.at = i.at \
+             WHERE i.symbol = $1 AND i.timeframe = $2 AND i.source = 'internal' \
+               AND ($3::timestamptz IS NULL OR i.at >= $3) \
+               AND ($3::timestamptz IS NOT NULL OR i.at = (SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal')) \
+               AND NOT EXISTS (SELECT 1 FROM signals s WHERE s.symbol = i.symbol AND s.timeframe = i.timeframe AND s.at = i.at AND s.strategy_version = $4) \
+             ORDER BY i.at",
+        )
+        .bind(&sym)
+        .bind(tf)
+        .bind(a.since)
+        .bind(&strategy.version)
+        .fetch_all(&mut *tx)
+        .await?;
+        let position: Option<(f64, f64, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT size::float8, portfolio_value::float8, last_increase_at FROM positions WHERE symbol = $1",
+        )
+        .bind(&sym)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let position = position.map(|(size, portfolio_value, last_increase_at)| Position {
+            size,
+            portfolio_value,
+            last_increase_at,
+        });
+        let now = Utc::now();
+        let mut counts = json!({"long": 0, "short": 0, "flat": 0});
+        for (at, data, market, clusters) in rows {
+            let ind: IndicatorRow = serde_json::from_value(data)
+                .map_err(|e| JobError::fail(format!("indicators at {at}: {e}")))?;
+            let market = market.unwrap_or(Value::Null);
+            let clusters = match clusters {
+                Some(c) => Clusters::Known(
+                    serde_json::from_value::<Vec<Cluster>>(c)
+                        .map_err(|e| JobError::fail(format!("liq_clusters at {at}: {e}")))?,
+                ),
+                None if m.clusters.is_some() => Clusters::Unavailable,
+                None => Clusters::NotConfigured,
+            };
+            let inputs = Inputs {
+                open: ind.open,
+                close: ind.close,
+                volume: ind.volume,
+                rsi: ind.rsi14,
+                macd: ind.macd,
+                ema20: ind.ema20,
+                ema50: ind.ema50,
+                volume_avg: ind.volume_avg,
+                volatility: ind.volatility,
+                ls_ratio: market.get("ls_ratio").and_then(Value::as_f64),
+                clusters,
+            };
+            let e = evaluate(strategy, &inputs);
+            let score = round6(e.score.abs());
+            let previous: Option<(i64, f64)> = sqlx::query_as(
+                "SELECT id, score::float8 FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
+                 ORDER BY at DESC, id DESC LIMIT 1",
+            )
+            .bind(&sym)
+            .bind(&strategy.version)
+            .bind(at)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let previous = previous.map(|(id, score)| Previous { id, score });
+            let guardrails = doubling(
+                guard,
+                e.direction,
+                score,
+                inputs.volatility,
+                previous.as_ref(),
+                position.as_ref(),
+                now,
+            );
+            let metadata = json!({
+                "signed_score": round6(e.score),
+                "guardrails": guardrails,
+                "missing": e.missing,
+                "simulated": market.get("simulated").cloned().unwrap_or(Value::Bool(false)),
+            });
+            sqlx::query(
+                "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, stop_loss, take_profit, \
+                   confidence, reasons, strategy_version, metadata) \
+                 VALUES ($1, $2, $3, $4, $5::float8, $6::float8, $7::float8, $8::float8[]::numeric[], $5::float8, $9, $10, $11) \
+                 ON CONFLICT (symbol, timeframe, at, strategy_version) DO NOTHING",
+            )
+            .bind(&sym)
+            .bind(tf)
+            .bind(at)
+            .bind(e.direction.as_str())
+            .bind(score)
+            .bind(e.entry)
+            .bind(e.stop_loss)
+            .bind(&e.take_profits)
+            .bind(Value::Array(e.reasons.clone()))
+            .bind(&strategy.version)
+            .bind(&metadata)
+            .execute(&mut *tx)
+            .await?;
+            let k = e.direction.as_str();
+            counts[k] = json!(counts[k].as_i64().unwrap_or(0) + 1);
+            if e.direction != Direction::Flat && a.since.is_none() {
+                tracing::info!(symbol = %sym, timeframe = tf, %at, direction = k, score, "signal");
+            }
+        }
+        Outcome::done_with(json!({"signals": counts, "strategy": strategy.version}))
+    }
+}

@@ -1,0 +1,127 @@
+//! `[market]` settings: the data source, the strategy's weights and thresholds, the
+//! guardrails and the win-rate rule. Checked at start; an error names its key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use longshore_workers::config::{Config, ConfigError};
+use serde::Deserialize;
+
+use super::strategy::{GuardrailConfig, StrategyConfig};
+use crate::clients::cryptometer::{Cryptometer, CryptometerConfig};
+use crate::clients::kingfisher::{KingFisher, KingFisherConfig};
+use crate::clients::market::{ClusterSource, MarketSource};
+use crate::clients::market_sim::MarketSimulator;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// No market data: ticks enqueue nothing.
+    None,
+    /// The dev simulator (also simulates liquidation clusters).
+    Simulator,
+    Cryptometer,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WinrateConfig {
+    /// A signal's outcome is the close this long after it.
+    #[serde(with = "humantime_serde")]
+    pub horizon: Duration,
+    /// A long wins above +threshold, a short below −threshold (0.01 = 1%).
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketConfig {
+    pub source: SourceKind,
+    pub simulator_seed: u64,
+    /// Candles the simulator serves per request.
+    pub simulator_history: usize,
+    /// When a (symbol, timeframe) is first watched, indicators and signals are computed
+    /// for this many past candles, so win-rates have history at once.
+    pub backfill: u32,
+    /// Candles in the realised-volatility window.
+    pub volatility_window: usize,
+    pub cryptometer: CryptometerConfig,
+    pub kingfisher: KingFisherConfig,
+    pub strategy: StrategyConfig,
+    pub guardrails: GuardrailConfig,
+    pub winrate: WinrateConfig,
+}
+
+type Sources = (
+    Option<Arc<dyn MarketSource>>,
+    Option<Arc<dyn ClusterSource>>,
+);
+
+/// The market pipeline's settings and sources, shared by its handlers.
+pub struct Market {
+    pub cfg: MarketConfig,
+    pub source: Option<Arc<dyn MarketSource>>,
+    pub clusters: Option<Arc<dyn ClusterSource>>,
+    described: AtomicBool,
+}
+
+impl Market {
+    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+        let m: MarketConfig = cfg.section("market", &cfg.market)?;
+        let bad = |key: &str, msg: String| ConfigError::Invalid {
+            key: format!("market.{key}"),
+            message: msg,
+        };
+        m.strategy.check().map_err(|e| bad("strategy", e))?;
+        if m.volatility_window < 2 {
+            return Err(bad("volatility_window", "must be at least 2".into()));
+        }
+        if !(m.winrate.threshold.is_finite() && m.winrate.threshold >= 0.0) {
+            return Err(bad(
+                "winrate.threshold",
+                "must be a non-negative fraction".into(),
+            ));
+        }
+        let (source, clusters): Sources = match m.source {
+            SourceKind::None => (None, None),
+            SourceKind::Simulator => {
+                let sim = Arc::new(MarketSimulator::new(m.simulator_seed, m.simulator_history));
+                (Some(sim.clone()), Some(sim))
+            }
+            SourceKind::Cryptometer => (
+                Some(Arc::new(
+                    Cryptometer::new(&m.cryptometer).map_err(|e| bad("cryptometer", e))?,
+                )),
+                None,
+            ),
+        };
+        // A configured KingFisher URL wins over the simulator's clusters.
+        let clusters = match KingFisher::new(&m.kingfisher).map_err(|e| bad("kingfisher.url", e))? {
+            Some(kf) => Some(Arc::new(kf) as Arc<dyn ClusterSource>),
+            None => clusters,
+        };
+        Ok(Market {
+            cfg: m,
+            source,
+            clusters,
+            described: AtomicBool::new(false),
+        })
+    }
+
+    /// Logs where market data comes from, once per process, on first use.
+    pub fn describe_once(&self) {
+        if self.described.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let source = self
+            .source
+            .as_ref()
+            .map_or("none".to_string(), |s| s.describe());
+        let clusters = self
+            .clusters
+            .as_ref()
+            .map_or("not configured".to_string(), |c| c.describe());
+        tracing::info!(%source, %clusters, strategy = %self.cfg.strategy.version, "market data sources");
+    }
+}

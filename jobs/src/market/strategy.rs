@@ -1,0 +1,946 @@
+//! Strategy v1 and the doubling guardrails (SPEC-MARKET "compute_signals"), as pure
+//! functions of their inputs so every rule is tested by a table.
+//!
+//! Decisions the spec leaves open, recorded here:
+//! - The volume rule compares the last candle's volume with the average of the
+//!   `volume_window` candles *before* it, and its sign is the last candle's direction
+//!   (close above open: +, below: −, equal: no contribution).
+//! - An input that could not be computed (too little history, no L/S ratio from the
+//!   source) fires no rule and is listed under `missing` in the signal's metadata.
+//! - Guardrails compare stored scores (|score|): `score − previous score`, with no
+//!   previous signal counting as 0. Unknown volatility fails its check (the cautious
+//!   side). A flat signal has nothing to double: the decision says so.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::indicators::Macd;
+use super::types::Cluster;
+
+/// Rule weights; the implemented rules' weights sum to 1 so the score spans [-1, 1].
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub rsi: f64,
+    pub macd: f64,
+    pub ema_cross: f64,
+    pub trend: f64,
+    pub ls_ratio: f64,
+    pub volume: f64,
+}
+
+impl Weights {
+    pub fn sum(&self) -> f64 {
+        self.rsi + self.macd + self.ema_cross + self.trend + self.ls_ratio + self.volume
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyConfig {
+    /// Stored with every signal; signals and win-rates are kept per version.
+    pub version: String,
+    pub weights: Weights,
+    pub rsi_oversold: f64,
+    pub rsi_overbought: f64,
+    /// L/S ratio below this: crowded short (contrarian long).
+    pub ls_crowded_short: f64,
+    /// L/S ratio above this: crowded long (contrarian short).
+    pub ls_crowded_long: f64,
+    /// The last volume must exceed this many times the window's average.
+    pub volume_spike: f64,
+    pub volume_window: usize,
+    /// Realised volatility above this multiplies the score by `high_volatility_multiplier`.
+    pub high_volatility: f64,
+    pub high_volatility_multiplier: f64,
+    /// A liquidation cluster within this fraction of the price multiplies the score by
+    /// `liquidation_multiplier`.
+    pub liquidation_distance: f64,
+    pub liquidation_multiplier: f64,
+    /// Score above this: long.
+    pub long_threshold: f64,
+    /// Score below this: short.
+    pub short_threshold: f64,
+    /// Stop distance from entry (0.02: ×0.98 for a long, ×1.02 for a short).
+    pub stop_loss_pct: f64,
+    /// Take-profit distances from entry, nearest first.
+    pub take_profit_pcts: Vec<f64>,
+}
+
+impl StrategyConfig {
+    /// What types cannot check: weights summing to 1, ordered thresholds.
+    pub fn check(&self) -> Result<(), String> {
+        let w = &self.weights;
+        let all = [w.rsi, w.macd, w.ema_cross, w.trend, w.ls_ratio, w.volume];
+        if all.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err("weights must be finite and non-negative".into());
+        }
+        if (w.sum() - 1.0).abs() > 1e-9 {
+            return Err(format!("weights must sum to 1 (they sum to {})", w.sum()));
+        }
+        if !(self.short_threshold < 0.0 && self.long_threshold > 0.0) {
+            return Err("short_threshold must be negative and long_threshold positive".into());
+        }
+        if self.rsi_oversold >= self.rsi_overbought {
+            return Err("rsi_oversold must be below rsi_overbought".into());
+        }
+        if self.ls_crowded_short >= self.ls_crowded_long {
+            return Err("ls_crowded_short must be below ls_crowded_long".into());
+        }
+        if self.volume_window == 0 {
+            return Err("volume_window must be positive".into());
+        }
+        if self.version.is_empty() {
+            return Err("version must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the strategy reads for one candle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inputs {
+    pub open: f64,
+    pub close: f64,
+    pub volume: f64,
+    pub rsi: Option<f64>,
+    pub macd: Option<Macd>,
+    pub ema20: Option<f64>,
+    pub ema50: Option<f64>,
+    /// Average volume of the window before the last candle.
+    pub volume_avg: Option<f64>,
+    pub volatility: Option<f64>,
+    pub ls_ratio: Option<f64>,
+    pub clusters: Clusters,
+}
+
+/// What is known of liquidation clusters near this candle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "clusters")]
+pub enum Clusters {
+    /// No cluster source is configured (the reasons say so).
+    #[default]
+    NotConfigured,
+    /// Configured, but nothing was fetched for this candle (an error, or history).
+    Unavailable,
+    Known(Vec<Cluster>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Long,
+    Short,
+    Flat,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Long => "long",
+            Self::Short => "short",
+            Self::Flat => "flat",
+        }
+    }
+}
+
+/// A strategy's verdict on one candle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// Signed, after multipliers, within [-1, 1].
+    pub score: f64,
+    pub direction: Direction,
+    pub entry: f64,
+    pub stop_loss: Option<f64>,
+    pub take_profits: Vec<f64>,
+    /// Every rule and multiplier that fired, and notes (a skipped source).
+    pub reasons: Vec<Value>,
+    /// Inputs that were not available, so their rules could not fire.
+    pub missing: Vec<&'static str>,
+}
+
+impl Evaluation {
+    /// The names of the rules that fired, in order.
+    pub fn fired(&self) -> Vec<&str> {
+        self.reasons
+            .iter()
+            .filter_map(|r| r.get("rule").and_then(Value::as_str))
+            .collect()
+    }
+}
+
+fn rule(name: &str, contribution: f64, value: Value) -> Value {
+    json!({"rule": name, "contribution": contribution, "value": value})
+}
+
+/// Strategy v1.
+pub fn evaluate(cfg: &StrategyConfig, x: &Inputs) -> Evaluation {
+    let w = &cfg.weights;
+    let mut score = 0.0;
+    let mut reasons = Vec::new();
+    let mut missing = Vec::new();
+    let mut fire = |name: &str, c: f64, v: Value, score: &mut f64| {
+        *score += c;
+        reasons.push(rule(name, c, v));
+    };
+
+    match x.rsi {
+        Some(r) if r < cfg.rsi_oversold => fire("rsi_oversold", w.rsi, json!(r), &mut score),
+        Some(r) if r > cfg.rsi_overbought => fire("rsi_overbought", -w.rsi, json!(r), &mut score),
+        Some(_) => {}
+        None => missing.push("rsi"),
+    }
+    match x.macd {
+        Some(m) if m.line > m.signal => fire(
+            "macd_above_signal",
+            w.macd,
+            json!({"line": m.line, "signal": m.signal}),
+            &mut score,
+        ),
+        Some(m) if m.line < m.signal => fire(
+            "macd_below_signal",
+            -w.macd,
+            json!({"line": m.line, "signal": m.signal}),
+            &mut score,
+        ),
+        Some(_) => {}
+        None => missing.push("macd"),
+    }
+    match (x.ema20, x.ema50) {
+        (Some(a), Some(b)) if a > b => fire(
+            "ema20_above_ema50",
+            w.ema_cross,
+            json!({"ema20": a, "ema50": b}),
+            &mut score,
+        ),
+        (Some(a), Some(b)) if a < b => fire(
+            "ema20_below_ema50",
+            -w.ema_cross,
+            json!({"ema20": a, "ema50": b}),
+            &mut score,
+        ),
+        (Some(_), Some(_)) => {}
+        _ => missing.push("ema"),
+    }
+    match x.ema50 {
+        Some(e) if x.close > e => fire(
+            "close_above_ema50",
+            w.trend,
+            json!({"close": x.close, "ema50": e}),
+            &mut score,
+        ),
+        Some(e) if x.close < e => fire(
+            "close_below_ema50",
+            -w.trend,
+            json!({"close": x.close, "ema50": e}),
+            &mut score,
+        ),
+        Some(_) => {}
+        None => {}
+    }
+    match x.ls_ratio {
+        Some(r) if r < cfg.ls_crowded_short => {
+            fire("ls_crowded_short", w.ls_ratio, json!(r), &mut score)
+        }
+        Some(r) if r > cfg.ls_crowded_long => {
+            fire("ls_crowded_long", -w.ls_ratio, json!(r), &mut score)
+        }
+        Some(_) => {}
+        None => missing.push("ls_ratio"),
+    }
+    match x.volume_avg {
+        Some(avg) if x.volume > cfg.volume_spike * avg && x.close != x.open => {
+            let up = x.close > x.open;
+            let v = json!({"volume": x.volume, "average": avg});
+            if up {
+                fire("volume_spike_up", w.volume, v, &mut score);
+            } else {
+                fire("volume_spike_down", -w.volume, v, &mut score);
+            }
+        }
+        Some(_) => {}
+        None => missing.push("volume_average"),
+    }
+
+    match x.volatility {
+        Some(v) if v > cfg.high_volatility => {
+            score *= cfg.high_volatility_multiplier;
+            reasons.push(json!({"rule": "high_volatility", "multiplier": cfg.high_volatility_multiplier, "value": v}));
+        }
+        Some(_) => {}
+        None => missing.push("volatility"),
+    }
+    match &x.clusters {
+        Clusters::Known(cs) => {
+            let near = cs
+                .iter()
+                .map(|c| ((c.price - x.close) / x.close).abs())
+                .filter(|d| *d <= cfg.liquidation_distance)
+                .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.min(d))));
+            if let Some(d) = near {
+                score *= cfg.liquidation_multiplier;
+                reasons.push(json!({"rule": "liquidation_nearby", "multiplier": cfg.liquidation_multiplier, "value": d}));
+            }
+        }
+        Clusters::NotConfigured => {
+            reasons.push(json!({"note": "liquidation_clusters_not_configured"}))
+        }
+        Clusters::Unavailable => reasons.push(json!({"note": "liquidation_clusters_unavailable"})),
+    }
+
+    let score = score.clamp(-1.0, 1.0);
+    let direction = if score > cfg.long_threshold {
+        Direction::Long
+    } else if score < cfg.short_threshold {
+        Direction::Short
+    } else {
+        Direction::Flat
+    };
+    let entry = x.close;
+    let (stop_loss, take_profits) = match direction {
+        Direction::Long => (
+            Some(entry * (1.0 - cfg.stop_loss_pct)),
+            cfg.take_profit_pcts
+                .iter()
+                .map(|p| entry * (1.0 + p))
+                .collect(),
+        ),
+        Direction::Short => (
+            Some(entry * (1.0 + cfg.stop_loss_pct)),
+            cfg.take_profit_pcts
+                .iter()
+                .map(|p| entry * (1.0 - p))
+                .collect(),
+        ),
+        Direction::Flat => (None, Vec::new()),
+    };
+    Evaluation {
+        score,
+        direction,
+        entry,
+        stop_loss,
+        take_profits,
+        reasons,
+        missing,
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailConfig {
+    /// The score must have risen by more than this since the previous signal.
+    pub score_delta_threshold: f64,
+    /// The position must be below this share of the portfolio.
+    pub max_position_pct: f64,
+    /// The last increase must be more than this many seconds ago.
+    pub cooldown_seconds: i64,
+    /// Volatility must be below this.
+    pub volatility_threshold: f64,
+}
+
+/// The previous signal for the symbol (same strategy version).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Previous {
+    pub id: i64,
+    pub score: f64,
+}
+
+/// The symbol's row in `positions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    pub size: f64,
+    pub portfolio_value: f64,
+    pub last_increase_at: Option<DateTime<Utc>>,
+}
+
+/// May the position double on this signal? Every check is evaluated and recorded; the
+/// decision is `allowed` only if all pass.
+pub fn doubling(
+    cfg: &GuardrailConfig,
+    direction: Direction,
+    score: f64,
+    volatility: Option<f64>,
+    previous: Option<&Previous>,
+    position: Option<&Position>,
+    now: DateTime<Utc>,
+) -> Value {
+    if direction == Direction::Flat {
+        return json!({"applies": false, "allowed": false, "reason": "flat signal: nothing to double"});
+    }
+    let mut checks = Vec::new();
+    let mut failed = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: Value| {
+        if !ok {
+            failed.push(name.to_string());
+        }
+        checks.push(json!({"check": name, "passed": ok, "detail": detail}));
+    };
+
+    let prev = previous.map_or(0.0, |p| p.score);
+    let delta = score - prev;
+    check(
+        "score_delta",
+        delta > cfg.score_delta_threshold,
+        json!({"delta": delta, "previous_score": prev, "previous_signal_id": previous.map(|p| p.id), "threshold": cfg.score_delta_threshold}),
+    );
+    let pct = position.map_or(0.0, |p| p.size.abs() / p.portfolio_value);
+    check(
+        "max_position_pct",
+        pct < cfg.max_position_pct,
+        json!({"position_pct": pct, "max": cfg.max_position_pct}),
+    );
+    let last = position.and_then(|p| p.last_increase_at);
+    let since = last.map(|t| (now - t).num_seconds());
+    check(
+        "cooldown",
+        since.is_none_or(|s| s > cfg.cooldown_seconds),
+        json!({"last_increase_at": last, "seconds_since": since, "cooldown_seconds": cfg.cooldown_seconds}),
+    );
+    check(
+        "volatility",
+        volatility.is_some_and(|v| v < cfg.volatility_threshold),
+        json!({"volatility": volatility, "threshold": cfg.volatility_threshold}),
+    );
+    json!({"applies": true, "allowed": failed.is_empty(), "failed": failed, "checks": checks})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn v1() -> StrategyConfig {
+        StrategyConfig {
+            version: "v1".into(),
+            weights: Weights {
+                rsi: 0.25,
+                macd: 0.20,
+                ema_cross: 0.20,
+                trend: 0.15,
+                ls_ratio: 0.10,
+                volume: 0.10,
+            },
+            rsi_oversold: 30.0,
+            rsi_overbought: 70.0,
+            ls_crowded_short: 0.8,
+            ls_crowded_long: 1.25,
+            volume_spike: 1.5,
+            volume_window: 20,
+            high_volatility: 0.05,
+            high_volatility_multiplier: 0.8,
+            liquidation_distance: 0.02,
+            liquidation_multiplier: 0.9,
+            long_threshold: 0.6,
+            short_threshold: -0.6,
+            stop_loss_pct: 0.02,
+            take_profit_pcts: vec![0.02, 0.05, 0.10],
+        }
+    }
+
+    /// Inputs where no rule fires: RSI 50, MACD line = signal, EMAs equal to the
+    /// close, L/S 1.0, ordinary volume, calm volatility, no clusters near.
+    fn neutral() -> Inputs {
+        Inputs {
+            open: 100.0,
+            close: 100.0,
+            volume: 10.0,
+            rsi: Some(50.0),
+            macd: Some(Macd {
+                line: 1.0,
+                signal: 1.0,
+                histogram: 0.0,
+            }),
+            ema20: Some(100.0),
+            ema50: Some(100.0),
+            volume_avg: Some(10.0),
+            volatility: Some(0.01),
+            ls_ratio: Some(1.0),
+            clusters: Clusters::Known(vec![]),
+        }
+    }
+
+    fn macd(line: f64, signal: f64) -> Option<Macd> {
+        Some(Macd {
+            line,
+            signal,
+            histogram: line - signal,
+        })
+    }
+
+    const EPS: f64 = 1e-12;
+
+    #[test]
+    fn each_rule_contributes_its_weight() {
+        type Edit = fn(&mut Inputs);
+        let cases: Vec<(&str, Edit, &str, f64)> = vec![
+            ("rsi 29.9", |x| x.rsi = Some(29.9), "rsi_oversold", 0.25),
+            ("rsi 30 is not oversold", |x| x.rsi = Some(30.0), "", 0.0),
+            ("rsi 70.1", |x| x.rsi = Some(70.1), "rsi_overbought", -0.25),
+            ("rsi 70 is not overbought", |x| x.rsi = Some(70.0), "", 0.0),
+            (
+                "macd above",
+                |x| x.macd = macd(1.5, 1.0),
+                "macd_above_signal",
+                0.20,
+            ),
+            (
+                "macd below",
+                |x| x.macd = macd(0.5, 1.0),
+                "macd_below_signal",
+                -0.20,
+            ),
+            (
+                "ema20 above",
+                |x| x.ema20 = Some(101.0),
+                "ema20_above_ema50",
+                0.20,
+            ),
+            (
+                "ema20 below",
+                |x| x.ema20 = Some(99.0),
+                "ema20_below_ema50",
+                -0.20,
+            ),
+            (
+                "close above ema50",
+                |x| {
+                    x.close = 101.0;
+                    x.open = 101.0
+                },
+                "close_above_ema50",
+                0.15,
+            ),
+            (
+                "close below ema50",
+                |x| {
+                    x.close = 99.0;
+                    x.open = 99.0
+                },
+                "close_below_ema50",
+                -0.15,
+            ),
+            (
+                "l/s 0.79",
+                |x| x.ls_ratio = Some(0.79),
+                "ls_crowded_short",
+                0.10,
+            ),
+            (
+                "l/s 0.8 is not crowded",
+                |x| x.ls_ratio = Some(0.8),
+                "",
+                0.0,
+            ),
+            (
+                "l/s 1.26",
+                |x| x.ls_ratio = Some(1.26),
+                "ls_crowded_long",
+                -0.10,
+            ),
+            (
+                "l/s 1.25 is not crowded",
+                |x| x.ls_ratio = Some(1.25),
+                "",
+                0.0,
+            ),
+            (
+                "volume spike, green candle",
+                |x| {
+                    x.volume = 15.1;
+                    x.open = 99.9
+                },
+                "volume_spike_up",
+                0.10,
+            ),
+            (
+                "volume spike, red candle",
+                |x| {
+                    x.volume = 15.1;
+                    x.open = 100.1
+                },
+                "volume_spike_down",
+                -0.10,
+            ),
+            (
+                "volume 1.5x is not a spike",
+                |x| {
+                    x.volume = 15.0;
+                    x.open = 99.9
+                },
+                "",
+                0.0,
+            ),
+            ("volume spike, doji", |x| x.volume = 30.0, "", 0.0),
+        ];
+        let cfg = v1();
+        for (name, edit, rule, want) in cases {
+            let mut x = neutral();
+            edit(&mut x);
+            let e = evaluate(&cfg, &x);
+            assert!(
+                (e.score - want).abs() < EPS,
+                "{name}: score {} want {want}",
+                e.score
+            );
+            let fired = e.fired();
+            if rule.is_empty() {
+                assert!(fired.is_empty(), "{name}: fired {fired:?}");
+            } else {
+                assert_eq!(fired, vec![rule], "{name}");
+                let c = e.reasons[0]["contribution"].as_f64().unwrap();
+                assert!((c - want).abs() < EPS, "{name}: contribution {c}");
+            }
+            assert_eq!(
+                e.direction,
+                Direction::Flat,
+                "{name}: one rule alone stays flat"
+            );
+        }
+    }
+
+    /// The bullish set without RSI: MACD, EMA cross, trend, L/S, volume = 0.75.
+    fn bullish() -> Inputs {
+        Inputs {
+            open: 104.0,
+            close: 105.0,
+            volume: 20.0,
+            rsi: Some(60.0),
+            macd: macd(2.0, 1.0),
+            ema20: Some(103.0),
+            ema50: Some(100.0),
+            volume_avg: Some(10.0),
+            volatility: Some(0.01),
+            ls_ratio: Some(0.7),
+            clusters: Clusters::Known(vec![]),
+        }
+    }
+
+    fn bearish() -> Inputs {
+        Inputs {
+            open: 96.0,
+            close: 95.0,
+            volume: 20.0,
+            rsi: Some(40.0),
+            macd: macd(-2.0, -1.0),
+            ema20: Some(97.0),
+            ema50: Some(100.0),
+            volume_avg: Some(10.0),
+            volatility: Some(0.01),
+            ls_ratio: Some(1.4),
+            clusters: Clusters::Known(vec![]),
+        }
+    }
+
+    #[test]
+    fn thresholds_multipliers_and_levels() {
+        let cfg = v1();
+        let e = evaluate(&cfg, &bullish());
+        assert!((e.score - 0.75).abs() < EPS);
+        assert_eq!(e.direction, Direction::Long);
+        assert_eq!(e.entry, 105.0);
+        assert!((e.stop_loss.unwrap() - 102.9).abs() < 1e-9);
+        let tp: Vec<f64> = e
+            .take_profits
+            .iter()
+            .map(|p| (p * 1e6).round() / 1e6)
+            .collect();
+        assert_eq!(tp, vec![107.1, 110.25, 115.5]);
+
+        let e = evaluate(&cfg, &bearish());
+        assert!((e.score + 0.75).abs() < EPS);
+        assert_eq!(e.direction, Direction::Short);
+        assert!((e.stop_loss.unwrap() - 96.9).abs() < 1e-9);
+        let tp: Vec<f64> = e
+            .take_profits
+            .iter()
+            .map(|p| (p * 1e6).round() / 1e6)
+            .collect();
+        assert_eq!(tp, vec![93.1, 90.25, 85.5]);
+
+        // A cluster 1% away turns a long flat: MACD+EMA+trend+L/S = 0.65, × 0.9 = 0.585.
+        let mut x = bullish();
+        x.volume = 10.0;
+        x.clusters = Clusters::Known(vec![Cluster {
+            price: 106.05,
+            volume: 5.0,
+            side: "short".into(),
+        }]);
+        let e = evaluate(&cfg, &x);
+        assert!((e.score - 0.65 * 0.9).abs() < EPS, "{}", e.score);
+        assert_eq!(e.direction, Direction::Flat);
+        assert!(e.fired().contains(&"liquidation_nearby"));
+        assert!(e.stop_loss.is_none() && e.take_profits.is_empty());
+
+        // A cluster 2.5% away does not count.
+        x.clusters = Clusters::Known(vec![Cluster {
+            price: 107.7,
+            volume: 5.0,
+            side: "short".into(),
+        }]);
+        let e = evaluate(&cfg, &x);
+        assert!((e.score - 0.65).abs() < EPS);
+        assert!(!e.fired().contains(&"liquidation_nearby"));
+        assert_eq!(e.direction, Direction::Long);
+
+        // High volatility turns a long (0.65) flat: 0.65 × 0.8 = 0.52.
+        let mut x = bullish();
+        x.volume = 10.0;
+        x.volatility = Some(0.051);
+        let e = evaluate(&cfg, &x);
+        assert!((e.score - 0.52).abs() < EPS, "{}", e.score);
+        assert_eq!(e.direction, Direction::Flat);
+        assert!(e.fired().contains(&"high_volatility"));
+        let mut x = bearish();
+        x.volatility = Some(0.05);
+        let e = evaluate(&cfg, &x);
+        assert!(
+            !e.fired().contains(&"high_volatility"),
+            "0.05 is not above 0.05"
+        );
+
+        // The short threshold: −0.65 is short, −0.55 is flat.
+        let mut x = bearish();
+        x.volume = 10.0;
+        assert_eq!(evaluate(&cfg, &x).direction, Direction::Short);
+        x.ls_ratio = Some(1.0);
+        let e = evaluate(&cfg, &x);
+        assert!((e.score + 0.55).abs() < EPS);
+        assert_eq!(e.direction, Direction::Flat);
+    }
+
+    #[test]
+    fn every_rule_fires_at_once() {
+        // Oversold RSI in an uptrend with every other rule bullish: 1.0, then both
+        // multipliers: 1.0 × 0.8 × 0.9 = 0.72.
+        let mut x = bullish();
+        x.rsi = Some(25.0);
+        x.volatility = Some(0.08);
+        x.clusters = Clusters::Known(vec![Cluster {
+            price: 104.0,
+            volume: 1.0,
+            side: "long".into(),
+        }]);
+        let e = evaluate(&v1(), &x);
+        assert_eq!(
+            e.fired(),
+            vec![
+                "rsi_oversold",
+                "macd_above_signal",
+                "ema20_above_ema50",
+                "close_above_ema50",
+                "ls_crowded_short",
+                "volume_spike_up",
+                "high_volatility",
+                "liquidation_nearby"
+            ]
+        );
+        assert!((e.score - 0.72).abs() < EPS, "{}", e.score);
+        assert_eq!(e.direction, Direction::Long);
+        assert!(e.missing.is_empty());
+    }
+
+    #[test]
+    fn missing_inputs_fire_nothing_and_are_listed() {
+        let x = Inputs {
+            open: 10.0,
+            close: 10.0,
+            volume: 1.0,
+            ..Inputs::default()
+        };
+        let e = evaluate(&v1(), &x);
+        assert_eq!(e.score, 0.0);
+        assert_eq!(e.direction, Direction::Flat);
+        assert!(e.fired().is_empty());
+        assert_eq!(
+            e.missing,
+            vec![
+                "rsi",
+                "macd",
+                "ema",
+                "ls_ratio",
+                "volume_average",
+                "volatility"
+            ]
+        );
+        assert_eq!(
+            e.reasons,
+            vec![json!({"note": "liquidation_clusters_not_configured"})]
+        );
+    }
+
+    #[test]
+    fn config_checks() {
+        assert!(v1().check().is_ok());
+        let mut c = v1();
+        c.weights.rsi = 0.3;
+        assert!(c.check().unwrap_err().contains("sum to 1"));
+        let mut c = v1();
+        c.short_threshold = 0.1;
+        assert!(c.check().is_err());
+        let mut c = v1();
+        c.rsi_oversold = 80.0;
+        assert!(c.check().is_err());
+    }
+
+    fn guard() -> GuardrailConfig {
+        GuardrailConfig {
+            score_delta_threshold: 0.1,
+            max_position_pct: 0.10,
+            cooldown_seconds: 3600,
+            volatility_threshold: 0.05,
+        }
+    }
+
+    #[test]
+    fn each_guardrail_can_refuse() {
+        let now: DateTime<Utc> = "2026-11-19T12:00:00Z".parse().unwrap();
+        let prev = Previous { id: 7, score: 0.62 };
+        let pos = Position {
+            size: 5_000.0,
+            portfolio_value: 100_000.0,
+            last_increase_at: Some(now - chrono::Duration::hours(2)),
+        };
+        // (name, score, volatility, previous, position, failed checks)
+        type Case<'a> = (
+            &'a str,
+            f64,
+            Option<f64>,
+            Option<Previous>,
+            Option<Position>,
+            Vec<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "all pass",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(pos.clone()),
+                vec![],
+            ),
+            (
+                "no history, no position",
+                0.7,
+                Some(0.01),
+                None,
+                None,
+                vec![],
+            ),
+            (
+                "score rose by only 0.08",
+                0.70,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(pos.clone()),
+                vec!["score_delta"],
+            ),
+            (
+                "score fell",
+                0.61,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(pos.clone()),
+                vec!["score_delta"],
+            ),
+            (
+                "position at 10%",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(Position {
+                    size: 10_000.0,
+                    ..pos.clone()
+                }),
+                vec!["max_position_pct"],
+            ),
+            (
+                "short position over 10%",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(Position {
+                    size: -12_000.0,
+                    ..pos.clone()
+                }),
+                vec!["max_position_pct"],
+            ),
+            (
+                "increased 30 min ago",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(Position {
+                    last_increase_at: Some(now - chrono::Duration::minutes(30)),
+                    ..pos.clone()
+                }),
+                vec!["cooldown"],
+            ),
+            (
+                "increased exactly an hour ago",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(Position {
+                    last_increase_at: Some(now - chrono::Duration::hours(1)),
+                    ..pos.clone()
+                }),
+                vec!["cooldown"],
+            ),
+            (
+                "volatility 0.05",
+                0.75,
+                Some(0.05),
+                Some(prev.clone()),
+                Some(pos.clone()),
+                vec!["volatility"],
+            ),
+            (
+                "volatility unknown",
+                0.75,
+                None,
+                Some(prev.clone()),
+                Some(pos.clone()),
+                vec!["volatility"],
+            ),
+            (
+                "everything fails",
+                0.65,
+                Some(0.2),
+                Some(prev.clone()),
+                Some(Position {
+                    size: 50_000.0,
+                    portfolio_value: 100_000.0,
+                    last_increase_at: Some(now),
+                }),
+                vec!["score_delta", "max_position_pct", "cooldown", "volatility"],
+            ),
+        ];
+        for (name, score, vol, prev, pos, want) in cases {
+            let d = doubling(
+                &guard(),
+                Direction::Long,
+                score,
+                vol,
+                prev.as_ref(),
+                pos.as_ref(),
+                now,
+            );
+            let failed: Vec<&str> = d["failed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(failed, want, "{name}: {d}");
+            assert_eq!(d["allowed"], json!(want.is_empty()), "{name}");
+            assert_eq!(
+                d["checks"].as_array().unwrap().len(),
+                4,
+                "{name}: every check is recorded"
+            );
+        }
+        let flat = doubling(&guard(), Direction::Flat, 0.3, Some(0.01), None, None, now);
+        assert_eq!(flat["applies"], json!(false));
+        assert_eq!(flat["allowed"], json!(false));
+    }
+}

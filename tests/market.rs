@@ -1,0 +1,1268 @@
+//! The market pipeline against a real PostgreSQL and a local fake Cryptometer that
+//! speaks its wire format (`GET /ohlcv/?e=…&pair=…&timeframe=…&api_key=…`, the
+//! `{"success":"true","error":"false","data":[…]}` envelope), scripted for
+//! `"success":"false"`, 429 with Retry-After, 500, timeouts, malformed JSON, NaN or
+//! negative prices and out-of-order candles.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use common::{Proc, config, config_dir, count, db, eventually, run_cli};
+use hmac::{Hmac, Mac};
+use longshore_jobs::clients::cryptometer::{Cryptometer, CryptometerConfig};
+use longshore_jobs::clients::market::{MarketSource, SourceError};
+use longshore_jobs::market::compute_winrate::ComputeWinrate;
+use longshore_jobs::market::config::Market;
+use longshore_jobs::market::ingest_indicators::IngestIndicators;
+use longshore_jobs::market::market_tick::MarketTick;
+use longshore_jobs::market::prune_market::PruneMarket;
+use longshore_jobs::market::sync_watcher::{SyncWatcher, SyncWatcherHandler};
+use longshore_jobs::market::types::{Symbol, Timeframe};
+use longshore_workers::{EnqueueOptions, Worker, enqueue};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "cm-canary-key-5f1e";
+
+#[derive(Clone, Debug)]
+enum Reply {
+    Json(u16, Value),
+    Raw(u16, &'static str),
+    RetryAfter(u16, u64),
+    Hang(Duration),
+}
+
+#[derive(Default)]
+struct FakeState {
+    script: HashMap<String, VecDeque<Reply>>,
+    seen: Vec<(String, HashMap<String, String>, Instant)>,
+    ls_ratio: f64,
+    /// Clusters at this fraction above the last close (KingFisher route).
+    cluster_offset: f64,
+}
+
+/// A local Cryptometer (and KingFisher) that serves an accelerating, choppy uptrend
+/// for any pair: 200 closed candles plus the one still forming, newest first.
+struct FakeCryptometer {
+    addr: SocketAddr,
+    st: Arc<Mutex<FakeState>>,
+}
+
+/// (open, close, volume) of the fake's series; the last candle is an up move with a
+/// volume spike.
+fn uptrend(n: usize) -> Vec<(f64, f64, f64)> {
+    let mut out = Vec::with_capacity(n);
+    let mut c = 100.0;
+    for i in 0..n {
+        let a = 0.5 + 0.005 * i as f64;
+        let open = c;
+        c += if i % 2 == 1 { a } else { -0.6 * a };
+        // A spike on every tenth candle (an up move) and on the last.
+        let vol = if i == n - 1 {
+            50.0
+        } else if i % 10 == 9 {
+            40.0
+        } else {
+            10.0
+        };
+        out.push((open, c, vol));
+    }
+    out
+}
+
+fn candles_json(tf: Timeframe, now: DateTime<Utc>) -> Vec<Value> {
+    let forming = tf.floor(now);
+    let series = uptrend(201); // 200 closed + 1 forming
+    let mut items: Vec<Value> = series
+        .iter()
+        .enumerate()
+        .map(|(i, (o, c, v))| {
+            let t = forming - tf.duration() * (200 - i as i32);
+            json!({"timestamp": t.timestamp_millis(), "open": o, "high": o.max(*c) * 1.001,
+                   "low": o.min(*c) * 0.999, "close": c, "volume": v})
+        })
+        .collect();
+    items.reverse();
+    items
+}
+
+fn envelope(data: Value) -> Value {
+    json!({"success": "true", "error": "false", "data": data})
+}
+
+async fn fake_handler(
+    State(st): State<Arc<Mutex<FakeState>>>,
+    Path(endpoint): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let (reply, ls, offset) = {
+        let mut s = st.lock().unwrap();
+        s.seen.push((endpoint.clone(), q.clone(), Instant::now()));
+        let r = s.script.get_mut(&endpoint).and_then(|v| v.pop_front());
+        (r, s.ls_ratio, s.cluster_offset)
+    };
+    if endpoint != "kingfisher" && q.get("api_key").map(String::as_str) != Some(KEY) {
+        return axum::Json(json!({"success": "false", "error": "Invalid API key"})).into_response();
+    }
+    let tf: Timeframe = q
+        .get("timeframe")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(Timeframe::H1);
+    let default = || -> Value {
+        match endpoint.as_str() {
+            "ohlcv" => envelope(Value::Array(candles_json(tf, Utc::now()))),
+            "ls-ratio" => envelope(json!([{"ratio": 1.0}, {"ratio": ls}])),
+            "liquidation-data-v2" => {
+                envelope(json!([{"binance": {"longs": 1200000, "shorts": "800000"}}]))
+            }
+            "kingfisher" => {
+                let last = uptrend(200).last().unwrap().1;
+                json!([{"price": last * (1.0 + offset), "volume": 5e6, "side": "short"},
+                       {"price": last * 0.9, "volume": 1e6, "side": "long"}])
+            }
+            _ => json!({"success": "false", "error": "No such endpoint"}),
+        }
+    };
+    match reply {
+        None => axum::Json(default()).into_response(),
+        Some(Reply::Json(code, v)) => (
+            axum::http::StatusCode::from_u16(code).unwrap(),
+            axum::Json(v),
+        )
+            .into_response(),
+        Some(Reply::Raw(code, body)) => {
+            (axum::http::StatusCode::from_u16(code).unwrap(), body).into_response()
+        }
+        Some(Reply::RetryAfter(code, secs)) => (
+            axum::http::StatusCode::from_u16(code).unwrap(),
+            [("retry-after", secs.to_string())],
+            "slow down",
+        )
+            .into_response(),
+        Some(Reply::Hang(d)) => {
+            tokio::time::sleep(d).await;
+            axum::Json(default()).into_response()
+        }
+    }
+}
+
+impl FakeCryptometer {
+    async fn start() -> FakeCryptometer {
+        let st = Arc::new(Mutex::new(FakeState {
+            ls_ratio: 0.7,
+            cluster_offset: 0.01,
+            ..Default::default()
+        }));
+        let app = axum::Router::new()
+            .route("/{endpoint}/", axum::routing::get(fake_handler))
+            .route("/{endpoint}", axum::routing::get(fake_handler))
+            .with_state(st.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        FakeCryptometer { addr, st }
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    fn script(&self, endpoint: &str, replies: &[Reply]) {
+        self.st
+            .lock()
+            .unwrap()
+            .script
+            .entry(endpoint.into())
+            .or_default()
+            .extend(replies.iter().cloned());
+    }
+    fn seen(&self, endpoint: &str) -> Vec<(HashMap<String, String>, Instant)> {
+        self.st
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .filter(|(e, _, _)| e == endpoint)
+            .map(|(_, q, t)| (q.clone(), *t))
+            .collect()
+    }
+}
+
+fn client_cfg(base: &str) -> CryptometerConfig {
+    CryptometerConfig {
+        base_url: base.into(),
+        api_key: Some(KEY.to_string().into()),
+        exchange: "binance".into(),
+        futures_exchange: "binance_futures".into(),
+        request_interval: Duration::from_millis(5),
+        timeout: Duration::from_millis(500),
+        max_retries: 2,
+        retry_min_delay: Duration::from_millis(20),
+        retry_max_delay: Duration::from_millis(100),
+        max_retry_after: Duration::from_secs(2),
+    }
+}
+
+fn btc() -> Symbol {
+    "BTC/USDT".parse().unwrap()
+}
+
+fn no_key(e: &SourceError) {
+    assert!(!e.to_string().contains(KEY), "the key leaked: {e}");
+    assert!(!format!("{e:?}").contains(KEY), "the key leaked: {e:?}");
+}
+
+#[tokio::test]
+async fn the_client_speaks_the_envelope_and_never_shows_the_key() {
+    let fake = FakeCryptometer::start().await;
+    let cm = Cryptometer::new(&client_cfg(&fake.url())).unwrap();
+    assert!(!format!("{cm:?}").contains(KEY));
+    assert!(!cm.describe().contains(KEY));
+
+    let c = cm.candles(&btc(), Timeframe::H1).await.unwrap();
+    assert_eq!(
+        c.len(),
+        201,
+        "the forming candle is the ingest's to drop, not the client's"
+    );
+    assert!(
+        c.windows(2).all(|w| w[0].open_time < w[1].open_time),
+        "oldest first"
+    );
+    let (q, _) = fake.seen("ohlcv").pop().unwrap();
+    assert_eq!(q["pair"], "BTC-USDT");
+    assert_eq!(q["e"], "binance");
+    assert_eq!(q["timeframe"], "1h");
+    assert_eq!(q["api_key"], KEY);
+    assert_eq!(
+        cm.ls_ratio(&btc(), Timeframe::H1).await.unwrap(),
+        Some(0.7),
+        "the newest ratio"
+    );
+    assert_eq!(fake.seen("ls-ratio")[0].0["e"], "binance_futures");
+    let l = cm.liquidations(&btc()).await.unwrap().unwrap();
+    assert_eq!((l.longs, l.shorts), (1_200_000.0, 800_000.0));
+    assert_eq!(fake.seen("liquidation-data-v2")[0].0["symbol"], "btc");
+
+    // "success":"false" is an error with its message, not retried.
+    fake.script(
+        "ohlcv",
+        &[Reply::Json(
+            200,
+            json!({"success": "false", "error": "Pair not found", "data": []}),
+        )],
+    );
+    let before = fake.seen("ohlcv").len();
+    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Rejected(m) if m.contains("success is false: Pair not found")),
+        "{e}"
+    );
+    assert_eq!(fake.seen("ohlcv").len(), before + 1);
+
+    // Malformed JSON and other 4xx: not retried.
+    fake.script(
+        "ohlcv",
+        &[Reply::Raw(200, "{\"success\": \"true\", \"data\": [")],
+    );
+    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Rejected(m) if m.contains("malformed JSON")),
+        "{e}"
+    );
+    fake.script("ohlcv", &[Reply::Json(403, json!({"error": "Forbidden"}))]);
+    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Rejected(m) if m.contains("HTTP 403") && m.contains("Forbidden")),
+        "{e}"
+    );
+    assert_eq!(fake.seen("ohlcv").len(), before + 3);
+
+    // A wrong key is the server's "success":"false".
+    let mut bad = client_cfg(&fake.url());
+    bad.api_key = Some("wrong".to_string().into());
+    let e = Cryptometer::new(&bad)
+        .unwrap()
+        .candles(&btc(), Timeframe::H1)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Invalid API key"), "{e}");
+
+    // Nothing listening: retried, then transient, and the URL (with its key) is not in the error.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = Cryptometer::new(&client_cfg(&format!("http://{closed}")))
+        .unwrap()
+        .candles(&btc(), Timeframe::H1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Transient { .. }), "{e}");
+    no_key(&e);
+
+    let mut missing = client_cfg(&fake.url());
+    missing.api_key = None;
+    assert!(
+        Cryptometer::new(&missing)
+            .unwrap_err()
+            .contains("api_key is required")
+    );
+}
+
+#[tokio::test]
+async fn the_client_retries_429_5xx_and_timeouts_within_its_bounds() {
+    let fake = FakeCryptometer::start().await;
+    let cm = Cryptometer::new(&client_cfg(&fake.url())).unwrap();
+    let n = || fake.seen("ohlcv").len();
+
+    fake.script(
+        "ohlcv",
+        &[Reply::Raw(500, "oops"), Reply::Raw(502, "bad gateway")],
+    );
+    assert_eq!(cm.candles(&btc(), Timeframe::H1).await.unwrap().len(), 201);
+    assert_eq!(n(), 3, "two failures, then the answer");
+
+    // Always failing: 1 + max_retries attempts, then a transient error.
+    fake.script(
+        "ohlcv",
+        &[
+            Reply::Raw(503, ""),
+            Reply::Raw(503, ""),
+            Reply::Raw(503, ""),
+            Reply::Raw(503, ""),
+        ],
+    );
+    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Transient { message, .. } if message.contains("503")),
+        "{e}"
+    );
+    assert_eq!(n(), 6);
+    fake.st.lock().unwrap().script.clear();
+
+    // 429 with a short Retry-After: waited out in-process.
+    fake.script("ohlcv", &[Reply::RetryAfter(429, 1)]);
+    let t = Instant::now();
+    cm.candles(&btc(), Timeframe::H1).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "Retry-After was honoured"
+    );
+    assert_eq!(n(), 8);
+
+    // 429 asking for longer than max_retry_after: handed to the job (it snoozes).
+    fake.script("ohlcv", &[Reply::RetryAfter(429, 120)]);
+    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    assert_eq!(
+        e,
+        SourceError::Transient {
+            message: "cryptometer ohlcv/: 429 rate limited".into(),
+            retry_after: Some(Duration::from_secs(120))
+        }
+    );
+    assert_eq!(n(), 9, "not retried in-process");
+
+    // A hung answer times out and is retried.
+    fake.script("ohlcv", &[Reply::Hang(Duration::from_secs(3))]);
+    cm.candles(&btc(), Timeframe::H1).await.unwrap();
+    assert_eq!(n(), 11);
+}
+
+#[tokio::test]
+async fn the_client_spaces_its_requests() {
+    let fake = FakeCryptometer::start().await;
+    let mut cfg = client_cfg(&fake.url());
+    cfg.request_interval = Duration::from_millis(250);
+    let cm = Cryptometer::new(&cfg).unwrap();
+    for _ in 0..4 {
+        cm.ls_ratio(&btc(), Timeframe::H1).await.unwrap();
+    }
+    let seen = fake.seen("ls-ratio");
+    assert_eq!(seen.len(), 4);
+    for w in seen.windows(2) {
+        let gap = w[1].1 - w[0].1;
+        // A lower bound only: a busy machine can make gaps longer, never shorter.
+        assert!(gap >= Duration::from_millis(240), "requests {gap:?} apart");
+    }
+}
+
+#[tokio::test]
+async fn bad_candles_are_refused_whole_with_the_reason() {
+    let fake = FakeCryptometer::start().await;
+    let cm = Cryptometer::new(&client_cfg(&fake.url())).unwrap();
+    let good = candles_json(Timeframe::H1, Utc::now());
+    let with = |i: usize, field: &str, v: Value| {
+        let mut c = good.clone();
+        c[i][field] = v;
+        envelope(Value::Array(c))
+    };
+    let mut shuffled = good.clone();
+    shuffled.swap(3, 7);
+    let mut duplicated = good.clone();
+    duplicated[5] = duplicated[4].clone();
+    let cases = vec![
+        (with(10, "close", json!("NaN")), "close is NaN"),
+        (with(10, "low", json!(-3.5)), "low is -3.5"),
+        (with(0, "open", json!(0)), "open is 0"),
+        (with(10, "volume", json!(-1)), "volume is -1"),
+        (with(10, "close", json!("abc")), "close is not a number"),
+        (with(10, "timestamp", json!(null)), "no valid timestamp"),
+        (envelope(Value::Array(shuffled)), "out of order"),
+        (
+            envelope(Value::Array(duplicated)),
+            "out of order or duplicated",
+        ),
+    ];
+    for (body, want) in cases {
+        fake.script("ohlcv", &[Reply::Json(200, body)]);
+        let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+        assert!(
+            matches!(&e, SourceError::Rejected(m) if m.contains(want)),
+            "want {want:?}: {e}"
+        );
+    }
+}
+
+fn market_env(fake: &FakeCryptometer, kingfisher: bool) -> Vec<(&'static str, String)> {
+    let mut v = vec![
+        ("LONGSHORE__MARKET__SOURCE", "cryptometer".to_string()),
+        ("LONGSHORE__MARKET__CRYPTOMETER__BASE_URL", fake.url()),
+        ("LONGSHORE__MARKET__CRYPTOMETER__API_KEY", KEY.to_string()),
+        (
+            "LONGSHORE__MARKET__CRYPTOMETER__REQUEST_INTERVAL",
+            "10ms".to_string(),
+        ),
+        (
+            "LONGSHORE__MARKET__CRYPTOMETER__RETRY_MIN_DELAY",
+            "20ms".to_string(),
+        ),
+        (
+            "LONGSHORE__MARKET__CRYPTOMETER__RETRY_MAX_DELAY",
+            "50ms".to_string(),
+        ),
+        (
+            "LONGSHORE__MARKET__CRYPTOMETER__MAX_RETRY_AFTER",
+            "1s".to_string(),
+        ),
+        ("LONGSHORE__MARKET__BACKFILL", "150".to_string()),
+        (
+            "LONGSHORE__QUEUES__DEFAULT__BACKOFF_BASE",
+            "50ms".to_string(),
+        ),
+        ("LONGSHORE__QUEUES__DEFAULT__MAX_ATTEMPTS", "3".to_string()),
+        ("LONGSHORE__WORKER__POLL_INTERVAL", "50ms".to_string()),
+    ];
+    if kingfisher {
+        v.push((
+            "LONGSHORE__MARKET__KINGFISHER__URL",
+            format!("{}/kingfisher?key=kf-secret", fake.url()),
+        ));
+    }
+    v
+}
+
+/// Runs a worker with the fake as the market source until `done` holds.
+async fn work<F, Fut>(pool: &PgPool, env: &[(&'static str, String)], what: &str, done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = config(&vars);
+    let registry = longshore_jobs::registry(&cfg).unwrap();
+    let stop = CancellationToken::new();
+    let h = tokio::spawn(Worker::new(pool.clone(), registry, cfg).run(stop.clone()));
+    eventually(Duration::from_secs(30), what, done).await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+async fn archived(pool: &PgPool, queue: &str) -> i64 {
+    count(pool, &format!("SELECT count(*) FROM pgmq.a_{queue}")).await
+}
+
+#[tokio::test]
+async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guardrails() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    // A position at 20% of the portfolio: doubling must be refused for that reason alone.
+    sqlx::query(
+        "INSERT INTO positions (symbol, size, portfolio_value) VALUES ('BTC/USDT', 20000, 100000)",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let args = IngestIndicators {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        backfill: None,
+    };
+    enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    let env = market_env(&fake, true);
+    work(&t.pool, &env, "a signal", || async {
+        (archived(&t.pool, "compute_signals").await == 1).then_some(())
+    })
+    .await;
+
+    let last_closed = Timeframe::H1.last_closed(Utc::now());
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM candles").await,
+        200,
+        "the forming candle is not stored"
+    );
+    let newest: DateTime<Utc> = sqlx::query_scalar("SELECT max(open_time) FROM candles")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(newest, last_closed);
+    let (rsi, ema20, ema50): (f64, f64, f64) = sqlx::query_as(
+        "SELECT (data->>'rsi14')::float8, (data->>'ema20')::float8, (data->>'ema50')::float8 FROM indicators WHERE source = 'internal'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert!(rsi > 50.0 && rsi < 70.0, "rsi {rsi}");
+    assert!(ema20 > ema50);
+    let market: Value =
+        sqlx::query_scalar("SELECT data FROM indicators WHERE source = 'cryptometer'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(market["ls_ratio"], json!(0.7));
+    assert_eq!(
+        market["liquidations"],
+        json!({"longs": 1200000.0, "shorts": 800000.0})
+    );
+    let risk: Value = sqlx::query_scalar("SELECT metrics FROM risk_metric")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert!(
+        risk["volatility"].as_f64().unwrap() < 0.05 && risk["max_drawdown"].as_f64().unwrap() > 0.0,
+        "{risk}"
+    );
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM liq_clusters").await, 1);
+
+    let (dir, score, entry, stop, tps, reasons, meta, at, version): (String, f64, f64, f64, Vec<f64>, Value, Value, DateTime<Utc>, String) =
+        sqlx::query_as(
+            "SELECT direction, score::float8, entry_price::float8, stop_loss::float8, take_profit::float8[], reasons, metadata, at, strategy_version FROM signals",
+        )
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    let fired: Vec<&str> = reasons
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert_eq!(
+        fired,
+        vec![
+            "macd_above_signal",
+            "ema20_above_ema50",
+            "close_above_ema50",
+            "ls_crowded_short",
+            "volume_spike_up",
+            "liquidation_nearby"
+        ],
+        "{reasons}"
+    );
+    assert_eq!(dir, "long");
+    assert!((score - 0.75 * 0.9).abs() < 1e-6, "{score}");
+    assert_eq!(at, last_closed);
+    assert_eq!(version, "v1");
+    let close = uptrend(200).last().unwrap().1;
+    assert!((entry - close).abs() < 1e-6);
+    assert!((stop - close * 0.98).abs() < 1e-6);
+    assert_eq!(tps.len(), 3);
+    assert!((tps[2] - close * 1.10).abs() < 1e-6);
+    let g = &meta["guardrails"];
+    assert_eq!(g["allowed"], json!(false));
+    assert_eq!(g["failed"], json!(["max_position_pct"]), "{g}");
+    assert_eq!(g["checks"].as_array().unwrap().len(), 4);
+
+    // The same candle again (a repeated job): its compute_signals collapses into the
+    // first (same candle, same key), and nothing is doubled.
+    enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the repeat", || async {
+        (archived(&t.pool, "ingest_indicators").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(archived(&t.pool, "compute_signals").await, 1);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.q_compute_signals").await,
+        0
+    );
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 1);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM candles").await, 200);
+}
+
+#[tokio::test]
+async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let env = market_env(&fake, false);
+    let mut nan = candles_json(Timeframe::H1, Utc::now());
+    nan[3]["close"] = json!("NaN");
+    let mut unordered = candles_json(Timeframe::H1, Utc::now());
+    unordered.swap(10, 20);
+    fake.script(
+        "ohlcv",
+        &[
+            Reply::Json(200, envelope(Value::Array(nan))),
+            Reply::Json(
+                200,
+                json!({"success": "false", "error": "Rate plan exceeded"}),
+            ),
+            Reply::Json(200, envelope(Value::Array(unordered))),
+        ],
+    );
+    for s in ["BTC/USDT", "ETH/USDT", "SOL/USDT"] {
+        let args = IngestIndicators {
+            symbol: s.parse().unwrap(),
+            timeframe: Timeframe::H1,
+            backfill: None,
+        };
+        enqueue(&t.pool, &args, EnqueueOptions::default())
+            .await
+            .unwrap();
+    }
+    work(&t.pool, &env, "three dead letters", || async {
+        (count(
+            &t.pool,
+            "SELECT count(*) FROM longshore.dead_letters WHERE queue = 'ingest_indicators'",
+        )
+        .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters ORDER BY last_error")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    let all = errors.join("\n");
+    assert!(all.contains("close is NaN"), "{all}");
+    assert!(
+        all.contains("success is false: Rate plan exceeded"),
+        "{all}"
+    );
+    assert!(all.contains("out of order"), "{all}");
+    assert!(!all.contains(KEY));
+    for table in ["candles", "indicators", "risk_metric", "signals"] {
+        assert_eq!(
+            count(&t.pool, &format!("SELECT count(*) FROM {table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.q_compute_signals").await,
+        0
+    );
+
+    // 429 with a long Retry-After: the job is snoozed for it, not failed or retried now.
+    fake.script("ohlcv", &[Reply::RetryAfter(429, 600)]);
+    let args = IngestIndicators {
+        symbol: btc(),
+        timeframe: Timeframe::H4,
+        backfill: None,
+    };
+    let id = enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    work(&t.pool, &env, "the snooze", || async {
+        let n = count(
+            &t.pool,
+            &format!("SELECT count(*) FROM pgmq.q_ingest_indicators WHERE msg_id = {id} AND vt > now() + interval '500 seconds'"),
+        )
+        .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(fake.seen("ohlcv").len(), 4);
+}
+
+fn delivery(
+    op: &str,
+    id: &str,
+    user: &str,
+    symbol: &str,
+    tf: &str,
+    active: bool,
+    updated: &str,
+) -> Value {
+    let rec = json!({"id": id, "user_id": user, "symbol": symbol, "timeframe": tf, "active": active, "updated_at": updated});
+    match op {
+        "DELETE" => {
+            json!({"type": "DELETE", "table": "watchers", "record": null, "old_record": {"id": id}})
+        }
+        _ => json!({"type": op, "table": "watchers", "record": rec, "old_record": null}),
+    }
+}
+
+const U1: &str = "11111111-1111-4111-8111-111111111111";
+const U2: &str = "22222222-2222-4222-8222-222222222222";
+const W1: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+const W2: &str = "aaaaaaaa-0000-4000-8000-000000000002";
+const W3: &str = "aaaaaaaa-0000-4000-8000-000000000003";
+
+async fn sync(pool: &PgPool, env: &[(&'static str, String)], deliveries: &[Value]) {
+    let before = archived(pool, "sync_watcher").await;
+    for d in deliveries {
+        let args: SyncWatcher = serde_json::from_value(d.clone()).unwrap();
+        enqueue(pool, &args, EnqueueOptions::default())
+            .await
+            .unwrap();
+    }
+    // One at a time, in order, as a single consumer would see them; only this kind
+    // runs, so the backfill it enqueues stays in its queue to be looked at.
+    let mut env = env.to_vec();
+    env.push(("LONGSHORE__QUEUES__SYNC_WATCHER__CONCURRENCY", "1".into()));
+    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = config(&vars);
+    let market = Arc::new(Market::from_config(&cfg).unwrap());
+    let registry = longshore_workers::Registry::new().register(SyncWatcherHandler(market));
+    let want = before + deliveries.len() as i64;
+    let stop = CancellationToken::new();
+    let h = tokio::spawn(Worker::new(pool.clone(), registry, cfg).run(stop.clone()));
+    eventually(Duration::from_secs(30), "the deliveries", || async {
+        (archived(pool, "sync_watcher").await == want).then_some(())
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn webhook_deliveries_apply_once_in_any_order_and_a_new_pair_is_backfilled() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let env = market_env(&fake, false);
+    let watchers = || async {
+        sqlx::query_as::<_, (String, String, String, bool)>(
+            "SELECT id::text, symbol, timeframe, active FROM watchers ORDER BY id",
+        )
+        .fetch_all(&t.pool)
+        .await
+        .unwrap()
+    };
+    sync(
+        &t.pool,
+        &env,
+        &[
+            delivery(
+                "INSERT",
+                W1,
+                U1,
+                "btc-usdt",
+                "1h",
+                true,
+                "2026-11-20T10:00:00Z",
+            ),
+            delivery(
+                "UPDATE",
+                W1,
+                U1,
+                "BTC/USDT",
+                "1h",
+                false,
+                "2026-11-20T12:00:00Z",
+            ),
+            // Late: older than the row.
+            delivery(
+                "UPDATE",
+                W1,
+                U1,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T11:00:00Z",
+            ),
+            delivery(
+                "INSERT",
+                W2,
+                U2,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T10:00:00Z",
+            ),
+            delivery(
+                "INSERT",
+                W2,
+                U2,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T10:00:00Z",
+            ), // twice
+        ],
+    )
+    .await;
+    assert_eq!(
+        watchers().await,
+        vec![
+            (W1.into(), "BTC/USDT".into(), "1h".into(), false),
+            (W2.into(), "BTC/USDT".into(), "1h".into(), true)
+        ]
+    );
+    // BTC/USDT 1h got its first active watcher twice (W1, then W2 after W1 went
+    // inactive): one backfill (the key collapses the second).
+    let backfills: Vec<Value> = sqlx::query_scalar("SELECT message FROM pgmq.q_ingest_indicators")
+        .fetch_all(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        backfills,
+        vec![json!({"symbol": "BTC/USDT", "timeframe": "1h", "backfill": 150})]
+    );
+
+    // DELETE, then a late UPDATE of the same watcher: it stays deleted.
+    sync(
+        &t.pool,
+        &env,
+        &[
+            delivery(
+                "DELETE",
+                W1,
+                U1,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T13:00:00Z",
+            ),
+            delivery(
+                "UPDATE",
+                W1,
+                U1,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T12:30:00Z",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(watchers().await.len(), 1);
+    // User 2 removes and re-adds the pair; the re-add arrives before the DELETE.
+    sync(
+        &t.pool,
+        &env,
+        &[
+            delivery(
+                "INSERT",
+                W3,
+                U2,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-21T10:00:00Z",
+            ),
+            delivery(
+                "DELETE",
+                W2,
+                U2,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-21T09:00:00Z",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        watchers().await,
+        vec![(W3.into(), "BTC/USDT".into(), "1h".into(), true)]
+    );
+    let results: Vec<Value> = sqlx::query_scalar(
+        "SELECT headers->'result'->'applied' FROM pgmq.a_sync_watcher ORDER BY msg_id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        results,
+        vec![
+            json!("inserted"),
+            json!("updated"),
+            json!("ignored: stale"),
+            json!("inserted"),
+            json!("updated"),
+            json!("deleted"),
+            json!("ignored: deleted earlier"),
+            json!("inserted"),
+            json!("tombstoned")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_tick_enqueues_one_ingest_per_pair_and_candle_however_often_it_runs() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    for (id, u, s, tf) in [
+        (W1, U1, "BTC/USDT", "1h"),
+        (W2, U2, "BTC/USDT", "1h"),
+        (W3, U2, "ETH/USDT", "4h"),
+    ] {
+        sqlx::query("INSERT INTO watchers (id, user_id, symbol, timeframe) VALUES ($1::uuid, $2::uuid, $3, $4)")
+            .bind(id)
+            .bind(u)
+            .bind(s)
+            .bind(tf)
+            .execute(&t.pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO watchers (id, user_id, symbol, timeframe, active) VALUES (gen_random_uuid(), $1::uuid, 'SOL/USDT', '1d', false)",
+    )
+    .bind(U1)
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    // Three ticks (a slow scheduler, a retry, an operator) in the same candle.
+    for _ in 0..3 {
+        enqueue(&t.pool, &MarketTick::default(), EnqueueOptions::default())
+            .await
+            .unwrap();
+    }
+    work(&t.pool, &env, "signals for both pairs", || async {
+        (archived(&t.pool, "compute_signals").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(archived(&t.pool, "market_tick").await, 3);
+    assert_eq!(
+        archived(&t.pool, "ingest_indicators").await,
+        2,
+        "one per (symbol, timeframe), not per tick or watcher"
+    );
+    let pairs: Vec<(String, String)> =
+        sqlx::query_as("SELECT symbol, timeframe FROM signals ORDER BY 1")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        pairs,
+        vec![
+            ("BTC/USDT".into(), "1h".into()),
+            ("ETH/USDT".into(), "4h".into())
+        ]
+    );
+    assert_eq!(fake.seen("ohlcv").len(), 2);
+}
+
+/// Seeds closed candles and signals with known outcomes 4 hours later.
+#[tokio::test]
+async fn the_win_rate_counts_directional_signals_with_known_outcomes() {
+    let t = db().await;
+    let p = &t.pool;
+    let now = Timeframe::H1.floor(Utc::now());
+    // (hours ago, direction, entry, close 4 h later or None)
+    let seeded: [(i64, &str, f64, Option<f64>); 9] = [
+        (100, "long", 100.0, Some(101.5)),     // +1.5%: win
+        (90, "long", 100.0, Some(100.5)),      // +0.5%: loss
+        (80, "long", 100.0, Some(98.0)),       // loss
+        (70, "short", 100.0, Some(98.5)),      // −1.5%: win
+        (60, "short", 100.0, Some(99.5)),      // loss
+        (50, "flat", 100.0, Some(120.0)),      // excluded
+        (40, "flat", 100.0, Some(80.0)),       // excluded
+        (2, "long", 100.0, None),              // outcome not known yet
+        (31 * 24, "long", 100.0, Some(150.0)), // older than the lookback
+    ];
+    for (ago, dir, entry, outcome) in seeded {
+        let at = now - chrono::Duration::hours(ago);
+        sqlx::query(
+            "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons) \
+             VALUES ('BTC/USDT', '1h', $1, $2, 0.7, $3::float8, 0.7, '[]')",
+        )
+        .bind(at)
+        .bind(dir)
+        .bind(entry)
+        .execute(p)
+        .await
+        .unwrap();
+        if let Some(c) = outcome {
+            // The candle 3 h after is not the outcome; the one at 4 h is.
+            for (h, close) in [(3, 200.0), (4, c)] {
+                sqlx::query(
+                    "INSERT INTO candles VALUES ('BTC/USDT', '1h', $1, $2::float8, $2::float8, $2::float8, $2::float8, 1)",
+                )
+                .bind(at + chrono::Duration::hours(h))
+                .bind(close)
+                .execute(p)
+                .await
+                .unwrap();
+            }
+        }
+    }
+    let args = ComputeWinrate {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        lookback_days: 30,
+    };
+    enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
+    work(p, &[], "the win rate", || async {
+        (archived(p, "compute_winrate").await == 1).then_some(())
+    })
+    .await;
+    let (rate, n, params): (f64, i32, Value) = sqlx::query_as(
+        "SELECT win_rate::float8, sample_size, params FROM win_rate WHERE symbol = 'BTC/USDT' AND timeframe = '1h' AND lookback_days = 30 AND strategy_version = 'v1'",
+    )
+    .fetch_one(p)
+    .await
+    .unwrap();
+    assert_eq!(n, 5);
+    assert!((rate - 0.4).abs() < 1e-12, "{rate}");
+    assert_eq!(params["flat_excluded"], json!(2));
+    assert_eq!(params["pending"], json!(1));
+    assert_eq!(
+        (params["long_wins"].clone(), params["short_wins"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(params["horizon_seconds"], json!(14400.0));
+
+    // Hourly recomputation upserts the same row.
+    enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
+    work(p, &[], "the second win rate", || async {
+        (archived(p, "compute_winrate").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(count(p, "SELECT count(*) FROM win_rate").await, 1);
+}
+
+#[tokio::test]
+async fn prune_market_drops_candles_and_indicators_past_the_retention() {
+    let t = db().await;
+    let p = &t.pool;
+    for days in [10, 100] {
+        sqlx::query("INSERT INTO candles VALUES ('BTC/USDT', '1d', date_trunc('day', now()) - make_interval(days => $1), 1, 1, 1, 1, 1)")
+            .bind(days)
+            .execute(p)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1d', now() - make_interval(days => $1), '{}', 'internal')")
+            .bind(days)
+            .execute(p)
+            .await
+            .unwrap();
+    }
+    enqueue(
+        p,
+        &PruneMarket {
+            older_than: Duration::from_secs(90 * 86_400),
+        },
+        EnqueueOptions::default(),
+    )
+    .await
+    .unwrap();
+    enqueue(
+        p,
+        &PruneMarket {
+            older_than: Duration::from_secs(60),
+        },
+        EnqueueOptions::default(),
+    )
+    .await
+    .unwrap();
+    work(p, &[], "the prune", || async {
+        (archived(p, "prune_market").await == 1
+            && count(p, "SELECT count(*) FROM longshore.dead_letters").await == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(count(p, "SELECT count(*) FROM candles").await, 1);
+    assert_eq!(count(p, "SELECT count(*) FROM indicators").await, 1);
+    let e: String = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters")
+        .fetch_one(p)
+        .await
+        .unwrap();
+    assert!(e.contains("at least 1d"), "{e}");
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// Through the real binary: a signed webhook creates a watcher (and backfills its
+/// history from the fake), a tick ingests the newest candle, a signal appears with its
+/// reasons, and a win-rate is computed over the backfilled history.
+#[tokio::test]
+async fn end_to_end_through_the_binary() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let secret = "wh-canary-secret-77";
+    let dir = config_dir(&format!(
+        r#"
+[ingress]
+listen = "127.0.0.1:0"
+
+[[ingress.tokens]]
+name = "ops"
+sha256 = "{}"
+queues = ["*"]
+rate_per_second = 100
+burst = 100
+
+[hooks.watchers]
+secret = "{secret}"
+queue = "sync_watcher"
+signature_header = "x-hmac-sha256"
+"#,
+        hex::encode(<Sha256 as sha2::Digest>::digest(b"ops-token"))
+    ));
+    let mut env: Vec<(&str, String)> = market_env(&fake, false);
+    env.push(("LONGSHORE_ENV", "test".into()));
+    let envs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let ingress = Proc::spawn_in(Some(&dir), &t.url, &["ingress"], &envs);
+    let worker = Proc::spawn_in(Some(&dir), &t.url, &["worker"], &envs);
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    let http = reqwest::Client::new();
+
+    let body = serde_json::to_vec(&delivery(
+        "INSERT",
+        W1,
+        U1,
+        "BTC/USDT",
+        "1h",
+        true,
+        "2026-11-22T10:00:00Z",
+    ))
+    .unwrap();
+    // A bad signature is refused; a bad symbol is refused at the door with the reason.
+    let r = http
+        .post(format!("{base}/v1/hooks/watchers"))
+        .header("x-hmac-sha256", sign("wrong", &body))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let bad = serde_json::to_vec(&delivery(
+        "INSERT",
+        W2,
+        U1,
+        "BTCUSDT",
+        "1h",
+        true,
+        "2026-11-22T10:00:00Z",
+    ))
+    .unwrap();
+    let r = http
+        .post(format!("{base}/v1/hooks/watchers"))
+        .header("x-hmac-sha256", sign(secret, &bad))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("not a pair like BTC/USDT"), "{text}");
+    let r = http
+        .post(format!("{base}/v1/hooks/watchers"))
+        .header("x-hmac-sha256", sign(secret, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+
+    // The webhook's backfill: 150 candles of signals.
+    eventually(
+        Duration::from_secs(60),
+        "the backfilled signals",
+        || async { (count(&t.pool, "SELECT count(*) FROM signals").await == 150).then_some(()) },
+    )
+    .await;
+    // A tick: the newest candle already has its signal, so nothing is doubled.
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let url = t.url.clone();
+        move || {
+            run_cli(
+                &url,
+                &["enqueue", "market_tick", r#"{"task":"ingest_indicators"}"#],
+                &[],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    eventually(Duration::from_secs(30), "the tick's ingest", || async {
+        (archived(&t.pool, "compute_signals").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 150);
+    let reasons: Value = sqlx::query_scalar("SELECT reasons FROM signals ORDER BY at DESC LIMIT 1")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert!(
+        reasons.to_string().contains("macd_above_signal"),
+        "{reasons}"
+    );
+    assert!(
+        reasons
+            .to_string()
+            .contains("liquidation_clusters_not_configured"),
+        "{reasons}"
+    );
+
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let url = t.url.clone();
+        move || {
+            run_cli(
+                &url,
+                &["enqueue", "market_tick", r#"{"task":"compute_winrate"}"#],
+                &[],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let (rate, n): (Option<f64>, i32) =
+        eventually(Duration::from_secs(30), "a win rate", || async {
+            sqlx::query_as(
+                "SELECT win_rate::float8, sample_size FROM win_rate WHERE symbol = 'BTC/USDT'",
+            )
+            .fetch_optional(&t.pool)
+            .await
+            .unwrap()
+        })
+        .await;
+    assert!(n > 0, "directional signals with known outcomes");
+    let rate = rate.unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+    assert!(fake.seen("ohlcv").iter().all(|(q, _)| q["api_key"] == KEY));
+    for p in [&ingress, &worker] {
+        let logs = p.logs();
+        assert!(!logs.contains(KEY), "the API key is in a log");
+        assert!(!logs.contains(secret), "the webhook secret is in a log");
+    }
+    assert!(
+        worker.logs().contains("cryptometer at http://127.0.0.1"),
+        "the worker names its source"
+    );
+}
