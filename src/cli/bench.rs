@@ -47,8 +47,9 @@ pub struct Args {
     /// Print one JSON object instead of a report.
     #[arg(long)]
     pub json: bool,
-    /// Phases to run (comma-separated): store, drain, e2e, idle, and the billing
-    /// pipeline's ingest (HAProxy lines parsed and stored) and aggregate.
+    /// Phases to run (comma-separated): store, drain, e2e, idle, the billing
+    /// pipeline's ingest (HAProxy lines parsed and stored) and aggregate, and the
+    /// market pipeline's signals (candles validated, indicators, strategy v1).
     #[arg(long, value_delimiter = ',', default_value = "store,drain,e2e,idle")]
     pub phases: Vec<String>,
     /// Log lines in the ingest phase.
@@ -57,6 +58,9 @@ pub struct Args {
     /// Raw rows in the aggregate phase.
     #[arg(long, default_value_t = 10_000_000)]
     pub aggregate_rows: i64,
+    /// Candles in the signals phase.
+    #[arg(long, default_value_t = 200_000)]
+    pub signal_candles: usize,
 }
 
 #[derive(Default)]
@@ -140,9 +144,19 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
     cfg.validate().map_err(CliError::usage)?;
     let cfg = Arc::new(cfg);
     for p in &args.phases {
-        if !["store", "drain", "e2e", "idle", "ingest", "aggregate"].contains(&p.as_str()) {
+        if ![
+            "store",
+            "drain",
+            "e2e",
+            "idle",
+            "ingest",
+            "aggregate",
+            "signals",
+        ]
+        .contains(&p.as_str())
+        {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle, ingest, aggregate"
+                "unknown phase {p:?}: store, drain, e2e, idle, ingest, aggregate, signals"
             )));
         }
     }
@@ -336,6 +350,18 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         ));
     }
 
+    if run("signals") {
+        let n = args.signal_candles.max(100);
+        say(format!(
+            "signals: {n} simulated 1m candles through validation, indicators and strategy v1"
+        ));
+        let rate = signals_phase(&cfg, n)?;
+        report.insert("signal_candles_per_s".into(), json!(rate.round()));
+        lines.push(format!(
+            "signals, candles → indicators → strategy {rate:>9.0} candles/s"
+        ));
+    }
+
     if args.json {
         println!("{}", serde_json::Value::Object(report));
     } else {
@@ -348,6 +374,52 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// CPU cost of the market pipeline per candle: validation, every indicator over the
+/// series, and strategy v1 on every candle (no database, no network).
+fn signals_phase(cfg: &Config, n: usize) -> Result<f64, CliError> {
+    use longshore_jobs::clients::market_sim::MarketSimulator;
+    use longshore_jobs::market::ingest_indicators::indicator_rows;
+    use longshore_jobs::market::strategy::{Clusters, Inputs, evaluate};
+    use longshore_jobs::market::types::{Timeframe, validate_candles};
+    let market =
+        longshore_jobs::market::config::Market::from_config(cfg).map_err(CliError::usage)?;
+    let sim = MarketSimulator::new(42, n);
+    let symbol = "BTC/USDT".parse().expect("a symbol");
+    let candles: Vec<_> = (1..=n as i64)
+        .map(|k| sim.candle(&symbol, Timeframe::M1, k))
+        .collect();
+    let t = Instant::now();
+    validate_candles(&candles, Timeframe::M1)
+        .map_err(|e| anyhow::anyhow!("simulated candles: {e}"))?;
+    let rows = indicator_rows(
+        &candles,
+        market.cfg.strategy.volume_window,
+        market.cfg.volatility_window,
+    );
+    let mut directional = 0usize;
+    for r in &rows {
+        let x = Inputs {
+            open: r.open,
+            close: r.close,
+            volume: r.volume,
+            rsi: r.rsi14,
+            macd: r.macd,
+            ema20: r.ema20,
+            ema50: r.ema50,
+            volume_avg: r.volume_avg,
+            volatility: r.volatility,
+            ls_ratio: None,
+            clusters: Clusters::Known(Vec::new()),
+        };
+        let e = evaluate(&market.cfg.strategy, &x);
+        directional +=
+            usize::from(e.direction != longshore_jobs::market::strategy::Direction::Flat);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(directional);
+    Ok(n as f64 / secs)
 }
 
 /// A worker on the probe queue, running in this process.
