@@ -6,6 +6,7 @@
 //! `clients/`.
 
 pub mod billing;
+pub mod chat;
 pub mod clients;
 pub mod market;
 pub mod probe;
@@ -20,6 +21,8 @@ use longshore_workers::config::{Config, ConfigError};
 pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
     let billing = Arc::new(billing::config::BillingConfig::from_config(cfg)?);
     let market = Arc::new(market::config::Market::from_config(cfg)?);
+    // Checked at start although no kind uses it yet (the llm_call job is issue 7's).
+    chat::credits::CreditsConfig::from_config(cfg)?;
     Ok(Registry::new()
         .register(probe::ProbeHandler)
         .register(billing::ingest_logs::IngestLogsHandler)

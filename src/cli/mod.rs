@@ -3,6 +3,7 @@
 mod app;
 mod bench;
 mod billing;
+mod credits;
 mod dev;
 mod dlq;
 mod enqueue;
@@ -49,6 +50,8 @@ enum Command {
     Bench(bench::Args),
     /// Billing tools for operators.
     Billing(billing::Args),
+    /// Chat credits for operators: grant, balance.
+    Credits(credits::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
             Command::Dlq(a) => dlq::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Billing(a) => billing::run(a).await,
+            Command::Credits(a) => credits::run(a).await,
         }
     });
     match result {

@@ -63,6 +63,9 @@ pub struct Config {
     /// Settings of the market pipeline (`[market]`), typed by the jobs crate.
     #[serde(default)]
     pub market: serde_json::Value,
+    /// Settings of the chat pipeline (`[chat]`), typed by the jobs crate.
+    #[serde(default)]
+    pub chat: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
