@@ -14,6 +14,24 @@ fn credits() -> CreditsConfig {
     CreditsConfig::from_config(&config(&[])).unwrap()
 }
 
+/// One charge in its own committed transaction.
+async fn committed_charge(
+    pool: &sqlx::PgPool,
+    cfg: &CreditsConfig,
+    user: Uuid,
+    request: Uuid,
+    credits: i64,
+    provider: &str,
+) -> Charge {
+    let mut tx = pool.begin().await.unwrap();
+    let units = json!({"input_tokens": 1, "output_tokens": 1});
+    let r = charge(&mut tx, cfg, user, request, credits, provider, units)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    r
+}
+
 #[tokio::test]
 async fn row21_a_thousand_concurrent_charges_against_a_balance_for_a_hundred() {
     let t = db().await;
@@ -30,20 +48,7 @@ async fn row21_a_thousand_concurrent_charges_against_a_balance_for_a_hundred() {
     for _ in 0..1000 {
         let (pool, cfg) = (pool.clone(), cfg.clone());
         tasks.push(tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            let r = charge(
-                &mut tx,
-                &cfg,
-                user,
-                Uuid::new_v4(),
-                1,
-                "grok",
-                json!({"input_tokens": 1, "output_tokens": 1}),
-            )
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
-            r
+            committed_charge(&pool, &cfg, user, Uuid::new_v4(), 1, "grok").await
         }));
     }
     let (mut ok, mut refused) = (0, 0);
@@ -87,20 +92,7 @@ async fn a_request_is_charged_once_however_often_it_is_retried_or_raced() {
     for _ in 0..20 {
         let (pool, cfg) = (t.pool.clone(), cfg.clone());
         tasks.push(tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            let r = charge(
-                &mut tx,
-                &cfg,
-                user,
-                req,
-                27,
-                "gpt",
-                json!({"input_tokens": 1500, "output_tokens": 2000}),
-            )
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
-            r
+            committed_charge(&pool, &cfg, user, req, 27, "gpt").await
         }));
     }
     let mut charged = 0;

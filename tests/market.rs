@@ -1099,6 +1099,16 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
     assert!(e.contains("at least 1d"), "{e}");
 }
 
+/// `longshore enqueue market_tick ARGS`, as an operator would.
+async fn tick_from_the_cli(url: &str, args: &'static str) {
+    let url = url.to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || run_cli(&url, &["enqueue", "market_tick", args], &[]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 fn sign(secret: &str, body: &[u8]) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     m.update(body);
@@ -1196,19 +1206,7 @@ signature_header = "x-hmac-sha256"
     )
     .await;
     // A tick: the newest candle already has its signal, so nothing is doubled.
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let url = t.url.clone();
-        move || {
-            run_cli(
-                &url,
-                &["enqueue", "market_tick", r#"{"task":"ingest_indicators"}"#],
-                &[],
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0, "{out}{err}");
+    tick_from_the_cli(&t.url, r#"{"task":"ingest_indicators"}"#).await;
     eventually(Duration::from_secs(30), "the tick's ingest", || async {
         (archived(&t.pool, "compute_signals").await == 2).then_some(())
     })
@@ -1229,19 +1227,7 @@ signature_header = "x-hmac-sha256"
         "{reasons}"
     );
 
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let url = t.url.clone();
-        move || {
-            run_cli(
-                &url,
-                &["enqueue", "market_tick", r#"{"task":"compute_winrate"}"#],
-                &[],
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0, "{out}{err}");
+    tick_from_the_cli(&t.url, r#"{"task":"compute_winrate"}"#).await;
     let (rate, n): (Option<f64>, i32) =
         eventually(Duration::from_secs(30), "a win rate", || async {
             sqlx::query_as(
