@@ -381,7 +381,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
 fn signals_phase(cfg: &Config, n: usize) -> Result<f64, CliError> {
     use longshore_jobs::clients::market_sim::MarketSimulator;
     use longshore_jobs::market::ingest_indicators::indicator_rows;
-    use longshore_jobs::market::strategy::{Clusters, Inputs, evaluate};
+    use longshore_jobs::market::strategy::{Clusters, evaluate};
     use longshore_jobs::market::types::{Timeframe, validate_candles};
     let market =
         longshore_jobs::market::config::Market::from_config(cfg).map_err(CliError::usage)?;
@@ -400,19 +400,7 @@ fn signals_phase(cfg: &Config, n: usize) -> Result<f64, CliError> {
     );
     let mut directional = 0usize;
     for r in &rows {
-        let x = Inputs {
-            open: r.open,
-            close: r.close,
-            volume: r.volume,
-            rsi: r.rsi14,
-            macd: r.macd,
-            ema20: r.ema20,
-            ema50: r.ema50,
-            volume_avg: r.volume_avg,
-            volatility: r.volatility,
-            ls_ratio: None,
-            clusters: Clusters::Known(Vec::new()),
-        };
+        let x = r.inputs(None, Clusters::Known(Vec::new()));
         let e = evaluate(&market.cfg.strategy, &x);
         directional +=
             usize::from(e.direction != longshore_jobs::market::strategy::Direction::Flat);

@@ -156,18 +156,10 @@ impl RpcChain {
 
 /// The URL without its path and query, where RPC providers put API keys.
 pub fn redact_url(url: &str) -> String {
-    match split_url(url) {
-        Some((scheme, host)) => format!("{scheme}://{host}/…"),
+    match super::url_origin(url) {
+        Some(origin) => format!("{origin}/…"),
         None => "<rpc url>".into(),
     }
-}
-
-fn split_url(url: &str) -> Option<(String, String)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let host = rest.split(['/', '?', '#']).next()?;
-    // user:password@host → host
-    let host = host.rsplit('@').next()?;
-    Some((scheme.to_string(), host.to_string()))
 }
 
 fn parse_address(what: &str, s: &str) -> Result<Address, ChainError> {

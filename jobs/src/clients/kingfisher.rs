@@ -32,14 +32,6 @@ pub struct KingFisher {
     shown: String,
 }
 
-/// `scheme://host[:port]` of a URL, for logs.
-pub fn origin(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit('@').next().unwrap_or(host);
-    format!("{scheme}://{host}")
-}
-
 impl KingFisher {
     /// `None` when no URL is configured.
     pub fn new(cfg: &KingFisherConfig) -> Result<Option<Self>, String> {
@@ -60,7 +52,7 @@ impl KingFisher {
             .map_err(|e| format!("http client: {e}"))?;
         Ok(Some(KingFisher {
             http,
-            shown: origin(u),
+            shown: super::url_origin(u).unwrap_or_else(|| "<kingfisher url>".into()),
             url,
         }))
     }
@@ -110,10 +102,6 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            origin("https://u:p@kf.example:8443/x?key=s"),
-            "https://kf.example:8443"
-        );
         let kf = |u: &str| {
             KingFisher::new(&KingFisherConfig {
                 url: Some(SecretString::from(u.to_string())),

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::config::Market;
 use super::ingest_indicators::IndicatorRow;
-use super::strategy::{Clusters, Direction, Inputs, Position, Previous, doubling, evaluate};
+use super::strategy::{Clusters, Direction, Position, Previous, doubling, evaluate};
 use super::types::{Cluster, Symbol, Timeframe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,19 +94,7 @@ impl Handler for ComputeSignalsHandler {
                 None if m.clusters.is_some() => Clusters::Unavailable,
                 None => Clusters::NotConfigured,
             };
-            let inputs = Inputs {
-                open: ind.open,
-                close: ind.close,
-                volume: ind.volume,
-                rsi: ind.rsi14,
-                macd: ind.macd,
-                ema20: ind.ema20,
-                ema50: ind.ema50,
-                volume_avg: ind.volume_avg,
-                volatility: ind.volatility,
-                ls_ratio: market.get("ls_ratio").and_then(Value::as_f64),
-                clusters,
-            };
+            let inputs = ind.inputs(market.get("ls_ratio").and_then(Value::as_f64), clusters);
             let e = evaluate(strategy, &inputs);
             let score = round6(e.score.abs());
             let previous: Option<(i64, f64)> = sqlx::query_as(

@@ -28,7 +28,7 @@ use super::compute_signals::ComputeSignals;
 use super::config::Market;
 use super::indicators::{atr, ema, macd, realised_volatility, rsi};
 use super::source_error;
-use super::strategy::Clusters;
+use super::strategy::{Clusters, Inputs};
 use super::types::{Candle, Symbol, Timeframe};
 use crate::clients::market::SourceError;
 
@@ -63,6 +63,25 @@ pub struct IndicatorRow {
     pub volatility: Option<f64>,
     /// Average volume of the `volume_window` candles before this one.
     pub volume_avg: Option<f64>,
+}
+
+impl IndicatorRow {
+    /// The strategy's inputs for this row, with the market data fetched beside it.
+    pub fn inputs(&self, ls_ratio: Option<f64>, clusters: Clusters) -> Inputs {
+        Inputs {
+            open: self.open,
+            close: self.close,
+            volume: self.volume,
+            rsi: self.rsi14,
+            macd: self.macd,
+            ema20: self.ema20,
+            ema50: self.ema50,
+            volume_avg: self.volume_avg,
+            volatility: self.volatility,
+            ls_ratio,
+            clusters,
+        }
+    }
 }
 
 /// Indicator rows for every candle of a series, oldest first.
