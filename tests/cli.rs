@@ -454,6 +454,28 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
         dev.logs()
             .contains("market simulator (seed 42, deterministic; not market data)")
     );
+    // The chat pipeline on the echo simulator: the README's POST, then a waiting GET.
+    let s = post_and_wait(
+        &http,
+        &addr,
+        "queues/llm_call/jobs",
+        r#"{"request_id":"7d8f4e2a-1111-4c3b-9a57-0f7c1d2e3f40","user_id":"0b7e0a52-2222-4c3b-9a57-0f7c1d2e3f40","messages":[{"role":"user","content":"Hello?"}]}"#.into(),
+        "llm_call",
+    )
+    .await;
+    assert_eq!(s["state"], "done", "{s}");
+    let r = &s["result"];
+    assert_eq!(
+        (r["provider"].as_str(), r["content"].as_str()),
+        (Some("grok"), Some("echo: Hello?")),
+        "{s}"
+    );
+    // grok: 6 input tokens (2 + 4 for the message), 3 output → ceil(1.018) = 2.
+    assert_eq!(
+        (r["credits_charged"].as_i64(), r["balance"].as_i64()),
+        (Some(2), Some(98))
+    );
+    assert!(dev.logs().contains("echo simulator"));
     dev.signal("INT");
     assert_eq!(
         dev.wait_exit(Duration::from_secs(20)).await,

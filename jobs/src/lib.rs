@@ -10,6 +10,7 @@ pub mod chat;
 pub mod clients;
 pub mod market;
 pub mod probe;
+pub mod prune;
 
 use std::sync::Arc;
 
@@ -21,8 +22,7 @@ use longshore_workers::config::{Config, ConfigError};
 pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
     let billing = Arc::new(billing::config::BillingConfig::from_config(cfg)?);
     let market = Arc::new(market::config::Market::from_config(cfg)?);
-    // Checked at start although no kind uses it yet (the llm_call job is issue 7's).
-    chat::credits::CreditsConfig::from_config(cfg)?;
+    let chat = Arc::new(chat::config::Chat::from_config(cfg)?);
     Ok(Registry::new()
         .register(probe::ProbeHandler)
         .register(billing::ingest_logs::IngestLogsHandler)
@@ -45,5 +45,7 @@ pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
         ))
         .register(market::compute_winrate::ComputeWinrateHandler(market))
         .register(market::prune_market::PruneMarketHandler)
+        .register(chat::llm_call::LlmCallHandler(chat))
+        .register(chat::prune_llm::PruneLlmHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler))
 }

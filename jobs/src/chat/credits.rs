@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use longshore_workers::config::{Config, ConfigError};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -97,21 +97,29 @@ pub struct CreditsConfig {
 
 impl CreditsConfig {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
-        let v = if cfg.chat.is_null() {
-            json!({})
-        } else {
-            cfg.chat.clone()
-        };
         // Only the credits part is typed here; the providers are the llm_call's.
-        let credits = v.get("credits").cloned().unwrap_or(json!(null));
+        let credits = cfg.chat.get("credits").cloned().unwrap_or(Value::Null);
         let c: CreditsConfig = cfg.section("chat.credits", &credits)?;
-        if c.signup_bonus < 0 || c.min_balance < 0 || c.max_per_request <= 0 {
-            return Err(ConfigError::Invalid {
-                key: "chat.credits".into(),
-                message: "signup_bonus and min_balance must not be negative, max_per_request must be positive".into(),
-            });
-        }
+        c.validate()?;
         Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |message: &str| ConfigError::Invalid {
+            key: "chat.credits".into(),
+            message: message.into(),
+        };
+        if self.signup_bonus < 0 || self.min_balance < 0 || self.max_per_request <= 0 {
+            return Err(bad(
+                "signup_bonus and min_balance must not be negative, max_per_request must be positive",
+            ));
+        }
+        if self.prices.values().any(|p| {
+            p.input < Decimal::ZERO || p.output < Decimal::ZERO || p.minimum < Decimal::ZERO
+        }) {
+            return Err(bad("prices must not be negative"));
+        }
+        Ok(())
     }
 }
 

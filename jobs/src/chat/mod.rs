@@ -1,8 +1,15 @@
-//! The chat pipeline (../shared/SPEC-CHAT.md). Built so far:
-//! - [`credits`]: the credits ledger, the pricing formula, tiers, the pre-call checks
-//!   and the exactly-once charge (`longshore credits grant|balance`).
+//! The chat pipeline (../shared/SPEC-CHAT.md): LLM calls handed over by the chat API.
+//! - [`llm_call`]: the job: routing, fallback, attempts, the stored answer and the
+//!   exactly-once charge.
+//! - [`config`]: `[chat]`, the providers and routes.
+//! - [`prune_llm`]: the retention of attempts and stored answers.
+//! - [`credits`]: the ledger, prices, tiers, pre-call checks and the charge
+//!   (`longshore credits grant|balance`).
 //!
-//! Not yet (issue 7): the `llm_call` job, provider routing and fallback over
-//! async-openai, `llm_attempts`, the echo provider for dev.
+//! Providers are in `clients::llm` (OpenAI-compatible, async-openai) and
+//! `clients::llm_echo` (the dev simulator).
 
+pub mod config;
 pub mod credits;
+pub mod llm_call;
+pub mod prune_llm;

@@ -6,6 +6,8 @@ pub mod chain_rpc;
 pub mod chain_sim;
 pub mod cryptometer;
 pub mod kingfisher;
+pub mod llm;
+pub mod llm_echo;
 pub mod market;
 pub mod market_sim;
 

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use longshore_workers::{Handler, JobArgs, JobContext, JobError, Outcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -26,29 +25,14 @@ impl Handler for PruneMarketHandler {
     type Args = PruneMarket;
 
     async fn handle(&self, a: PruneMarket, ctx: &mut JobContext) -> Result<Outcome, JobError> {
-        if a.older_than < Duration::from_secs(86_400) {
-            return Err(JobError::fail(
-                "older_than must be at least 1d (a guard against typos)",
-            ));
-        }
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(a.older_than).map_err(JobError::fail)?;
-        let tx = ctx.tx().await?;
-        let mut out = serde_json::Map::new();
-        for (table, column) in [
+        let cutoff = crate::prune::cutoff(a.older_than)?;
+        let tables = [
             ("candles", "open_time"),
             ("indicators", "at"),
             ("risk_metric", "at"),
             ("liq_clusters", "at"),
-        ] {
-            // Table and column names are the constants above.
-            let n = sqlx::query(&format!("DELETE FROM {table} WHERE {column} < $1"))
-                .bind(cutoff)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            out.insert(table.into(), json!(n));
-        }
-        Outcome::done_with(json!({"cutoff": cutoff, "deleted": out}))
+        ];
+        let deleted = crate::prune::delete_before(ctx.tx().await?, cutoff, &tables).await?;
+        Outcome::done_with(json!({"cutoff": cutoff, "deleted": deleted}))
     }
 }
