@@ -10,6 +10,11 @@
 //!    from first enqueue to last ack, and enqueue-commit → handler-start percentiles.
 //! 4. **idle latency**: one job at a time at a fixed rate: enqueue-commit →
 //!    handler-start percentiles on an idle fleet (LISTEN/NOTIFY wake-up).
+//!
+//! Pipeline phases (named only): `ingest`, `aggregate` (billing), `signals` (market) and
+//! `llm` (chat: `llm_call` jobs on the echo simulator with no delay, so the figure is
+//! what the fleet adds per call: pre-call checks, the attempt, the stored answer, the
+//! charge and the acknowledgement).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,8 +53,9 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Phases to run (comma-separated): store, drain, e2e, idle, the billing
-    /// pipeline's ingest (HAProxy lines parsed and stored) and aggregate, and the
-    /// market pipeline's signals (candles validated, indicators, strategy v1).
+    /// pipeline's ingest (HAProxy lines parsed and stored) and aggregate, the
+    /// market pipeline's signals (candles validated, indicators, strategy v1), and the
+    /// chat pipeline's llm (llm_call jobs on the echo simulator).
     #[arg(long, value_delimiter = ',', default_value = "store,drain,e2e,idle")]
     pub phases: Vec<String>,
     /// Log lines in the ingest phase.
@@ -61,6 +67,9 @@ pub struct Args {
     /// Candles in the signals phase.
     #[arg(long, default_value_t = 200_000)]
     pub signal_candles: usize,
+    /// llm_call jobs in the llm phase.
+    #[arg(long, default_value_t = 5_000)]
+    pub llm_calls: usize,
 }
 
 #[derive(Default)]
@@ -152,11 +161,12 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             "ingest",
             "aggregate",
             "signals",
+            "llm",
         ]
         .contains(&p.as_str())
         {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle, ingest, aggregate, signals"
+                "unknown phase {p:?}: store, drain, e2e, idle, ingest, aggregate, signals, llm"
             )));
         }
     }
@@ -219,7 +229,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         fill(&pool, args.jobs).await?;
         let enqueue_rate = args.jobs as f64 / t.elapsed().as_secs_f64();
         let rec = Arc::new(Recorder::default());
-        let fleet = Fleet::start(&pool, &cfg, rec.clone())?;
+        let fleet = Fleet::start(&pool, &cfg, rec.clone(), "probe")?;
         let t = Instant::now();
         let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
         let rate = args.jobs as f64 / t.elapsed().as_secs_f64();
@@ -251,7 +261,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         ));
         let pool = fresh_db(&cfg, &opts).await?;
         let rec = Arc::new(Recorder::default());
-        let fleet = Fleet::start(&pool, &cfg, rec.clone())?;
+        let fleet = Fleet::start(&pool, &cfg, rec.clone(), "probe")?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t = Instant::now();
         let mut commits: HashMap<i64, Instant> = HashMap::with_capacity(args.jobs);
@@ -291,7 +301,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         ));
         let pool = fresh_db(&cfg, &opts).await?;
         let rec = Arc::new(Recorder::default());
-        let fleet = Fleet::start(&pool, &cfg, rec.clone())?;
+        let fleet = Fleet::start(&pool, &cfg, rec.clone(), "probe")?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut commits = HashMap::with_capacity(args.latency_jobs);
         let mut tick =
@@ -362,6 +372,25 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         ));
     }
 
+    if run("llm") {
+        let n = args.llm_calls.max(1);
+        say(format!(
+            "llm: {n} llm_call jobs on the echo simulator (no provider delay), 100 users"
+        ));
+        let mut llm_cfg = (*cfg).clone();
+        for p in ["grok", "gpt", "claude"] {
+            llm_cfg.chat["providers"][p] = json!({"kind": "echo", "model": "bench-echo"});
+        }
+        let llm_cfg = Arc::new(llm_cfg);
+        let pool = fresh_db(&llm_cfg, &opts).await?;
+        let rate = llm_phase(&pool, &llm_cfg, n).await?;
+        pool.close().await;
+        report.insert("llm_calls_per_s".into(), json!(rate.round()));
+        lines.push(format!(
+            "llm_call, echo provider (fleet overhead) {rate:>9.0} calls/s"
+        ));
+    }
+
     if args.json {
         println!("{}", serde_json::Value::Object(report));
     } else {
@@ -410,17 +439,74 @@ fn signals_phase(cfg: &Config, n: usize) -> Result<f64, CliError> {
     Ok(n as f64 / secs)
 }
 
-/// A worker on the probe queue, running in this process.
+/// `n` llm_call jobs over 100 funded users, queued first, then worked: calls/s. Checks
+/// that every call was answered and charged exactly once.
+async fn llm_phase(pool: &PgPool, cfg: &Arc<Config>, n: usize) -> Result<f64, CliError> {
+    use longshore_jobs::chat::credits::{CreditsConfig, grant};
+    use longshore_jobs::chat::llm_call::{LlmCall, Messages};
+    use longshore_jobs::clients::llm::{Message, Role};
+    let credits = CreditsConfig::from_config(cfg).map_err(CliError::usage)?;
+    let users: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::new_v4()).collect();
+    for u in &users {
+        let mut tx = pool.begin().await?;
+        grant(&mut tx, &credits, *u, 1_000_000).await?;
+        tx.commit().await?;
+    }
+    let calls: Vec<LlmCall> = (0..n)
+        .map(|i| LlmCall {
+            request_id: uuid::Uuid::new_v4(),
+            user_id: users[i % users.len()],
+            messages: Messages::try_from(vec![Message {
+                role: Role::User,
+                content: format!("benchmark question {i}: how deep is the queue?"),
+            }])
+            .expect("one message"),
+            hint: None,
+            max_tokens: std::num::NonZeroU32::new(64),
+        })
+        .collect();
+    for chunk in calls.chunks(1000) {
+        enqueue_many(pool, chunk, EnqueueOptions::default()).await?;
+    }
+    let rec = Arc::new(Recorder::default());
+    let fleet = Fleet::start(pool, cfg, rec.clone(), "llm_call")?;
+    let t = Instant::now();
+    let ok = rec.wait_done(n, Duration::from_secs(600)).await;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    fleet.stop().await;
+    if !ok {
+        return Err(anyhow::anyhow!("the llm phase did not finish within 10 minutes").into());
+    }
+    let (charged, answers): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM credits_ledger WHERE reason = 'charge'), \
+                (SELECT count(*) FROM llm_answers)",
+    )
+    .fetch_one(pool)
+    .await?;
+    if charged != n as i64 || answers != n as i64 {
+        return Err(
+            anyhow::anyhow!("llm phase: {n} calls, {answers} answers, {charged} charges").into(),
+        );
+    }
+    Ok(rate)
+}
+
+/// A worker on one queue, running in this process.
 struct Fleet {
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), longshore_workers::WorkerError>>,
 }
 
 impl Fleet {
-    fn start(pool: &PgPool, cfg: &Arc<Config>, rec: Arc<Recorder>) -> Result<Fleet, CliError> {
+    fn start(
+        pool: &PgPool,
+        cfg: &Arc<Config>,
+        rec: Arc<Recorder>,
+        queue: &str,
+    ) -> Result<Fleet, CliError> {
         let stop = CancellationToken::new();
         let w = Worker::new(pool.clone(), app::registry(cfg)?, cfg.clone())
-            .only(&["probe".to_string()])?
+            .only(&[queue.to_string()])?
             .observer(rec);
         let handle = tokio::spawn(w.run(stop.clone()));
         Ok(Fleet { stop, handle })
