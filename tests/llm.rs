@@ -21,6 +21,7 @@ use futures::StreamExt;
 use longshore_jobs::chat::config::{Chat, Hint};
 use longshore_jobs::chat::llm_call::{LlmCall, Messages};
 use longshore_jobs::clients::llm::{ChatRequest, Failure, Message, Role};
+use longshore_workers::testing::TestDb;
 use longshore_workers::{EnqueueOptions, Worker, enqueue};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -281,6 +282,34 @@ impl Fleet {
     }
 }
 
+/// A database, the fake, a worker pointed at it (`json_providers` without streaming) and
+/// a new user.
+async fn setup(json_providers: &[&str]) -> (TestDb, FakeLlm, Fleet, Uuid) {
+    let t = db().await;
+    let fake = FakeLlm::start().await;
+    let fleet = Fleet::start(&t.pool, &fake.env(json_providers));
+    (t, fake, fleet, Uuid::new_v4())
+}
+
+/// Scripts grok to hold its answer until the returned gate is notified, and enqueues a
+/// call for `user`: (gate, call, job id).
+async fn enqueue_gated(
+    pool: &PgPool,
+    fake: &FakeLlm,
+    user: Uuid,
+    answer: &'static str,
+    usage: (u32, u32),
+) -> (Arc<Notify>, LlmCall, i64) {
+    let gate = Arc::new(Notify::new());
+    fake.script("grok", &[Reply::Gated(gate.clone(), answer, usage)]);
+    let c = call(user, answer, None);
+    let id = enqueue(pool, &c, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    (gate, c, id)
+}
+
 /// Enqueues `a` and waits for its result.
 async fn run(pool: &PgPool, a: &LlmCall) -> Value {
     let id = enqueue(pool, a, EnqueueOptions::default())
@@ -323,6 +352,22 @@ async fn balance(pool: &PgPool, user: Uuid) -> i64 {
     .fetch_one(pool)
     .await
     .unwrap()
+}
+
+/// An account of `tier` holding exactly `credits` (no signup bonus).
+async fn fund(pool: &PgPool, user: Uuid, tier: &str, credits: i32) {
+    sqlx::query("INSERT INTO credit_accounts (user_id, tier) VALUES ($1, $2)")
+        .bind(user)
+        .bind(tier)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, $2, 'grant')")
+        .bind(user)
+        .bind(credits)
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 async fn charges(pool: &PgPool, request: Uuid) -> Vec<i32> {
@@ -443,30 +488,23 @@ async fn the_client_classifies_every_failure_and_never_shows_the_key() {
         (fake.seen("grok").len(), fake.seen("gpt").len()),
         (n_grok, n_gpt)
     );
+    // grok with one setting changed, failing.
+    let grok_with = |key: &str, value: &str| {
+        let mut env = fake.env(&[]);
+        env.retain(|(k, _)| !k.ends_with(&format!("GROK__{key}")));
+        env.push((
+            format!("LONGSHORE__CHAT__PROVIDERS__GROK__{key}"),
+            value.into(),
+        ));
+        let provider = chat(&env).providers["grok"].clone();
+        async move { provider.complete(&req).await.unwrap_err() }
+    };
     // A wrong key is the provider's setup (401), not the request: it falls back.
-    let mut env = fake.env(&[]);
-    env.retain(|(k, _)| !k.ends_with("GROK__API_KEY"));
-    env.push((
-        "LONGSHORE__CHAT__PROVIDERS__GROK__API_KEY".into(),
-        "sk-wrong".into(),
-    ));
-    let e = chat(&env).providers["grok"]
-        .complete(&req)
-        .await
-        .unwrap_err();
+    let e = grok_with("API_KEY", "sk-wrong").await;
     assert_eq!((e.failure, e.http_status), (Failure::Refused, Some(401)));
     assert!(e.failure.falls_back());
     // Nothing listening: unavailable.
-    let mut env = fake.env(&[]);
-    env.retain(|(k, _)| !k.ends_with("GROK__BASE_URL"));
-    env.push((
-        "LONGSHORE__CHAT__PROVIDERS__GROK__BASE_URL".into(),
-        "http://127.0.0.1:9/v1".into(),
-    ));
-    let e = chat(&env).providers["grok"]
-        .complete(&req)
-        .await
-        .unwrap_err();
+    let e = grok_with("BASE_URL", "http://127.0.0.1:9/v1").await;
     assert_eq!(e.failure, Failure::Unavailable, "{e}");
 }
 
@@ -474,11 +512,7 @@ async fn the_client_classifies_every_failure_and_never_shows_the_key() {
 
 #[tokio::test]
 async fn an_answer_is_charged_once_at_the_providers_price_with_its_attempt() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let env = fake.env(&[]);
-    let fleet = Fleet::start(&t.pool, &env);
-    let user = Uuid::new_v4();
+    let (t, fake, fleet, user) = setup(&[]).await;
     // grok: 500 in / 1000 out → ceil(0.5 + 4 + 1) = 6 (the spec's example).
     fake.script("grok", &[Reply::Answer("Six credits.", Some((500, 1000)))]);
     let c = call(user, "price me", None);
@@ -527,10 +561,7 @@ async fn an_answer_is_charged_once_at_the_providers_price_with_its_attempt() {
 /// both attempts recorded.
 #[tokio::test]
 async fn row22_a_timeout_after_accepting_falls_back_and_charges_once() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let fleet = Fleet::start(&t.pool, &fake.env(&[]));
-    let user = Uuid::new_v4();
+    let (t, fake, fleet, user) = setup(&[]).await;
     fake.script("grok", &[Reply::Hang]);
     fake.script("gpt", &[Reply::Answer("From B.", Some((100, 50)))]);
     let c = call(user, "hello", None);
@@ -568,10 +599,7 @@ async fn row22_a_timeout_after_accepting_falls_back_and_charges_once() {
 
 #[tokio::test]
 async fn every_transient_failure_falls_back_and_all_failing_is_reported_without_a_charge() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let fleet = Fleet::start(&t.pool, &fake.env(&["claude"]));
-    let user = Uuid::new_v4();
+    let (t, fake, fleet, user) = setup(&["claude"]).await;
     // 429 → 500 → answer; a stalled stream → malformed JSON → answer (tools: gpt first).
     fake.script("grok", &[Reply::Error(429, "Rate limit reached")]);
     fake.script("gpt", &[Reply::Text(503, "upstream unavailable")]);
@@ -646,10 +674,7 @@ async fn every_transient_failure_falls_back_and_all_failing_is_reported_without_
 
 #[tokio::test]
 async fn a_request_fault_does_not_fall_back_and_refusals_call_nobody() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let fleet = Fleet::start(&t.pool, &fake.env(&[]));
-    let user = Uuid::new_v4();
+    let (t, fake, fleet, user) = setup(&[]).await;
     fake.script(
         "grok",
         &[Reply::Error(
@@ -683,16 +708,7 @@ async fn a_request_fault_does_not_fall_back_and_refusals_call_nobody() {
 
     // insufficient_credits: below the minimum balance, no provider is called.
     let poor = Uuid::new_v4();
-    sqlx::query("INSERT INTO credit_accounts (user_id) VALUES ($1)")
-        .bind(poor)
-        .execute(&t.pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, 4, 'grant')")
-        .bind(poor)
-        .execute(&t.pool)
-        .await
-        .unwrap();
+    fund(&t.pool, poor, "free", 4).await;
     let calls = fake.calls();
     let r = run(&t.pool, &call(poor, "hi", None)).await;
     let e = &r["error"];
@@ -707,16 +723,7 @@ async fn a_request_fault_does_not_fall_back_and_refusals_call_nobody() {
     );
     // request_too_expensive: enterprise on gpt, 8192 output tokens and a long prompt.
     let rich = Uuid::new_v4();
-    sqlx::query("INSERT INTO credit_accounts (user_id, tier) VALUES ($1, 'enterprise')")
-        .bind(rich)
-        .execute(&t.pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, 10000, 'grant')")
-        .bind(rich)
-        .execute(&t.pool)
-        .await
-        .unwrap();
+    fund(&t.pool, rich, "enterprise", 10000).await;
     let r = run(&t.pool, &call(rich, &"x".repeat(24_000), Some(Hint::Deep))).await;
     assert_eq!(r["error"]["code"], "request_too_expensive");
     assert_eq!(r["error"]["status"], 413);
@@ -727,21 +734,9 @@ async fn a_request_fault_does_not_fall_back_and_refusals_call_nobody() {
 /// A fallback provider is tried only if the balance covers its own worst case.
 #[tokio::test]
 async fn a_fallback_the_balance_cannot_cover_is_skipped_with_its_reason() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let fleet = Fleet::start(&t.pool, &fake.env(&[]));
-    let user = Uuid::new_v4();
-    sqlx::query("INSERT INTO credit_accounts (user_id) VALUES ($1)")
-        .bind(user)
-        .execute(&t.pool)
-        .await
-        .unwrap();
+    let (t, fake, fleet, user) = setup(&[]).await;
     // 8 credits: grok's worst case (free tier) is 6; gpt's and claude's are 13.
-    sqlx::query("INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, 8, 'grant')")
-        .bind(user)
-        .execute(&t.pool)
-        .await
-        .unwrap();
+    fund(&t.pool, user, "free", 8).await;
     fake.script("grok", &[Reply::Text(502, "bad gateway")]);
     let c = call(user, "hi", None);
     let r = run(&t.pool, &c).await;
@@ -773,10 +768,7 @@ async fn a_fallback_the_balance_cannot_cover_is_skipped_with_its_reason() {
 /// charged and returned without calling any provider.
 #[tokio::test]
 async fn a_retry_with_a_stored_answer_does_not_call_again_and_charges_once() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let fleet = Fleet::start(&t.pool, &fake.env(&[]));
-    let user = Uuid::new_v4();
+    let (t, fake, fleet, user) = setup(&[]).await;
     let c = call(user, "stored", None);
     sqlx::query(
         "INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens) \
@@ -813,20 +805,8 @@ async fn a_retry_with_a_stored_answer_does_not_call_again_and_charges_once() {
 /// withheld and kept: after a top-up the same request gets it without a second call.
 #[tokio::test]
 async fn an_answer_the_balance_no_longer_covers_is_withheld_until_a_top_up() {
-    let t = db().await;
-    let fake = FakeLlm::start().await;
-    let fleet = Fleet::start(&t.pool, &fake.env(&[]));
-    let user = Uuid::new_v4();
-    let gate = Arc::new(Notify::new());
-    fake.script(
-        "grok",
-        &[Reply::Gated(gate.clone(), "Costly.", (1000, 20_000))],
-    );
-    let c = call(user, "spend", None);
-    let id = enqueue(&t.pool, &c, EnqueueOptions::default())
-        .await
-        .unwrap()
-        .id;
+    let (t, fake, fleet, user) = setup(&[]).await;
+    let (gate, c, id) = enqueue_gated(&t.pool, &fake, user, "Costly.", (1000, 20_000)).await;
     eventually(Duration::from_secs(15), "the provider call", || async {
         (fake.calls() == 1).then_some(())
     })
@@ -897,16 +877,7 @@ async fn kill9_between_the_answer_and_the_charge_neither_calls_again_nor_charges
         "10ms".into(),
     ));
     let user = Uuid::new_v4();
-    let gate = Arc::new(Notify::new());
-    fake.script(
-        "grok",
-        &[Reply::Gated(gate.clone(), "Answered once.", (500, 1000))],
-    );
-    let c = call(user, "crash", None);
-    let id = enqueue(&t.pool, &c, EnqueueOptions::default())
-        .await
-        .unwrap()
-        .id;
+    let (gate, c, id) = enqueue_gated(&t.pool, &fake, user, "Answered once.", (500, 1000)).await;
     let mut worker = Proc::spawn(&t.url, &["worker"], &vars(&env));
     eventually(Duration::from_secs(30), "the provider call", || async {
         (fake.calls() == 1).then_some(())
