@@ -539,6 +539,7 @@ async fn an_answer_is_charged_once_at_the_providers_price_with_its_attempt() {
     let again = run(&t.pool, &c).await;
     assert_eq!(again["content"], "Six credits.");
     assert_eq!(again["credits_charged"], 6);
+    assert_eq!(again["balance"], 94, "the balance now, charged once");
     assert_eq!(fake.calls(), calls, "no second provider call");
     assert_eq!(charges(&t.pool, c.request_id).await, [6]);
     // A hint picks gpt first: 1500 / 2000 → 27.

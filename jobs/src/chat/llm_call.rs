@@ -269,13 +269,14 @@ impl LlmCallHandler {
         let tx = ctx.tx().await?;
         let charged =
             credits::charge(tx, cfg, a.user_id, a.request_id, cost, &s.provider, units).await?;
-        let credits_charged = match charged {
-            Charge::Charged { credits, .. } => {
+        let (credits_charged, balance) = match charged {
+            Charge::Charged { credits, balance } => {
                 metrics::counter!("longshore_llm_credits_charged_total", "provider" => s.provider.clone())
                     .increment(credits as u64);
-                credits
+                (credits, balance)
             }
-            Charge::AlreadyCharged { credits } => credits,
+            // A repeat: the balance is read now (the charge was earlier).
+            Charge::AlreadyCharged { credits } => (credits, credits::balance(tx, a.user_id).await?),
             Charge::Insufficient { balance, credits } => {
                 tracing::warn!(request_id = %a.request_id, balance, credits, "the balance no longer covers the answer; it is withheld");
                 return Outcome::done_with(error_result(
@@ -288,7 +289,6 @@ impl LlmCallHandler {
                 ));
             }
         };
-        let balance = credits::balance(tx, a.user_id).await?;
         Outcome::done_with(LlmAnswer {
             provider: s.provider,
             model: s.model,
