@@ -1,5 +1,6 @@
-//! What the retention jobs (`prune_market`, `prune_llm`) share: the cutoff with its
-//! guard against typos, and a time-ranged delete over a fixed list of tables.
+//! What the retention jobs share: the cutoff with its guard against typos (all of
+//! `prune_market`, `prune_llm`, `prune_raw_logs`), and a time-ranged delete over a fixed
+//! list of tables (the first two; raw logs drop whole day partitions).
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 use longshore_workers::{Handler, JobArgs, JobContext, JobError, Outcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -27,8 +27,7 @@ impl Handler for PruneRawLogsHandler {
     type Args = PruneRawLogs;
 
     async fn handle(&self, a: PruneRawLogs, ctx: &mut JobContext) -> Result<Outcome, JobError> {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(a.older_than).map_err(JobError::fail)?;
+        let cutoff = crate::prune::cutoff(a.older_than)?;
         let tx = ctx.tx().await?;
         let parts: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
