@@ -553,3 +553,53 @@ async fn json_logs_are_one_json_object_per_line() {
     }
     assert!(saw_job_span, "{logs}");
 }
+
+/// Issue 13: `dlq retry QUEUE` with no ids re-sends every dead letter in bounded
+/// batches, each its own transaction (never one statement over the whole table).
+#[tokio::test]
+async fn dlq_retry_of_a_whole_queue_works_in_bounded_batches() {
+    let t = db().await;
+    sqlx::query(
+        "INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at) \
+         SELECT 'probe', i, jsonb_build_object('id', i), '{\"free_reads\": 2, \"deaths\": 1}', 3, 'boom', now() \
+         FROM generate_series(1, 2500) i",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let (code, out, err) = run_cli(&t.url, &["dlq", "retry", "probe", "--batch", "1000"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let batches: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("re-sent a batch of"))
+        .collect();
+    assert_eq!(
+        batches,
+        vec![
+            "re-sent a batch of 1000 (1000 so far)",
+            "re-sent a batch of 1000 (2000 so far)",
+            "re-sent a batch of 500 (2500 so far)"
+        ],
+        "{err}"
+    );
+    assert!(
+        err.contains("re-sent 2500 dead letter(s) to probe"),
+        "{err}"
+    );
+    assert_eq!(out.lines().count(), 2500);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        2500
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.q_probe WHERE headers ?| array['free_reads', 'deaths', 'last_error']").await,
+        0,
+        "fresh jobs: attempts start over"
+    );
+    let (code, _, err) = run_cli(&t.url, &["dlq", "retry", "probe", "--batch", "0"], &[]);
+    assert_eq!(code, 2, "{err}");
+}

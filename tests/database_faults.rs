@@ -265,7 +265,7 @@ async fn row11_terminated_backends_roll_back_and_jobs_retry() {
     while t0.elapsed() < Duration::from_secs(4) {
         terminated += sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'longshore-worker'",
+             WHERE datname = current_database() AND application_name LIKE 'longshore-worker%'",
         )
         .fetch_one(&t.pool)
         .await

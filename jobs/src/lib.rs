@@ -24,7 +24,7 @@ pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
     let market = Arc::new(market::config::Market::from_config(cfg)?);
     let chat = Arc::new(chat::config::Chat::from_config(cfg)?);
     Ok(Registry::new()
-        .register(probe::ProbeHandler)
+        .register(probe::ProbeHandler::from_config(cfg)?)
         .register(billing::ingest_logs::IngestLogsHandler)
         .register(billing::scan_log_spool::ScanLogSpoolHandler)
         .register(billing::aggregate_usage::AggregateUsageHandler)

@@ -2,21 +2,32 @@
 //! the fault tests.
 //!
 //! Args: `{"id": i64, "sleep_ms"?: u64, "fail_times"?: u32, "effect"?: bool,
-//! "hold_ms"?: u64, "panic"?: bool}`. It sleeps `sleep_ms`, answers `Retry` on its
-//! first `fail_times` attempts, panics on every attempt with `panic: true`, and with
-//! `effect: true` inserts `id` into `probe_effects(id primary key, attempt)` in its
-//! completion transaction, then holds that transaction open `hold_ms`. The result
-//! says whether the effect was already there (`duplicate`). Args that are not such an
-//! object are dead-lettered at once with the parse error.
+//! "hold_ms"?: u64, "panic"?: bool, "abort"?: bool, "block_ms"?: u64}`. It blocks its
+//! thread `block_ms` (synchronous code that no cancellation reaches), sleeps `sleep_ms`, answers
+//! `Retry` on its first `fail_times` attempts, panics on every attempt with `panic:
+//! true`, kills its whole process with `abort: true` (`std::process::abort`, as an OOM
+//! kill or a crash in native code would), and with `effect: true` inserts `id` into
+//! `probe_effects(id primary key, attempt)` in its completion transaction, then holds
+//! that transaction open `hold_ms`. The result says whether the effect was already there
+//! (`duplicate`). Args that are not such an object are dead-lettered at once with the
+//! parse error.
+//!
+//! **Execution trace** (`[probe] trace_dir`, for tests): every run appends `start` and,
+//! however it ends (returned, cancelled, panicked), `end` lines to `runs.log` in that
+//! directory, and holds an exclusive `flock` on `<id>.lock` while it runs. A run that
+//! finds the lock taken (another run of the same job is executing right now, in this
+//! process or another) appends to `overlaps.log`. This counts executions, not effects:
+//! a second run whose effect is fenced out still shows.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use longshore_workers::config::{Config, ConfigError};
 use longshore_workers::{Handler, JobArgs, JobContext, JobError, Outcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Probe {
     pub id: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -32,6 +43,13 @@ pub struct Probe {
     /// Panic on every attempt (the poison-message test).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub panic: Option<bool>,
+    /// Abort the whole process on every attempt (the crash-loop test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<bool>,
+    /// Block its thread this long in synchronous code, deaf to cancellation (the
+    /// stuck-handler test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_ms: Option<u64>,
 }
 
 impl JobArgs for Probe {
@@ -47,16 +65,113 @@ impl Probe {
             effect: None,
             hold_ms: None,
             panic: None,
+            abort: None,
+            block_ms: None,
         }
     }
 }
 
-pub struct ProbeHandler;
+/// `[probe]`: settings for tests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Where runs are traced (see the module docs); empty: not traced.
+    #[serde(default)]
+    pub trace_dir: String,
+}
+
+#[derive(Default)]
+pub struct ProbeHandler {
+    trace_dir: Option<PathBuf>,
+}
+
+impl ProbeHandler {
+    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+        let c: ProbeConfig = if cfg.probe.is_null() {
+            ProbeConfig::default()
+        } else {
+            cfg.section("probe", &cfg.probe)?
+        };
+        let trace_dir = (!c.trace_dir.is_empty()).then(|| PathBuf::from(c.trace_dir));
+        if let Some(d) = &trace_dir {
+            std::fs::create_dir_all(d).map_err(|e| ConfigError::Invalid {
+                key: "probe.trace_dir".into(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(ProbeHandler { trace_dir })
+    }
+}
+
+/// One traced run: `start` now, `end` when dropped, the job's lock held meanwhile.
+struct Trace {
+    dir: PathBuf,
+    line: String,
+    _lock: Option<std::fs::File>,
+}
+
+impl Trace {
+    fn begin(dir: &Path, id: i64, attempt: u32) -> Trace {
+        let line = format!("{id} {attempt} {}", std::process::id());
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{id}.lock")))
+            .ok();
+        let held = match &lock {
+            Some(f) => f.try_lock().is_ok(),
+            None => false,
+        };
+        if !held {
+            append(dir, "overlaps.log", &line);
+        }
+        append(dir, "runs.log", &format!("start {line}"));
+        Trace {
+            dir: dir.to_path_buf(),
+            line,
+            _lock: lock.filter(|_| held),
+        }
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        append(&self.dir, "runs.log", &format!("end {}", self.line));
+    }
+}
+
+/// One line, in one `write` with `O_APPEND`, so lines of concurrent runs never mix.
+fn append(dir: &Path, file: &str, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(file))
+    {
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
+}
 
 impl Handler for ProbeHandler {
     type Args = Probe;
 
     async fn handle(&self, args: Probe, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let _trace = self
+            .trace_dir
+            .as_deref()
+            .map(|d| Trace::begin(d, args.id, ctx.attempt));
+        if args.abort == Some(true) {
+            tracing::error!(id = args.id, "probe asked to abort its process");
+            std::process::abort();
+        }
+        if let Some(ms) = args.block_ms.filter(|ms| *ms > 0) {
+            // Stuck in synchronous code: this task cannot be cancelled while it blocks.
+            // block_in_place hands the thread's other tasks to another worker thread, so
+            // the rest of the process (heartbeats) runs on, as with a handler stuck on
+            // a thread of its own (multi-threaded runtime only: the binary's).
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(ms)));
+        }
         if let Some(ms) = args.sleep_ms.filter(|ms| *ms > 0) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }

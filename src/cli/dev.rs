@@ -89,7 +89,9 @@ pub async fn run(_args: Args) -> CliResult {
         served
     }
     .await;
-    pool.close().await;
+    // Bounded: closing waits for every connection, and a database that does not answer
+    // must not keep the process from exiting.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), pool.close()).await;
     if let Some(pg) = cluster {
         tokio::task::spawn_blocking(move || pg.stop()).await??;
     }

@@ -2,7 +2,7 @@
 
 use anyhow::anyhow;
 use longshore_workers::QueueName;
-use longshore_workers::store::{self, QueueSql};
+use longshore_workers::store::{self, QueueSql, Selection};
 
 use super::app::{self, CliError, CliResult};
 
@@ -21,8 +21,14 @@ enum Action {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
-    /// Re-send dead letters to their queue as fresh jobs (attempts start over).
-    Retry { queue: String, ids: Vec<i64> },
+    /// Re-send dead letters to their queue as fresh jobs (attempts start over). With no
+    /// ids, all of the queue's, in transactions of --batch each.
+    Retry {
+        queue: String,
+        ids: Vec<i64>,
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
     /// Delete dead letters (all of the queue's when no ids are given).
     Purge { queue: String, ids: Vec<i64> },
 }
@@ -38,18 +44,52 @@ pub async fn run(args: Args) -> CliResult {
                 println!("{}", serde_json::to_string(&d)?);
             }
         }
-        Action::Retry { queue, ids } => {
+        Action::Retry { queue, ids, batch } => {
             let q = parse(&queue)?;
-            let mut tx = pool.begin().await?;
-            let moved = store::retry_dead_letters(&mut tx, &QueueSql::new(q.clone()), &ids).await?;
-            tx.commit().await?;
-            for (dl, id) in &moved {
-                println!(
-                    "{}",
-                    serde_json::json!({"dead_letter": dl, "queue": q.as_str(), "id": id})
-                );
+            if batch < 1 {
+                return Err(CliError::usage(anyhow!("--batch must be at least 1")));
             }
-            eprintln!("re-sent {} dead letter(s) to {q}", moved.len());
+            let sql = QueueSql::new(q.clone());
+            let print = |moved: &[(i64, i64)]| {
+                for (dl, id) in moved {
+                    println!(
+                        "{}",
+                        serde_json::json!({"dead_letter": dl, "queue": q.as_str(), "id": id})
+                    );
+                }
+            };
+            let mut total = 0;
+            if !ids.is_empty() {
+                let mut tx = pool.begin().await?;
+                let moved = store::retry_dead_letters(&mut tx, &sql, Selection::Ids(&ids)).await?;
+                tx.commit().await?;
+                print(&moved);
+                total = moved.len();
+            } else {
+                // Bounded batches, each its own transaction, up to the newest dead letter
+                // there was when we started (jobs that die again meanwhile stay dead).
+                let up_to = store::newest_dead_letter(&pool, &q).await?;
+                loop {
+                    let mut tx = pool.begin().await?;
+                    let moved = store::retry_dead_letters(
+                        &mut tx,
+                        &sql,
+                        Selection::Oldest {
+                            up_to,
+                            limit: batch,
+                        },
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    if moved.is_empty() {
+                        break;
+                    }
+                    print(&moved);
+                    total += moved.len();
+                    eprintln!("re-sent a batch of {} ({total} so far)", moved.len());
+                }
+            }
+            eprintln!("re-sent {total} dead letter(s) to {q}");
         }
         Action::Purge { queue, ids } => {
             let q = parse(&queue)?;

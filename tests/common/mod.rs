@@ -301,3 +301,62 @@ pub async fn assert_probes_done_exactly_once(pool: &PgPool, n: i64) {
         "no completed run found its effect already written"
     );
 }
+
+/// The probe's execution trace (`[probe] trace_dir`): every run's start and end, and
+/// the runs that started while another run of the same job was executing.
+pub struct RunTrace {
+    pub dir: PathBuf,
+}
+
+impl RunTrace {
+    pub fn new(tag: &str) -> RunTrace {
+        let dir = std::env::temp_dir().join(format!(
+            "longshore-trace-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        RunTrace { dir }
+    }
+
+    /// The environment that makes a `longshore` process trace its probe runs here.
+    pub fn env(&self) -> (&'static str, String) {
+        (
+            "LONGSHORE__PROBE__TRACE_DIR",
+            self.dir.display().to_string(),
+        )
+    }
+
+    fn lines(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Runs started, per job id.
+    pub fn starts(&self) -> std::collections::BTreeMap<i64, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for l in self.lines("runs.log") {
+            let mut w = l.split(' ');
+            if w.next() == Some("start")
+                && let Some(id) = w.next().and_then(|i| i.parse().ok())
+            {
+                *m.entry(id).or_default() += 1;
+            }
+        }
+        m
+    }
+
+    /// Runs that began while another run of the same job was still executing.
+    pub fn overlaps(&self) -> Vec<String> {
+        self.lines("overlaps.log")
+    }
+}
+
+impl Drop for RunTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

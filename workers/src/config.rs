@@ -66,6 +66,9 @@ pub struct Config {
     /// Settings of the chat pipeline (`[chat]`), typed by the jobs crate.
     #[serde(default)]
     pub chat: serde_json::Value,
+    /// Settings of the `probe` job kind (`[probe]`, tests), typed by the jobs crate.
+    #[serde(default)]
+    pub probe: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -199,6 +202,17 @@ pub struct DatabaseConfig {
     /// Server-side `statement_timeout` for every pooled connection; 0 disables it.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Connections of a worker's control pool (claims, heartbeats, batched outcome
+    /// writes), apart from the handlers' `max_connections`.
+    pub control_connections: u32,
+    /// Client-side deadline of every control statement (and of a handler's completion
+    /// commit), and the server-side `statement_timeout` of control connections: a
+    /// paused or unreachable server gives an error in this long, never a hang.
+    #[serde(with = "humantime_serde")]
+    pub control_timeout: Duration,
+    /// Server-side `lock_timeout` of control connections.
+    #[serde(with = "humantime_serde")]
+    pub control_lock_timeout: Duration,
 }
 
 fn ser_secret<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
@@ -439,6 +453,24 @@ impl Config {
         if d.acquire_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "database.acquire_timeout",
+                "must be positive",
+            ));
+        }
+        if d.control_connections == 0 {
+            return Err(ConfigError::invalid(
+                "database.control_connections",
+                "must be at least 1",
+            ));
+        }
+        if d.control_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "database.control_timeout",
+                "must be at least 100ms",
+            ));
+        }
+        if d.control_lock_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "database.control_lock_timeout",
                 "must be positive",
             ));
         }

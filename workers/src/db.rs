@@ -83,6 +83,32 @@ pub fn connect_like(pool: &PgPool, cfg: &DatabaseConfig, app: &str) -> PgPool {
     pool_options(cfg).connect_lazy_with(opts)
 }
 
+/// A worker's control pool: the same database as `pool`, `database.control_connections`
+/// connections that claims, heartbeats and batched outcome writes share, with the
+/// control deadlines on the server side too (`statement_timeout`, `lock_timeout`).
+/// Connects lazily.
+pub fn control_pool(pool: &PgPool, cfg: &DatabaseConfig) -> PgPool {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let opts = (*pool.connect_options())
+        .clone()
+        .application_name(&format!(
+            "{}-control",
+            pool.connect_options()
+                .get_application_name()
+                .unwrap_or("longshore")
+        ))
+        .options([
+            ("statement_timeout", ms(cfg.control_timeout)),
+            ("lock_timeout", ms(cfg.control_lock_timeout)),
+        ]);
+    PgPoolOptions::new()
+        .max_connections(cfg.control_connections)
+        .min_connections(0)
+        .acquire_timeout(cfg.control_timeout)
+        .test_before_acquire(false)
+        .connect_lazy_with(opts)
+}
+
 /// `longshore migrate`: installs pgmq (extension if the server has it, else the
 /// embedded SQL), applies the migrations, creates one queue per registered kind.
 /// Idempotent; concurrent runs serialise on an advisory lock.

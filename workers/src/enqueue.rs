@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use serde_json::{Map, Value, json};
 use sqlx::{Acquire, PgConnection, Postgres};
 
+use crate::clean;
 use crate::job::JobArgs;
 use crate::queue_name::{QueueName, QueueNameError};
 use crate::store::{self, NewMessage, QueueSql};
@@ -51,10 +52,15 @@ impl EnqueueOptions {
         self
     }
 
+    /// When the job becomes visible; a delay is clamped to [`clean::MAX_DELAY`] so no
+    /// caller can overflow the clock.
     fn visible_at(&self) -> Option<DateTime<Utc>> {
         self.run_at.or_else(|| {
             self.delay.filter(|d| !d.is_zero()).map(|d| {
-                Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+                let d =
+                    chrono::Duration::from_std(clean::delay(d)).unwrap_or(chrono::Duration::MAX);
+                let now = Utc::now();
+                now.checked_add_signed(d).unwrap_or(now)
             })
         })
     }
@@ -147,7 +153,9 @@ pub fn enqueue_on<'a, A: JobArgs>(
     })
 }
 
-/// Enqueues many typed jobs of one kind with the same options, in one statement.
+/// Enqueues many typed jobs of one kind with the same options, in one statement. With
+/// an idempotency key the key covers the whole batch: a repeat within its TTL returns
+/// the first batch's ids and enqueues nothing.
 pub async fn enqueue_many<'c, A: JobArgs>(
     ex: impl Acquire<'c, Database = Postgres>,
     args: &[A],
@@ -158,19 +166,99 @@ pub async fn enqueue_many<'c, A: JobArgs>(
         .iter()
         .map(serde_json::to_value)
         .collect::<Result<Vec<_>, _>>()?;
-    let jobs: Vec<(Value, EnqueueOptions)> = bodies
-        .into_iter()
+    let mut conn = ex.acquire().await.map_err(EnqueueError::Database)?;
+    Ok(enqueue_batch(&mut conn, &queue, bodies, opts).await?.ids)
+}
+
+/// The answer to a batch enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEnqueued {
+    /// The jobs' ids, in the order of the args.
+    pub ids: Vec<i64>,
+    /// True when an earlier batch with the same idempotency key was returned instead.
+    pub duplicate: bool,
+    /// For a duplicate: whether the earlier batch's args equal these.
+    pub same_body: bool,
+}
+
+/// Enqueues jobs of one kind with the same options, all or nothing. An idempotency key
+/// in `opts` is the batch's: the whole array of args is recorded under it once.
+pub async fn enqueue_batch(
+    conn: &mut PgConnection,
+    queue: &QueueName,
+    bodies: Vec<Value>,
+    opts: EnqueueOptions,
+) -> Result<BatchEnqueued, EnqueueError> {
+    let Some(key) = opts.idempotency_key.clone() else {
+        let jobs = bodies.into_iter().map(|b| (b, opts.clone())).collect();
+        let ids = enqueue_conn(conn, queue, jobs)
+            .await?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        return Ok(BatchEnqueued {
+            ids,
+            duplicate: false,
+            same_body: true,
+        });
+    };
+    check_key(&key)?;
+    let sql = queue_sql(queue);
+    let all = Value::Array(bodies);
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .map_err(EnqueueError::Database)?;
+    if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &all)
+        .await
+        .map_err(|e| db_err(queue, e))?
+    {
+        return Ok(BatchEnqueued {
+            ids: e.msg_ids.unwrap_or_else(|| vec![e.msg_id]),
+            duplicate: true,
+            same_body: e.same_body,
+        });
+    }
+    let Value::Array(bodies) = &all else {
+        unreachable!("built as an array above")
+    };
+    let mut per_job = opts.clone();
+    per_job.idempotency_key = None;
+    let msgs: Vec<NewMessage> = bodies
+        .iter()
         .map(|b| {
-            let mut o = opts.clone();
-            o.idempotency_key = None;
-            (b, o)
+            let mut m = new_message(b.clone(), &per_job);
+            // Record the batch's key on each job, so an operator can tell where it came from.
+            if let Value::Object(h) = &mut m.headers {
+                h.insert("idempotency_key".into(), json!(key));
+            } else {
+                m.headers = json!({"idempotency_key": key});
+            }
+            m
         })
         .collect();
-    Ok(enqueue_json_many(ex, &queue, jobs)
-        .await?
-        .into_iter()
-        .map(|e| e.id)
-        .collect())
+    let ids = sql
+        .insert(&mut *tx, &msgs)
+        .await
+        .map_err(|e| db_err(queue, e))?;
+    if let Some(&first) = ids.first() {
+        let ttl = opts.idempotency_ttl.unwrap_or(DEFAULT_IDEMPOTENCY_TTL);
+        store::idempotency_record(&mut tx, queue, &key, &all, first, Some(&ids), ttl)
+            .await
+            .map_err(|e| db_err(queue, e))?;
+    }
+    tx.commit().await.map_err(EnqueueError::Database)?;
+    Ok(BatchEnqueued {
+        ids,
+        duplicate: false,
+        same_body: true,
+    })
+}
+
+fn check_key(k: &str) -> Result<(), EnqueueError> {
+    if k.is_empty() || k.len() > 200 || k.chars().any(char::is_control) {
+        return Err(EnqueueError::BadKey);
+    }
+    Ok(())
 }
 
 /// Enqueues one job given as JSON (the CLI and the ingress use this after validating
@@ -204,10 +292,8 @@ pub async fn enqueue_conn(
     jobs: Vec<(Value, EnqueueOptions)>,
 ) -> Result<Vec<Enqueued>, EnqueueError> {
     for (_, o) in &jobs {
-        if let Some(k) = &o.idempotency_key
-            && (k.is_empty() || k.len() > 200 || k.chars().any(char::is_control))
-        {
-            return Err(EnqueueError::BadKey);
+        if let Some(k) = &o.idempotency_key {
+            check_key(k)?;
         }
     }
     let sql = queue_sql(queue);
@@ -245,14 +331,14 @@ pub async fn enqueue_conn(
             });
             continue;
         };
-        if let Some((id, same_body)) = store::idempotency_lookup(&mut tx, queue, &key, &body)
+        if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &body)
             .await
             .map_err(|e| db_err(queue, e))?
         {
             out.push(Enqueued {
-                id,
+                id: e.msg_id,
                 duplicate: true,
-                same_body,
+                same_body: e.same_body,
             });
             continue;
         }
@@ -261,7 +347,7 @@ pub async fn enqueue_conn(
             .await
             .map_err(|e| db_err(queue, e))?[0];
         let ttl = opts.idempotency_ttl.unwrap_or(DEFAULT_IDEMPOTENCY_TTL);
-        store::idempotency_record(&mut tx, queue, &key, &body, id, ttl)
+        store::idempotency_record(&mut tx, queue, &key, &body, id, None, ttl)
             .await
             .map_err(|e| db_err(queue, e))?;
         out.push(Enqueued {

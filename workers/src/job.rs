@@ -14,7 +14,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-/// The arguments of a job kind. `KIND` is the queue name: `[a-z0-9_]`, at most 48 chars.
+/// The arguments of a job kind. `KIND` is the queue name: `[a-z0-9_]`, at most 47 chars.
 pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
     const KIND: &'static str;
 }

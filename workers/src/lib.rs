@@ -18,6 +18,7 @@
 //!   [`embedded`] (a private PostgreSQL for `dev`), [`testing`] (the test kit).
 
 pub mod backoff;
+pub mod clean;
 pub mod config;
 pub mod db;
 pub mod embedded;
@@ -37,8 +38,8 @@ pub mod worker;
 
 pub use config::Config;
 pub use enqueue::{
-    EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_conn, enqueue_json, enqueue_json_many,
-    enqueue_many, enqueue_on,
+    BatchEnqueued, EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_batch, enqueue_conn,
+    enqueue_json, enqueue_json_many, enqueue_many, enqueue_on,
 };
 pub use job::{Handler, JobArgs, JobContext, JobError, Outcome, ResultExt};
 pub use queue_name::QueueName;

@@ -24,7 +24,12 @@ pub type OnEvent = Arc<dyn Fn(Option<&str>) + Send + Sync>;
 pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: CancellationToken) {
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        let mut listener = match connect(&pool, channel).await {
+        // Raced with `stop`: a server that does not answer must not hold up a shutdown.
+        let connected = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = connect(&pool, channel) => r,
+        };
+        let mut listener = match connected {
             Ok(l) => {
                 failures = 0;
                 l

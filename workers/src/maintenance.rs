@@ -12,7 +12,6 @@ use crate::job::{Handler, JobArgs, JobContext, JobError, Outcome};
 use crate::store;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Maintenance {
     pub task: Task,
     /// Age beyond which rows go (required by the prune tasks), e.g. `"7d"`.

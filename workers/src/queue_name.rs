@@ -1,9 +1,11 @@
 //! Queue names are interpolated into table names (`pgmq.q_<name>`), so they are
-//! validated before any SQL sees them: `[a-z0-9_]`, 1 to 48 characters.
+//! validated before any SQL sees them: `[a-z0-9_]`, 1 to 47 characters. 47 is pgmq's
+//! own limit (`pgmq.create` refuses longer names: its index names must fit PostgreSQL's
+//! 63-byte identifiers), so a longer kind is refused when it is registered, at start.
 
 use std::fmt;
 
-pub const MAX_LEN: usize = 48;
+pub const MAX_LEN: usize = 47;
 
 /// A validated queue name: safe to interpolate into an identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,7 +57,7 @@ mod tests {
     fn accepts_kinds() {
         assert!(QueueName::parse("probe").is_ok());
         assert!(QueueName::parse("charge_escrow_2").is_ok());
-        assert!(QueueName::parse(&"a".repeat(48)).is_ok());
+        assert!(QueueName::parse(&"a".repeat(47)).is_ok());
     }
 
     #[test]
@@ -73,7 +75,7 @@ mod tests {
             assert!(QueueName::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(
-            QueueName::parse(&"a".repeat(49)),
+            QueueName::parse(&"a".repeat(48)),
             Err(QueueNameError::TooLong)
         );
     }

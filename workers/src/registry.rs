@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -15,28 +16,68 @@ pub(crate) trait ErasedHandler: Send + Sync {
     fn validate(&self, args: &Value) -> Result<(), String>;
 }
 
-struct Typed<H>(H);
+struct Typed<H> {
+    handler: H,
+    /// Set once this kind has logged that it ignored unknown fields.
+    warned: AtomicBool,
+}
 
 /// Job args are always a JSON object. (serde's derive would also accept an array in
-/// field order, which no producer means.)
-fn parse<A: JobArgs>(args: Value) -> Result<A, String> {
+/// field order, which no producer means.) Returns the args and the paths of fields the
+/// kind does not know.
+fn parse<A: JobArgs>(args: Value) -> Result<(A, Vec<String>), String> {
     if !args.is_object() {
         return Err(format!(
             "invalid args for {}: expected a JSON object",
             A::KIND
         ));
     }
-    serde_json::from_value(args).map_err(|e| format!("invalid args for {}: {e}", A::KIND))
+    let mut unknown = Vec::new();
+    // serde_ignored writes an Option's level as `?`; people know the path without it.
+    let a = serde_ignored::deserialize(args, |path| {
+        let p = path.to_string();
+        unknown.push(
+            p.split('.')
+                .filter(|s| *s != "?")
+                .collect::<Vec<_>>()
+                .join("."),
+        )
+    })
+    .map_err(|e| format!("invalid args for {}: {e}", A::KIND))?;
+    Ok((a, unknown))
+}
+
+/// At the door (ingress, CLI, schedules): an unknown field is an error, so a typo never
+/// passes silently.
+fn parse_strict<A: JobArgs>(args: Value) -> Result<A, String> {
+    let (a, unknown) = parse::<A>(args)?;
+    match unknown.first() {
+        None => Ok(a),
+        Some(f) => Err(format!("invalid args for {}: unknown field `{f}`", A::KIND)),
+    }
 }
 
 impl<H: Handler> ErasedHandler for Typed<H> {
+    /// In the worker, unknown fields are ignored (logged once per kind): during a rolling
+    /// deploy a producer may already send a field this worker's build does not know,
+    /// and its jobs must not be dead-lettered for it. Args that do not fit the kind
+    /// otherwise are a `Fail`.
     fn call<'a>(&'a self, args: Value, ctx: &'a mut JobContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let args: H::Args = match parse(args) {
-                Ok(a) => a,
+                Ok((a, unknown)) => {
+                    if !unknown.is_empty() && !self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            kind = H::Args::KIND,
+                            fields = ?unknown,
+                            "args carry fields this build does not know; ignoring them (a newer producer?). Logged once per kind."
+                        );
+                    }
+                    a
+                }
                 Err(e) => return Outcome::Fail(e),
             };
-            match self.0.handle(args, ctx).await {
+            match self.handler.handle(args, ctx).await {
                 Ok(o) => o,
                 Err(e) => e.into(),
             }
@@ -44,7 +85,7 @@ impl<H: Handler> ErasedHandler for Typed<H> {
     }
 
     fn validate(&self, args: &Value) -> Result<(), String> {
-        parse::<H::Args>(args.clone()).map(|_| ())
+        parse_strict::<H::Args>(args.clone()).map(|_| ())
     }
 }
 
@@ -69,7 +110,13 @@ impl Registry {
         if let Err(e) = QueueName::parse(kind) {
             panic!("job kind {kind:?} is not a valid queue name: {e}");
         }
-        let prev = self.kinds.insert(kind, Arc::new(Typed(handler)));
+        let prev = self.kinds.insert(
+            kind,
+            Arc::new(Typed {
+                handler,
+                warned: AtomicBool::new(false),
+            }),
+        );
         assert!(prev.is_none(), "job kind {kind:?} registered twice");
         self
     }
@@ -92,5 +139,76 @@ impl Registry {
 
     pub(crate) fn get(&self, kind: &str) -> Option<(&'static str, Arc<dyn ErasedHandler>)> {
         self.kinds.get_key_value(kind).map(|(k, h)| (*k, h.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    use super::*;
+    use crate::job::JobError;
+
+    #[derive(Serialize, Deserialize)]
+    struct Args {
+        id: i64,
+        #[serde(default)]
+        inner: Option<Inner>,
+    }
+    #[derive(Serialize, Deserialize)]
+    struct Inner {
+        x: i64,
+    }
+    impl JobArgs for Args {
+        const KIND: &'static str = "kind_a";
+    }
+    struct H;
+    impl Handler for H {
+        type Args = Args;
+        async fn handle(&self, _a: Args, _c: &mut JobContext) -> Result<Outcome, JobError> {
+            Outcome::done()
+        }
+    }
+
+    #[test]
+    fn the_door_refuses_unknown_fields_at_any_depth() {
+        let r = Registry::new().register(H);
+        assert!(r.validate("kind_a", &json!({"id": 1})).is_ok());
+        let e = r
+            .validate("kind_a", &json!({"id": 1, "zz": 2}))
+            .unwrap_err();
+        assert!(e.contains("unknown field `zz`"), "{e}");
+        let e = r
+            .validate("kind_a", &json!({"id": 1, "inner": {"x": 1, "y": 2}}))
+            .unwrap_err();
+        assert!(e.contains("unknown field `inner.y`"), "{e}");
+        let e = r.validate("kind_a", &json!({"id": "one"})).unwrap_err();
+        assert!(e.contains("invalid args for kind_a"), "{e}");
+        assert!(
+            r.validate("kind_a", &json!([1])).is_err(),
+            "arrays are not args"
+        );
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Long;
+    impl JobArgs for Long {
+        // 48 characters: one more than pgmq allows.
+        const KIND: &'static str = "a_kind_name_that_is_exactly_forty_eight_chars_xx";
+    }
+    struct LongH;
+    impl Handler for LongH {
+        type Args = Long;
+        async fn handle(&self, _a: Long, _c: &mut JobContext) -> Result<Outcome, JobError> {
+            Outcome::done()
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "longer than 47 characters")]
+    fn a_kind_longer_than_pgmq_allows_is_refused_at_registration() {
+        assert_eq!(Long::KIND.len(), 48);
+        let _ = Registry::new().register(LongH);
     }
 }

@@ -21,6 +21,8 @@ pub const JOBS_TOTAL: &str = "longshore_jobs_total";
 pub const JOB_DURATION: &str = "longshore_job_duration_seconds";
 pub const JOB_WAIT: &str = "longshore_job_wait_seconds";
 pub const STALE_ACKS: &str = "longshore_stale_acks_total";
+/// Runs cancelled because their lease could not be extended in time.
+pub const LEASES_LAPSED: &str = "longshore_leases_lapsed_total";
 pub const HTTP_REQUESTS: &str = "longshore_http_requests_total";
 pub const HTTP_DURATION: &str = "longshore_http_request_duration_seconds";
 pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
@@ -29,34 +31,36 @@ pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
 /// Every process that serves `/metrics` runs one; aggregate with `max by (queue)`.
 pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToken) {
     loop {
-        match crate::store::existing_queues(&pool).await {
-            Ok(queues) => {
-                for q in queues {
-                    let Ok(name) = crate::queue_name::QueueName::parse(&q) else {
-                        continue;
-                    };
-                    match crate::enqueue::queue_sql(&name).stats(&pool).await {
-                        Ok(s) => {
-                            metrics::gauge!(QUEUE_DEPTH, "queue" => q.clone())
-                                .set(s.visible as f64);
-                            metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone())
-                                .set(s.in_flight as f64);
-                            metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone())
-                                .set(s.delayed as f64);
-                            metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone())
-                                .set(s.oldest_age_seconds);
-                            metrics::gauge!(DEAD_LETTERS, "queue" => q.clone())
-                                .set(s.dead_letters as f64);
-                        }
-                        Err(e) => tracing::debug!(queue = q, error = %e, "queue sample failed"),
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "queue sample failed"),
+        // Raced with `stop`, so a server that does not answer cannot hold up a shutdown.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sample_once(&pool) => {}
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn sample_once(pool: &PgPool) {
+    let queues = match crate::store::existing_queues(pool).await {
+        Ok(q) => q,
+        Err(e) => return tracing::debug!(error = %e, "queue sample failed"),
+    };
+    for q in queues {
+        let Ok(name) = crate::queue_name::QueueName::parse(&q) else {
+            continue;
+        };
+        match crate::enqueue::queue_sql(&name).stats(pool).await {
+            Ok(s) => {
+                metrics::gauge!(QUEUE_DEPTH, "queue" => q.clone()).set(s.visible as f64);
+                metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone()).set(s.in_flight as f64);
+                metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(s.delayed as f64);
+                metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone()).set(s.oldest_age_seconds);
+                metrics::gauge!(DEAD_LETTERS, "queue" => q.clone()).set(s.dead_letters as f64);
+            }
+            Err(e) => tracing::debug!(queue = q, error = %e, "queue sample failed"),
         }
     }
 }

@@ -101,6 +101,7 @@ async fn ensure_template(
         m.checksum.hash(&mut h);
     }
     registry.kinds().for_each(|k| k.hash(&mut h));
+    crate::store::QUEUE_OBJECTS_VERSION.hash(&mut h);
     let template = format!("ls_tmpl_{:016x}", h.finish());
     sqlx::query("SELECT pg_advisory_lock(7254002)")
         .execute(&mut *admin)

@@ -20,7 +20,6 @@ use sqlx::PgConnection;
 use super::ingest_logs::INGEST_LOCK;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AggregateUsage {
     /// Raw rows per transaction (default 1,000,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]

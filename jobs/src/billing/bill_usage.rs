@@ -45,7 +45,6 @@ pub const INSUFFICIENT_BALANCE: &str = "insufficient_balance";
 pub const MONTHLY_LIMIT_EXCEEDED: &str = "monthly_limit_exceeded";
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BillUsage {
     /// Bill one customer only (operators); default: every customer with work.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -50,7 +50,6 @@ pub const EXPIRY_MARGIN_BLOCKS: u64 = 32;
 pub const CHARGE_FAILED: &str = "charge_failed";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChargeEscrow {
     pub intent_id: Uuid,
 }
@@ -479,7 +478,6 @@ impl Driver<'_> {
 /// dead-lettered, or a worker may have died holding it). One job per intent per
 /// window, by idempotency key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SweepChargeIntents {
     #[serde(with = "humantime_serde")]
     pub older_than: Duration,

@@ -27,7 +27,6 @@ pub const INGEST_LOCK: i64 = 7_254_100;
 const MAX_REPORTED: usize = 100;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IngestLogs {
     /// A file to read (from the spool directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -13,7 +13,6 @@ use sha2::{Digest, Sha256};
 use super::ingest_logs::IngestLogs;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ScanLogSpool {
     pub dir: String,
     /// Files whose content is already ingested move here (created if missing), so the

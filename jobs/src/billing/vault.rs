@@ -147,7 +147,6 @@ pub fn check_fields(api_key_id: &str, tier: &str, service_type: &str) -> Result<
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RegenerateVault {
     /// The vault file HAProxy reads.
     pub path: String,

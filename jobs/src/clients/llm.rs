@@ -45,7 +45,6 @@ pub enum Role {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: Role,
     pub content: String,
@@ -287,7 +286,10 @@ impl OpenAiProvider {
             return Err("api_key holds characters that cannot go into a header".into());
         }
         if key.is_empty() {
-            tracing::warn!(provider = name, %origin, "no api_key for this provider; calls go without one (fine for a local server)");
+            // Info, not a warning: the defaults name the real providers without keys, and
+            // a worker started on the defaults must not warn about itself. A call made
+            // without a key that needs one fails as a 401 attempt, which is recorded.
+            tracing::info!(provider = name, %origin, "no api_key for this provider; calls go without one (fine for a local server)");
         }
         install_crypto_provider();
         // Explicit org and project (empty): OpenAIConfig::new() would read OPENAI_* from

@@ -19,7 +19,6 @@ use super::strategy::{Clusters, Direction, Position, Previous, doubling, evaluat
 use super::types::{Cluster, Symbol, Timeframe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ComputeSignals {
     pub symbol: Symbol,
     pub timeframe: Timeframe,

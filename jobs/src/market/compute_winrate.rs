@@ -19,7 +19,6 @@ use super::config::Market;
 use super::types::{Symbol, Timeframe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ComputeWinrate {
     pub symbol: Symbol,
     pub timeframe: Timeframe,

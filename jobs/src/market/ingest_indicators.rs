@@ -33,7 +33,6 @@ use super::types::{Candle, Symbol, Timeframe};
 use crate::clients::market::SourceError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IngestIndicators {
     pub symbol: Symbol,
     pub timeframe: Timeframe,

@@ -34,7 +34,6 @@ pub enum Task {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MarketTick {
     #[serde(default)]
     pub task: Task,

@@ -1,0 +1,378 @@
+//! The one place outcomes are written: batched for the acker (`Done` without a
+//! transaction, retries, snoozes, releases, dead letters), or inside a handler's
+//! completion transaction for `Done` after `ctx.tx()`.
+//!
+//! A batched statement is retried while its error is transient (connection lost, pool
+//! exhausted, deadlock, lock timeout, our own deadline) until the lease is over or the
+//! shutdown deadline passes: by then the jobs will run again anyway, so giving up loses
+//! nothing. Any other error is about the data of some row: the batch is then settled
+//! row by row, so one bad job cannot take the others of its flush down with it, and a
+//! row that still fails alone is dead-lettered with the database's reason.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use super::Observer;
+use super::held::Held;
+use crate::config::OnDone;
+use crate::outcome::Action;
+use crate::store::{Bury, Fence, QueueSql, Reschedule};
+use crate::telemetry as t;
+
+/// An outcome to write.
+pub(super) struct Settle {
+    pub fence: Fence,
+    pub action: Action,
+}
+
+/// When the process must be done writing (set once, at shutdown).
+#[derive(Default)]
+pub(super) struct StopBy(OnceLock<Instant>);
+
+impl StopBy {
+    pub fn set(&self, at: Instant) {
+        let _ = self.0.set(at);
+    }
+    pub fn get(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
+    /// `at`, or earlier if the shutdown deadline comes first.
+    pub fn cap(&self, at: Instant) -> Instant {
+        self.get().map_or(at, |s| s.min(at))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Item {
+    Archive(Fence, Option<Value>),
+    Delete(Fence),
+    Resched(Reschedule),
+    Bury(Bury),
+}
+
+impl Item {
+    fn fence(&self) -> Fence {
+        match self {
+            Item::Archive(f, _) | Item::Delete(f) => *f,
+            Item::Resched(r) => r.fence,
+            Item::Bury(b) => b.fence,
+        }
+    }
+    fn label(&self) -> &'static str {
+        match self {
+            Item::Archive(..) | Item::Delete(_) => "done",
+            Item::Resched(r) if r.free => "snooze or release",
+            Item::Resched(_) => "retry",
+            Item::Bury(_) => "dead letter",
+        }
+    }
+}
+
+/// A statement's failure: transient (worth retrying as is) or about the data.
+enum Failure {
+    Transient(String),
+    Data(String),
+}
+
+/// Errors that say nothing about the rows: the connection, the pool, the server's
+/// state, lock waits. Everything else (a data exception, a constraint, a trigger's
+/// `RAISE`) is about some row.
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|p| c.starts_with(p))
+                || c == "55P03"
+        }),
+        _ => false,
+    }
+}
+
+pub(super) struct Completer {
+    pub queue: &'static str,
+    pub sql: Arc<QueueSql>,
+    pub control: PgPool,
+    pub on_done: OnDone,
+    pub lease: Duration,
+    pub statement_timeout: Duration,
+    pub batch: usize,
+    pub flush_after: Duration,
+    pub held: Arc<Held>,
+    pub stop_by: Arc<StopBy>,
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+impl Completer {
+    /// Writes outcomes in batches: up to `batch`, or `flush_after` after the first one
+    /// arrived. Ends when every sender is gone and the last batch is written.
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Settle>) {
+        let mut buf: Vec<Settle> = Vec::with_capacity(self.batch);
+        while let Some(first) = rx.recv().await {
+            buf.push(first);
+            let deadline = tokio::time::Instant::now() + self.flush_after;
+            while buf.len() < self.batch {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(s)) => buf.push(s),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.flush(std::mem::take(&mut buf)).await;
+        }
+    }
+
+    async fn flush(&self, batch: Vec<Settle>) {
+        let give_up_at = self.stop_by.cap(Instant::now() + self.lease);
+        let fences: Vec<Fence> = batch.iter().map(|s| s.fence).collect();
+        let mut groups: [Vec<Item>; 4] = Default::default();
+        for s in batch {
+            let item = match s.action {
+                Action::Done(r) => match self.on_done {
+                    OnDone::Archive => Item::Archive(s.fence, r),
+                    OnDone::Delete => Item::Delete(s.fence),
+                },
+                Action::Reschedule { delay, error, free } => Item::Resched(Reschedule {
+                    fence: s.fence,
+                    delay,
+                    error,
+                    free,
+                }),
+                Action::Bury { attempts, error } => Item::Bury(Bury {
+                    fence: s.fence,
+                    attempts: attempts as i32,
+                    error,
+                }),
+            };
+            let slot = match item {
+                Item::Archive(..) | Item::Delete(_) => 0,
+                Item::Resched(_) => 1,
+                Item::Bury(_) => 2,
+            };
+            groups[slot].push(item);
+        }
+        let (mut done, mut stale) = (0usize, 0usize);
+        // Each statement is retried on its own, so one that already succeeded is never
+        // repeated (a repeat would match 0 rows and look stale).
+        for (slot, items) in groups.iter_mut().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            items.sort_unstable_by_key(Item::fence);
+            if let Some(changed) = self.settle_group(items, give_up_at).await {
+                stale += items.len() - changed;
+                if slot == 0 {
+                    done += changed;
+                }
+            }
+        }
+        if stale > 0 {
+            metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(stale as u64);
+            warn!(
+                queue = self.queue,
+                stale, "acknowledgements fenced out (leases lost)"
+            );
+        }
+        for f in &fences {
+            self.held.finish(*f);
+        }
+        if let Some(o) = &self.observer {
+            o.acked(self.queue, done, stale);
+        }
+    }
+
+    /// Writes one group; on a data error, row by row. Returns how many rows changed, or
+    /// `None` if it gave up (the database was unreachable until `give_up_at`).
+    async fn settle_group(&self, items: &[Item], give_up_at: Instant) -> Option<usize> {
+        match self.retry_transient(items, give_up_at).await {
+            Ok(ids) => return Some(ids.len()),
+            Err(Failure::Transient(e)) => {
+                error!(queue = self.queue, error = %e, count = items.len(),
+                    "could not write outcomes before the lease ended; these jobs will run again");
+                return None;
+            }
+            Err(Failure::Data(e)) if items.len() == 1 => {
+                return self.bury_unwritable(&items[0], &e, give_up_at).await;
+            }
+            Err(Failure::Data(e)) => warn!(queue = self.queue, error = %e, count = items.len(),
+                "a batched write failed on its data; writing its rows one by one"),
+        }
+        let mut changed = 0;
+        for item in items {
+            match self
+                .retry_transient(std::slice::from_ref(item), give_up_at)
+                .await
+            {
+                Ok(ids) => changed += ids.len(),
+                Err(Failure::Transient(_)) => {}
+                Err(Failure::Data(e)) => {
+                    changed += self
+                        .bury_unwritable(item, &e, give_up_at)
+                        .await
+                        .unwrap_or(0);
+                }
+            }
+        }
+        Some(changed)
+    }
+
+    /// A row whose outcome cannot be written: dead-lettered with the reason, so it
+    /// neither loops nor vanishes.
+    async fn bury_unwritable(&self, item: &Item, e: &str, give_up_at: Instant) -> Option<usize> {
+        let fence = item.fence();
+        let reason = format!(
+            "the runtime could not record this job's outcome ({}): {e}",
+            item.label()
+        );
+        error!(queue = self.queue, id = fence.msg_id, error = %e, "an outcome could not be written; dead-lettering the job");
+        if matches!(item, Item::Bury(_)) {
+            // Burying is what failed: try once more with nothing of the job's own text.
+            let plain = Item::Bury(Bury {
+                fence,
+                attempts: 0,
+                error: reason,
+            });
+            return self
+                .retry_transient(std::slice::from_ref(&plain), give_up_at)
+                .await
+                .ok()
+                .map(|ids| ids.len());
+        }
+        let bury = Item::Bury(Bury {
+            fence,
+            attempts: fence.read_ct,
+            error: reason,
+        });
+        match self
+            .retry_transient(std::slice::from_ref(&bury), give_up_at)
+            .await
+        {
+            Ok(ids) => Some(ids.len()),
+            Err(Failure::Transient(_) | Failure::Data(_)) => None,
+        }
+    }
+
+    /// Runs one statement until it succeeds, fails on its data, or `give_up_at` passes.
+    async fn retry_transient(
+        &self,
+        items: &[Item],
+        give_up_at: Instant,
+    ) -> Result<Vec<i64>, Failure> {
+        let mut tries = 0u32;
+        loop {
+            // A shutdown that began meanwhile brings the deadline forward.
+            let give_up_at = self.stop_by.cap(give_up_at);
+            let left = give_up_at.saturating_duration_since(Instant::now());
+            let limit = self
+                .statement_timeout
+                .min(left)
+                .max(Duration::from_millis(50));
+            let e = match tokio::time::timeout(limit, self.statement(items)).await {
+                Ok(Ok(ids)) => return Ok(ids),
+                Ok(Err(e)) if !is_transient(&e) => return Err(Failure::Data(e.to_string())),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {limit:?}"),
+            };
+            tries += 1;
+            let wait =
+                crate::backoff::delay(tries, Duration::from_millis(50), Duration::from_secs(2));
+            if Instant::now() + wait >= give_up_at {
+                return Err(Failure::Transient(e));
+            }
+            warn!(queue = self.queue, error = %e, retry_in = ?wait, "writing outcomes failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn statement(&self, items: &[Item]) -> Result<Vec<i64>, sqlx::Error> {
+        let pool = &self.control;
+        match &items[0] {
+            Item::Archive(..) => {
+                let v: Vec<(Fence, Option<Value>)> = items
+                    .iter()
+                    .filter_map(|i| match i {
+                        Item::Archive(f, r) => Some((*f, r.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                self.sql.ack_archive(pool, &v).await
+            }
+            Item::Delete(_) => {
+                let v: Vec<Fence> = items.iter().map(Item::fence).collect();
+                self.sql.ack_delete(pool, &v).await
+            }
+            Item::Resched(_) => {
+                let v: Vec<Reschedule> = items
+                    .iter()
+                    .filter_map(|i| match i {
+                        Item::Resched(r) => Some(r.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                self.sql.reschedule(pool, &v).await
+            }
+            Item::Bury(_) => {
+                let v: Vec<Bury> = items
+                    .iter()
+                    .filter_map(|i| match i {
+                        Item::Bury(b) => Some(b.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                self.sql.bury(pool, &v).await
+            }
+        }
+    }
+
+    /// Transactional completion: the handler's writes and the fenced acknowledgement
+    /// commit together, or neither does. `Ok(true)`: done; `Ok(false)`: the lease was
+    /// lost and everything rolled back; `Err`: unknown whether the commit landed (a
+    /// fenced retry is harmless either way: 0 rows if it did).
+    pub async fn commit_done(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        fence: Fence,
+        result: Option<Value>,
+    ) -> Result<bool, String> {
+        let work = async {
+            let acked = match self.on_done {
+                OnDone::Archive => self.sql.ack_archive(&mut *tx, &[(fence, result)]).await,
+                OnDone::Delete => self.sql.ack_delete(&mut *tx, &[fence]).await,
+            }?;
+            if acked.len() == 1 {
+                tx.commit().await?;
+                Ok::<bool, sqlx::Error>(true)
+            } else {
+                tx.rollback().await?;
+                Ok(false)
+            }
+        };
+        let limit = self.statement_timeout;
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(done)) => {
+                if !done {
+                    metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(1);
+                    warn!("lease was lost before completion; effects rolled back");
+                }
+                if let Some(o) = &self.observer {
+                    o.acked(self.queue, usize::from(done), usize::from(!done));
+                }
+                Ok(done)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the completion transaction got no answer within {limit:?}"
+            )),
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The worker: one consumer per queue, each claiming batches up to its free slots,
+//! running handlers concurrently, heartbeating their leases and writing outcomes in
+//! batches.
+//!
+//! ```text
+//!  NOTIFY / poll ──► consumer ──claim(free slots)──► execute (one task per run)
+//!                        ▲                               │ outcome
+//!                        │                               ▼
+//!                        └──── slot freed ◄──── completer (batched, or in the
+//!                                                handler's ctx.tx(): one commit)
+//!                    heartbeat: extends every running lease each lease/3 and cancels
+//!                    a run whose lease it could not keep, before it can lapse
+//! ```
+//!
+//! Files by role: [`held`] (what this process holds, keyed by fence), [`execute`]
+//! (one run), [`completer`] (every outcome write), [`heartbeat`] (leases). Claims,
+//! heartbeats and batched writes use a small **control pool** of their own, so
+//! handlers that hold connections (`ctx.tx()`) can never starve them.
+//!
+//! Shutdown: the token stops claiming; in-flight jobs get `shutdown_grace`; the rest
+//! are cancelled and released (visible now, attempt not spent). Every database wait
+//! after the signal is bounded: the process exits within the grace period plus
+//! [`SHUTDOWN_SLACK`] even when the database does not answer (what it could not
+//! release comes back after its lease).
+
+mod completer;
+mod execute;
+mod heartbeat;
+mod held;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use self::completer::{Completer, Settle, StopBy};
+use self::heartbeat::Heartbeat;
+use self::held::Held;
+use crate::config::{Config, QueueSettings};
+use crate::enqueue::queue_sql;
+use crate::listener;
+use crate::queue_name::QueueName;
+use crate::registry::{ErasedHandler, Registry};
+use crate::store::{ClaimRequest, Claimed, Fence, QueueSql, Reschedule};
+use crate::telemetry as t;
+
+/// After the grace period, how long a shutting-down worker may still spend writing
+/// what it can (releases, outcomes) before it exits regardless.
+pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(3);
+
+/// Hooks for benchmarks and tests to watch the runtime without scraping logs.
+pub trait Observer: Send + Sync + 'static {
+    /// A handler is about to start.
+    fn job_started(&self, _queue: &str, _job_id: i64, _attempt: u32) {}
+    /// Acknowledgements that reached the database: `done` done, `stale` fenced out.
+    fn acked(&self, _queue: &str, _done: usize, _stale: usize) {}
+    /// The heartbeat found a running job's message no longer held (a real lost lease).
+    fn lease_lost(&self, _queue: &str, _job_id: i64) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("no handler is registered for queue {0:?} (known: {1})")]
+    UnknownQueue(String, String),
+    #[error("no queues to work")]
+    NoQueues,
+}
+
+/// A configured worker; [`Worker::run`] works until the shutdown token is cancelled.
+pub struct Worker {
+    pool: PgPool,
+    control: Option<PgPool>,
+    registry: Registry,
+    config: Arc<Config>,
+    queues: Vec<&'static str>,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl Worker {
+    /// A worker for every registered queue. `pool` serves the handlers (`ctx.tx()`,
+    /// `ctx.pool()`); claims, heartbeats and batched writes get a control pool to the
+    /// same database (`database.control_connections`) unless [`Worker::control_pool`]
+    /// gives one.
+    pub fn new(pool: PgPool, registry: Registry, config: Arc<Config>) -> Self {
+        let queues = registry.kinds().collect();
+        Worker {
+            pool,
+            control: None,
+            registry,
+            config,
+            queues,
+            observer: None,
+        }
+    }
+
+    /// Uses this pool for claims, heartbeats and batched writes.
+    pub fn control_pool(mut self, control: PgPool) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Restricts the worker to some queues.
+    pub fn only(mut self, names: &[String]) -> Result<Self, WorkerError> {
+        let known = self.registry.kinds().collect::<Vec<_>>().join(", ");
+        let mut qs = Vec::new();
+        for n in names {
+            match self.registry.get(n) {
+                Some((k, _)) => qs.push(k),
+                None => return Err(WorkerError::UnknownQueue(n.clone(), known)),
+            }
+        }
+        if qs.is_empty() {
+            return Err(WorkerError::NoQueues);
+        }
+        self.queues = qs;
+        Ok(self)
+    }
+
+    pub fn observer(mut self, o: Arc<dyn Observer>) -> Self {
+        self.observer = Some(o);
+        self
+    }
+
+    pub fn queue_names(&self) -> &[&'static str] {
+        &self.queues
+    }
+
+    /// Works until `shutdown` is cancelled, then drains and releases. Errors from the
+    /// database never end it: it logs, backs off and reconnects.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        if self.queues.is_empty() {
+            return Err(WorkerError::NoQueues);
+        }
+        let db = &self.config.database;
+        let control = self
+            .control
+            .clone()
+            .unwrap_or_else(|| crate::db::control_pool(&self.pool, db));
+        let handlers: usize = self
+            .queues
+            .iter()
+            .map(|q| self.config.queue(q).concurrency)
+            .sum();
+        info!(
+            queues = self.queues.len(),
+            handlers,
+            handler_connections = self.pool.options().get_max_connections(),
+            control_connections = control.options().get_max_connections(),
+            "connection budget: handlers share the handler pool (ctx.tx() waits for a connection when all are busy); claims, heartbeats and acknowledgements use the control pool; one more for LISTEN"
+        );
+        // One suspect (a job whose last runs all ended with no outcome) runs at a time
+        // in this process, whatever its queue: if it is what kills its workers, it can
+        // only take itself and the jobs beside it down, never another suspect.
+        let suspects = Arc::new(Semaphore::new(1));
+        let mut wakers = HashMap::new();
+        let mut consumers = JoinSet::new();
+        for &name in &self.queues {
+            let (kind, handler) = self.registry.get(name).expect("checked in only()");
+            let wake = Arc::new(Notify::new());
+            wakers.insert(kind.to_string(), wake.clone());
+            let qn = QueueName::parse(kind).expect("registry validates kinds");
+            let sql = queue_sql(&qn);
+            let settings = self.config.queue(kind);
+            let held = Arc::new(Held::default());
+            let stop_by = Arc::new(StopBy::default());
+            let w = &self.config.worker;
+            let completer = Arc::new(Completer {
+                queue: kind,
+                sql: sql.clone(),
+                control: control.clone(),
+                on_done: settings.on_done,
+                lease: settings.lease,
+                statement_timeout: db.control_timeout,
+                batch: w.ack_batch,
+                flush_after: w.ack_flush,
+                held: held.clone(),
+                stop_by: stop_by.clone(),
+                observer: self.observer.clone(),
+            });
+            let c = Consumer {
+                queue: kind,
+                sql,
+                settings,
+                handler,
+                pool: self.pool.clone(),
+                control: control.clone(),
+                control_timeout: db.control_timeout,
+                held,
+                completer,
+                stop_by,
+                suspects: suspects.clone(),
+                wake,
+                poll_interval: w.poll_interval,
+                grace: w.shutdown_grace,
+                observer: self.observer.clone(),
+            };
+            consumers.spawn(Arc::new(c).run(shutdown.clone()));
+        }
+        let stop_listener = CancellationToken::new();
+        let wakers: HashMap<String, Arc<Notify>> = wakers;
+        let on_event: listener::OnEvent = Arc::new(move |queue: Option<&str>| match queue {
+            Some(q) => {
+                if let Some(w) = wakers.get(q) {
+                    w.notify_one();
+                }
+            }
+            None => wakers.values().for_each(|w| w.notify_one()),
+        });
+        let lst = tokio::spawn(listener::run(
+            self.pool.clone(),
+            listener::ENQUEUE,
+            on_event,
+            stop_listener.clone(),
+        ));
+        info!(queues = ?self.queues, "worker started");
+        while let Some(r) = consumers.join_next().await {
+            if let Err(e) = r {
+                error!(error = %e, "a queue consumer ended abnormally");
+            }
+        }
+        stop_listener.cancel();
+        let _ = lst.await;
+        info!("worker stopped");
+        Ok(())
+    }
+}
+
+pub(crate) struct Consumer {
+    queue: &'static str,
+    sql: Arc<QueueSql>,
+    settings: QueueSettings,
+    handler: Arc<dyn ErasedHandler>,
+    pool: PgPool,
+    control: PgPool,
+    control_timeout: Duration,
+    held: Arc<Held>,
+    completer: Arc<Completer>,
+    stop_by: Arc<StopBy>,
+    suspects: Arc<Semaphore>,
+    wake: Arc<Notify>,
+    poll_interval: Duration,
+    grace: Duration,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl Consumer {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel::<Settle>();
+        let completer = tokio::spawn(self.completer.clone().run(settle_rx));
+        let stop_hb = CancellationToken::new();
+        let hb = tokio::spawn(
+            Heartbeat {
+                queue: self.queue,
+                sql: self.sql.clone(),
+                control: self.control.clone(),
+                lease: self.settings.lease,
+                statement_timeout: self.control_timeout,
+                held: self.held.clone(),
+                observer: self.observer.clone(),
+            }
+            .run(stop_hb.clone()),
+        );
+
+        let conc = self.settings.concurrency;
+        let min_batch = (conc / 8).max(1);
+        let mut jobs = JoinSet::new();
+        let mut idle = false;
+        let mut db_errors = 0u32;
+        let mut poll = tokio::time::interval(self.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            while jobs.try_join_next().is_some() {}
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let free = conc.saturating_sub(jobs.len());
+            if !idle && free > 0 && (free >= min_batch || jobs.is_empty()) {
+                let permit = self.suspects.clone().try_acquire_owned().ok();
+                let req = ClaimRequest {
+                    limit: free,
+                    lease: self.settings.lease,
+                    suspects: usize::from(permit.is_some()),
+                    max_attempts: self.settings.max_attempts,
+                };
+                let sent = Instant::now();
+                let claimed = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = tokio::time::timeout(self.control_timeout, self.sql.claim_batch(&self.control, &req)) => r,
+                };
+                match claimed {
+                    Ok(Ok(batch)) => {
+                        db_errors = 0;
+                        idle = batch.claimed.len() + batch.buried.len() < free;
+                        for b in &batch.buried {
+                            metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "exhausted").increment(1);
+                            warn!(queue = self.queue, id = b.msg_id, attempts = b.attempts, reason = %b.reason,
+                                "attempts spent with no outcome; dead-lettered at claim");
+                        }
+                        let mut permit = permit;
+                        for msg in batch.claimed {
+                            let slot = if msg.suspect { permit.take() } else { None };
+                            self.start(&mut jobs, msg, sent, slot, &settle_tx);
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => self.claim_failed(&e.to_string(), &mut db_errors),
+                    Err(_) => self.claim_failed("no answer in time", &mut db_errors),
+                }
+                let wait = crate::backoff::delay(
+                    db_errors,
+                    Duration::from_millis(100),
+                    Duration::from_secs(5),
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                _ = self.wake.notified() => idle = false,
+                _ = poll.tick() => idle = false,
+            }
+        }
+        self.shut_down(jobs, settle_tx, completer, stop_hb, hb)
+            .await;
+    }
+
+    fn claim_failed(&self, e: &str, db_errors: &mut u32) {
+        *db_errors += 1;
+        warn!(queue = self.queue, error = %e, "claim failed");
+    }
+
+    /// Drain: in-flight jobs get the grace period, then are cancelled (and released);
+    /// what is still held after that is released in one statement. Every wait is
+    /// bounded by the grace period plus [`SHUTDOWN_SLACK`].
+    async fn shut_down(
+        &self,
+        mut jobs: JoinSet<()>,
+        settle_tx: mpsc::UnboundedSender<Settle>,
+        completer: tokio::task::JoinHandle<()>,
+        stop_hb: CancellationToken,
+        hb: tokio::task::JoinHandle<()>,
+    ) {
+        let stop_by = Instant::now() + self.grace + SHUTDOWN_SLACK;
+        self.stop_by.set(stop_by);
+        let in_flight = jobs.len();
+        if in_flight > 0 {
+            info!(queue = self.queue, in_flight, grace = ?self.grace, "draining");
+        }
+        let drained = tokio::time::timeout(self.grace, async {
+            while jobs.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.held.cancel_all();
+            // A moment for the cancelled runs to roll back and hand in their release.
+            let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+                while jobs.join_next().await.is_some() {}
+            })
+            .await;
+            jobs.abort_all();
+            while jobs.join_next().await.is_some() {}
+        }
+        drop(settle_tx);
+        let left = stop_by.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, completer).await.is_err() {
+            warn!(
+                queue = self.queue,
+                "outcomes still unwritten at the shutdown deadline; those jobs run again after their lease"
+            );
+        }
+        stop_hb.cancel();
+        let _ = hb.await;
+        // What is still held was aborted before it settled: release it.
+        let rest: Vec<Reschedule> = self
+            .held
+            .drain()
+            .into_iter()
+            .map(|fence| Reschedule {
+                fence,
+                delay: Duration::ZERO,
+                error: None,
+                free: true,
+            })
+            .collect();
+        if rest.is_empty() {
+            return;
+        }
+        let left = stop_by
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
+        match tokio::time::timeout(left, self.sql.reschedule(&self.control, &rest)).await {
+            Ok(Ok(ids)) => info!(
+                queue = self.queue,
+                released = ids.len(),
+                "released unfinished jobs"
+            ),
+            Ok(Err(e)) => warn!(queue = self.queue, error = %e, count = rest.len(),
+                "could not release unfinished jobs; their leases will expire"),
+            Err(_) => warn!(
+                queue = self.queue,
+                count = rest.len(),
+                "the database did not answer; unfinished jobs come back after their lease"
+            ),
+        }
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        jobs: &mut JoinSet<()>,
+        msg: Claimed,
+        sent: Instant,
+        suspect: Option<tokio::sync::OwnedSemaphorePermit>,
+        settle: &mpsc::UnboundedSender<Settle>,
+    ) {
+        let fence = Fence {
+            msg_id: msg.msg_id,
+            read_ct: msg.read_ct,
+        };
+        let is_suspect = suspect.is_some();
+        let claim = self.held.claim(
+            fence,
+            sent + self.settings.lease,
+            sent + self.settings.timeout,
+            suspect,
+        );
+        let attempt = msg.attempt();
+        if attempt == 1 {
+            let wait = (chrono::Utc::now() - msg.due_at())
+                .to_std()
+                .unwrap_or_default();
+            metrics::histogram!(t::JOB_WAIT, "queue" => self.queue).record(wait.as_secs_f64());
+        }
+        if is_suspect {
+            warn!(
+                queue = self.queue,
+                id = msg.msg_id,
+                attempt,
+                deaths = msg.deaths(),
+                "running a suspect (one at a time per process): its last runs ended with no outcome (the worker died or lost its lease)"
+            );
+        }
+        let span = info_span!("job", queue = self.queue, id = msg.msg_id, attempt);
+        jobs.spawn(
+            self.clone()
+                .execute(msg, claim, settle.clone())
+                .instrument(span),
+        );
+    }
+}
