@@ -243,3 +243,64 @@ async fn maintenance_prunes_what_is_past_retention() {
         "old fires pruned, each schedule's latest kept"
     );
 }
+
+/// Issue 13: a scheduler that stalls (SIGSTOP for 4 s on a one-second schedule with
+/// `missed = "skip"`) fires at most once for the ticks it slept through when it wakes,
+/// not a burst of four.
+#[tokio::test]
+async fn a_stalled_scheduler_fires_once_on_waking_not_a_burst() {
+    let t = db().await;
+    let dir = config_dir(
+        r#"
+[[schedules]]
+name = "every_second"
+cron = "* * * * * *"
+queue = "probe"
+args = { id = 1 }
+missed = "skip"
+"#,
+    );
+    let p = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["scheduler"],
+        &[("LONGSHORE_ENV", "test")],
+    );
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(20), "2 fires", || {
+        let pool = pool.clone();
+        async move { (fire_times(&pool, "every_second").await.len() >= 2).then_some(()) }
+    })
+    .await;
+    p.signal("STOP");
+    let stopped_at = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    p.signal("CONT");
+    let resumed_at = chrono::Utc::now();
+    // Fires after waking: at least one more than the ones during the stall.
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(20), "fires after the stall", || {
+        let pool = pool.clone();
+        async move {
+            let later = fire_times(&pool, "every_second")
+                .await
+                .into_iter()
+                .filter(|f| *f > resumed_at + chrono::Duration::seconds(1))
+                .count();
+            (later >= 2).then_some(())
+        }
+    })
+    .await;
+    // Ticks whose time fell in the stall (the first full second after the stop to the
+    // resume): at most one of them fired (the latest, late).
+    let slept_through = fire_times(&t.pool, "every_second")
+        .await
+        .into_iter()
+        .filter(|f| *f > stopped_at + chrono::Duration::seconds(1) && *f <= resumed_at)
+        .count();
+    assert!(
+        slept_through <= 1,
+        "{slept_through} fires for ticks slept through\n{}",
+        p.logs()
+    );
+}

@@ -3,7 +3,9 @@
 //! scheduler replicas fire each tick exactly once, with no leader and no host identity.
 //!
 //! Missed fires (the schedulers were all down): `skip` waits for the next tick;
-//! `latest` enqueues the most recent missed one at start.
+//! `latest` enqueues the most recent missed one at start. A scheduler that stalls while
+//! running (paused, or a fire that retried past later ticks) fires the latest due tick
+//! once when it wakes, never the burst it slept through.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -100,7 +102,11 @@ async fn run_one(pool: PgPool, s: Schedule, stop: CancellationToken) {
         // Retry until the database answers: the missed fire is worth the wait.
         let mut tries = 0;
         let last = loop {
-            match store::last_fire(&pool, &s.name).await {
+            let read = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = store::last_fire(&pool, &s.name) => r,
+            };
+            match read {
                 Ok(l) => break l,
                 Err(e) => {
                     tries += 1;
@@ -133,8 +139,14 @@ async fn run_one(pool: PgPool, s: Schedule, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        fire(&pool, &s, at, &stop).await;
-        after = at;
+        // After a stall (this process paused, a database outage outlasting a tick),
+        // several ticks may be due at once: fire the latest due one, never a burst.
+        let due = s.latest_between(after, Utc::now()).unwrap_or(at);
+        if due != at {
+            info!(schedule = s.name, from = %at, fired = %due, "ticks passed while the scheduler stalled; firing the latest only");
+        }
+        fire(&pool, &s, due, &stop).await;
+        after = due;
     }
 }
 
@@ -147,13 +159,19 @@ async fn fire(pool: &PgPool, s: &Schedule, at: DateTime<Utc>, stop: &Cancellatio
     let sql = queue_sql(&s.queue);
     let mut tries = 0;
     loop {
-        let r = async {
+        let attempt = async {
             let mut tx = pool.begin().await?;
             let id = store::fire_schedule(&mut tx, &sql, &s.name, at, &s.args).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(id)
-        }
-        .await;
+        };
+        // Raced with `stop`: a database that does not answer must not hold up a
+        // shutdown (an unfinished fire rolls back; another replica or the next start
+        // makes it, per the missed-fire policy).
+        let r = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = attempt => r,
+        };
         match r {
             Ok(Some(id)) => {
                 metrics::counter!(t::SCHEDULE_FIRES, "schedule" => s.name.clone(), "result" => "fired").increment(1);
