@@ -897,3 +897,250 @@ async fn env_post(http: &reqwest::Client, base: &str, body: &'static str) -> (u1
         .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
+
+/// Issue 13, item 7: inputs that used to panic or 500 are 422s in the envelope: a delay
+/// that overflows the clock, a NUL in the args, a query value of the wrong type.
+#[tokio::test]
+async fn hostile_options_and_nul_bodies_are_422_not_panics() {
+    let env = start().await;
+    let tok = Some("tok-all-canary");
+    for q in [
+        "?delay=18446744073709551615",
+        "?delay=99999999999999999999",
+        "?delay=20000d",
+        "?run_at=9999-12-31T23:59:59Z",
+    ] {
+        let r = env
+            .post(&format!("/v1/queues/probe/jobs{q}"), tok, r#"{"id":1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r, 422).await, "invalid_options", "{q}");
+    }
+    for body in [r#"{"id":1,"x":"a\u0000b"}"#, r#"{"id":1,"k\u0000":1}"#] {
+        let r = env
+            .post("/v1/queues/probe/jobs", tok, body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r, 422).await, "invalid_args", "{body}");
+    }
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs:batch",
+            tok,
+            r#"[{"id":1},{"id":2,"s":"\u0000"}]"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "invalid_args");
+    // Raw log lines with a NUL byte: stored with U+FFFD, like bytes that are not UTF-8.
+    let r = env
+        .post("/v1/logs", tok, b"line one\0 with a NUL\n".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    for q in ["?wait=null", "?wait=soon"] {
+        let r = env
+            .get(&format!("/v1/jobs/probe/1{q}"), "tok-all-canary")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r, 422).await, "invalid_options", "{q}");
+    }
+    let r = env
+        .get("/v1/jobs/probe/not-a-number", "tok-all-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_job");
+    // A timestamp that would overflow the freshness check is stale, not a panic.
+    let body = br#"{"id":1}"#;
+    let r = env
+        .http
+        .post(format!("{}/v1/hooks/watch", env.base))
+        .header("x-timestamp", i64::MIN.to_string())
+        .header("x-delivery-id", "d-min")
+        .header(
+            "x-hmac-sha256",
+            sign(&[i64::MIN.to_string().as_bytes(), b".", body].concat()),
+        )
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 401).await, "stale_timestamp");
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        0,
+        "nothing enqueued"
+    );
+    assert!(
+        !env.ingress.logs().contains("panicked"),
+        "{}",
+        env.ingress.logs()
+    );
+}
+
+/// Issue 13: `POST …/jobs:batch` takes an `Idempotency-Key`: a retried batch enqueues
+/// once and answers the same ids; the key with another batch is a 409.
+#[tokio::test]
+async fn a_retried_batch_with_an_idempotency_key_enqueues_once() {
+    let env = start().await;
+    let tok = Some("tok-all-canary");
+    let send = |body: &'static str| {
+        env.post("/v1/queues/probe/jobs:batch", tok, body)
+            .header("idempotency-key", "batch-7")
+            .send()
+    };
+    let r = send(r#"[{"id":1},{"id":2},{"id":3}]"#).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let first: Value = r.json().await.unwrap();
+    assert_eq!(first["duplicate"], false);
+    let r = send(r#"[{"id":1},  {"id":2}, {"id":3}]"#).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["ids"], first["ids"]);
+    assert_eq!(again["duplicate"], true);
+    let r = send(r#"[{"id":1},{"id":2}]"#).await.unwrap();
+    assert_eq!(error_code(r, 409).await, "idempotency_conflict");
+    assert_eq!(
+        count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
+        3
+    );
+}
+
+/// Issue 13: on a queue whose done jobs are deleted, a job's status is still `done`
+/// (a small completion record stays for the archive retention), not 404.
+#[tokio::test]
+async fn a_done_job_on_a_delete_queue_answers_done() {
+    let t = db().await;
+    let dir = config_dir(&test_config());
+    let env_vars = [
+        ("LONGSHORE_ENV", "test"),
+        ("LONGSHORE__QUEUES__PROBE__ON_DONE", "delete"),
+    ];
+    let ingress = Proc::spawn_in(Some(&dir), &t.url, &["ingress"], &env_vars);
+    let _worker = Proc::spawn_in(Some(&dir), &t.url, &["worker"], &env_vars);
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/queues/probe/jobs"))
+        .bearer_auth("tok-all-canary")
+        .body(r#"{"id":5,"effect":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let r = http
+        .get(format!("{base}/v1/jobs/probe/{id}?wait=10"))
+        .bearer_auth("tok-all-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["attempts"], 1, "{v}");
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await,
+        0,
+        "deleted, not archived"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        1
+    );
+}
+
+/// Issue 13, item 7: every status and code the ingress can answer is in the OpenAPI
+/// document and the README, and the source uses no code missing from the list.
+#[test]
+fn every_error_code_is_documented() {
+    let errors = longshore_workers::ingress::ERRORS;
+    let openapi: Value =
+        serde_json::from_str(longshore_workers::ingress::OPENAPI).expect("valid JSON");
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let listed: Vec<&str> = openapi["components"]["schemas"]["Error"]["properties"]["error"]
+        ["properties"]["code"]["enum"]
+        .as_array()
+        .expect("Error.code is an enum")
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let mut described = String::new();
+    for ops in openapi["paths"].as_object().unwrap().values() {
+        for op in ops.as_object().unwrap().values() {
+            for (status, r) in op["responses"].as_object().unwrap() {
+                described.push_str(&format!(
+                    "{status}: {}\n",
+                    r["description"].as_str().unwrap_or("")
+                ));
+            }
+        }
+    }
+    for (status, code) in errors {
+        assert!(
+            listed.contains(code),
+            "{code} not in the OpenAPI Error.code enum"
+        );
+        assert!(
+            described
+                .lines()
+                .any(|l| l.starts_with(&status.to_string()) && l.contains(&format!("`{code}`"))),
+            "no OpenAPI response {status} names `{code}`"
+        );
+        assert!(
+            readme.lines().any(
+                |l| l.starts_with(&format!("| {status} |")) && l.contains(&format!("`{code}`"))
+            ),
+            "README's table does not list {status} `{code}`"
+        );
+    }
+    for c in &listed {
+        assert!(
+            errors.iter().any(|(_, e)| e == c),
+            "{c} is in the OpenAPI enum but never answered"
+        );
+    }
+    // The source: every code literal given to ApiError::new or the 401 helper.
+    for f in ["auth.rs", "mod.rs", "routes.rs"] {
+        let src = std::fs::read_to_string(format!("workers/src/ingress/{f}")).unwrap();
+        let codes = code_literals(&src, "ApiError::new(", true)
+            .into_iter()
+            .chain(code_literals(&src, "unauthorized(", false));
+        for code in codes {
+            assert!(
+                errors.iter().any(|(_, c)| *c == code),
+                "{f} answers `{code}`, which ERRORS does not list"
+            );
+        }
+    }
+}
+
+/// The string literals that follow `call` in `src` (after its first argument, a
+/// `StatusCode::…`, when `after_status`).
+fn code_literals(src: &str, call: &str, after_status: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in src.match_indices(call) {
+        let mut rest = &src[i + call.len()..];
+        if after_status {
+            let Some(comma) = rest.find(',') else {
+                continue;
+            };
+            if !rest[..comma].trim().starts_with("StatusCode::") {
+                continue;
+            }
+            rest = &rest[comma + 1..];
+        }
+        if let Some(r) = rest.trim_start().strip_prefix('"')
+            && let Some(end) = r.find('"')
+        {
+            out.push(r[..end].to_string());
+        }
+    }
+    out
+}

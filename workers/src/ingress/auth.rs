@@ -143,7 +143,11 @@ pub(super) fn verify_hook(
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs() as i64;
-        if (now - ts).unsigned_abs() > hook.tolerance.as_secs() {
+        // checked: a timestamp near i64::MIN must be stale, not an overflow.
+        if now
+            .checked_sub(ts)
+            .is_none_or(|d| d.unsigned_abs() > hook.tolerance.as_secs())
+        {
             return Err(unauthorized(
                 "stale_timestamp",
                 format!(

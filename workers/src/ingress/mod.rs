@@ -11,6 +11,7 @@
 //! is also in the `x-request-id` header and in the request's log line.
 
 mod auth;
+mod codes;
 mod routes;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -37,6 +39,7 @@ use crate::registry::Registry;
 use crate::telemetry as t;
 
 pub use auth::hash_token;
+pub use codes::ERRORS;
 
 /// The OpenAPI document of these endpoints (checked in beside this file).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -69,6 +72,10 @@ impl Ingress {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
+        self.layered(Self::routes())
+    }
+
+    fn routes() -> Router<Arc<Self>> {
         Router::new()
             .route("/v1/queues/{queue}/jobs", post(routes::enqueue_one))
             .route("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch))
@@ -79,7 +86,15 @@ impl Ingress {
             .route("/readyz", get(routes::readyz))
             .route("/metrics", get(routes::metrics))
             .route("/openapi.json", get(routes::openapi))
+    }
+
+    /// The routes with the fallback, the panic guard and the envelope.
+    fn layered(self: &Arc<Self>, routes: Router<Arc<Self>>) -> Router {
+        routes
             .fallback(routes::not_found)
+            // A panic in a handler is a 500 in the envelope with the request id (the
+            // layer below the envelope), never a reset connection.
+            .layer(CatchPanicLayer::custom(panicked))
             .layer(middleware::from_fn(envelope))
             .with_state(self.clone())
     }
@@ -147,6 +162,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        debug_assert!(
+            codes::is_known(status.as_u16(), code),
+            "undocumented ingress error {status} {code}: add it to ingress/codes.rs, the OpenAPI document and the README"
+        );
         ApiError {
             status,
             code,
@@ -269,13 +288,13 @@ async fn envelope(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The code of a failure axum produced itself (no route, wrong method, a limit layer).
 fn default_error(status: StatusCode) -> (&'static str, String) {
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
         StatusCode::REQUEST_TIMEOUT => "request_timeout",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         s if s.is_server_error() => "internal",
         _ => "bad_request",
     };
@@ -285,10 +304,65 @@ fn default_error(status: StatusCode) -> (&'static str, String) {
     )
 }
 
+/// The response for a handler that panicked: logged (without the request's data) and
+/// rendered as a 500 envelope by [`envelope`].
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into());
+    tracing::error!(panic = %what, "a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+    .into_response()
+}
+
 /// Deadline helper for long polls.
 pub(crate) fn clamp_wait(secs: f64, max: Duration) -> Duration {
     if !secs.is_finite() || secs <= 0.0 {
         return Duration::ZERO;
     }
     Duration::from_secs_f64(secs.min(max.as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A handler that panics answers a 500 envelope with its request id; the
+    /// connection is not reset.
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_500_envelope() {
+        let cfg = Config::load_from(std::path::Path::new("/nonexistent"), None, Vec::new())
+            .expect("defaults load");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let ingress = Ingress::new(pool, Registry::new(), Arc::new(cfg), None);
+        async fn boom() -> &'static str {
+            panic!("a bug in a route")
+        }
+        let app = ingress.layered(Ingress::routes().route("/boom", get(boom)));
+        let req = Request::builder()
+            .uri("/boom")
+            .header("x-request-id", "req-42")
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.expect("a response, not a reset");
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.headers()["x-request-id"], "req-42");
+        let body = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"error": {"code": "internal", "message": "internal error", "request_id": "req-42"}})
+        );
+    }
 }

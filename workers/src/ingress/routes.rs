@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Ingress, auth, clamp_wait};
+use crate::clean;
 use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue_json_many, queue_sql};
 use crate::queue_name::QueueName;
 use crate::store;
@@ -69,13 +71,31 @@ async fn read_body(st: &Ingress, headers: &HeaderMap, body: Body) -> ApiResult<B
 }
 
 fn parse_json(bytes: &[u8]) -> ApiResult<Value> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             format!("the body is not JSON: {e}"),
         )
-    })
+    })?;
+    // Valid JSON, but PostgreSQL's jsonb cannot store it: say so instead of a 500.
+    if clean::json_has_nul(&v) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_args",
+            "the body holds a NUL character (\\u0000), which job args cannot carry",
+        ));
+    }
+    Ok(v)
+}
+
+/// A query string that does not fit the route's parameters: 422, like a bad value.
+fn bad_query(e: QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_options",
+        e.body_text(),
+    )
 }
 
 fn validate(st: &Ingress, queue: &QueueName, args: &Value) -> ApiResult<()> {
@@ -96,18 +116,33 @@ impl EnqueueQuery {
     fn options(&self) -> ApiResult<EnqueueOptions> {
         let bad = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_options", m);
         let mut o = EnqueueOptions::default();
+        let max = clean::MAX_DELAY;
+        let too_far = |what: &str| {
+            bad(format!(
+                "{what} is more than {} days ahead",
+                max.as_secs() / 86_400
+            ))
+        };
         if let Some(d) = &self.delay {
             let d = d
                 .parse::<u64>()
                 .map(Duration::from_secs)
                 .or_else(|_| humantime::parse_duration(d))
                 .map_err(|e| bad(format!("delay {d:?}: {e}")))?;
+            if d > max {
+                return Err(too_far("delay"));
+            }
             o.delay = Some(d);
         }
         if let Some(t) = &self.run_at {
             let t =
                 DateTime::parse_from_rfc3339(t).map_err(|e| bad(format!("run_at {t:?}: {e}")))?;
-            o.run_at = Some(t.with_timezone(&Utc));
+            let t = t.with_timezone(&Utc);
+            let limit = chrono::Duration::from_std(max).expect("fits");
+            if t.signed_duration_since(Utc::now()) > limit {
+                return Err(too_far("run_at"));
+            }
+            o.run_at = Some(t);
         }
         Ok(o)
     }
@@ -185,16 +220,27 @@ fn accepted(queue: &QueueName, e: Enqueued) -> Response {
 pub(super) async fn enqueue_one(
     State(st): State<Arc<Ingress>>,
     Path(queue): Path<String>,
-    Query(q): Query<EnqueueQuery>,
+    q: Result<Query<EnqueueQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let queue = known_queue(&st, &queue)?;
     st.tokens.authorize(&headers, queue.as_str())?;
+    let Query(q) = q.map_err(bad_query)?;
     let mut opts = q.options()?;
     let bytes = read_body(&st, &headers, body).await?;
     let args = parse_json(&bytes)?;
     validate(&st, &queue, &args)?;
+    idempotency_key(&st, &headers, &mut opts)?;
+    let e = enqueue_single(&st, &queue, args, opts).await?;
+    if e.duplicate && !e.same_body {
+        return Err(key_conflict(&format!("job {}", e.id)));
+    }
+    Ok(accepted(&queue, e))
+}
+
+/// The `Idempotency-Key` header into `opts`, with the configured TTL.
+fn idempotency_key(st: &Ingress, headers: &HeaderMap, opts: &mut EnqueueOptions) -> ApiResult<()> {
     if let Some(k) = headers.get("idempotency-key") {
         let k = k.to_str().map_err(|_| {
             ApiError::new(
@@ -206,18 +252,15 @@ pub(super) async fn enqueue_one(
         opts.idempotency_key = Some(k.to_string());
         opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
-    let e = enqueue_single(&st, &queue, args, opts).await?;
-    if e.duplicate && !e.same_body {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "idempotency_conflict",
-            format!(
-                "this Idempotency-Key was used for job {} with a different body",
-                e.id
-            ),
-        ));
-    }
-    Ok(accepted(&queue, e))
+    Ok(())
+}
+
+fn key_conflict(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_conflict",
+        format!("this Idempotency-Key was used for {what} with a different body"),
+    )
 }
 
 /// `POST /v1/logs`: raw HAProxy lines (text) → one `ingest_logs {lines}` job. Bytes
@@ -231,7 +274,8 @@ pub(super) async fn logs(
     let queue = known_queue(&st, "ingest_logs")?;
     st.tokens.authorize(&headers, queue.as_str())?;
     let bytes = read_body(&st, &headers, body).await?;
-    let text = String::from_utf8_lossy(&bytes);
+    // NUL cannot be stored; like a byte that is not UTF-8, it becomes U+FFFD.
+    let text = String::from_utf8_lossy(&bytes).replace('\0', "\u{FFFD}");
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
         return Err(ApiError::new(
@@ -249,20 +293,16 @@ pub(super) async fn logs(
 pub(super) async fn enqueue_batch(
     State(st): State<Arc<Ingress>>,
     Path(queue): Path<String>,
-    Query(q): Query<EnqueueQuery>,
+    q: Result<Query<EnqueueQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let queue = known_queue(&st, &queue)?;
     st.tokens.authorize(&headers, queue.as_str())?;
-    let opts = q.options()?;
-    if headers.contains_key("idempotency-key") {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_options",
-            "Idempotency-Key is for single jobs; send keyed jobs one at a time",
-        ));
-    }
+    let Query(q) = q.map_err(bad_query)?;
+    let mut opts = q.options()?;
+    // A key covers the whole batch: a retried batch enqueues once.
+    idempotency_key(&st, &headers, &mut opts)?;
     let bytes = read_body(&st, &headers, body).await?;
     let Value::Array(items) = parse_json(&bytes)? else {
         return Err(ApiError::new(
@@ -288,19 +328,23 @@ pub(super) async fn enqueue_batch(
             )
         })?;
     }
-    let jobs = items.into_iter().map(|a| (a, opts.clone())).collect();
-    let ids: Vec<i64> = bounded(&st, async {
-        enqueue_json_many(&st.pool, &queue, jobs)
+    let b = bounded(&st, async {
+        let mut conn = st
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| ApiError::database(&e))?;
+        crate::enqueue::enqueue_batch(&mut conn, &queue, items, opts)
             .await
             .map_err(enqueue_error)
     })
-    .await?
-    .into_iter()
-    .map(|e| e.id)
-    .collect();
+    .await?;
+    if b.duplicate && !b.same_body {
+        return Err(key_conflict("another batch"));
+    }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"ids": ids, "queue": queue.as_str()})),
+        Json(json!({"ids": b.ids, "queue": queue.as_str(), "duplicate": b.duplicate})),
     )
         .into_response())
 }
@@ -313,12 +357,27 @@ pub(super) struct StatusQuery {
 
 pub(super) async fn job_status(
     State(st): State<Arc<Ingress>>,
-    Path((queue, id)): Path<(String, i64)>,
-    Query(q): Query<StatusQuery>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<StatusQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let Ok(Path((queue, id))) = path else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route",
+        ));
+    };
     let queue = known_queue(&st, &queue)?;
     st.tokens.authorize(&headers, queue.as_str())?;
+    let Ok(id) = id.parse::<i64>() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_job",
+            format!("no job {id:?} in queue {queue}: job ids are integers"),
+        ));
+    };
+    let Query(q) = q.map_err(bad_query)?;
     let sql = queue_sql(&queue);
     let wait = clamp_wait(q.wait.unwrap_or(0.0), st.cfg.ingress.max_wait);
     let deadline = Instant::now() + wait;
