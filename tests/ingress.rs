@@ -1106,40 +1106,61 @@ fn every_error_code_is_documented() {
             "{c} is in the OpenAPI enum but never answered"
         );
     }
-    // The source: every code literal given to ApiError::new or the 401 helper.
+    // The source: every (status, code) given to ApiError::new, and the 401 helper's.
     for f in ["auth.rs", "mod.rs", "routes.rs"] {
         let src = std::fs::read_to_string(format!("workers/src/ingress/{f}")).unwrap();
-        let codes = code_literals(&src, "ApiError::new(", true)
-            .into_iter()
-            .chain(code_literals(&src, "unauthorized(", false));
-        for code in codes {
+        let pairs = error_pairs(&src, "ApiError::new(").into_iter().chain(
+            error_pairs(&src, "unauthorized(")
+                .into_iter()
+                .map(|(_, c)| (401, c)),
+        );
+        for (status, code) in pairs {
             assert!(
-                errors.iter().any(|(_, c)| *c == code),
-                "{f} answers `{code}`, which ERRORS does not list"
+                errors.iter().any(|(s, c)| *s == status && *c == code),
+                "{f} answers {status} `{code}`, which ERRORS does not list"
             );
         }
     }
 }
 
-/// The string literals that follow `call` in `src` (after its first argument, a
-/// `StatusCode::…`, when `after_status`).
-fn code_literals(src: &str, call: &str, after_status: bool) -> Vec<String> {
+/// The `(status, code)` pairs of the calls to `call` in `src`: `ApiError::new(
+/// StatusCode::X, "code", …)`, or `unauthorized("code", …)` (status 0: the caller's).
+fn error_pairs(src: &str, call: &str) -> Vec<(u16, String)> {
+    let status_of = |name: &str| -> u16 {
+        match name {
+            "BAD_REQUEST" => 400,
+            "UNAUTHORIZED" => 401,
+            "FORBIDDEN" => 403,
+            "NOT_FOUND" => 404,
+            "METHOD_NOT_ALLOWED" => 405,
+            "REQUEST_TIMEOUT" => 408,
+            "CONFLICT" => 409,
+            "PAYLOAD_TOO_LARGE" => 413,
+            "UNPROCESSABLE_ENTITY" => 422,
+            "TOO_MANY_REQUESTS" => 429,
+            "INTERNAL_SERVER_ERROR" => 500,
+            "SERVICE_UNAVAILABLE" => 503,
+            other => panic!("add StatusCode::{other} to this table"),
+        }
+    };
     let mut out = Vec::new();
     for (i, _) in src.match_indices(call) {
         let mut rest = &src[i + call.len()..];
-        if after_status {
+        let mut status = 0;
+        if call.starts_with("ApiError") {
             let Some(comma) = rest.find(',') else {
                 continue;
             };
-            if !rest[..comma].trim().starts_with("StatusCode::") {
+            let Some(name) = rest[..comma].trim().strip_prefix("StatusCode::") else {
                 continue;
-            }
+            };
+            status = status_of(name);
             rest = &rest[comma + 1..];
         }
         if let Some(r) = rest.trim_start().strip_prefix('"')
             && let Some(end) = r.find('"')
         {
-            out.push(r[..end].to_string());
+            out.push((status, r[..end].to_string()));
         }
     }
     out

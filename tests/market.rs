@@ -708,12 +708,18 @@ fn delivery(
     active: bool,
     updated: &str,
 ) -> Value {
-    let rec = json!({"id": id, "user_id": user, "symbol": symbol, "timeframe": tf, "active": active, "updated_at": updated});
+    // As a database webhook sends it: the whole row, with columns the fleet does not
+    // use (`label`, `created_at`), and the schema (the door must let them through).
+    let rec = json!({"id": id, "user_id": user, "symbol": symbol, "timeframe": tf, "active": active,
+                     "updated_at": updated, "label": "my alert", "created_at": "2026-11-01T00:00:00Z"});
     match op {
         "DELETE" => {
-            json!({"type": "DELETE", "table": "watchers", "record": null, "old_record": {"id": id}})
+            json!({"type": "DELETE", "table": "watchers", "schema": "public", "record": null,
+                   "old_record": {"id": id, "user_id": user, "label": "my alert"}})
         }
-        _ => json!({"type": op, "table": "watchers", "record": rec, "old_record": null}),
+        _ => {
+            json!({"type": op, "table": "watchers", "schema": "public", "record": rec, "old_record": null})
+        }
     }
 }
 

@@ -82,8 +82,10 @@ async fn row37_a_job_that_kills_its_process_is_buried_after_max_attempts() {
         .await
         .unwrap();
     common::send_probes(&t.pool, 1_000, json!({"effect": true})).await;
+    // A 2 s lease: short enough for a quick test, long enough that a busy machine
+    // does not make good jobs' leases lapse (which would spend their attempts too).
     let env = [
-        ("LONGSHORE__QUEUES__PROBE__LEASE", "1s"),
+        ("LONGSHORE__QUEUES__PROBE__LEASE", "2s"),
         ("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "3"),
         ("LONGSHORE__WORKER__POLL_INTERVAL", "100ms"),
     ];
@@ -231,8 +233,8 @@ async fn unknown_fields_are_ignored_by_workers_and_logged_once() {
 /// Smaller edge (issue 13): acknowledgements already in flight are not heartbeated, so
 /// `longshore_stale_acks_total` counts real lost leases only. One flush writes the done
 /// jobs, then a dead letter whose statement is slow before it touches any row (a
-/// statement trigger sleeps 1.5 s in the dead-lettering statement only), while
-/// heartbeats run every third of a 1 s lease. Before the fix the heartbeat still held
+/// statement trigger sleeps 2 s in the dead-lettering statement only), while
+/// heartbeats run every third of a 2 s lease. Before the fix the heartbeat still held
 /// the done jobs, found their rows gone and counted each as a lost lease.
 #[tokio::test]
 async fn acknowledgements_in_flight_are_not_counted_as_lost_leases() {
@@ -241,7 +243,7 @@ async fn acknowledgements_in_flight_are_not_counted_as_lost_leases() {
         "CREATE FUNCTION slow_burial() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN \
            IF current_query() LIKE '%INSERT INTO longshore.dead_letters%' \
-              AND current_query() NOT LIKE '%SKIP LOCKED%' THEN PERFORM pg_sleep(1.5); END IF; \
+              AND current_query() NOT LIKE '%SKIP LOCKED%' THEN PERFORM pg_sleep(2); END IF; \
            RETURN NULL; \
          END $$; \
          CREATE TRIGGER slow_burial BEFORE DELETE ON pgmq.q_probe \
@@ -265,7 +267,7 @@ async fn acknowledgements_in_flight_are_not_counted_as_lost_leases() {
         &t.url,
         &["worker", "--metrics-port", &port],
         &[
-            ("LONGSHORE__QUEUES__PROBE__LEASE", "1s"),
+            ("LONGSHORE__QUEUES__PROBE__LEASE", "2s"),
             ("LONGSHORE__WORKER__ACK_FLUSH", "300ms"),
         ],
     );
@@ -307,19 +309,19 @@ async fn acknowledgements_in_flight_are_not_counted_as_lost_leases() {
 /// `timeout`, it lapses, and another worker does the job while the stuck run is still
 /// blocked (the trace shows the stuck run has not ended when the job is done); the stuck
 /// run's late writes are fenced out. Before the fix the heartbeat kept extending the
-/// lease until the handler unblocked, 9 s later.
+/// lease until the handler unblocked, 12 s later.
 #[tokio::test]
 async fn a_handler_stuck_past_its_timeout_lets_its_job_go() {
     let t = db().await;
-    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"effect\": true, \"block_ms\": 9000}')")
+    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1, \"effect\": true, \"block_ms\": 12000}')")
         .execute(&t.pool)
         .await
         .unwrap();
     let trace = RunTrace::new("stuck");
     let (k, v) = trace.env();
     let env = [
-        ("LONGSHORE__QUEUES__PROBE__LEASE", "1s"),
-        ("LONGSHORE__QUEUES__PROBE__TIMEOUT", "2s"),
+        ("LONGSHORE__QUEUES__PROBE__LEASE", "2s"),
+        ("LONGSHORE__QUEUES__PROBE__TIMEOUT", "3s"),
         ("LONGSHORE__WORKER__POLL_INTERVAL", "100ms"),
         (k, v.as_str()),
     ];
@@ -346,7 +348,7 @@ async fn a_handler_stuck_past_its_timeout_lets_its_job_go() {
         a.logs(),
         b.logs()
     );
-    // The stuck run wakes after 9 s; its writes must change nothing.
+    // The stuck run wakes after 12 s; its writes must change nothing.
     eventually(Duration::from_secs(20), "the stuck run ended", || {
         let runs = std::fs::read_to_string(trace.dir.join("runs.log")).unwrap_or_default();
         let ended = format!("end {stuck}");
@@ -358,5 +360,55 @@ async fn a_handler_stuck_past_its_timeout_lets_its_job_go() {
     assert!(
         count(&t.pool, "SELECT attempt::bigint FROM probe_effects").await >= 2,
         "the effect is a later run's"
+    );
+}
+
+/// Handlers that occupy every runtime thread with synchronous or CPU-bound work for
+/// longer than the lease (but within their timeout) are alive, and keep their leases:
+/// the lease keeper runs on a thread of its own. Two workers, lease 2 s, jobs that
+/// block their thread for 5 s: no second execution starts while one is running. (With
+/// heartbeats on the handlers' runtime, both threads blocked meant no heartbeat, the
+/// leases lapsed and the other worker ran the same jobs beside them.)
+#[tokio::test]
+async fn busy_handler_threads_cannot_starve_the_leases() {
+    let t = db().await;
+    // As many as the runtime has threads here (one per core; 2 on CI): both blocked.
+    // More would leave their ctx.tx() waits stalled behind the blocked threads too.
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get()) as i64;
+    common::send_probes(&t.pool, n, json!({"effect": true, "block_ms": 5000})).await;
+    let trace = RunTrace::new("busy");
+    let (k, v) = trace.env();
+    let env = [
+        ("LONGSHORE__QUEUES__PROBE__LEASE", "2s"),
+        ("LONGSHORE__WORKER__POLL_INTERVAL", "100ms"),
+        (k, v.as_str()),
+    ];
+    let a = Proc::spawn(&t.url, &["worker"], &env);
+    wait_count(&t.pool, IN_FLIGHT, n, Duration::from_secs(10)).await;
+    let b = Proc::spawn(&t.url, &["worker"], &env);
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(60), "all done", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await == n).then_some(()) }
+    })
+    .await;
+    assert!(
+        trace.overlaps().is_empty(),
+        "{:?}\nA:\n{}\nB:\n{}",
+        trace.overlaps(),
+        a.logs(),
+        b.logs()
+    );
+    common::assert_probes_done_exactly_once(&t.pool, n).await;
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.a_probe WHERE read_ct = 1"
+        )
+        .await,
+        n,
+        "each claimed once: no lease lapsed\nA:\n{}\nB:\n{}",
+        a.logs(),
+        b.logs()
     );
 }

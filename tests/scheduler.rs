@@ -245,8 +245,8 @@ async fn maintenance_prunes_what_is_past_retention() {
 }
 
 /// Issue 13: a scheduler that stalls (SIGSTOP for 4 s on a one-second schedule with
-/// `missed = "skip"`) fires at most once for the ticks it slept through when it wakes,
-/// not a burst of four.
+/// `missed = "skip"`) fires none of the ticks it slept through when it wakes (at most
+/// one, the issue asks), not a burst of four.
 #[tokio::test]
 async fn a_stalled_scheduler_fires_once_on_waking_not_a_burst() {
     let t = db().await;

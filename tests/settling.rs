@@ -212,7 +212,9 @@ async fn one_poison_value_in_a_batch_affects_only_its_job() {
 
 /// A row whose outcome PostgreSQL refuses for a reason no cleaning can foresee (here a
 /// user's trigger on the archive) fails its batch; the batch is then settled row by
-/// row, the 499 others are done once and the bad one is dead-lettered with the reason.
+/// row, the 499 others are archived once, and the bad one, which did complete, stays
+/// done: a completion record instead of the archive row (never a dead letter, which
+/// would invite an operator to run it again).
 #[tokio::test]
 async fn a_batch_that_still_fails_is_settled_row_by_row() {
     let t = db().await;
@@ -232,13 +234,13 @@ async fn a_batch_that_still_fails_is_settled_row_by_row() {
         Registry::new().register(PoisonHandler),
         &BATCHED,
         counts.clone(),
-        "499 done and job 13 dead",
+        "499 archived and job 13 recorded done",
         || {
             let pool = pool.clone();
             async move {
                 let done = count(&pool, "SELECT count(*) FROM pgmq.a_probe").await;
-                let dead = count(&pool, "SELECT count(*) FROM longshore.dead_letters").await;
-                (done == 499 && dead == 1).then_some(())
+                let recorded = count(&pool, "SELECT count(*) FROM longshore.completions").await;
+                (done == 499 && recorded == 1).then_some(())
             }
         },
     )
@@ -252,14 +254,60 @@ async fn a_batch_that_still_fails_is_settled_row_by_row() {
         499,
         "each ran once"
     );
-    let (id, err): (String, String) =
-        sqlx::query_as("SELECT message->>'id', last_error FROM longshore.dead_letters")
-            .fetch_one(&t.pool)
-            .await
-            .unwrap();
-    assert_eq!(id, "13");
-    assert!(err.contains("job 13 may not be archived"), "{err}");
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
+    let id: i64 = sqlx::query_scalar("SELECT msg_id FROM longshore.completions")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    let status = probe_sql().status(&t.pool, id).await.unwrap().unwrap();
+    assert_eq!(status.state, longshore_workers::store::JobState::Done);
+}
+
+/// A message that is valid jsonb but that serde_json cannot decode (a number beyond
+/// f64): the claim has committed, so it must not fail as a whole. The bad message is
+/// dead-lettered with the reason; the others in its claim are done once.
+#[tokio::test]
+async fn an_undecodable_message_is_dead_lettered_alone() {
+    let t = db().await;
+    common::send_probes(&t.pool, 50, json!({})).await;
+    sqlx::query("SELECT pgmq.send('probe', '{\"id\": 1000, \"huge\": 1e400}'::jsonb)")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let pool = t.pool.clone();
+    work_until(
+        &t.pool,
+        Registry::new().register(PoisonHandler),
+        &[],
+        Arc::new(Counts::default()),
+        "50 done and the undecodable one dead",
+        || {
+            let pool = pool.clone();
+            async move {
+                let done = count(&pool, "SELECT count(*) FROM pgmq.a_probe").await;
+                let dead = count(&pool, "SELECT count(*) FROM longshore.dead_letters").await;
+                (done == 50 && dead == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.a_probe WHERE read_ct = 1"
+        )
+        .await,
+        50
+    );
+    let err: String = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert!(err.contains("cannot be decoded"), "{err}");
 }
 
 /// A release (or retry) applied twice, as when its first answer was lost and the
@@ -388,29 +436,29 @@ async fn a_crash_loop_is_buried_at_claim_and_suspects_are_claimed_apart() {
             .await
             .unwrap();
     };
-    let first = q.claim_batch(&t.pool, &req(1)).await.unwrap();
+    let first = q.claim_batch(&t.pool, &req(1), &[]).await.unwrap();
     assert_eq!(first.claimed.len(), 1);
     assert!(!first.claimed[0].orphan);
     expire().await; // the worker died
-    let second = q.claim_batch(&t.pool, &req(0)).await.unwrap();
+    let second = q.claim_batch(&t.pool, &req(0), &[]).await.unwrap();
     let c = &second.claimed[0];
     assert!(c.orphan && !c.suspect, "one death: retried normally");
     assert_eq!((c.attempt(), c.deaths()), (2, 1));
     expire().await; // died again
     assert!(
-        q.claim_batch(&t.pool, &req(0))
+        q.claim_batch(&t.pool, &req(0), &[])
             .await
             .unwrap()
             .claimed
             .is_empty(),
         "a suspect is not taken by a claim without the suspect slot"
     );
-    let third = q.claim_batch(&t.pool, &req(1)).await.unwrap();
+    let third = q.claim_batch(&t.pool, &req(1), &[]).await.unwrap();
     let c = &third.claimed[0];
     assert!(c.suspect, "two deaths in a row: a suspect");
     assert_eq!((c.attempt(), c.deaths()), (3, 2));
     expire().await; // and a third time
-    let fourth = q.claim_batch(&t.pool, &req(1)).await.unwrap();
+    let fourth = q.claim_batch(&t.pool, &req(1), &[]).await.unwrap();
     assert!(fourth.claimed.is_empty());
     assert_eq!(fourth.buried.len(), 1);
     let reason = &fourth.buried[0].reason;

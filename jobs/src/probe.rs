@@ -166,11 +166,10 @@ impl Handler for ProbeHandler {
             std::process::abort();
         }
         if let Some(ms) = args.block_ms.filter(|ms| *ms > 0) {
-            // Stuck in synchronous code: this task cannot be cancelled while it blocks.
-            // block_in_place hands the thread's other tasks to another worker thread, so
-            // the rest of the process (heartbeats) runs on, as with a handler stuck on
-            // a thread of its own (multi-threaded runtime only: the binary's).
-            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(ms)));
+            // Stuck in synchronous code, as badly as real code gets stuck: it blocks its
+            // runtime thread (and any task waiting in that thread's queue), and no
+            // cancellation reaches it. The lease keeper has a thread of its own.
+            std::thread::sleep(Duration::from_millis(ms));
         }
         if let Some(ms) = args.sleep_ms.filter(|ms| *ms > 0) {
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -95,6 +95,9 @@ pub fn main() -> ExitCode {
             Command::Credits(a) => credits::run(a).await,
         }
     });
+    // Bounded: a task stuck in synchronous code (a handler that ignores cancellation)
+    // must not keep the process from exiting once the command is done.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -84,25 +84,36 @@ pub fn connect_like(pool: &PgPool, cfg: &DatabaseConfig, app: &str) -> PgPool {
 }
 
 /// A worker's control pool: the same database as `pool`, `database.control_connections`
-/// connections that claims, heartbeats and batched outcome writes share, with the
-/// control deadlines on the server side too (`statement_timeout`, `lock_timeout`).
-/// Connects lazily.
+/// connections that claims and batched outcome writes share, with the control
+/// deadlines on the server side too (`statement_timeout`, `lock_timeout`). Connects
+/// lazily.
 pub fn control_pool(pool: &PgPool, cfg: &DatabaseConfig) -> PgPool {
+    let opts = (*pool.connect_options()).clone();
+    let app = format!(
+        "{}-control",
+        opts.get_application_name().unwrap_or("longshore")
+    );
+    control_like(opts.application_name(&app), cfg, cfg.control_connections)
+}
+
+/// The lease keeper's pool (two connections, the control deadlines), made on the keeper's
+/// own runtime, since a pool's connections belong to the runtime that opened them.
+pub fn lease_pool(opts: PgConnectOptions, cfg: &DatabaseConfig) -> PgPool {
+    let app = format!(
+        "{}-leases",
+        opts.get_application_name().unwrap_or("longshore")
+    );
+    control_like(opts.application_name(&app), cfg, 2)
+}
+
+fn control_like(opts: PgConnectOptions, cfg: &DatabaseConfig, size: u32) -> PgPool {
     let ms = |d: Duration| d.as_millis().to_string();
-    let opts = (*pool.connect_options())
-        .clone()
-        .application_name(&format!(
-            "{}-control",
-            pool.connect_options()
-                .get_application_name()
-                .unwrap_or("longshore")
-        ))
-        .options([
-            ("statement_timeout", ms(cfg.control_timeout)),
-            ("lock_timeout", ms(cfg.control_lock_timeout)),
-        ]);
+    let opts = opts.options([
+        ("statement_timeout", ms(cfg.control_timeout)),
+        ("lock_timeout", ms(cfg.control_lock_timeout)),
+    ]);
     PgPoolOptions::new()
-        .max_connections(cfg.control_connections)
+        .max_connections(size)
         .min_connections(0)
         .acquire_timeout(cfg.control_timeout)
         .test_before_acquire(false)

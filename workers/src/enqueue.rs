@@ -205,10 +205,11 @@ pub async fn enqueue_batch(
     check_key(&key)?;
     let sql = queue_sql(queue);
     let all = Value::Array(bodies);
+    let keyed = keyed_content(&all, &opts);
     let mut tx = sqlx::Connection::begin(&mut *conn)
         .await
         .map_err(EnqueueError::Database)?;
-    if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &all)
+    if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &keyed)
         .await
         .map_err(|e| db_err(queue, e))?
     {
@@ -242,7 +243,7 @@ pub async fn enqueue_batch(
         .map_err(|e| db_err(queue, e))?;
     if let Some(&first) = ids.first() {
         let ttl = opts.idempotency_ttl.unwrap_or(DEFAULT_IDEMPOTENCY_TTL);
-        store::idempotency_record(&mut tx, queue, &key, &all, first, Some(&ids), ttl)
+        store::idempotency_record(&mut tx, queue, &key, &keyed, first, Some(&ids), ttl)
             .await
             .map_err(|e| db_err(queue, e))?;
     }
@@ -251,6 +252,20 @@ pub async fn enqueue_batch(
         ids,
         duplicate: false,
         same_body: true,
+    })
+}
+
+/// What a key's repeat must match: the args and the options asked for (a repeat with
+/// another delay or run_at is a different request, not a retry). Args alone when no
+/// option is set.
+fn keyed_content(body: &Value, opts: &EnqueueOptions) -> Value {
+    if opts.delay.is_none() && opts.run_at.is_none() {
+        return body.clone();
+    }
+    json!({
+        "args": body,
+        "delay_ms": opts.delay.map(|d| d.as_millis() as u64),
+        "run_at": opts.run_at.map(|t| t.to_rfc3339()),
     })
 }
 
@@ -331,7 +346,8 @@ pub async fn enqueue_conn(
             });
             continue;
         };
-        if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &body)
+        let content = keyed_content(&body, &opts);
+        if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &content)
             .await
             .map_err(|e| db_err(queue, e))?
         {
@@ -347,7 +363,7 @@ pub async fn enqueue_conn(
             .await
             .map_err(|e| db_err(queue, e))?[0];
         let ttl = opts.idempotency_ttl.unwrap_or(DEFAULT_IDEMPOTENCY_TTL);
-        store::idempotency_record(&mut tx, queue, &key, &body, id, None, ttl)
+        store::idempotency_record(&mut tx, queue, &key, &content, id, None, ttl)
             .await
             .map_err(|e| db_err(queue, e))?;
         out.push(Enqueued {

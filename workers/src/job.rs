@@ -17,6 +17,14 @@ use tokio_util::sync::CancellationToken;
 /// The arguments of a job kind. `KIND` is the queue name: `[a-z0-9_]`, at most 47 chars.
 pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
     const KIND: &'static str;
+    /// Whether the door (ingress, CLI, schedules) refuses args with fields this type
+    /// does not know, at any depth (true), or accepts them (false: a kind whose body is
+    /// someone else's shape, like a database webhook whose rows may grow columns).
+    /// Workers always ignore unknown fields, so a producer deployed before its workers
+    /// does not dead-letter jobs. The check sees plain structs and externally tagged
+    /// enums; fields under `#[serde(flatten)]`, internally tagged or untagged enums
+    /// are not reported, so keep args types plain.
+    const STRICT: bool = true;
 }
 
 /// Runs jobs of one kind.

@@ -4,8 +4,8 @@
 //!
 //! Missed fires (the schedulers were all down): `skip` waits for the next tick;
 //! `latest` enqueues the most recent missed one at start. A scheduler that stalls while
-//! running (paused, or a fire that retried past later ticks) fires the latest due tick
-//! once when it wakes, never the burst it slept through.
+//! running (paused, or a fire that retried past later ticks) never fires the burst it
+//! slept through: with `skip` none of those ticks, with `latest` the latest once.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -140,10 +140,20 @@ async fn run_one(pool: PgPool, s: Schedule, stop: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
         }
         // After a stall (this process paused, a database outage outlasting a tick),
-        // several ticks may be due at once: fire the latest due one, never a burst.
+        // several ticks may be due at once: never a burst. `skip` fires none of the
+        // ticks it slept through (as after downtime); `latest` fires the latest once.
         let due = s.latest_between(after, Utc::now()).unwrap_or(at);
         if due != at {
-            info!(schedule = s.name, from = %at, fired = %due, "ticks passed while the scheduler stalled; firing the latest only");
+            match s.missed {
+                Missed::Skip => {
+                    info!(schedule = s.name, from = %at, to = %due, "ticks passed while the scheduler stalled; skipped (missed = \"skip\")");
+                    after = due;
+                    continue;
+                }
+                Missed::Latest => {
+                    info!(schedule = s.name, from = %at, fired = %due, "ticks passed while the scheduler stalled; firing the latest only");
+                }
+            }
         }
         fire(&pool, &s, due, &stop).await;
         after = due;

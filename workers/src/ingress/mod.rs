@@ -264,6 +264,15 @@ async fn envelope(req: Request, next: Next) -> Response {
             Some(e) => (e.code, e.message.clone()),
             None => default_error(status),
         };
+        // Only documented pairs leave: a status some layer produced that the table does
+        // not list becomes its class's generic error.
+        let (status, code) = if codes::is_known(status.as_u16(), code) {
+            (status, code)
+        } else if status.is_server_error() {
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        } else {
+            (StatusCode::BAD_REQUEST, "bad_request")
+        };
         let keep: Vec<_> = [header::RETRY_AFTER, header::ALLOW]
             .into_iter()
             .filter_map(|h| resp.headers().get(&h).cloned().map(|v| (h, v)))

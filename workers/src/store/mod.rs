@@ -110,6 +110,15 @@ pub struct ClaimRequest {
     pub max_attempts: u32,
 }
 
+/// A message claimed whose body or headers this process cannot decode (valid jsonb
+/// that serde_json refuses, e.g. a number beyond f64): it is dead-lettered by the
+/// caller, alone, instead of failing the whole claim after it committed.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    pub fence: Fence,
+    pub error: String,
+}
+
 /// A message dead-lettered by the claim itself: its attempts were spent although no
 /// run returned an outcome to bury it (a crash loop).
 #[derive(Debug, Clone)]
@@ -124,6 +133,7 @@ pub struct BuriedAtClaim {
 pub struct ClaimResult {
     pub claimed: Vec<Claimed>,
     pub buried: Vec<BuriedAtClaim>,
+    pub undecodable: Vec<Undecodable>,
 }
 
 /// The fencing pair of a claimed message.
@@ -240,16 +250,19 @@ fn render(template: &str, name: &QueueName) -> String {
         .replace("{name}", name.as_str())
 }
 
-/// Claims up to $1 visible messages with a lease of $2 seconds, and up to $3 suspects;
-/// a message whose attempt would exceed $4 is dead-lettered instead (it was claimed
-/// before and never returned an outcome: a crash loop). An orphan (its previous run
-/// ended with no outcome) has its `deaths` counted; an orphan that had died before is a
-/// suspect and comes only from the second branch.
+/// Claims up to $1 visible messages with a lease of $2 seconds, and up to $3 suspects,
+/// none of the ids in $5 (what this process still holds: it never takes back a message
+/// whose earlier run it has not finished settling); a message whose attempt would exceed
+/// $4 is dead-lettered instead (it was claimed before and never returned an outcome: a
+/// crash loop). An orphan (its previous run ended with no outcome) has its `deaths`
+/// counted; an orphan that had died before is a suspect and comes only from the second
+/// branch.
 const CLAIM: &str = r#"
 WITH normal AS (
     SELECT msg_id, read_ct, headers, last_read_at FROM {q}
      WHERE vt <= clock_timestamp()
        AND (last_read_at IS NULL OR longshore.header_int(headers, 'deaths') = 0)
+       AND msg_id <> ALL ($5::bigint[])
      ORDER BY msg_id
      LIMIT $1
        FOR UPDATE SKIP LOCKED
@@ -259,6 +272,7 @@ suspect AS (
      WHERE last_read_at IS NOT NULL
        AND vt <= clock_timestamp()
        AND longshore.header_int(headers, 'deaths') > 0
+       AND msg_id <> ALL ($5::bigint[])
      ORDER BY msg_id
      LIMIT $3
        FOR UPDATE SKIP LOCKED
@@ -301,6 +315,8 @@ claimed AS (
            read_ct      = m.read_ct + 1,
            headers      = CASE WHEN c.orphan
                                THEN longshore.headers(m.headers) || jsonb_build_object('deaths', c.deaths)
+                               -- A `deaths` no run of ours wrote (a producer's): dropped.
+                               WHEN m.headers ? 'deaths' THEN m.headers - 'deaths'
                                ELSE m.headers END
       FROM c
      WHERE m.msg_id = c.msg_id AND c.attempt <= $4
@@ -516,14 +532,16 @@ impl QueueSql {
             suspects: 0,
             max_attempts: i32::MAX as u32,
         };
-        Ok(self.claim_batch(ex, &req).await?.claimed)
+        Ok(self.claim_batch(ex, &req, &[]).await?.claimed)
     }
 
-    /// Claims a batch; see [`ClaimRequest`]. Claimed messages come oldest first.
+    /// Claims a batch, none of `held` (ids this process still holds); see
+    /// [`ClaimRequest`]. Claimed messages come oldest first.
     pub async fn claim_batch(
         &self,
         ex: impl PgExecutor<'_>,
         req: &ClaimRequest,
+        held: &[i64],
     ) -> Result<ClaimResult, sqlx::Error> {
         let max_attempts = i32::try_from(req.max_attempts).unwrap_or(i32::MAX);
         let rows = sqlx::query(&self.claim)
@@ -531,27 +549,47 @@ impl QueueSql {
             .bind(req.lease.as_secs_f64())
             .bind(req.suspects as i64)
             .bind(max_attempts)
+            .bind(held)
             .fetch_all(ex)
             .await?;
         let mut out = ClaimResult::default();
         for r in rows {
             let msg_id: i64 = r.try_get(0)?;
+            let read_ct: i32 = r.try_get(1)?;
             if let Some(reason) = r.try_get::<Option<String>, _>(7)? {
                 out.buried.push(BuriedAtClaim {
                     msg_id,
-                    attempts: r.try_get(1)?,
+                    attempts: read_ct,
                     reason,
                 });
                 continue;
             }
+            // Decoded row by row: the claim has committed, so one row that cannot be
+            // decoded must not lose the others.
+            let decoded = (|| {
+                Ok::<_, sqlx::Error>((
+                    r.try_get::<Option<Value>, _>(3)?.unwrap_or(Value::Null),
+                    r.try_get::<Option<Value>, _>(4)?.unwrap_or(Value::Null),
+                ))
+            })();
+            let (message, headers) = match decoded {
+                Ok(v) => v,
+                Err(e) => {
+                    out.undecodable.push(Undecodable {
+                        fence: Fence { msg_id, read_ct },
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
             let orphan: bool = r.try_get(5)?;
             let deaths: i32 = r.try_get(6)?;
             out.claimed.push(Claimed {
                 msg_id,
-                read_ct: r.try_get(1)?,
+                read_ct,
                 enqueued_at: r.try_get(2)?,
-                message: r.try_get::<Option<Value>, _>(3)?.unwrap_or(Value::Null),
-                headers: r.try_get::<Option<Value>, _>(4)?.unwrap_or(Value::Null),
+                message,
+                headers,
                 orphan,
                 suspect: orphan && deaths >= 2,
             });

@@ -7,7 +7,9 @@
 //! shutdown deadline passes: by then the jobs will run again anyway, so giving up loses
 //! nothing. Any other error is about the data of some row: the batch is then settled
 //! row by row, so one bad job cannot take the others of its flush down with it, and a
-//! row that still fails alone is dead-lettered with the database's reason.
+//! row that still fails alone is written the next best way: a `Done` stays done (its
+//! result replaced by the error, or a completion record instead of the archive row),
+//! anything else is dead-lettered with the database's reason.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -226,40 +228,62 @@ impl Completer {
         Some(changed)
     }
 
-    /// A row whose outcome cannot be written: dead-lettered with the reason, so it
-    /// neither loops nor vanishes.
+    /// A row whose outcome cannot be written as it is: written the next best way, so it
+    /// neither loops nor vanishes. A `Done` stays done (its result replaced by the error,
+    /// else a completion record without the archive row): dead-lettering a job that
+    /// completed would invite an operator to run it twice. Anything else is
+    /// dead-lettered with the database's reason.
     async fn bury_unwritable(&self, item: &Item, e: &str, give_up_at: Instant) -> Option<usize> {
         let fence = item.fence();
-        let reason = format!(
-            "the runtime could not record this job's outcome ({}): {e}",
-            item.label()
-        );
-        error!(queue = self.queue, id = fence.msg_id, error = %e, "an outcome could not be written; dead-lettering the job");
-        if matches!(item, Item::Bury(_)) {
-            // Burying is what failed: try once more with nothing of the job's own text.
-            let plain = Item::Bury(Bury {
+        error!(queue = self.queue, id = fence.msg_id, error = %e, outcome = item.label(),
+            "an outcome could not be written as it is; writing it the next best way");
+        let bury = |error: String| {
+            Item::Bury(Bury {
                 fence,
-                attempts: 0,
-                error: reason,
-            });
-            return self
-                .retry_transient(std::slice::from_ref(&plain), give_up_at)
+                attempts: fence.read_ct,
+                error,
+            })
+        };
+        let alternatives: Vec<Item> = match item {
+            Item::Archive(_, Some(_)) => vec![
+                Item::Archive(
+                    fence,
+                    Some(
+                        serde_json::json!({"longshore_error": format!("the result could not be stored: {e}")}),
+                    ),
+                ),
+                Item::Delete(fence),
+                bury(format!(
+                    "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
+                )),
+            ],
+            Item::Archive(_, None) => vec![
+                Item::Delete(fence),
+                bury(format!(
+                    "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
+                )),
+            ],
+            Item::Delete(_) => vec![bury(format!(
+                "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
+            ))],
+            Item::Resched(_) | Item::Bury(_) => vec![bury(format!(
+                "the runtime could not record this job's outcome ({}): {e}",
+                item.label()
+            ))],
+        };
+        for alt in alternatives {
+            match self
+                .retry_transient(std::slice::from_ref(&alt), give_up_at)
                 .await
-                .ok()
-                .map(|ids| ids.len());
+            {
+                Ok(ids) => return Some(ids.len()),
+                Err(Failure::Transient(_)) => return None,
+                Err(Failure::Data(next)) => {
+                    warn!(queue = self.queue, id = fence.msg_id, error = %next, "that failed too")
+                }
+            }
         }
-        let bury = Item::Bury(Bury {
-            fence,
-            attempts: fence.read_ct,
-            error: reason,
-        });
-        match self
-            .retry_transient(std::slice::from_ref(&bury), give_up_at)
-            .await
-        {
-            Ok(ids) => Some(ids.len()),
-            Err(Failure::Transient(_) | Failure::Data(_)) => None,
-        }
+        None
     }
 
     /// Runs one statement until it succeeds, fails on its data, or `give_up_at` passes.
@@ -357,7 +381,11 @@ impl Completer {
                 Ok(false)
             }
         };
-        let limit = self.statement_timeout;
+        // Bounded, but generously: the commit carries the handler's effects (maybe a
+        // large COPY), and while it is pending its message's row stays locked, so nobody
+        // else can claim it. A commit that takes longer than a lease is a dead
+        // connection; the job then retries (fenced: a no-op if the commit did land).
+        let limit = self.lease.max(self.statement_timeout);
         match tokio::time::timeout(limit, work).await {
             Ok(Ok(done)) => {
                 if !done {

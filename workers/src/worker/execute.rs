@@ -51,7 +51,7 @@ impl Consumer {
             if !self.held.start(fence) {
                 drop(stopped);
                 return self
-                    .settle_cancelled(fence, msg.attempt(), None, &settle)
+                    .settle_cancelled(fence, msg.attempt(), false, None, &settle)
                     .await;
             }
         }
@@ -87,7 +87,9 @@ impl Consumer {
         metrics::histogram!(t::JOB_DURATION, "queue" => self.queue).record(elapsed.as_secs_f64());
         let tx = ctx.take_tx();
         let Some(outcome) = outcome else {
-            return self.settle_cancelled(fence, attempt, tx, &settle).await;
+            return self
+                .settle_cancelled(fence, attempt, true, tx, &settle)
+                .await;
         };
         if !self.held.settling(fence) {
             // Claimed again meanwhile (here or elsewhere): the write would be fenced out.
@@ -136,11 +138,13 @@ impl Consumer {
     }
 
     /// A cancelled run (before or while its handler ran): its effects roll back, and
-    /// its message is released, retried or left alone, by why it was cancelled.
+    /// its message is released, retried or left alone, by why it was cancelled. A run
+    /// that never started (`started` false) is only ever released: it spent nothing.
     async fn settle_cancelled(
         &self,
         fence: Fence,
         attempt: u32,
+        started: bool,
         tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
         settle: &mpsc::UnboundedSender<Settle>,
     ) {
@@ -157,6 +161,14 @@ impl Consumer {
                 warn!("job cancelled: its lease was lost; its effects were rolled back");
                 self.held.finish(fence);
                 return;
+            }
+            Some(Stop::Shutdown | Stop::LeaseLapsed) if !started => {
+                info!("job cancelled before it started; released (its attempt is not spent)");
+                Action::Reschedule {
+                    delay: Duration::ZERO,
+                    error: None,
+                    free: true,
+                }
             }
             Some(Stop::Shutdown) => {
                 info!("job cancelled by shutdown; released (its attempt is not spent)");

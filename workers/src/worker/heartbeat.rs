@@ -1,50 +1,117 @@
-//! Keeps the leases of a consumer's running jobs, and stops the jobs whose lease it
-//! cannot keep before anyone else may take them.
+//! Keeps the leases of a process's jobs, and stops the jobs whose lease it cannot keep
+//! before anyone else may take them.
 //!
-//! Every `lease / 3` it extends every `Waiting` or `Running` lease in one statement on
-//! the control pool, which never waits for a row lock (`SKIP LOCKED`) and is bounded on
-//! the client side, so neither a paused server nor a slow commit can hold it. A lease is
-//! known to run until the moment its last successful extension was *sent* plus the lease
-//! (the database's `vt` is later, never earlier); a run whose lease would end within
-//! `lease / 4` is cancelled then, so it has stopped before its message becomes visible
-//! to other workers. A message found gone while its run goes on (claimed elsewhere
-//! after a stall of this process) has its run cancelled too.
+//! The lease keeper runs on **a thread of its own** with its own small runtime and
+//! connections, so neither handlers stuck in synchronous code nor CPU-bound handlers
+//! occupying every worker thread can starve it. Per queue, every `lease / 3` it extends
+//! every held lease in one statement, which never waits for a row lock (`SKIP LOCKED`)
+//! and is bounded on the client side, so neither a paused server nor a slow commit can
+//! hold it. A lease is known to run until the moment its last successful extension was
+//! *sent* plus the lease (the database's `vt` is later, never earlier); a run whose lease
+//! would end within `lease / 4` is cancelled then, on its own timer, even while a
+//! heartbeat statement is still waiting for an answer, so it has stopped before its
+//! message becomes visible to other workers. A message found gone while its run goes on
+//! (claimed elsewhere after a stall of this process) has its run cancelled too.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::Observer;
 use super::held::Held;
-use crate::store::QueueSql;
+use crate::config::DatabaseConfig;
+use crate::store::{Beat, Fence, QueueSql};
 use crate::telemetry as t;
 
+/// The leases of one queue.
 pub(super) struct Heartbeat {
     pub queue: &'static str,
     pub sql: Arc<QueueSql>,
-    pub control: PgPool,
     pub lease: Duration,
     pub statement_timeout: Duration,
     pub held: Arc<Held>,
     pub observer: Option<Arc<dyn Observer>>,
 }
 
-impl Heartbeat {
-    /// How long before its lease ends a run that could not be extended is cancelled.
-    pub fn margin(lease: Duration) -> Duration {
-        lease / 4
+/// How long before its lease ends a run that could not be extended is cancelled.
+pub(super) fn margin(lease: Duration) -> Duration {
+    lease / 4
+}
+
+/// The lease keeper thread: every queue's [`Heartbeat`] until `stop`.
+pub(super) struct Keeper {
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Keeper {
+    /// Starts the thread; its connections go to the database `opts` names.
+    pub fn start(opts: PgConnectOptions, db: &DatabaseConfig, beats: Vec<Heartbeat>) -> Keeper {
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("longshore-leases".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        // Without it no lease is extended: every run lapses and is
+                        // retried; loud, but nothing is lost or run twice at once.
+                        error!(error = %e, "cannot start the lease keeper's runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let pool = crate::db::lease_pool(opts, &db);
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for b in beats {
+                        tasks.spawn(b.run(pool.clone(), s.clone()));
+                    }
+                    while tasks.join_next().await.is_some() {}
+                });
+            })
+            .expect("spawn the lease keeper thread");
+        Keeper {
+            thread: Some(thread),
+            stop,
+        }
     }
 
-    pub async fn run(self, stop: CancellationToken) {
+    /// Stops the keeper and waits for its thread (bounded: its statements are raced
+    /// with the stop).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::task::spawn_blocking(move || t.join()),
+            )
+            .await;
+        }
+    }
+}
+
+type Beats = Pin<Box<dyn Future<Output = (Instant, Result<Vec<(Fence, Beat)>, String>)> + Send>>;
+
+impl Heartbeat {
+    async fn run(self, pool: PgPool, stop: CancellationToken) {
         let every = self.lease / 3;
-        let margin = Self::margin(self.lease);
+        let margin = margin(self.lease);
         // A statement may take at most this long: a lease gets at least two tries.
         let limit = self.statement_timeout.min(self.lease / 4);
         let mut next_beat = Instant::now() + every;
         let mut failures = 0u32;
+        let mut in_flight: Option<Beats> = None;
         loop {
             let wake = self
                 .held
@@ -52,58 +119,45 @@ impl Heartbeat {
                 .map_or(next_beat, |l| l.min(next_beat));
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(wake.into()) => {}
-            }
-            let now = Instant::now();
-            if now >= next_beat {
-                let fences = self.held.to_extend(now);
-                let mut ok = true;
-                if !fences.is_empty() {
-                    let sent = Instant::now();
-                    let r = tokio::time::timeout(
-                        limit,
-                        self.sql.heartbeat(&self.control, &fences, self.lease),
-                    )
-                    .await;
+                (sent, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
                     match r {
-                        Ok(Ok(beats)) => {
+                        Ok(beats) => {
                             failures = 0;
-                            for lost in self.held.beaten(sent, self.lease, &beats) {
-                                metrics::counter!(t::STALE_ACKS, "queue" => self.queue)
-                                    .increment(1);
-                                warn!(
-                                    queue = self.queue,
-                                    id = lost.fence.msg_id,
-                                    "lease lost; cancelling the handler"
-                                );
-                                if let Some(o) = &self.observer {
-                                    o.lease_lost(self.queue, lost.fence.msg_id);
-                                }
-                            }
+                            self.record(sent, &beats);
+                            next_beat = Instant::now() + every;
                         }
-                        Ok(Err(e)) => {
-                            ok = false;
+                        Err(e) => {
                             failures += 1;
-                            warn!(queue = self.queue, error = %e, held = fences.len(), "heartbeat failed");
-                        }
-                        Err(_) => {
-                            ok = false;
-                            failures += 1;
-                            warn!(
-                                queue = self.queue,
-                                held = fences.len(),
-                                "heartbeat got no answer within {limit:?}"
-                            );
+                            warn!(queue = self.queue, error = %e, "heartbeat failed");
+                            // The lease is running out: try again soon.
+                            next_beat = Instant::now()
+                                + (every / 4).max(Duration::from_millis(100)) * failures.min(4);
                         }
                     }
                 }
-                // After a failure, try again soon: the lease is running out.
-                next_beat = Instant::now()
-                    + if ok {
-                        every
-                    } else {
-                        (every / 4).max(Duration::from_millis(100)) * failures.min(4)
-                    };
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            let now = Instant::now();
+            if in_flight.is_none() && now >= next_beat {
+                let fences = self.held.to_extend(now);
+                if fences.is_empty() {
+                    next_beat = now + every;
+                } else {
+                    let (sql, pool, lease) = (self.sql.clone(), pool.clone(), self.lease);
+                    in_flight = Some(Box::pin(async move {
+                        let sent = Instant::now();
+                        let r =
+                            match tokio::time::timeout(limit, sql.heartbeat(&pool, &fences, lease))
+                                .await
+                            {
+                                Ok(Ok(b)) => Ok(b),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(_) => Err(format!("no answer within {limit:?}")),
+                            };
+                        (sent, r)
+                    }));
+                }
             }
             for f in self.held.lapse(Instant::now(), margin) {
                 metrics::counter!(t::LEASES_LAPSED, "queue" => self.queue).increment(1);
@@ -112,6 +166,20 @@ impl Heartbeat {
                     id = f.msg_id,
                     "the lease could not be extended in time; cancelling the handler before another worker may take the job"
                 );
+            }
+        }
+    }
+
+    fn record(&self, sent: Instant, beats: &[(Fence, Beat)]) {
+        for lost in self.held.beaten(sent, self.lease, beats) {
+            metrics::counter!(t::STALE_ACKS, "queue" => self.queue).increment(1);
+            warn!(
+                queue = self.queue,
+                id = lost.fence.msg_id,
+                "lease lost; cancelling the handler"
+            );
+            if let Some(o) = &self.observer {
+                o.lease_lost(self.queue, lost.fence.msg_id);
             }
         }
     }

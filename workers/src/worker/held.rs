@@ -9,10 +9,12 @@
 //! ```
 //!
 //! Every change is made by fence: a run that ends after its message was claimed again
-//! (by this process, at a higher `read_ct`) can neither settle nor remove the newer
-//! entry. The heartbeat extends `Waiting` and `Running` entries only: an entry whose
-//! outcome is being written is not its business, so an acknowledgement that lands
-//! first is never mistaken for a lost lease.
+//! (at a higher `read_ct`) can neither settle nor remove the newer entry. This process
+//! never claims back a message it still holds (the claim excludes these ids), so
+//! `Waiting` is a defence: if it ever happens, the older run is cancelled and the newer
+//! waits for it to stop. The heartbeat extends every entry not cancelled, `Settling`
+//! ones too (an outcome waiting behind a slow flush must keep its lease), but an entry
+//! found gone while `Settling` is taken as acknowledged, never as a lost lease.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -167,12 +169,20 @@ impl Held {
         }
     }
 
-    /// Fences whose leases the heartbeat should extend now.
+    /// The ids this process holds, whatever their phase: a claim must not take them.
+    pub fn ids(&self) -> Vec<i64> {
+        self.map().keys().copied().collect()
+    }
+
+    /// Fences whose leases the heartbeat should extend now: all not cancelled, up to
+    /// their `extend_until` (a settling one: as long as its write is pending).
     pub fn to_extend(&self, now: Instant) -> Vec<Fence> {
         let mut v: Vec<Fence> = self
             .map()
             .iter()
-            .filter(|(_, e)| e.phase != Phase::Settling && e.why.is_none() && now < e.extend_until)
+            .filter(|(_, e)| {
+                e.why.is_none() && (e.phase == Phase::Settling || now < e.extend_until)
+            })
             .map(|(id, e)| Fence {
                 msg_id: *id,
                 read_ct: e.read_ct,
@@ -305,12 +315,20 @@ mod tests {
     }
 
     #[test]
-    fn a_settling_run_is_not_heartbeated_nor_counted_lost() {
+    fn a_settling_run_keeps_its_lease_but_is_never_counted_lost() {
         let h = Held::default();
         claim(&h, f(1, 1));
         claim(&h, f(2, 1));
         assert!(h.settling(f(1, 1)));
-        assert_eq!(h.to_extend(Instant::now()), vec![f(2, 1)]);
+        assert_eq!(h.to_extend(Instant::now()), vec![f(1, 1), f(2, 1)]);
+        // Even past its timeout: its outcome is waiting to be written.
+        assert_eq!(
+            h.to_extend(Instant::now() + Duration::from_secs(3600)),
+            vec![f(1, 1)]
+        );
+        let mut ids = h.ids();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 2]);
         let lost = h.beaten(
             Instant::now(),
             Duration::from_secs(30),

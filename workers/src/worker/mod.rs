@@ -8,14 +8,15 @@
 //!                        │                               ▼
 //!                        └──── slot freed ◄──── completer (batched, or in the
 //!                                                handler's ctx.tx(): one commit)
-//!                    heartbeat: extends every running lease each lease/3 and cancels
-//!                    a run whose lease it could not keep, before it can lapse
+//!   lease keeper (its own thread): extends every held lease each lease/3 and
+//!   cancels a run whose lease it could not keep, before it can lapse
 //! ```
 //!
 //! Files by role: [`held`] (what this process holds, keyed by fence), [`execute`]
-//! (one run), [`completer`] (every outcome write), [`heartbeat`] (leases). Claims,
-//! heartbeats and batched writes use a small **control pool** of their own, so
-//! handlers that hold connections (`ctx.tx()`) can never starve them.
+//! (one run), [`completer`] (every outcome write), [`heartbeat`] (leases). Claims and
+//! batched writes use a small **control pool** of their own, heartbeats two connections
+//! on the lease keeper's thread, so handlers that hold connections (`ctx.tx()`) or
+//! threads (synchronous or CPU-bound code) can never starve them.
 //!
 //! Shutdown: the token stops claiming; in-flight jobs get `shutdown_grace`; the rest
 //! are cancelled and released (visible now, attempt not spent). Every database wait
@@ -39,11 +40,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use self::completer::{Completer, Settle, StopBy};
-use self::heartbeat::Heartbeat;
+use self::heartbeat::{Heartbeat, Keeper};
 use self::held::Held;
 use crate::config::{Config, QueueSettings};
 use crate::enqueue::queue_sql;
 use crate::listener;
+use crate::outcome::Action;
 use crate::queue_name::QueueName;
 use crate::registry::{ErasedHandler, Registry};
 use crate::store::{ClaimRequest, Claimed, Fence, QueueSql, Reschedule};
@@ -146,19 +148,44 @@ impl Worker {
             .iter()
             .map(|q| self.config.queue(q).concurrency)
             .sum();
+        let pool_size = self.pool.options().get_max_connections() as usize;
         info!(
             queues = self.queues.len(),
             handlers,
-            handler_connections = self.pool.options().get_max_connections(),
+            handler_connections = pool_size,
             control_connections = control.options().get_max_connections(),
-            "connection budget: handlers share the handler pool (ctx.tx() waits for a connection when all are busy); claims, heartbeats and acknowledgements use the control pool; one more for LISTEN"
+            lease_connections = 2,
+            "connection budget: handlers share the handler pool (ctx.tx() waits for a connection when all are busy); claims and acknowledgements use the control pool, heartbeats the lease keeper's two; one more for LISTEN"
         );
+        let over: Vec<&str> = self
+            .queues
+            .iter()
+            .copied()
+            .filter(|q| self.config.queue(q).concurrency > pool_size)
+            .collect();
+        if !over.is_empty() {
+            warn!(
+                queues = ?over,
+                pool_size,
+                "these queues run more handlers than database.max_connections: handlers that write through ctx.tx() will wait for connections, and fail after database.acquire_timeout"
+            );
+        }
+        // When the shutdown signal came: every deadline after it counts from here.
+        let signalled = Arc::new(StopBy::default());
+        {
+            let (s, sig) = (shutdown.clone(), signalled.clone());
+            tokio::spawn(async move {
+                s.cancelled().await;
+                sig.set(Instant::now());
+            });
+        }
         // One suspect (a job whose last runs all ended with no outcome) runs at a time
         // in this process, whatever its queue: if it is what kills its workers, it can
         // only take itself and the jobs beside it down, never another suspect.
         let suspects = Arc::new(Semaphore::new(1));
         let mut wakers = HashMap::new();
         let mut consumers = JoinSet::new();
+        let mut beats = Vec::new();
         for &name in &self.queues {
             let (kind, handler) = self.registry.get(name).expect("checked in only()");
             let wake = Arc::new(Notify::new());
@@ -182,6 +209,14 @@ impl Worker {
                 stop_by: stop_by.clone(),
                 observer: self.observer.clone(),
             });
+            beats.push(Heartbeat {
+                queue: kind,
+                sql: sql.clone(),
+                lease: settings.lease,
+                statement_timeout: db.control_timeout,
+                held: held.clone(),
+                observer: self.observer.clone(),
+            });
             let c = Consumer {
                 queue: kind,
                 sql,
@@ -193,6 +228,7 @@ impl Worker {
                 held,
                 completer,
                 stop_by,
+                signalled: signalled.clone(),
                 suspects: suspects.clone(),
                 wake,
                 poll_interval: w.poll_interval,
@@ -201,6 +237,7 @@ impl Worker {
             };
             consumers.spawn(Arc::new(c).run(shutdown.clone()));
         }
+        let keeper = Keeper::start((*self.pool.connect_options()).clone(), db, beats);
         let stop_listener = CancellationToken::new();
         let wakers: HashMap<String, Arc<Notify>> = wakers;
         let on_event: listener::OnEvent = Arc::new(move |queue: Option<&str>| match queue {
@@ -223,6 +260,7 @@ impl Worker {
                 error!(error = %e, "a queue consumer ended abnormally");
             }
         }
+        keeper.stop().await;
         stop_listener.cancel();
         let _ = lst.await;
         info!("worker stopped");
@@ -240,7 +278,10 @@ pub(crate) struct Consumer {
     control_timeout: Duration,
     held: Arc<Held>,
     completer: Arc<Completer>,
+    /// The completer's deadline, set at shutdown.
     stop_by: Arc<StopBy>,
+    /// When the shutdown signal came.
+    signalled: Arc<StopBy>,
     suspects: Arc<Semaphore>,
     wake: Arc<Notify>,
     poll_interval: Duration,
@@ -252,19 +293,6 @@ impl Consumer {
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel::<Settle>();
         let completer = tokio::spawn(self.completer.clone().run(settle_rx));
-        let stop_hb = CancellationToken::new();
-        let hb = tokio::spawn(
-            Heartbeat {
-                queue: self.queue,
-                sql: self.sql.clone(),
-                control: self.control.clone(),
-                lease: self.settings.lease,
-                statement_timeout: self.control_timeout,
-                held: self.held.clone(),
-                observer: self.observer.clone(),
-            }
-            .run(stop_hb.clone()),
-        );
 
         let conc = self.settings.concurrency;
         let min_batch = (conc / 8).max(1);
@@ -289,18 +317,62 @@ impl Consumer {
                     max_attempts: self.settings.max_attempts,
                 };
                 let sent = Instant::now();
+                let held = self.held.ids();
+                let claim = tokio::time::timeout(
+                    self.control_timeout,
+                    self.sql.claim_batch(&self.control, &req, &held),
+                );
+                tokio::pin!(claim);
+                // A claim in flight when the signal comes may still be granted: wait for
+                // it (within the grace period) and release what it got, rather than drop
+                // it and leave its messages leased to nobody until their lease ends.
                 let claimed = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = tokio::time::timeout(self.control_timeout, self.sql.claim_batch(&self.control, &req)) => r,
+                    r = &mut claim => r,
+                    _ = shutdown.cancelled() => {
+                        match tokio::time::timeout_at(self.grace_deadline().into(), &mut claim).await {
+                            Ok(r) => r,
+                            Err(_) => break,
+                        }
+                    }
                 };
                 match claimed {
                     Ok(Ok(batch)) => {
                         db_errors = 0;
-                        idle = batch.claimed.len() + batch.buried.len() < free;
+                        idle = batch.claimed.len() + batch.buried.len() + batch.undecodable.len()
+                            < free;
                         for b in &batch.buried {
                             metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "exhausted").increment(1);
                             warn!(queue = self.queue, id = b.msg_id, attempts = b.attempts, reason = %b.reason,
                                 "attempts spent with no outcome; dead-lettered at claim");
+                        }
+                        for u in batch.undecodable {
+                            metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "fail").increment(1);
+                            warn!(queue = self.queue, id = u.fence.msg_id, error = %u.error,
+                                "a message that cannot be decoded; dead-lettered");
+                            let _ = settle_tx.send(Settle {
+                                fence: u.fence,
+                                action: Action::Bury {
+                                    attempts: u.fence.read_ct as u32,
+                                    error: format!("the message cannot be decoded: {}", u.error),
+                                },
+                            });
+                        }
+                        if shutdown.is_cancelled() {
+                            // Granted as the signal came: released, attempt not spent.
+                            for msg in batch.claimed {
+                                let _ = settle_tx.send(Settle {
+                                    fence: Fence {
+                                        msg_id: msg.msg_id,
+                                        read_ct: msg.read_ct,
+                                    },
+                                    action: Action::Reschedule {
+                                        delay: Duration::ZERO,
+                                        error: None,
+                                        free: true,
+                                    },
+                                });
+                            }
+                            break;
                         }
                         let mut permit = permit;
                         for msg in batch.claimed {
@@ -330,8 +402,7 @@ impl Consumer {
                 _ = poll.tick() => idle = false,
             }
         }
-        self.shut_down(jobs, settle_tx, completer, stop_hb, hb)
-            .await;
+        self.shut_down(jobs, settle_tx, completer).await;
     }
 
     fn claim_failed(&self, e: &str, db_errors: &mut u32) {
@@ -339,47 +410,60 @@ impl Consumer {
         warn!(queue = self.queue, error = %e, "claim failed");
     }
 
+    /// When the grace period ends: the signal's time plus `shutdown_grace`.
+    fn grace_deadline(&self) -> Instant {
+        self.signalled.get().unwrap_or_else(Instant::now) + self.grace
+    }
+
     /// Drain: in-flight jobs get the grace period, then are cancelled (and released);
     /// what is still held after that is released in one statement. Every wait is
-    /// bounded by the grace period plus [`SHUTDOWN_SLACK`].
+    /// bounded: the grace period counts from the signal, and everything after it fits in
+    /// [`SHUTDOWN_SLACK`] (the completer gets all of it but the last second, which is
+    /// the final release's).
     async fn shut_down(
         &self,
         mut jobs: JoinSet<()>,
         settle_tx: mpsc::UnboundedSender<Settle>,
         completer: tokio::task::JoinHandle<()>,
-        stop_hb: CancellationToken,
-        hb: tokio::task::JoinHandle<()>,
     ) {
-        let stop_by = Instant::now() + self.grace + SHUTDOWN_SLACK;
-        self.stop_by.set(stop_by);
+        let grace_end = self.grace_deadline();
+        let stop_by = grace_end + SHUTDOWN_SLACK;
+        let last_second = stop_by - Duration::from_secs(1);
+        self.stop_by.set(last_second);
         let in_flight = jobs.len();
         if in_flight > 0 {
             info!(queue = self.queue, in_flight, grace = ?self.grace, "draining");
         }
-        let drained = tokio::time::timeout(self.grace, async {
+        let drained = tokio::time::timeout_at(grace_end.into(), async {
             while jobs.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             self.held.cancel_all();
             // A moment for the cancelled runs to roll back and hand in their release.
-            let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+            let moment = (Instant::now() + Duration::from_millis(1500)).min(last_second);
+            let _ = tokio::time::timeout_at(moment.into(), async {
                 while jobs.join_next().await.is_some() {}
             })
             .await;
             jobs.abort_all();
-            while jobs.join_next().await.is_some() {}
+            // A task stuck in synchronous code cannot be aborted; it is not waited for.
+            let _ = tokio::time::timeout_at(last_second.into(), async {
+                while jobs.join_next().await.is_some() {}
+            })
+            .await;
+            jobs.detach_all();
         }
         drop(settle_tx);
-        let left = stop_by.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, completer).await.is_err() {
+        if tokio::time::timeout_at(last_second.into(), completer)
+            .await
+            .is_err()
+        {
             warn!(
                 queue = self.queue,
                 "outcomes still unwritten at the shutdown deadline; those jobs run again after their lease"
             );
         }
-        stop_hb.cancel();
-        let _ = hb.await;
         // What is still held was aborted before it settled: release it.
         let rest: Vec<Reschedule> = self
             .held
@@ -395,9 +479,7 @@ impl Consumer {
         if rest.is_empty() {
             return;
         }
-        let left = stop_by
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(500));
+        let left = stop_by.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, self.sql.reschedule(&self.control, &rest)).await {
             Ok(Ok(ids)) => info!(
                 queue = self.queue,
