@@ -476,6 +476,66 @@ async fn a_crash_loop_is_buried_at_claim_and_suspects_are_claimed_apart() {
     assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 0);
 }
 
+/// A `deaths` header no run of ours wrote (a producer's) is dropped on the first read:
+/// it cannot make a job a suspect, nor misstate a later burial's count. And a claim
+/// never takes a message the caller says it still holds.
+#[tokio::test]
+async fn producer_deaths_are_dropped_and_held_messages_are_not_reclaimed() {
+    let t = db().await;
+    let q = probe_sql();
+    for h in [json!({"deaths": 5}), json!("deaths")] {
+        sqlx::query(
+            "INSERT INTO pgmq.q_probe (vt, message, headers) VALUES (now(), '{\"id\": 1}', $1)",
+        )
+        .bind(&h)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    }
+    let got = q.claim(&t.pool, 10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(got.len(), 2, "a scalar header fails nothing");
+    for c in &got {
+        assert!(
+            !c.orphan && !c.suspect && c.deaths() == 0,
+            "{:?}",
+            c.headers
+        );
+    }
+    sqlx::query("UPDATE pgmq.q_probe SET vt = now() - interval '1 second'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let req = ClaimRequest {
+        limit: 10,
+        lease: Duration::from_secs(30),
+        suspects: 1,
+        max_attempts: 20,
+    };
+    let held = [got[0].msg_id];
+    let again = q.claim_batch(&t.pool, &req, &held).await.unwrap();
+    assert_eq!(again.claimed.len(), 1, "the held one is left alone");
+    assert_eq!(again.claimed[0].msg_id, got[1].msg_id);
+    assert_eq!(again.claimed[0].deaths(), 1, "one death, counted from zero");
+}
+
+/// An idempotency key's repeat must ask for the same options too: the same args with
+/// another delay is a different request (for the ingress: 409), not a retry.
+#[tokio::test]
+async fn a_key_repeated_with_another_delay_is_not_the_same_request() {
+    let t = db().await;
+    let opts = |secs| {
+        EnqueueOptions::default()
+            .key("k-delay")
+            .delay(Duration::from_secs(secs))
+    };
+    let a = enqueue(&t.pool, &Probe::new(1), opts(10)).await.unwrap();
+    let b = enqueue(&t.pool, &Probe::new(1), opts(10)).await.unwrap();
+    assert!(b.duplicate && b.same_body && b.id == a.id);
+    let c = enqueue(&t.pool, &Probe::new(1), opts(20)).await.unwrap();
+    assert!(c.duplicate && !c.same_body, "{c:?}");
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.q_probe").await, 1);
+}
+
 /// A run that returns an outcome clears its deaths: a job that died once and then
 /// retried is not a suspect the next time it is claimed.
 #[tokio::test]

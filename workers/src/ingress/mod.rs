@@ -258,7 +258,7 @@ async fn envelope(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let started = Instant::now();
     let mut resp = next.run(req).await;
-    let status = resp.status();
+    let mut status = resp.status();
     if status.is_client_error() || status.is_server_error() {
         let (code, message) = match resp.extensions().get::<ErrorBody>() {
             Some(e) => (e.code, e.message.clone()),
@@ -266,12 +266,14 @@ async fn envelope(req: Request, next: Next) -> Response {
         };
         // Only documented pairs leave: a status some layer produced that the table does
         // not list becomes its class's generic error.
-        let (status, code) = if codes::is_known(status.as_u16(), code) {
-            (status, code)
+        let code = if codes::is_known(status.as_u16(), code) {
+            code
         } else if status.is_server_error() {
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            status = StatusCode::INTERNAL_SERVER_ERROR;
+            "internal"
         } else {
-            (StatusCode::BAD_REQUEST, "bad_request")
+            status = StatusCode::BAD_REQUEST;
+            "bad_request"
         };
         let keep: Vec<_> = [header::RETRY_AFTER, header::ALLOW]
             .into_iter()

@@ -316,7 +316,8 @@ claimed AS (
            headers      = CASE WHEN c.orphan
                                THEN longshore.headers(m.headers) || jsonb_build_object('deaths', c.deaths)
                                -- A `deaths` no run of ours wrote (a producer's): dropped.
-                               WHEN m.headers ? 'deaths' THEN m.headers - 'deaths'
+                               WHEN longshore.headers(m.headers) ? 'deaths'
+                               THEN longshore.headers(m.headers) - 'deaths'
                                ELSE m.headers END
       FROM c
      WHERE m.msg_id = c.msg_id AND c.attempt <= $4

@@ -3,9 +3,9 @@
 //! completion transaction for `Done` after `ctx.tx()`.
 //!
 //! A batched statement is retried while its error is transient (connection lost, pool
-//! exhausted, deadlock, lock timeout, our own deadline) until the lease is over or the
-//! shutdown deadline passes: by then the jobs will run again anyway, so giving up loses
-//! nothing. Any other error is about the data of some row: the batch is then settled
+//! exhausted, deadlock, lock timeout, our own deadline) until a lease (or three statement
+//! deadlines) has passed or the shutdown deadline comes: by then the jobs' leases have
+//! lapsed unless the heartbeat still reaches the database, so giving up loses nothing. Any other error is about the data of some row: the batch is then settled
 //! row by row, so one bad job cannot take the others of its flush down with it, and a
 //! row that still fails alone is written the next best way: a `Done` stays done (its
 //! result replaced by the error, or a completion record instead of the archive row),
@@ -118,10 +118,35 @@ pub(super) struct Completer {
 
 impl Completer {
     /// Writes outcomes in batches: up to `batch`, or `flush_after` after the first one
-    /// arrived. Ends when every sender is gone and the last batch is written.
-    pub async fn run(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Settle>) {
+    /// arrived. Ends when every sender is gone, or when `close` is cancelled (shutdown: a
+    /// task stuck in synchronous code may still hold a sender), after writing what has
+    /// arrived.
+    pub async fn run(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Settle>,
+        close: tokio_util::sync::CancellationToken,
+    ) {
         let mut buf: Vec<Settle> = Vec::with_capacity(self.batch);
-        while let Some(first) = rx.recv().await {
+        loop {
+            let first = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = close.cancelled() => {
+                    rx.close();
+                    while let Ok(s) = rx.try_recv() {
+                        buf.push(s);
+                        if buf.len() == self.batch {
+                            self.flush(std::mem::take(&mut buf)).await;
+                        }
+                    }
+                    if !buf.is_empty() {
+                        self.flush(std::mem::take(&mut buf)).await;
+                    }
+                    return;
+                }
+            };
             buf.push(first);
             let deadline = tokio::time::Instant::now() + self.flush_after;
             while buf.len() < self.batch {
@@ -135,7 +160,12 @@ impl Completer {
     }
 
     async fn flush(&self, batch: Vec<Settle>) {
-        let give_up_at = self.stop_by.cap(Instant::now() + self.lease);
+        // Give up when the database has not answered for a while: a lease, or three
+        // statement deadlines if that is longer (a flush has up to three statements).
+        // Waiting longer than the lease is safe: settling jobs keep being heartbeated,
+        // and if their leases lapsed meanwhile the write is fenced out.
+        let horizon = self.lease.max(self.statement_timeout * 3);
+        let give_up_at = self.stop_by.cap(Instant::now() + horizon);
         let fences: Vec<Fence> = batch.iter().map(|s| s.fence).collect();
         let mut groups: [Vec<Item>; 4] = Default::default();
         for s in batch {

@@ -88,7 +88,7 @@ impl Keeper {
     }
 
     /// Stops the keeper and waits for its thread (bounded: its statements are raced
-    /// with the stop).
+    /// with the stop). Dropping it stops it too, without waiting.
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(t) = self.thread.take() {
@@ -98,6 +98,12 @@ impl Keeper {
             )
             .await;
         }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -113,10 +119,17 @@ impl Heartbeat {
         let mut failures = 0u32;
         let mut in_flight: Option<Beats> = None;
         loop {
+            // While a statement is out, only the lapse timer may wake the loop (waking for
+            // a beat that cannot start yet would spin).
+            let beat_at = if in_flight.is_some() {
+                Instant::now() + every
+            } else {
+                next_beat
+            };
             let wake = self
                 .held
                 .next_lapse(margin)
-                .map_or(next_beat, |l| l.min(next_beat));
+                .map_or(beat_at, |l| l.min(beat_at));
             tokio::select! {
                 _ = stop.cancelled() => return,
                 (sent, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {

@@ -255,12 +255,16 @@ impl Held {
         }
     }
 
-    /// Shutdown, last: every fence still held (runs aborted before they settled).
+    /// Shutdown, last: every fence still held whose run has stopped (aborted before it
+    /// settled). A run still executing (stuck in synchronous code, deaf to abort) is not
+    /// released: releasing it would let another worker start it beside this one; its
+    /// lease lapses after the process exits.
     pub fn drain(&self) -> Vec<Fence> {
         let mut v: Vec<Fence> = self
             .map()
             .drain()
             .filter(|(_, e)| e.why != Some(Stop::LeaseLost))
+            .filter(|(_, e)| e.stopped.is_cancelled() || e.phase == Phase::Settling)
             .map(|(id, e)| Fence {
                 msg_id: id,
                 read_ct: e.read_ct,
@@ -270,7 +274,6 @@ impl Held {
         v
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map().len()
     }

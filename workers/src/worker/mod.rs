@@ -230,6 +230,7 @@ impl Worker {
                 stop_by,
                 signalled: signalled.clone(),
                 suspects: suspects.clone(),
+                ack_batch: w.ack_batch,
                 wake,
                 poll_interval: w.poll_interval,
                 grace: w.shutdown_grace,
@@ -283,6 +284,7 @@ pub(crate) struct Consumer {
     /// When the shutdown signal came.
     signalled: Arc<StopBy>,
     suspects: Arc<Semaphore>,
+    ack_batch: usize,
     wake: Arc<Notify>,
     poll_interval: Duration,
     grace: Duration,
@@ -292,7 +294,8 @@ pub(crate) struct Consumer {
 impl Consumer {
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel::<Settle>();
-        let completer = tokio::spawn(self.completer.clone().run(settle_rx));
+        let close = CancellationToken::new();
+        let completer = tokio::spawn(self.completer.clone().run(settle_rx, close.clone()));
 
         let conc = self.settings.concurrency;
         let min_batch = (conc / 8).max(1);
@@ -307,7 +310,10 @@ impl Consumer {
             if shutdown.is_cancelled() {
                 break;
             }
-            let free = conc.saturating_sub(jobs.len());
+            // Outcomes waiting to be written hold their messages too: past one batch of
+            // them (a slow flush), they hold the claims back.
+            let settling = self.held.len().saturating_sub(jobs.len());
+            let free = conc.saturating_sub(jobs.len() + settling.saturating_sub(self.ack_batch));
             if !idle && free > 0 && (free >= min_batch || jobs.is_empty()) {
                 let permit = self.suspects.clone().try_acquire_owned().ok();
                 let req = ClaimRequest {
@@ -402,7 +408,8 @@ impl Consumer {
                 _ = poll.tick() => idle = false,
             }
         }
-        self.shut_down(jobs, settle_tx, completer).await;
+        self.signalled.set(Instant::now());
+        self.shut_down(jobs, settle_tx, completer, close).await;
     }
 
     fn claim_failed(&self, e: &str, db_errors: &mut u32) {
@@ -425,6 +432,7 @@ impl Consumer {
         mut jobs: JoinSet<()>,
         settle_tx: mpsc::UnboundedSender<Settle>,
         completer: tokio::task::JoinHandle<()>,
+        close: CancellationToken,
     ) {
         let grace_end = self.grace_deadline();
         let stop_by = grace_end + SHUTDOWN_SLACK;
@@ -455,6 +463,8 @@ impl Consumer {
             jobs.detach_all();
         }
         drop(settle_tx);
+        // Every run that could settle has; a detached one may still hold a sender.
+        close.cancel();
         if tokio::time::timeout_at(last_second.into(), completer)
             .await
             .is_err()
@@ -479,7 +489,11 @@ impl Consumer {
         if rest.is_empty() {
             return;
         }
-        let left = stop_by.saturating_duration_since(Instant::now());
+        // A short floor: reaching here late (a consumer queued behind a blocked thread)
+        // must not mean no attempt at all.
+        let left = stop_by
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(250));
         match tokio::time::timeout(left, self.sql.reschedule(&self.control, &rest)).await {
             Ok(Ok(ids)) => info!(
                 queue = self.queue,
