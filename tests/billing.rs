@@ -102,6 +102,7 @@ async fn a_file_is_ingested_once_and_malformed_lines_are_reported() {
         &IngestLogs {
             path: Some(p.clone()),
             lines: None,
+            customers: None,
         },
         EnqueueOptions::default(),
     )
@@ -122,11 +123,13 @@ async fn a_file_is_ingested_once_and_malformed_lines_are_reported() {
     assert_eq!(result["already_ingested"], true, "{result}");
     assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 2);
     // A missing file is a clear, final error.
+    let missing = dir.join("missing.log").display().to_string();
     enqueue(
         &t.pool,
         &IngestLogs {
-            path: Some("/nonexistent/x.log".into()),
+            path: Some(missing.clone()),
             lines: None,
+            customers: None,
         },
         EnqueueOptions::default(),
     )
@@ -145,7 +148,7 @@ async fn a_file_is_ingested_once_and_malformed_lines_are_reported() {
         }
     })
     .await;
-    assert!(err.contains("/nonexistent/x.log: no such file"), "{err}");
+    assert!(err.contains(&format!("{missing}: no such file")), "{err}");
     w.signal("TERM");
     assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0));
     let _ = std::fs::remove_dir_all(&dir);

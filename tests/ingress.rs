@@ -32,6 +32,7 @@ db_timeout = "1s"
 name = "all"
 sha256 = "{all}"
 queues = ["*"]
+scopes = ["logs", "read_all"]
 rate_per_second = 1000
 burst = 1000
 
@@ -68,6 +69,7 @@ delivery_header = "x-delivery-id"
 secret = "{HOOK_SECRET}"
 queue = "probe"
 signature_header = "x-hmac-sha256"
+allow_replay = true
 "#,
         all = sha("tok-all-canary"),
         probe = sha("tok-probe"),
@@ -250,6 +252,17 @@ async fn row33_tokens_missing_wrong_revoked_and_scoped() {
         .await
         .unwrap();
     assert_eq!(error_code(r, 401).await, "token_revoked");
+    // A public queue the token may not use is 403; an internal one does not exist.
+    let r = env
+        .post(
+            "/v1/queues/llm_call/jobs",
+            Some("tok-probe"),
+            r#"{"request_id":"7d8f4e2a-1111-4c3b-9a57-0f7c1d2e3f40","user_id":"0b7e0a52-2222-4c3b-9a57-0f7c1d2e3f40","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 403).await, "queue_forbidden");
     let r = env
         .post(
             "/v1/queues/maintenance/jobs",
@@ -259,7 +272,7 @@ async fn row33_tokens_missing_wrong_revoked_and_scoped() {
         .send()
         .await
         .unwrap();
-    assert_eq!(error_code(r, 403).await, "queue_forbidden");
+    assert_eq!(error_code(r, 404).await, "unknown_queue");
     assert_eq!(
         count(&env.t.pool, "SELECT count(*) FROM pgmq.q_probe").await,
         0,

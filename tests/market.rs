@@ -1145,6 +1145,7 @@ burst = 100
 secret = "{secret}"
 queue = "sync_watcher"
 signature_header = "x-hmac-sha256"
+allow_replay = true
 "#,
         hex::encode(<Sha256 as sha2::Digest>::digest(b"ops-token"))
     ));

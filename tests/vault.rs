@@ -78,6 +78,10 @@ async fn regen(pool: &PgPool, path: &Path) -> longshore_jobs::billing::vault::Va
 
 /// Parses and decrypts a vault file: (customer, key, rate, tier, service) rows.
 fn read_vault(path: &Path) -> Vec<(i32, String, u32, String, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    // Issue 14: the vault holds every API key; it is the owner's alone by default.
+    let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "vault file mode {mode:o}");
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some(HEADER));
@@ -315,6 +319,7 @@ async fn row25_a_full_disk_leaves_the_old_file_and_retries() {
             ),
         ])
         .env("DATABASE_URL", &t.url)
+        .envs(common::test_env())
         .env(KEY_ENV, KEY_B64)
         .env("LONGSHORE__QUEUES__REGENERATE_VAULT__BACKOFF_BASE", "50ms")
         .env("LONGSHORE__QUEUES__REGENERATE_VAULT__BACKOFF_CAP", "200ms")

@@ -8,6 +8,7 @@
 pub mod billing;
 pub mod chat;
 pub mod clients;
+pub mod files;
 pub mod market;
 pub mod probe;
 pub mod prune;
@@ -25,8 +26,10 @@ pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
     let chat = Arc::new(chat::config::Chat::from_config(cfg)?);
     Ok(Registry::new()
         .register(probe::ProbeHandler::from_config(cfg)?)
-        .register(billing::ingest_logs::IngestLogsHandler)
-        .register(billing::scan_log_spool::ScanLogSpoolHandler)
+        .register(billing::ingest_logs::IngestLogsHandler(billing.clone()))
+        .register(billing::scan_log_spool::ScanLogSpoolHandler(
+            billing.clone(),
+        ))
         .register(billing::aggregate_usage::AggregateUsageHandler)
         .register(billing::bill_usage::BillUsageHandler(billing.clone()))
         .register(billing::charge_escrow::ChargeEscrowHandler::new(

@@ -54,6 +54,7 @@ pub struct Probe {
 
 impl JobArgs for Probe {
     const KIND: &'static str = "probe";
+    const PUBLIC: bool = true;
 }
 
 impl Probe {
@@ -78,11 +79,21 @@ pub struct ProbeConfig {
     /// Where runs are traced (see the module docs); empty: not traced.
     #[serde(default)]
     pub trace_dir: String,
+    /// The fault knobs (`hold_ms`, `panic`, `abort`, `block_ms`, `sleep_ms` above
+    /// [`MAX_PLAIN_SLEEP_MS`]) work only when this is on: tests and `dev`. Off, a probe
+    /// with one is refused at the door and dead-lettered if it got in anyway, so an
+    /// operator's probe can neither hold connections nor kill a worker.
+    #[serde(default)]
+    pub fault_knobs: bool,
 }
+
+/// The longest `sleep_ms` a probe may ask for with the fault knobs off.
+pub const MAX_PLAIN_SLEEP_MS: u64 = 1_000;
 
 #[derive(Default)]
 pub struct ProbeHandler {
     trace_dir: Option<PathBuf>,
+    fault_knobs: bool,
 }
 
 impl ProbeHandler {
@@ -99,7 +110,10 @@ impl ProbeHandler {
                 message: e.to_string(),
             })?;
         }
-        Ok(ProbeHandler { trace_dir })
+        Ok(ProbeHandler {
+            trace_dir,
+            fault_knobs: c.fault_knobs,
+        })
     }
 }
 
@@ -155,6 +169,30 @@ fn append(dir: &Path, file: &str, line: &str) {
 
 impl Handler for ProbeHandler {
     type Args = Probe;
+
+    fn check(&self, a: &Probe) -> Result<(), String> {
+        if self.fault_knobs {
+            return Ok(());
+        }
+        let knob = [
+            ("hold_ms", a.hold_ms.is_some()),
+            ("panic", a.panic.is_some()),
+            ("abort", a.abort.is_some()),
+            ("block_ms", a.block_ms.is_some()),
+            (
+                "sleep_ms",
+                a.sleep_ms.is_some_and(|ms| ms > MAX_PLAIN_SLEEP_MS),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set);
+        match knob {
+            None => Ok(()),
+            Some((k, _)) => Err(format!(
+                "{k} is a fault knob for tests (sleep_ms up to {MAX_PLAIN_SLEEP_MS} is fine); it works only with probe.fault_knobs = true"
+            )),
+        }
+    }
 
     async fn handle(&self, args: Probe, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let _trace = self

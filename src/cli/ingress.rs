@@ -58,7 +58,10 @@ pub async fn serve(
         cfg.metrics.sample_interval,
         stop.clone(),
     ));
-    let ingress = Ingress::new(ingress_pool, app::registry(&cfg)?, cfg, Some(metrics));
+    let registry = app::registry(&cfg)?;
+    longshore_workers::ingress::check_config(&cfg, &registry)
+        .map_err(|e| CliError::usage(anyhow::anyhow!("configuration: {e}")))?;
+    let ingress = Ingress::new(ingress_pool, registry, cfg, Some(metrics));
     ingress.serve(listener, stop).await?;
     let _ = sampler.await;
     Ok(())

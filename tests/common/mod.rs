@@ -22,9 +22,24 @@ pub fn registry() -> longshore_workers::Registry {
     longshore_jobs::registry(&config(&[])).expect("registry")
 }
 
+/// What every test process and in-process configuration gets unless a test says
+/// otherwise: the probe's fault knobs on, and the temp directory allowed for the
+/// file-touching jobs (tests put their spools and vaults there).
+pub fn test_env() -> Vec<(String, String)> {
+    vec![
+        ("LONGSHORE__PROBE__FAULT_KNOBS".into(), "true".into()),
+        (
+            "LONGSHORE__BILLING__FILE_ROOTS".into(),
+            format!("[{:?}]", std::env::temp_dir().display().to_string()),
+        ),
+    ]
+}
+
 /// Configuration as the binary would load it, plus `LONGSHORE__…` overrides.
 pub fn config(vars: &[(&str, &str)]) -> Arc<Config> {
-    let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    let mut all = test_env();
+    all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let vars = all.into_iter();
     Arc::new(Config::load_from(&PathBuf::from("config"), None, vars).expect("test config"))
 }
 
@@ -91,6 +106,7 @@ impl Proc {
             .env("LONGSHORE__LOG__LEVEL", "info,sqlx=warn")
             .env_remove("RUST_LOG")
             .env_remove("LONGSHORE_ENV")
+            .envs(test_env())
             .stdout(Stdio::null())
             .stderr(file);
         for (k, v) in env {
@@ -170,7 +186,8 @@ pub fn run_cli(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Strin
     c.args(args)
         .env("DATABASE_URL", db_url)
         .env_remove("RUST_LOG")
-        .env_remove("LONGSHORE_ENV");
+        .env_remove("LONGSHORE_ENV")
+        .envs(test_env());
     for (k, v) in env {
         c.env(k, v);
     }

@@ -31,14 +31,66 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            key: key.into(),
-            message: message.into(),
-        }
+        let key = key.into();
+        // A type error echoes the value (`invalid type: integer `12345`, expected a
+        // string`); for a secret's key that would print the secret.
+        let message = if is_secret_key(&key) {
+            "has the wrong type or format (its value is not shown: it is a secret)".to_string()
+        } else {
+            message.into()
+        };
+        ConfigError::Invalid { key, message }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// Keys whose values are secrets: never echoed in an error.
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    last == "url"
+        || last == "rpc_url"
+        || last.contains("secret")
+        || last.contains("password")
+        || last.contains("api_key")
+        || last.ends_with("_key")
+        || last.contains("keypair")
+        || last.contains("token")
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        struct Keys<'a>(&'a serde_json::Value);
+        impl std::fmt::Debug for Keys<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self.0.as_object() {
+                    Some(o) => f.debug_set().entries(o.keys()).finish(),
+                    None => f.write_str("{}"),
+                }
+            }
+        }
+        f.debug_struct("Config")
+            .field("database", &self.database)
+            .field("worker", &self.worker)
+            .field("queues", &self.queues)
+            .field("enqueue", &self.enqueue)
+            .field("log", &self.log)
+            .field("dev", &self.dev)
+            .field("ingress", &self.ingress)
+            .field("hooks", &self.hooks)
+            .field("scheduler", &self.scheduler)
+            .field("schedules", &self.schedules)
+            .field("metrics", &self.metrics)
+            .field("billing", &Keys(&self.billing))
+            .field("market", &Keys(&self.market))
+            .field("chat", &Keys(&self.chat))
+            .field("probe", &Keys(&self.probe))
+            .finish()
+    }
+}
+
+/// `Debug` shows the pipeline sections (`billing`, `market`, `chat`, `probe`, raw JSON
+/// typed later by the jobs crate) by their keys only: they hold secrets (the vault key,
+/// provider API keys, the RPC URL, keypairs) that are not `secrecy` types until typed.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -81,6 +133,17 @@ pub struct IngressConfig {
     /// A request body must arrive within this long (slow clients are dropped).
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// A connection must send a complete request head within this long, also between
+    /// keep-alive requests; silent sockets are closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Open connections at most (lowered to fit the descriptor limit); at the cap a new
+    /// connection evicts the oldest idle one.
+    pub max_connections: usize,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on this address too, and `/metrics`
+    /// only there (404 on the public port). Unset: all on `listen`.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// Longest `?wait=` on a job status.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
@@ -89,6 +152,10 @@ pub struct IngressConfig {
     /// Longest wait for a database connection before answering 503.
     #[serde(with = "humantime_serde")]
     pub db_timeout: Duration,
+    /// Requests per second (and burst) per client address that no token vouches for:
+    /// failed authentications, webhooks, `/readyz`. Past it: 429.
+    pub anonymous_rate_per_second: u32,
+    pub anonymous_burst: u32,
     /// Bearer tokens, stored as SHA-256 hashes.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -101,8 +168,18 @@ pub struct TokenConfig {
     pub name: String,
     /// Hex SHA-256 of the token: `printf %s "$TOKEN" | sha256sum`.
     pub sha256: String,
-    /// Queues it may enqueue to and read; `"*"` for all.
+    /// Public queues it may enqueue to; `"*"` for every public kind. Internal kinds
+    /// (maintenance, files, pipeline steps) cannot be named: they are never enqueued
+    /// over HTTP.
     pub queues: Vec<String>,
+    /// Extra rights: `logs` (POST /v1/logs, the log shipper's), `read_all` (GET any job
+    /// of its queues, not only the ones it enqueued).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// With `logs`: the customers whose log lines it may post; lines of any other
+    /// customer are refused (counted as malformed with the reason). Unset: any.
+    #[serde(default)]
+    pub customers: Option<Vec<i64>>,
     /// Sustained requests per second (token bucket refill).
     pub rate_per_second: u32,
     /// Bucket size: requests allowed in a burst.
@@ -122,11 +199,19 @@ pub struct HookConfig {
     pub queue: String,
     /// Header carrying the hex HMAC (an optional `sha256=` prefix is accepted).
     pub signature_header: String,
-    /// If set: this header must carry a Unix timestamp within `tolerance`, and the
-    /// signed message is `"{timestamp}.{raw body}"` so a replay cannot refresh it.
+    /// This header must carry a Unix timestamp within `tolerance`, and the signed
+    /// message is `"{timestamp}.{raw body}"`, so a replay cannot refresh it. Required
+    /// unless `allow_replay`.
     #[serde(default)]
     pub timestamp_header: Option<String>,
-    /// If set: deliveries with the same id enqueue one job.
+    /// For a sender that cannot sign a timestamp: accept deliveries without one. A
+    /// captured delivery can then be replayed; identical signed bodies within
+    /// `enqueue.idempotency_ttl` still enqueue one job.
+    #[serde(default)]
+    pub allow_replay: bool,
+    /// If set: this header must be present; its value is kept with the job. Duplicates
+    /// are found by what is signed (timestamp and body), which a replay with a fresh
+    /// delivery id cannot change.
     #[serde(default)]
     pub delivery_header: Option<String>,
     #[serde(default = "default_tolerance", with = "humantime_serde")]
@@ -437,6 +522,7 @@ impl Config {
             } else {
                 format!("{name}.{path}")
             };
+            // `invalid` hides the message for secret keys.
             ConfigError::invalid(key, e.into_inner().to_string())
         })
     }
@@ -538,12 +624,30 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if i.anonymous_rate_per_second == 0 || i.anonymous_burst == 0 {
+            return Err(ConfigError::invalid(
+                "ingress.anonymous_rate_per_second",
+                "rate and burst must be positive",
+            ));
+        }
+        if i.header_timeout.is_zero() || i.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "ingress.header_timeout",
+                "header_timeout and max_connections must be positive",
+            ));
+        }
+        if let Some(m) = &i.metrics_listen {
+            m.parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::invalid("ingress.metrics_listen", e.to_string()))?;
+        }
         if i.read_timeout.is_zero() || i.db_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "ingress.read_timeout",
                 "timeouts must be positive",
             ));
         }
+        let mut hashes = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
         for (n, t) in i.tokens.iter().enumerate() {
             let key = |f: &str| format!("ingress.tokens[{n}].{f}");
             if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -551,6 +655,32 @@ impl Config {
                     key("sha256"),
                     "must be 64 hex digits (sha256sum of the token)",
                 ));
+            }
+            // Overlays append tokens: a second entry for the same token (say one
+            // revoking it, one not) must not silently win.
+            if !hashes.insert(t.sha256.to_ascii_lowercase()) {
+                return Err(ConfigError::invalid(
+                    key("sha256"),
+                    "the same token is configured twice (overlays append tokens; revoke it in one place)",
+                ));
+            }
+            if t.name.is_empty()
+                || t.name.len() > 64
+                || !t.name.bytes().all(|b| b.is_ascii_graphic())
+                || !names.insert(t.name.as_str())
+            {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    "must be 1 to 64 visible ASCII characters and unique",
+                ));
+            }
+            for s in &t.scopes {
+                if s != "logs" && s != "read_all" {
+                    return Err(ConfigError::invalid(
+                        key("scopes"),
+                        format!("{s:?}: known scopes are \"logs\" and \"read_all\""),
+                    ));
+                }
             }
             if t.rate_per_second == 0 || t.burst == 0 {
                 return Err(ConfigError::invalid(
@@ -579,6 +709,12 @@ impl Config {
             }
             if h.signature_header.is_empty() {
                 return Err(ConfigError::invalid(key("signature_header"), "is required"));
+            }
+            if h.timestamp_header.is_none() && !h.allow_replay {
+                return Err(ConfigError::invalid(
+                    key("timestamp_header"),
+                    "is required, so a captured delivery cannot be replayed (set allow_replay = true for a sender that cannot sign a timestamp)",
+                ));
             }
         }
         Ok(())
@@ -726,6 +862,59 @@ mod tests {
     fn bad_queue_name_in_config_is_rejected() {
         let e = load(&[("LONGSHORE__QUEUES__BAD-NAME__MAX_ATTEMPTS", "3")]).unwrap_err();
         assert!(e.to_string().contains("queues.bad-name"), "{e}");
+    }
+
+    /// Canaries in every section that holds a secret: none reaches `Debug`, and a
+    /// secret of the wrong type is not echoed by the error that refuses it.
+    #[test]
+    fn no_secret_of_any_section_reaches_debug_or_an_error() {
+        let canaries = [
+            ("DATABASE_URL", "postgres://u:canary-db-pw@h/db"),
+            ("LONGSHORE__HOOKS__W__SECRET", "canary-hook-secret-0123"),
+            ("LONGSHORE__HOOKS__W__QUEUE", "probe"),
+            ("LONGSHORE__HOOKS__W__SIGNATURE_HEADER", "x-s"),
+            ("LONGSHORE__HOOKS__W__ALLOW_REPLAY", "true"),
+            ("LONGSHORE__BILLING__VAULT_KEY", "canary-vault-key"),
+            (
+                "LONGSHORE__BILLING__CHAIN__RPC_URL",
+                "https://rpc.example/canary-rpc-key",
+            ),
+            (
+                "LONGSHORE__BILLING__CHAIN__DELEGATE_KEYPAIR",
+                "canary-keypair",
+            ),
+            (
+                "LONGSHORE__MARKET__CRYPTOMETER__API_KEY",
+                "canary-cryptometer",
+            ),
+            ("LONGSHORE__CHAT__PROVIDERS__GPT__API_KEY", "canary-openai"),
+            ("LONGSHORE__PROBE__TRACE_DIR", "/tmp/canary-probe"),
+        ];
+        let c = load(&canaries).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("canary"), "a secret in Debug: {dbg}");
+        assert!(dbg.contains("vault_key"), "keys are listed: {dbg}");
+        let e = load(&[
+            ("LONGSHORE__HOOKS__W__SECRET", "918273645"),
+            ("LONGSHORE__HOOKS__W__QUEUE", "probe"),
+            ("LONGSHORE__HOOKS__W__SIGNATURE_HEADER", "x-s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hooks.w.secret"), "{e}");
+        assert!(!e.contains("918273645"), "{e}");
+        let c = load(&[("LONGSHORE__BILLING__VAULT_KEY", "918273645")]).unwrap();
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct B {
+            vault_key: String,
+        }
+        let billing = serde_json::json!({"vault_key": c.billing["vault_key"].clone()});
+        let e = c.section::<B>("billing", &billing).unwrap_err().to_string();
+        assert!(
+            e.contains("billing.vault_key") && !e.contains("918273645"),
+            "{e}"
+        );
     }
 
     #[test]

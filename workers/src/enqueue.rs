@@ -32,6 +32,10 @@ pub struct EnqueueOptions {
     pub idempotency_key: Option<String>,
     /// Lifetime of the key; `None` = [`DEFAULT_IDEMPOTENCY_TTL`].
     pub idempotency_ttl: Option<Duration>,
+    /// Who enqueued it (`token:<name>`, `hook:<source>`), kept in the `principal`
+    /// header: the ingress answers a job's status only to its principal (or a token
+    /// that may read every job of the queue).
+    pub principal: Option<String>,
 }
 
 impl EnqueueOptions {
@@ -84,7 +88,7 @@ pub enum EnqueueError {
     UnknownQueue(String),
     #[error("job args are not serialisable: {0}")]
     Serialize(#[from] serde_json::Error),
-    #[error("idempotency key must be 1 to 200 printable characters")]
+    #[error("idempotency key must be 1 to 300 printable characters")]
     BadKey,
     #[error("database: {0}")]
     Database(#[source] sqlx::Error),
@@ -269,8 +273,11 @@ fn keyed_content(body: &Value, opts: &EnqueueOptions) -> Value {
     })
 }
 
+/// A key: 1 to 300 characters, none a control character but the unit separator
+/// (U+001F) the ingress puts between a principal and its caller's key, which no caller
+/// of the ingress can send.
 fn check_key(k: &str) -> Result<(), EnqueueError> {
-    if k.is_empty() || k.len() > 200 || k.chars().any(char::is_control) {
+    if k.is_empty() || k.len() > 300 || k.chars().any(|c| c.is_control() && c != '\u{1f}') {
         return Err(EnqueueError::BadKey);
     }
     Ok(())
@@ -384,6 +391,9 @@ fn new_message(body: Value, opts: &EnqueueOptions) -> NewMessage {
     }
     if let Some(t) = visible_at {
         h.insert("run_at".into(), json!(t.to_rfc3339()));
+    }
+    if let Some(p) = &opts.principal {
+        h.insert("principal".into(), json!(p));
     }
     NewMessage {
         body,

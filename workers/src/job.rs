@@ -25,6 +25,11 @@ pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// enums; fields under `#[serde(flatten)]`, internally tagged or untagged enums
     /// are not reported, so keep args types plain.
     const STRICT: bool = true;
+    /// Whether callers outside the fleet may enqueue this kind over HTTP
+    /// (`POST /v1/queues/{kind}/jobs`) and read its jobs. Default no: maintenance, file
+    /// and pipeline-internal kinds are enqueued by schedules, other jobs, webhooks the
+    /// operator configured, and the CLI. A token's `"*"` means every public kind.
+    const PUBLIC: bool = false;
 }
 
 /// Runs jobs of one kind.
@@ -41,6 +46,14 @@ pub trait Handler: Send + Sync + 'static {
         args: Self::Args,
         ctx: &mut JobContext,
     ) -> impl Future<Output = Result<Outcome, JobError>> + Send;
+
+    /// Checks args against this handler's own settings (a path outside the configured
+    /// directories, a test-only knob with tests off). Runs at the door (ingress, CLI,
+    /// schedules: a 422 / exit 2) and again before each run (a `Fail`), so it holds
+    /// wherever a job came from, plain `pgmq.send` included.
+    fn check(&self, _args: &Self::Args) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What became of one run of a job.

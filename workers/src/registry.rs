@@ -14,6 +14,7 @@ use crate::queue_name::QueueName;
 pub(crate) trait ErasedHandler: Send + Sync {
     fn call<'a>(&'a self, args: Value, ctx: &'a mut JobContext) -> BoxFuture<'a, Outcome>;
     fn validate(&self, args: &Value) -> Result<(), String>;
+    fn public(&self) -> bool;
 }
 
 struct Typed<H> {
@@ -65,6 +66,9 @@ impl<H: Handler> ErasedHandler for Typed<H> {
     fn call<'a>(&'a self, args: Value, ctx: &'a mut JobContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let args: H::Args = match parse(args) {
+                Ok((a, _)) if let Err(e) = self.handler.check(&a) => {
+                    return Outcome::Fail(format!("invalid args for {}: {e}", H::Args::KIND));
+                }
                 Ok((a, unknown)) => {
                     if !unknown.is_empty() && !self.warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
@@ -85,7 +89,14 @@ impl<H: Handler> ErasedHandler for Typed<H> {
     }
 
     fn validate(&self, args: &Value) -> Result<(), String> {
-        parse_strict::<H::Args>(args.clone()).map(|_| ())
+        let a = parse_strict::<H::Args>(args.clone())?;
+        self.handler
+            .check(&a)
+            .map_err(|e| format!("invalid args for {}: {e}", H::Args::KIND))
+    }
+
+    fn public(&self) -> bool {
+        H::Args::PUBLIC
     }
 }
 
@@ -127,6 +138,11 @@ impl Registry {
 
     pub fn contains(&self, kind: &str) -> bool {
         self.kinds.contains_key(kind)
+    }
+
+    /// Whether `kind` is registered and may be enqueued and read over HTTP.
+    pub fn is_public(&self, kind: &str) -> bool {
+        self.kinds.get(kind).is_some_and(|h| h.public())
     }
 
     /// Checks JSON args against the kind's args type without enqueuing.

@@ -25,6 +25,10 @@ pub const STALE_ACKS: &str = "longshore_stale_acks_total";
 pub const LEASES_LAPSED: &str = "longshore_leases_lapsed_total";
 pub const HTTP_REQUESTS: &str = "longshore_http_requests_total";
 pub const HTTP_DURATION: &str = "longshore_http_request_duration_seconds";
+/// Idle connections closed to make room for a new one at `ingress.max_connections`.
+pub const HTTP_EVICTED: &str = "longshore_http_connections_evicted_total";
+/// Connections refused because every open one was busy at the cap.
+pub const HTTP_REFUSED: &str = "longshore_http_connections_refused_total";
 pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
 
 /// Samples the per-queue gauges from the database every `every` until `stop`.
@@ -66,18 +70,73 @@ async fn sample_once(pool: &PgPool) {
 }
 
 /// Installs the global tracing subscriber: JSON lines or readable text.
+///
+/// Text lines carry colours only on a terminal. Anywhere else (a file, a log pipeline)
+/// every control character inside a line is escaped (`\n`, `\x1b`), so a value from a
+/// job's args that reaches a log line through an error message cannot forge a line or
+/// send escape sequences. JSON lines are escaped by the encoding itself.
 pub fn init_logging(cfg: &LogConfig) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let tty = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(tty)
+        .with_writer(move || Escaping {
+            inner: std::io::stderr(),
+            on: !tty,
+        });
     // try_init: a second call (tests, `dev` calling into `worker`) is not an error.
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// A writer that escapes control characters inside each written line (the formatter
+/// writes one whole event per call; its final newline is kept).
+struct Escaping<W> {
+    inner: W,
+    on: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for Escaping<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.on
+            || !buf.iter().any(|b| b.is_ascii_control() && *b != b'\n') && !inner_newline(buf)
+        {
+            return self.inner.write_all(buf).map(|_| buf.len());
+        }
+        let (body, end) = match buf.split_last() {
+            Some((b'\n', body)) => (body, &b"\n"[..]),
+            _ => (buf, &b""[..]),
+        };
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.push(b'\t'),
+                b if b.is_ascii_control() => {
+                    out.extend_from_slice(format!("\\x{b:02x}").as_bytes())
+                }
+                b => out.push(b),
+            }
+        }
+        out.extend_from_slice(end);
+        self.inner.write_all(&out).map(|_| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A newline before the last byte.
+fn inner_newline(buf: &[u8]) -> bool {
+    buf.len() > 1 && buf[..buf.len() - 1].contains(&b'\n')
 }
 
 /// Installs the Prometheus recorder; serves `/metrics` on `listen` when given.
@@ -103,5 +162,35 @@ pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, Stri
         Ok(handle)
     } else {
         b.install_recorder().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::Escaping;
+
+    #[test]
+    fn control_characters_inside_a_line_are_escaped() {
+        let mut w = Escaping {
+            inner: Vec::new(),
+            on: true,
+        };
+        w.write_all(b"error=x\n2026 INFO forged\x1b[2J\tok\n")
+            .unwrap();
+        assert_eq!(w.inner, b"error=x\\n2026 INFO forged\\x1b[2J\tok\n");
+        let mut plain = Escaping {
+            inner: Vec::new(),
+            on: true,
+        };
+        plain.write_all("caf\u{e9} fine\n".as_bytes()).unwrap();
+        assert_eq!(plain.inner, "caf\u{e9} fine\n".as_bytes());
+        let mut off = Escaping {
+            inner: Vec::new(),
+            on: false,
+        };
+        off.write_all(b"a\nb\n").unwrap();
+        assert_eq!(off.inner, b"a\nb\n");
     }
 }

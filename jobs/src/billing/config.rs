@@ -59,6 +59,16 @@ pub struct BillingConfig {
     /// The vault key (base64 of 32 bytes). Unset: the `LONGSHORE_VAULT_KEY` variable.
     #[serde(default)]
     pub vault_key: Option<SecretString>,
+    /// Directories the file-touching jobs may use (`regenerate_vault`'s path,
+    /// `ingest_logs`'s path, `scan_log_spool`'s dirs), symlinks resolved. Empty: none.
+    #[serde(default)]
+    pub file_roots: Vec<String>,
+    /// `file_roots`, checked.
+    #[serde(skip)]
+    pub roots: crate::files::FileRoots,
+    /// The vault file's permissions, octal (default "0600": the owner's alone).
+    #[serde(default = "default_vault_mode", deserialize_with = "octal_mode")]
+    pub vault_mode: u32,
     pub chain: ChainConfig,
 }
 
@@ -256,7 +266,20 @@ fn usd_to_units(usd: Decimal) -> u64 {
 
 impl BillingConfig {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
-        let b: BillingConfig = cfg.section("billing", &cfg.billing)?;
+        let mut b: BillingConfig = cfg.section("billing", &cfg.billing)?;
+        b.roots =
+            crate::files::FileRoots::new(&b.file_roots).map_err(|e| ConfigError::Invalid {
+                key: "billing.file_roots".into(),
+                message: e,
+            })?;
+        if !b.vault_path.is_empty()
+            && let Err(e) = b.roots.check(&b.vault_path)
+        {
+            return Err(ConfigError::Invalid {
+                key: "billing.vault_path".into(),
+                message: e,
+            });
+        }
         let bad = |key: &str, msg: &str| {
             Err(ConfigError::Invalid {
                 key: format!("billing.{key}"),
@@ -331,4 +354,19 @@ impl BillingConfig {
             None => VaultKey::from_env(),
         }
     }
+}
+
+fn default_vault_mode() -> u32 {
+    super::vault::DEFAULT_MODE
+}
+
+/// An octal file mode as a string ("0640"), at most 0777.
+fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let s = String::deserialize(d)?;
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("{s:?} is not an octal mode like \"0640\""))
+        })
 }

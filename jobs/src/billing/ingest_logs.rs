@@ -34,6 +34,10 @@ pub struct IngestLogs {
     /// Or the lines themselves (a batch POSTed through the ingress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lines: Option<Vec<String>>,
+    /// The only customers whose lines are accepted (the posting token's allowlist);
+    /// others are counted as malformed with the reason. Unset: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customers: Option<Vec<i64>>,
 }
 
 impl JobArgs for IngestLogs {
@@ -54,24 +58,34 @@ pub struct IngestReport {
     pub already_ingested: bool,
 }
 
-pub struct IngestLogsHandler;
+pub struct IngestLogsHandler(pub std::sync::Arc<super::config::BillingConfig>);
 
 impl Handler for IngestLogsHandler {
     type Args = IngestLogs;
 
+    fn check(&self, a: &IngestLogs) -> Result<(), String> {
+        match &a.path {
+            Some(p) => self.0.roots.check(p).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     async fn handle(&self, a: IngestLogs, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let allowed = a.customers;
         let (source, bytes) = match (a.path, a.lines) {
-            (Some(p), None) => match tokio::fs::read(&p).await {
-                Ok(b) => (p, b),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(JobError::fail(format!("{p}: no such file")));
+            (Some(p), None) => {
+                match tokio::fs::read(self.0.roots.check(&p).map_err(JobError::fail)?).await {
+                    Ok(b) => (p, b),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(JobError::fail(format!("{p}: no such file")));
+                    }
+                    Err(e) => return Err(JobError::retry(format!("{p}: {e}"))),
                 }
-                Err(e) => return Err(JobError::retry(format!("{p}: {e}"))),
-            },
+            }
             (None, Some(lines)) => ("batch".to_string(), lines.join("\n").into_bytes()),
             _ => return Err(JobError::fail("give exactly one of path and lines")),
         };
-        let report = ingest(ctx.tx().await?, &source, &bytes).await?;
+        let report = ingest_from(ctx.tx().await?, &source, &bytes, allowed.as_deref()).await?;
         if report.malformed > 0 {
             tracing::warn!(
                 source = report.source,
@@ -88,6 +102,16 @@ pub async fn ingest(
     tx: &mut PgConnection,
     source: &str,
     bytes: &[u8],
+) -> Result<IngestReport, sqlx::Error> {
+    ingest_from(tx, source, bytes, None).await
+}
+
+/// [`ingest`], accepting only lines of the `allowed` customers (when given).
+pub async fn ingest_from(
+    tx: &mut PgConnection,
+    source: &str,
+    bytes: &[u8],
+    allowed: Option<&[i64]>,
 ) -> Result<IngestReport, sqlx::Error> {
     let sha = hex::encode(Sha256::digest(bytes));
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
@@ -119,6 +143,13 @@ pub async fn ingest(
     let mut good: Vec<(usize, LogRecord)> = Vec::with_capacity(lines.len());
     for (i, raw) in lines.iter().enumerate() {
         match parse_line(raw) {
+            Ok(r) if allowed.is_some_and(|a| !a.contains(&i64::from(r.customer_id))) => {
+                report.malformed += 1;
+                if report.errors.len() < MAX_REPORTED {
+                    report.errors.push(json!({"file": source, "line": i + 1,
+                        "reason": format!("customer {} is not one this log source may report", r.customer_id)}));
+                }
+            }
             Ok(r) => good.push((i + 1, r)),
             Err(e) => {
                 report.malformed += 1;

@@ -26,10 +26,18 @@ impl JobArgs for ScanLogSpool {
     const KIND: &'static str = "scan_log_spool";
 }
 
-pub struct ScanLogSpoolHandler;
+pub struct ScanLogSpoolHandler(pub std::sync::Arc<super::config::BillingConfig>);
 
 impl Handler for ScanLogSpoolHandler {
     type Args = ScanLogSpool;
+
+    fn check(&self, a: &ScanLogSpool) -> Result<(), String> {
+        self.0.roots.check(&a.dir)?;
+        if let Some(d) = &a.done_dir {
+            self.0.roots.check(d)?;
+        }
+        Ok(())
+    }
 
     async fn handle(&self, a: ScanLogSpool, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let mut entries = match tokio::fs::read_dir(&a.dir).await {
@@ -84,6 +92,7 @@ impl Handler for ScanLogSpoolHandler {
             let args = IngestLogs {
                 path: Some(path.clone()),
                 lines: None,
+                customers: None,
             };
             let e = enqueue_on(ctx.tx().await?, &args, EnqueueOptions::default().key(key))
                 .await

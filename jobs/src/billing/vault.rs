@@ -192,10 +192,15 @@ pub struct RegenerateVaultHandler(pub Arc<BillingConfig>);
 impl Handler for RegenerateVaultHandler {
     type Args = RegenerateVault;
 
+    fn check(&self, a: &RegenerateVault) -> Result<(), String> {
+        self.0.roots.check(&a.path).map(|_| ())
+    }
+
     async fn handle(&self, a: RegenerateVault, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let key = self.0.vault_key().map_err(JobError::fail)?;
         let limits = &self.0.rate_limits;
-        match regenerate(ctx.tx().await?, Path::new(&a.path), &key, limits).await {
+        let path = self.0.roots.check(&a.path).map_err(JobError::fail)?;
+        match regenerate_mode(ctx.tx().await?, &path, &key, limits, self.0.vault_mode).await {
             Ok(r) => Outcome::done_with(r),
             Err(VaultError::Db(e)) => Err(e.into()),
             Err(e) => {
@@ -213,6 +218,22 @@ pub async fn regenerate(
     path: &Path,
     key: &VaultKey,
     limits: &Tiers<u32>,
+) -> Result<VaultReport, VaultError> {
+    regenerate_mode(tx, path, key, limits, DEFAULT_MODE).await
+}
+
+/// The vault file's permissions unless `billing.vault_mode` says otherwise: the owner's
+/// alone (it holds every API key, if encrypted). HAProxy usually reads it as a group:
+/// `vault_mode = "0640"` with the file's directory owned by that group.
+pub const DEFAULT_MODE: u32 = 0o600;
+
+/// [`regenerate`], writing the file with `mode`.
+pub async fn regenerate_mode(
+    tx: &mut PgConnection,
+    path: &Path,
+    key: &VaultKey,
+    limits: &Tiers<u32>,
+    mode: u32,
 ) -> Result<VaultReport, VaultError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(VAULT_LOCK)
@@ -279,7 +300,7 @@ pub async fn regenerate(
         ));
     }
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || write_atomic(&p, csv.as_bytes()))
+    tokio::task::spawn_blocking(move || write_atomic(&p, csv.as_bytes(), mode))
         .await
         .map_err(|e| io_err(path, std::io::Error::other(e)))?
         .map_err(|e| io_err(path, e))?;
@@ -332,7 +353,8 @@ fn remove_stale_temps(path: &Path) -> std::io::Result<usize> {
 
 /// Write to a temp file beside `path`, fsync, rename over `path`, fsync the directory.
 /// On any error the temp file is removed and `path` is untouched.
-fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
+fn write_atomic(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = dir_of(path);
     let tmp = dir.join(format!(
         "{}{}.{}",
@@ -341,7 +363,12 @@ fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
         rand::random::<u32>()
     ));
     let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Created with its mode (never world-readable for a moment).
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(content)?;
         f.sync_all()?;
         drop(f);

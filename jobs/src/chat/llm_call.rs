@@ -93,6 +93,7 @@ pub struct LlmCall {
 
 impl JobArgs for LlmCall {
     const KIND: &'static str = "llm_call";
+    const PUBLIC: bool = true;
 }
 
 /// The result of an answered call.

@@ -20,15 +20,87 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-struct Token {
-    name: String,
+/// A configured token. Who it is (`principal`), what it may enqueue, its rights.
+pub(super) struct Token {
+    pub name: String,
+    /// `token:<name>`: recorded with every job it enqueues, and the namespace of its
+    /// idempotency keys.
+    pub principal: String,
     all_queues: bool,
     queues: Vec<String>,
+    scopes: Vec<String>,
+    pub customers: Option<Vec<i64>>,
     revoked: bool,
     limiter: DefaultDirectRateLimiter,
 }
 
+impl Token {
+    /// May enqueue to `queue` (a public kind: the caller checks that first).
+    pub fn may_use(&self, queue: &str) -> bool {
+        self.all_queues || self.queues.iter().any(|q| q == queue)
+    }
+
+    pub fn has(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// 403 unless it may use `queue`.
+    pub fn permit(&self, queue: &str) -> Result<(), ApiError> {
+        if self.may_use(queue) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "queue_forbidden",
+            format!("this token may not use queue {queue:?}"),
+        ))
+    }
+
+    /// 403 unless it holds `scope`.
+    pub fn require(&self, scope: &str) -> Result<(), ApiError> {
+        if self.has(scope) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "scope_forbidden",
+            format!("this token lacks the {scope:?} scope"),
+        ))
+    }
+}
+
 pub(super) struct Tokens(HashMap<String, Token>);
+
+/// A token bucket per client address for requests no token vouches for.
+pub(super) struct Anonymous(governor::DefaultKeyedRateLimiter<std::net::IpAddr>);
+
+impl Anonymous {
+    pub fn new(rate: u32, burst: u32) -> Anonymous {
+        let rate = NonZeroU32::new(rate).expect("validated: positive");
+        let burst = NonZeroU32::new(burst).expect("validated: positive");
+        Anonymous(RateLimiter::keyed(
+            Quota::per_second(rate).allow_burst(burst),
+        ))
+    }
+
+    /// 429 when `peer` is over its budget (no peer: a request from inside the process).
+    pub fn check(&self, peer: Option<std::net::IpAddr>) -> Result<(), ApiError> {
+        let Some(ip) = peer else { return Ok(()) };
+        // Addresses not seen for a while are forgotten, so rotating ones cannot grow this.
+        if self.0.len() > 10_000 {
+            self.0.retain_recent();
+        }
+        self.0.check_key(&ip).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many unauthenticated requests from this address; retry later",
+            )
+            .retry_after(wait.as_secs_f64().ceil() as u64)
+        })
+    }
+}
 
 impl Tokens {
     pub(super) fn from_config(cfg: &[TokenConfig]) -> Self {
@@ -41,8 +113,11 @@ impl Tokens {
                     t.sha256.to_ascii_lowercase(),
                     Token {
                         name: t.name.clone(),
+                        principal: format!("token:{}", t.name),
                         all_queues: t.queues.iter().any(|q| q == "*"),
                         queues: t.queues.clone(),
+                        scopes: t.scopes.clone(),
+                        customers: t.customers.clone(),
                         revoked: t.revoked,
                         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
                     },
@@ -52,9 +127,9 @@ impl Tokens {
         Tokens(map)
     }
 
-    /// Checks the bearer token, its right to `queue`, and its rate limit. Returns the
-    /// token's name (for logs; the token itself is never logged).
-    pub(super) fn authorize(&self, headers: &HeaderMap, queue: &str) -> Result<&str, ApiError> {
+    /// Checks the bearer token and its rate limit: who is calling. (What it may do is
+    /// checked after, against the route: [`Token::permit`], [`Token::require`].)
+    pub(super) fn authenticate(&self, headers: &HeaderMap) -> Result<&Token, ApiError> {
         let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(unauthorized(
@@ -62,14 +137,13 @@ impl Tokens {
                 "an Authorization: Bearer token is required",
             ));
         };
+        // The scheme is case-insensitive (RFC 7235); one space, then the token.
         let presented = value
             .to_str()
             .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 unauthorized(
@@ -85,13 +159,6 @@ impl Tokens {
         if t.revoked {
             return Err(unauthorized("token_revoked", "the token has been revoked"));
         }
-        if !t.all_queues && !t.queues.iter().any(|q| q == queue) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "queue_forbidden",
-                format!("this token may not use queue {queue:?}"),
-            ));
-        }
         if let Err(not_until) = t.limiter.check() {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(ApiError::new(
@@ -101,18 +168,19 @@ impl Tokens {
             )
             .retry_after(wait.as_secs_f64().ceil() as u64));
         }
-        Ok(&t.name)
+        Ok(t)
     }
 }
 
 /// Verifies a webhook delivery: the HMAC-SHA256 of the raw body (or of
 /// `"{timestamp}.{body}"` when the source has a timestamp header) against the hex
-/// signature header, in constant time, and the timestamp's freshness.
+/// signature header, in constant time, and the timestamp's freshness. Returns the
+/// signed message (what a replay cannot change).
 pub(super) fn verify_hook(
     hook: &HookConfig,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(), ApiError> {
+) -> Result<Vec<u8>, ApiError> {
     let unauthorized = |code, msg: String| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
     let sig_hex = headers
         .get(hook.signature_header.as_str())
@@ -128,6 +196,7 @@ pub(super) fn verify_hook(
         .map_err(|_| unauthorized("invalid_signature", "the signature is not hex".into()))?;
     let mut mac = Hmac::<Sha256>::new_from_slice(hook.secret.expose_secret().as_bytes())
         .expect("HMAC takes keys of any length");
+    let mut signed = Vec::with_capacity(body.len() + 16);
     if let Some(ts_header) = &hook.timestamp_header {
         let ts = headers
             .get(ts_header.as_str())
@@ -156,17 +225,19 @@ pub(super) fn verify_hook(
                 ),
             ));
         }
-        mac.update(ts.to_string().as_bytes());
-        mac.update(b".");
+        signed.extend_from_slice(ts.to_string().as_bytes());
+        signed.push(b'.');
     }
-    mac.update(body);
+    signed.extend_from_slice(body);
+    mac.update(&signed);
     // verify_slice compares in constant time.
     mac.verify_slice(&sig).map_err(|_| {
         unauthorized(
             "invalid_signature",
             "the signature does not match the body".into(),
         )
-    })
+    })?;
+    Ok(signed)
 }
 
 #[cfg(test)]
@@ -180,6 +251,7 @@ mod tests {
             queue: "probe".into(),
             signature_header: "x-sig".into(),
             timestamp_header: ts.then(|| "x-ts".into()),
+            allow_replay: !ts,
             delivery_header: None,
             tolerance: Duration::from_secs(300),
         }
@@ -256,61 +328,41 @@ mod tests {
 
     #[test]
     fn tokens_are_hashed_scoped_revocable_and_limited() {
+        let token = |name: &str, tok: &str, queues: &[&str], burst, revoked| TokenConfig {
+            name: name.into(),
+            sha256: hash_token(tok),
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+            scopes: vec![],
+            customers: None,
+            rate_per_second: 1,
+            burst,
+            revoked,
+        };
         let cfg = vec![
-            TokenConfig {
-                name: "a".into(),
-                sha256: hash_token("tok-a"),
-                queues: vec!["probe".into()],
-                rate_per_second: 1,
-                burst: 2,
-                revoked: false,
-            },
-            TokenConfig {
-                name: "r".into(),
-                sha256: hash_token("tok-r"),
-                queues: vec!["*".into()],
-                rate_per_second: 1,
-                burst: 1,
-                revoked: true,
-            },
+            token("a", "tok-a", &["probe"], 2, false),
+            token("r", "tok-r", &["*"], 1, true),
         ];
         let tokens = Tokens::from_config(&cfg);
-        let bearer = |t: &str| {
+        let with = |v: &str| {
             let mut h = HeaderMap::new();
-            h.insert(
-                header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
-            );
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
             h
         };
-        assert_eq!(
-            tokens
-                .authorize(&HeaderMap::new(), "probe")
-                .unwrap_err()
-                .code,
-            "missing_token"
-        );
-        assert_eq!(
-            tokens.authorize(&bearer("nope"), "probe").unwrap_err().code,
-            "invalid_token"
-        );
-        assert_eq!(
-            tokens
-                .authorize(&bearer("tok-r"), "probe")
-                .unwrap_err()
-                .code,
-            "token_revoked"
-        );
-        assert_eq!(
-            tokens
-                .authorize(&bearer("tok-a"), "other")
-                .unwrap_err()
-                .code,
-            "queue_forbidden"
-        );
-        assert_eq!(tokens.authorize(&bearer("tok-a"), "probe").unwrap(), "a");
-        assert!(tokens.authorize(&bearer("tok-a"), "probe").is_ok());
-        let e = tokens.authorize(&bearer("tok-a"), "probe").unwrap_err();
+        let code = |h: HeaderMap| tokens.authenticate(&h).err().map(|e| e.code);
+        assert_eq!(code(HeaderMap::new()), Some("missing_token"));
+        assert_eq!(code(with("Bearer nope")), Some("invalid_token"));
+        assert_eq!(code(with("Basic dG9rLWE=")), Some("invalid_token"));
+        assert_eq!(code(with("Bearer tok-r")), Some("token_revoked"));
+        // The scheme is case-insensitive.
+        let a = tokens.authenticate(&with("bearer tok-a")).unwrap();
+        assert_eq!((a.name.as_str(), a.principal.as_str()), ("a", "token:a"));
+        assert_eq!(a.permit("other").unwrap_err().code, "queue_forbidden");
+        assert!(a.permit("probe").is_ok());
+        assert_eq!(a.require("logs").unwrap_err().code, "scope_forbidden");
+        assert!(tokens.authenticate(&with("BEARER tok-a")).is_ok());
+        let Err(e) = tokens.authenticate(&with("Bearer tok-a")) else {
+            panic!("the burst of 2 is spent");
+        };
         assert_eq!((e.code, e.status.as_u16()), ("rate_limited", 429));
         assert!(e.retry_after.unwrap() >= 1);
     }

@@ -15,6 +15,7 @@ pub const ERRORS: &[(u16, &str)] = &[
     (401, "missing_timestamp"),
     (401, "stale_timestamp"),
     (403, "queue_forbidden"),
+    (403, "scope_forbidden"),
     (404, "not_found"),
     (404, "unknown_queue"),
     (404, "unknown_job"),

@@ -13,6 +13,7 @@
 mod auth;
 mod codes;
 mod routes;
+mod serve;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,14 +46,44 @@ pub use codes::ERRORS;
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Shared state of the ingress.
+/// Checks the ingress settings against the job kinds: every queue a token names is a
+/// public kind, every hook targets a registered kind. An error names the key.
+pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
+    for (n, t) in cfg.ingress.tokens.iter().enumerate() {
+        for q in t.queues.iter().filter(|q| *q != "*") {
+            if !registry.contains(q) {
+                return Err(format!("ingress.tokens[{n}].queues: no job kind {q:?}"));
+            }
+            if !registry.is_public(q) {
+                return Err(format!(
+                    "ingress.tokens[{n}].queues: {q:?} is an internal kind and is never enqueued over HTTP"
+                ));
+            }
+        }
+    }
+    for (name, h) in &cfg.hooks {
+        if !registry.contains(&h.queue) {
+            return Err(format!("hooks.{name}.queue: no job kind {:?}", h.queue));
+        }
+    }
+    Ok(())
+}
+
 pub struct Ingress {
     pool: PgPool,
     registry: Registry,
     cfg: Arc<Config>,
     tokens: auth::Tokens,
+    /// Requests no token vouches for (a failed authentication, a webhook, /readyz),
+    /// per client address: an unauthenticated flood gets 429, not the database.
+    anonymous: auth::Anonymous,
     waiters: Waiters,
     metrics: Option<PrometheusHandle>,
 }
+
+/// The client's address, put into each request by the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer(pub std::net::IpAddr);
 
 impl Ingress {
     pub fn new(
@@ -63,6 +94,10 @@ impl Ingress {
     ) -> Arc<Self> {
         Arc::new(Ingress {
             tokens: auth::Tokens::from_config(&cfg.ingress.tokens),
+            anonymous: auth::Anonymous::new(
+                cfg.ingress.anonymous_rate_per_second,
+                cfg.ingress.anonymous_burst,
+            ),
             pool,
             registry,
             cfg,
@@ -84,7 +119,7 @@ impl Ingress {
             .route("/v1/hooks/{source}", post(routes::hook))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
-            .route("/metrics", get(routes::metrics))
+            .route("/metrics", get(routes::public_metrics))
             .route("/openapi.json", get(routes::openapi))
     }
 
@@ -113,14 +148,48 @@ impl Ingress {
             on_done,
             stop.clone(),
         ));
-        let app = self.router();
-        let s = stop.clone();
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await;
+        let limits = serve::Limits {
+            max_connections: self.cfg.ingress.max_connections,
+            header_timeout: self.cfg.ingress.header_timeout,
+        };
+        // /metrics (and the probes) on a listener of their own when configured, so the
+        // public port carries only the API.
+        let admin = match &self.cfg.ingress.metrics_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).await?;
+                info!(addr = %l.local_addr()?, "metrics listening");
+                let admin_app = Router::new()
+                    .route("/metrics", get(routes::metrics))
+                    .route("/healthz", get(routes::healthz))
+                    .route("/readyz", get(routes::readyz))
+                    .fallback(routes::not_found)
+                    .layer(middleware::from_fn(envelope))
+                    .with_state(self.clone());
+                Some(tokio::spawn(serve::run(l, admin_app, limits, stop.clone())))
+            }
+            None => None,
+        };
+        let r = serve::run(listener, self.router(), limits, stop.clone()).await;
         stop.cancel();
+        if let Some(a) = admin {
+            let _ = a.await;
+        }
         let _ = lst.await;
         r
+    }
+}
+
+/// The authenticated caller's name, filled in by the route, read by [`envelope`] for
+/// the request's log line (the audit trail names who did what; never the token).
+#[derive(Clone, Default)]
+pub(crate) struct CallerSlot(Arc<Mutex<Option<String>>>);
+
+impl CallerSlot {
+    pub(crate) fn set(&self, name: &str) {
+        *self.0.lock().expect("not poisoned") = Some(name.to_string());
+    }
+    fn get(&self) -> Option<String> {
+        self.0.lock().expect("not poisoned").clone()
     }
 }
 
@@ -237,7 +306,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Request id, error envelope, metrics and one log line per request.
-async fn envelope(req: Request, next: Next) -> Response {
+async fn envelope(mut req: Request, next: Next) -> Response {
     let rid = req
         .headers()
         .get("x-request-id")
@@ -255,7 +324,20 @@ async fn envelope(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().clone();
+    // A closed set of labels: a made-up method must not mint a new series (or a long
+    // log field) per request.
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    let slot = CallerSlot::default();
+    req.extensions_mut().insert(slot.clone());
     let started = Instant::now();
     let mut resp = next.run(req).await;
     let mut status = resp.status();
@@ -293,9 +375,11 @@ async fn envelope(req: Request, next: Next) -> Response {
     }
     let secs = started.elapsed().as_secs_f64();
     let st = status.as_u16().to_string();
-    metrics::counter!(t::HTTP_REQUESTS, "route" => route.clone(), "method" => method.to_string(), "status" => st).increment(1);
+    metrics::counter!(t::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => st).increment(1);
     metrics::histogram!(t::HTTP_DURATION, "route" => route.clone()).record(secs);
-    info!(request_id = %rid, %method, route, status = status.as_u16(), ms = secs * 1e3, "request");
+    let caller = slot.get();
+    info!(request_id = %rid, method, route, status = status.as_u16(), ms = secs * 1e3,
+        caller = %caller.as_deref().unwrap_or("-"), "request");
     resp
 }
 

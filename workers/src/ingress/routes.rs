@@ -7,14 +7,16 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
-use super::{ApiError, Ingress, auth, clamp_wait};
+use super::auth::Token;
+use super::{ApiError, CallerSlot, Ingress, Peer, auth, clamp_wait};
 use crate::clean;
 use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue_json_many, queue_sql};
 use crate::queue_name::QueueName;
@@ -24,12 +26,47 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// A queue from the path: a valid name of a registered kind, else 404 before any SQL.
 fn known_queue(st: &Ingress, raw: &str) -> ApiResult<QueueName> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "unknown_queue", "no such queue");
-    let q = QueueName::parse(raw).map_err(|_| not_found())?;
+    let q = QueueName::parse(raw).map_err(|_| no_such_queue())?;
     if !st.registry.contains(q.as_str()) {
-        return Err(not_found());
+        return Err(no_such_queue());
     }
     Ok(q)
+}
+
+fn no_such_queue() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "unknown_queue", "no such queue")
+}
+
+/// A queue callers may enqueue to: a registered *public* kind. An internal kind answers
+/// the same 404 as one that does not exist, so callers cannot tell them apart.
+fn public_queue(st: &Ingress, raw: &str) -> ApiResult<QueueName> {
+    let q = known_queue(st, raw)?;
+    if !st.registry.is_public(q.as_str()) {
+        return Err(no_such_queue());
+    }
+    Ok(q)
+}
+
+/// Authenticates the request (before anything about the route is revealed) and records
+/// the caller's name for the request's log line. A failed attempt counts against the
+/// client address's unauthenticated budget (429 past it, so guessing is slow).
+fn caller<'a>(
+    st: &'a Ingress,
+    headers: &HeaderMap,
+    slot: &CallerSlot,
+    peer: Option<Extension<Peer>>,
+) -> ApiResult<&'a Token> {
+    match st.tokens.authenticate(headers) {
+        Ok(t) => {
+            slot.set(&t.name);
+            Ok(t)
+        }
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            st.anonymous.check(peer.map(|p| p.0.0))?;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads the body within the size limit and the read timeout.
@@ -219,19 +256,23 @@ fn accepted(queue: &QueueName, e: Enqueued) -> Response {
 
 pub(super) async fn enqueue_one(
     State(st): State<Arc<Ingress>>,
+    Extension(slot): Extension<CallerSlot>,
+    peer: Option<Extension<Peer>>,
     Path(queue): Path<String>,
     q: Result<Query<EnqueueQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let queue = known_queue(&st, &queue)?;
-    st.tokens.authorize(&headers, queue.as_str())?;
+    let token = caller(&st, &headers, &slot, peer)?;
+    let queue = public_queue(&st, &queue)?;
+    token.permit(queue.as_str())?;
     let Query(q) = q.map_err(bad_query)?;
     let mut opts = q.options()?;
+    opts.principal = Some(token.principal.clone());
     let bytes = read_body(&st, &headers, body).await?;
     let args = parse_json(&bytes)?;
     validate(&st, &queue, &args)?;
-    idempotency_key(&st, &headers, &mut opts)?;
+    idempotency_key(&st, &headers, token, &mut opts)?;
     let e = enqueue_single(&st, &queue, args, opts).await?;
     if e.duplicate && !e.same_body {
         return Err(key_conflict(&format!("job {}", e.id)));
@@ -239,20 +280,37 @@ pub(super) async fn enqueue_one(
     Ok(accepted(&queue, e))
 }
 
-/// The `Idempotency-Key` header into `opts`, with the configured TTL.
-fn idempotency_key(st: &Ingress, headers: &HeaderMap, opts: &mut EnqueueOptions) -> ApiResult<()> {
+/// The `Idempotency-Key` header into `opts`, in the token's own namespace (one
+/// tenant's key can neither find nor squat another's, nor a webhook's), with the
+/// configured TTL.
+fn idempotency_key(
+    st: &Ingress,
+    headers: &HeaderMap,
+    token: &Token,
+    opts: &mut EnqueueOptions,
+) -> ApiResult<()> {
     if let Some(k) = headers.get("idempotency-key") {
-        let k = k.to_str().map_err(|_| {
+        let bad = |m: &str| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_idempotency_key",
-                "not printable ASCII",
+                m.to_string(),
             )
-        })?;
-        opts.idempotency_key = Some(k.to_string());
+        };
+        let k = k.to_str().map_err(|_| bad("not printable ASCII"))?;
+        if k.is_empty() || k.len() > 200 {
+            return Err(bad("must be 1 to 200 characters"));
+        }
+        opts.idempotency_key = Some(namespaced(&token.principal, k));
         opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
     Ok(())
+}
+
+/// A key in a principal's namespace. The separator is a control character, which no
+/// key a caller sends can contain (keys are refused with one).
+fn namespaced(principal: &str, key: &str) -> String {
+    format!("{principal}\u{1f}{key}")
 }
 
 fn key_conflict(what: &str) -> ApiError {
@@ -268,11 +326,15 @@ fn key_conflict(what: &str) -> ApiError {
 /// dropped); blank lines are ignored. Re-posting the same content ingests nothing twice.
 pub(super) async fn logs(
     State(st): State<Arc<Ingress>>,
+    Extension(slot): Extension<CallerSlot>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    let token = caller(&st, &headers, &slot, peer)?;
+    // Billable usage: only the log shipper's token (scope `logs`) may post lines.
+    token.require("logs")?;
     let queue = known_queue(&st, "ingest_logs")?;
-    st.tokens.authorize(&headers, queue.as_str())?;
     let bytes = read_body(&st, &headers, body).await?;
     // NUL cannot be stored; like a byte that is not UTF-8, it becomes U+FFFD.
     let text = String::from_utf8_lossy(&bytes).replace('\0', "\u{FFFD}");
@@ -284,25 +346,36 @@ pub(super) async fn logs(
             "the body has no log lines",
         ));
     }
-    let args = serde_json::json!({ "lines": lines });
+    let mut args = serde_json::json!({ "lines": lines });
+    if let Some(c) = &token.customers {
+        args["customers"] = json!(c);
+    }
     validate(&st, &queue, &args)?;
-    let e = enqueue_single(&st, &queue, args, EnqueueOptions::default()).await?;
+    let opts = EnqueueOptions {
+        principal: Some(token.principal.clone()),
+        ..Default::default()
+    };
+    let e = enqueue_single(&st, &queue, args, opts).await?;
     Ok(accepted(&queue, e))
 }
 
 pub(super) async fn enqueue_batch(
     State(st): State<Arc<Ingress>>,
+    Extension(slot): Extension<CallerSlot>,
+    peer: Option<Extension<Peer>>,
     Path(queue): Path<String>,
     q: Result<Query<EnqueueQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let queue = known_queue(&st, &queue)?;
-    st.tokens.authorize(&headers, queue.as_str())?;
+    let token = caller(&st, &headers, &slot, peer)?;
+    let queue = public_queue(&st, &queue)?;
+    token.permit(queue.as_str())?;
     let Query(q) = q.map_err(bad_query)?;
     let mut opts = q.options()?;
+    opts.principal = Some(token.principal.clone());
     // A key covers the whole batch: a retried batch enqueues once.
-    idempotency_key(&st, &headers, &mut opts)?;
+    idempotency_key(&st, &headers, token, &mut opts)?;
     let bytes = read_body(&st, &headers, body).await?;
     let Value::Array(items) = parse_json(&bytes)? else {
         return Err(ApiError::new(
@@ -357,10 +430,13 @@ pub(super) struct StatusQuery {
 
 pub(super) async fn job_status(
     State(st): State<Arc<Ingress>>,
+    Extension(slot): Extension<CallerSlot>,
+    peer: Option<Extension<Peer>>,
     path: Result<Path<(String, String)>, PathRejection>,
     q: Result<Query<StatusQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let token = caller(&st, &headers, &slot, peer)?;
     let Ok(Path((queue, id))) = path else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -369,7 +445,6 @@ pub(super) async fn job_status(
         ));
     };
     let queue = known_queue(&st, &queue)?;
-    st.tokens.authorize(&headers, queue.as_str())?;
     let Ok(id) = id.parse::<i64>() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -394,12 +469,20 @@ pub(super) async fn job_status(
                 .map_err(|e| ApiError::database(&e))
         })
         .await?;
-        let Some(status) = status else {
+        // A job is answered to the principal that enqueued it, or to a token that may
+        // read every job of a public queue it may use. To anyone else it does not exist.
+        let readable = |s: &store::JobStatus| {
+            s.principal.as_deref() == Some(token.principal.as_str())
+                || (token.has("read_all")
+                    && st.registry.is_public(queue.as_str())
+                    && token.may_use(queue.as_str()))
+        };
+        let Some(status) = status.filter(readable) else {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_job",
                 format!(
-                    "no job {id} in queue {queue} (done jobs are kept for the archive retention)"
+                    "no job {id} in queue {queue} for this token (done jobs are kept for the archive retention)"
                 ),
             ));
         };
@@ -420,10 +503,13 @@ pub(super) async fn job_status(
 
 pub(super) async fn hook(
     State(st): State<Arc<Ingress>>,
+    peer: Option<Extension<Peer>>,
     Path(source): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // No token vouches for a webhook until its signature is checked.
+    st.anonymous.check(peer.map(|p| p.0.0))?;
     let Some(hook) = st.cfg.hooks.get(&source) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -433,12 +519,11 @@ pub(super) async fn hook(
     };
     let queue = known_queue(&st, &hook.queue)?;
     let bytes = read_body(&st, &headers, body).await?;
-    auth::verify_hook(hook, &headers, &bytes)?;
+    let signed = auth::verify_hook(hook, &headers, &bytes)?;
     let args = parse_json(&bytes)?;
     validate(&st, &queue, &args)?;
-    let mut opts = EnqueueOptions::default();
     if let Some(h) = &hook.delivery_header {
-        let id = headers
+        headers
             .get(h.as_str())
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 150)
@@ -449,9 +534,20 @@ pub(super) async fn hook(
                     format!("header {h} is required"),
                 )
             })?;
-        opts.idempotency_key = Some(format!("hook:{source}:{id}"));
-        opts.idempotency_ttl = Some(st.cfg.enqueue.idempotency_ttl);
     }
+    // Duplicates are what is signed (timestamp and body): a replay carries the same,
+    // whatever delivery id it claims. In the hook's own namespace, which no token's
+    // Idempotency-Key can reach.
+    let principal = format!("hook:{source}");
+    let opts = EnqueueOptions {
+        idempotency_key: Some(namespaced(
+            &principal,
+            &hex::encode(Sha256::digest(&signed)),
+        )),
+        idempotency_ttl: Some(st.cfg.enqueue.idempotency_ttl),
+        principal: Some(principal),
+        ..Default::default()
+    };
     let e = enqueue_single(&st, &queue, args, opts).await?;
     Ok(accepted(&queue, e))
 }
@@ -460,7 +556,12 @@ pub(super) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-pub(super) async fn readyz(State(st): State<Arc<Ingress>>) -> ApiResult<Json<Value>> {
+pub(super) async fn readyz(
+    State(st): State<Arc<Ingress>>,
+    peer: Option<Extension<Peer>>,
+) -> ApiResult<Json<Value>> {
+    // It touches the database: an unauthenticated caller gets its budget, no more.
+    st.anonymous.check(peer.map(|p| p.0.0))?;
     bounded(&st, async {
         store::ping(&st.pool)
             .await
@@ -468,6 +569,14 @@ pub(super) async fn readyz(State(st): State<Arc<Ingress>>) -> ApiResult<Json<Val
     })
     .await?;
     Ok(Json(json!({"status": "ready"})))
+}
+
+/// `/metrics` on the public port: 404 when metrics have a listener of their own.
+pub(super) async fn public_metrics(st: State<Arc<Ingress>>) -> Response {
+    if st.cfg.ingress.metrics_listen.is_some() {
+        return not_found().await.into_response();
+    }
+    metrics(st).await
 }
 
 pub(super) async fn metrics(State(st): State<Arc<Ingress>>) -> Response {

@@ -46,7 +46,7 @@ use crate::queue_name::QueueName;
 
 /// Bumped whenever the per-queue objects [`create_queue`] makes change, so test
 /// templates built by an older runtime are not reused.
-pub const QUEUE_OBJECTS_VERSION: u32 = 2;
+pub const QUEUE_OBJECTS_VERSION: u32 = 3;
 
 /// A message as claimed by a worker.
 #[derive(Debug, Clone)]
@@ -207,6 +207,9 @@ pub struct JobStatus {
     pub attempts: i32,
     pub last_error: Option<String>,
     pub result: Option<Value>,
+    /// Who enqueued it (the `principal` header); not part of the answer.
+    #[serde(skip)]
+    pub principal: Option<String>,
 }
 
 /// Counts for one queue.
@@ -363,10 +366,11 @@ held AS ({held}),
 done AS (
     DELETE FROM {q} m USING held
      WHERE m.msg_id = held.msg_id
-    RETURNING m.msg_id, longshore.attempts(m.read_ct, m.headers) AS attempts
+    RETURNING m.msg_id, longshore.attempts(m.read_ct, m.headers) AS attempts,
+              longshore.headers(m.headers) ->> 'principal' AS principal
 )
-INSERT INTO longshore.completions (queue, msg_id, attempts)
-SELECT '{name}', msg_id, attempts FROM done
+INSERT INTO longshore.completions (queue, msg_id, attempts, principal)
+SELECT '{name}', msg_id, attempts, principal FROM done
 ON CONFLICT (queue, msg_id) DO UPDATE SET attempts = excluded.attempts, done_at = now()
 RETURNING msg_id
 "#;
@@ -454,16 +458,18 @@ SELECT count(*) FILTER (WHERE vt <= now())                              AS visib
 
 const STATUS: &str = r#"
 SELECT 'queued' AS src, longshore.attempts(read_ct, headers),
-       (last_read_at IS NOT NULL AND vt > now()), headers, headers ->> 'last_error'
+       (last_read_at IS NOT NULL AND vt > now()), headers, headers ->> 'last_error',
+       longshore.headers(headers) ->> 'principal'
   FROM {q} WHERE msg_id = $1
 UNION ALL
-SELECT 'done', longshore.attempts(read_ct, headers), false, headers, headers ->> 'last_error'
+SELECT 'done', longshore.attempts(read_ct, headers), false, headers, headers ->> 'last_error',
+       longshore.headers(headers) ->> 'principal'
   FROM {a} WHERE msg_id = $1
 UNION ALL
-SELECT 'done', attempts, false, NULL, NULL
+SELECT 'done', attempts, false, NULL, NULL, principal
   FROM longshore.completions WHERE queue = '{name}' AND msg_id = $1
 UNION ALL
-SELECT 'dead', attempts, false, headers, last_error
+SELECT 'dead', attempts, false, headers, last_error, longshore.headers(headers) ->> 'principal'
   FROM longshore.dead_letters WHERE queue = '{name}' AND msg_id = $1
 LIMIT 1
 "#;
@@ -516,6 +522,7 @@ impl QueueSql {
             attempts: r.try_get::<i32, _>(1)?.max(0),
             last_error: r.try_get(4)?,
             result: headers.and_then(|h| h.get("result").cloned()),
+            principal: r.try_get(5)?,
         }))
     }
 
