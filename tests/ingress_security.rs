@@ -342,7 +342,8 @@ async fn paths_are_confined_to_the_configured_directories() {
 /// operator's probe can neither hold transactions open nor kill a worker.
 #[tokio::test]
 async fn probe_fault_knobs_are_off_by_default() {
-    let off = [("LONGSHORE__PROBE__FAULT_KNOBS", "false")];
+    // The binary's own default, not an explicit "false".
+    let off = [("LONGSHORE__PROBE__FAULT_KNOBS", common::UNSET)];
     let env = start(&off).await;
     for body in [
         r#"{"id": 1, "hold_ms": 600000, "effect": true}"#,
@@ -776,4 +777,111 @@ async fn unauthenticated_floods_get_429_and_valid_tokens_still_work() {
         .post("/v1/queues/probe/jobs", "tok-alice", r#"{"id": 2}"#)
         .await;
     assert_eq!(st, 202, "a valid token is not in the anonymous budget");
+}
+
+/// Review of High 3: busy connections cannot be evicted, so one host with a valid
+/// token holding long polls and bodies sent a byte at a time could take every slot.
+/// One address holds at most its share (64) and long polls are capped
+/// (`max_waiters`): the health checks and a fresh enqueue from elsewhere still answer.
+#[tokio::test]
+async fn busy_connections_from_one_host_cannot_lock_the_ingress_out() {
+    use tokio::io::AsyncWriteExt;
+    let t = db().await;
+    let dir = config_dir(&config().replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nmax_connections = 150\nmax_waiters = 16\nread_timeout = \"30s\"",
+    ));
+    let ingress = Proc::spawn_in(
+        Some(&dir),
+        &t.url,
+        &["ingress"],
+        &[("LONGSHORE_ENV", "test")],
+    );
+    let addr: std::net::SocketAddr = ingress.ingress_addr().await.parse().unwrap();
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{base}/v1/queues/probe/jobs?delay=3600"))
+        .bearer_auth("tok-alice")
+        .body(r#"{"id": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].clone();
+    // From 127.0.0.2: 100 long polls and 100 bodies that never finish.
+    let mut held = Vec::new();
+    for i in 0..200 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let Ok(mut s) = sock.connect(addr).await else {
+            continue;
+        };
+        let req = if i % 2 == 0 {
+            format!(
+                "GET /v1/jobs/probe/{id}?wait=30 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice\r\n\r\n"
+            )
+        } else {
+            "POST /v1/queues/probe/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice\r\nContent-Length: 100\r\n\r\n{".to_string()
+        };
+        let _ = s.write_all(req.as_bytes()).await;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/healthz", "/readyz"] {
+        let r = http.get(format!("{base}{path}")).send().await;
+        assert_eq!(
+            r.map(|r| r.status().as_u16()).ok(),
+            Some(200),
+            "{path} answered"
+        );
+    }
+    let r = http
+        .post(format!("{base}/v1/queues/probe/jobs"))
+        .bearer_auth("tok-bob")
+        .body(r#"{"id": 2}"#)
+        .send()
+        .await;
+    assert_eq!(
+        r.map(|r| r.status().as_u16()).ok(),
+        Some(202),
+        "enqueue answered"
+    );
+    drop(held);
+}
+
+/// Review of the least-privilege item: the ingress checks and enqueues but never runs
+/// a handler, so it starts without the secrets only workers use (a market source's
+/// API key, the chain's RPC URL and delegate keypair); a worker given the same
+/// settings refuses to start, naming the key.
+#[tokio::test]
+async fn the_ingress_needs_none_of_the_workers_secrets() {
+    let t = db().await;
+    let dir = config_dir(&config());
+    let env = [
+        ("LONGSHORE_ENV", "test"),
+        ("LONGSHORE__MARKET__SOURCE", "cryptometer"),
+        ("LONGSHORE__BILLING__CHAIN__BACKEND", "rpc"),
+    ];
+    let ingress = Proc::spawn_in(Some(&dir), &t.url, &["ingress"], &env);
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/queues/probe/jobs"))
+        .bearer_auth("tok-alice")
+        .body(r#"{"id": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // The worker, with the same pipeline settings (and the repository's config).
+    let (code, _, err) = common::run_cli(&t.url, &["worker"], &env[1..]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("market.cryptometer") || err.contains("billing.chain"),
+        "{err}"
+    );
 }

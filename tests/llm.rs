@@ -93,7 +93,7 @@ fn event_stream(parts: Vec<Result<Bytes, Infallible>>, then_hang: bool) -> Respo
 
 fn answer(model: &str, content: &str, usage: Option<(u32, u32)>, stream: bool) -> Response {
     let usage_json = usage
-        .map(|(i, o)| json!({"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o}));
+        .map(|(i, o)| json!({"prompt_tokens": i, "completion_tokens": o, "total_tokens": u64::from(i) + u64::from(o)}));
     if !stream {
         let mut v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1_763_800_000,
             "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
@@ -432,6 +432,14 @@ async fn the_client_speaks_json_and_sse_and_reports_usage() {
     assert!(r.usage_estimated);
     assert_eq!(r.output_tokens, 3);
     assert_eq!(r.input_tokens, req.estimated_input_tokens());
+    // A usage no answer can have (it would not fit the ledger, and stored it looped
+    // the job on a constraint error): a malformed answer, so the next provider runs.
+    for p in ["grok", "gpt"] {
+        fake.script(p, &[Reply::Answer("huge", Some((3_000_000_000, 5)))]);
+        let e = c.providers[p].complete(&req).await.unwrap_err();
+        assert!(e.to_string().contains("3000000000 input"), "{p}: {e}");
+        assert_eq!(e.failure.as_str(), "malformed", "{p}");
+    }
 }
 
 #[tokio::test]
@@ -799,6 +807,80 @@ async fn a_retry_with_a_stored_answer_does_not_call_again_and_charges_once() {
     let r3 = run(&t.pool, &other).await;
     assert_eq!(r3["error"]["code"], "request_id_conflict");
     assert_eq!(charges(&t.pool, c.request_id).await, [38]);
+    fleet.stop().await;
+}
+
+/// Issue 15 item 11: a request answered, charged and then pruned (past the answers'
+/// retention) is not answered again for free: its user gets `request_expired`,
+/// another user `request_id_conflict`, and no provider is called.
+#[tokio::test]
+async fn a_replay_after_the_answer_was_pruned_calls_no_provider() {
+    let (t, fake, fleet, user) = setup(&[]).await;
+    let c = call(user, "answered long ago", None);
+    fake.script("grok", &[Reply::Answer("the answer", Some((100, 10)))]);
+    let r = run(&t.pool, &c).await;
+    assert_eq!(r["content"], "the answer");
+    let charged = charges(&t.pool, c.request_id).await;
+    assert_eq!(charged.len(), 1);
+    assert_eq!(fake.calls(), 1);
+    // prune_llm past the retention (the rows it deletes).
+    sqlx::query("DELETE FROM llm_answers")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM llm_attempts")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let before = balance(&t.pool, user).await;
+    let r = run(&t.pool, &c).await;
+    assert_eq!(r["error"]["code"], "request_expired", "{r}");
+    let other = LlmCall {
+        user_id: Uuid::new_v4(),
+        ..c.clone()
+    };
+    let r = run(&t.pool, &other).await;
+    assert_eq!(r["error"]["code"], "request_id_conflict", "{r}");
+    assert_eq!(fake.calls(), 1, "no provider called for a pruned request");
+    assert_eq!(charges(&t.pool, c.request_id).await, charged);
+    assert_eq!(balance(&t.pool, user).await, before);
+    fleet.stop().await;
+}
+
+/// Issue 14 review: a user is its first ingress caller's. Another token's llm_call for
+/// that user_id (a new request, or a replay of one answered) is refused: it neither
+/// spends the user's credits, nor reads the answer or the balance, nor calls anyone.
+#[tokio::test]
+async fn one_caller_cannot_spend_or_read_another_callers_user() {
+    let (t, fake, fleet, user) = setup(&[]).await;
+    let as_caller = |who: &str| EnqueueOptions {
+        principal: Some(format!("token:{who}")),
+        ..Default::default()
+    };
+    let c = call(user, "alice's question", None);
+    fake.script("grok", &[Reply::Answer("alice's answer", Some((100, 10)))]);
+    let id = enqueue(&t.pool, &c, as_caller("alice")).await.unwrap().id;
+    assert_eq!(result(&t.pool, id).await["content"], "alice's answer");
+    let before = balance(&t.pool, user).await;
+    // Bob: a new request for alice's user, and a replay of hers.
+    for a in [call(user, "bob spends", None), c.clone()] {
+        let id = enqueue(&t.pool, &a, as_caller("bob")).await.unwrap().id;
+        let r = result(&t.pool, id).await;
+        assert_eq!(r["error"]["code"], "user_forbidden", "{r}");
+        assert!(
+            r.get("content").is_none() && r.get("balance").is_none(),
+            "{r}"
+        );
+    }
+    assert_eq!(fake.calls(), 1, "nobody called for bob");
+    assert_eq!(balance(&t.pool, user).await, before);
+    // Alice still can.
+    fake.script("grok", &[Reply::Answer("again", Some((100, 10)))]);
+    let id = enqueue(&t.pool, &call(user, "more", None), as_caller("alice"))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(result(&t.pool, id).await["content"], "again");
     fleet.stop().await;
 }
 

@@ -41,9 +41,13 @@ impl FileRoots {
                 "{path:?}: a path must not be empty or contain `..`"
             ));
         }
-        let resolved = resolve(&absolute(p));
+        let resolved = resolve(&absolute(p))
+            .ok_or_else(|| format!("{path:?}: a part of it is a symlink that leads nowhere"))?;
         for root in &self.0 {
-            if resolved.starts_with(resolve(root)) {
+            let Some(root) = resolve(root) else { continue };
+            // Strictly under the root: a job given the root itself would work in its
+            // parent (a vault's temp file, a spool's done directory).
+            if resolved.starts_with(&root) && resolved != root {
                 return Ok(resolved);
             }
         }
@@ -62,9 +66,10 @@ fn absolute(p: &Path) -> PathBuf {
     }
 }
 
-/// The longest existing ancestor canonicalized (symlinks resolved), the rest appended:
-/// components that do not exist yet cannot be links.
-fn resolve(p: &Path) -> PathBuf {
+/// The longest existing ancestor canonicalized (symlinks resolved), the rest appended.
+/// The rest must really not exist: a dangling symlink among it (which canonicalize
+/// cannot follow, and which could later point anywhere) makes the path refused.
+fn resolve(p: &Path) -> Option<PathBuf> {
     let mut existing = p.to_path_buf();
     let mut rest = Vec::new();
     loop {
@@ -73,7 +78,10 @@ fn resolve(p: &Path) -> PathBuf {
             for part in rest.iter().rev() {
                 out.push(part);
             }
-            return out;
+            return Some(out);
+        }
+        if std::fs::symlink_metadata(&existing).is_ok() {
+            return None; // exists but cannot be resolved: a dangling (or looping) link
         }
         match (
             existing.file_name().map(|f| f.to_os_string()),
@@ -83,7 +91,7 @@ fn resolve(p: &Path) -> PathBuf {
                 rest.push(name);
                 existing = parent.to_path_buf();
             }
-            _ => return p.to_path_buf(),
+            _ => return Some(p.to_path_buf()),
         }
     }
 }
@@ -114,6 +122,14 @@ mod tests {
             ok(root.join("dirlink/key")).is_err(),
             "through a dir symlink out"
         );
+        let _ = std::fs::remove_file(root.join("dangling"));
+        std::os::unix::fs::symlink(base.join("not-yet"), root.join("dangling")).unwrap();
+        assert!(
+            ok(root.join("dangling/vault.csv")).is_err(),
+            "through a link that leads nowhere (yet)"
+        );
+        assert!(ok(root.join("dangling")).is_err(), "a dangling link itself");
+        assert!(ok(root.clone()).is_err(), "the root itself");
         let dotdot = format!("{}/../secret/key", root.display());
         assert!(roots.check(&dotdot).unwrap_err().contains(".."));
         assert!(roots.check("").is_err());

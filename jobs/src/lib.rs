@@ -18,12 +18,35 @@ use std::sync::Arc;
 use longshore_workers::Registry;
 use longshore_workers::config::{Config, ConfigError};
 
-/// Every job kind this build knows, with its settings from `cfg`. An invalid pipeline
-/// setting is an error naming its key.
+/// Whether a registry builds the outside clients its handlers call (market sources,
+/// chat providers, the chain), which need the pipelines' secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clients {
+    Build,
+    /// For processes that check and enqueue but never run a handler.
+    Skip,
+}
+
+/// Every job kind this build knows, with its settings from `cfg`, ready to run. An
+/// invalid pipeline setting is an error naming its key.
 pub fn registry(cfg: &Config) -> Result<Registry, ConfigError> {
-    let billing = Arc::new(billing::config::BillingConfig::from_config(cfg)?);
-    let market = Arc::new(market::config::Market::from_config(cfg)?);
-    let chat = Arc::new(chat::config::Chat::from_config(cfg)?);
+    build(cfg, Clients::Build)
+}
+
+/// The same kinds, for processes that only check and enqueue (the ingress, the
+/// scheduler, the CLI): args are checked exactly as a worker checks them, but no
+/// outside client is built, so these processes need none of the secrets a worker
+/// needs (provider and RPC keys, the delegate keypair).
+pub fn door_registry(cfg: &Config) -> Result<Registry, ConfigError> {
+    build(cfg, Clients::Skip)
+}
+
+fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
+    let billing = Arc::new(billing::config::BillingConfig::from_config_for(
+        cfg, clients,
+    )?);
+    let market = Arc::new(market::config::Market::from_config_for(cfg, clients)?);
+    let chat = Arc::new(chat::config::Chat::from_config_for(cfg, clients)?);
     Ok(Registry::new()
         .register(probe::ProbeHandler::from_config(cfg)?)
         .register(billing::ingest_logs::IngestLogsHandler(billing.clone()))

@@ -52,17 +52,24 @@ impl std::fmt::Display for CliError {
 
 pub type CliResult = Result<(), CliError>;
 
-/// Loads and validates configuration, installs logging.
+/// Loads and validates configuration (every pipeline setting; the secrets of outside
+/// clients are checked where a handler runs: the worker, `dev`), installs logging.
 pub fn config() -> Result<Arc<Config>, CliError> {
     let cfg = Config::load().map_err(CliError::usage)?;
     longshore_workers::telemetry::init_logging(&cfg.log);
-    registry(&cfg)?;
+    door_registry(&cfg)?;
     Ok(Arc::new(cfg))
 }
 
 /// Every job kind, with its pipeline settings from `cfg` (a bad one is a usage error).
 pub fn registry(cfg: &Config) -> Result<longshore_workers::Registry, CliError> {
     longshore_jobs::registry(cfg).map_err(CliError::usage)
+}
+
+/// The job kinds for a process that checks and enqueues but runs no handler: it needs
+/// none of the outside services' secrets.
+pub fn door_registry(cfg: &Config) -> Result<longshore_workers::Registry, CliError> {
+    longshore_jobs::door_registry(cfg).map_err(CliError::usage)
 }
 
 /// The configured database (DATABASE_URL / database.url), required.
@@ -126,7 +133,7 @@ pub async fn embedded_default(
 
 /// Migrates with every job kind this build knows.
 pub async fn migrate(pool: &PgPool, cfg: &Config) -> CliResult {
-    db::migrate(pool, &MIGRATOR, &registry(cfg)?).await?;
+    db::migrate(pool, &MIGRATOR, &door_registry(cfg)?).await?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@ pub struct Args {
 pub async fn run(args: Args) -> CliResult {
     let cfg = app::config()?;
     let queue = QueueName::parse(&args.queue).map_err(CliError::usage)?;
-    let registry = app::registry(&cfg)?;
+    let registry = app::door_registry(&cfg)?;
     if !registry.contains(queue.as_str()) {
         let known: Vec<_> = registry.kinds().collect();
         return Err(CliError::usage(anyhow!(

@@ -58,7 +58,7 @@ pub async fn serve(
         cfg.metrics.sample_interval,
         stop.clone(),
     ));
-    let registry = app::registry(&cfg)?;
+    let registry = app::door_registry(&cfg)?;
     longshore_workers::ingress::check_config(&cfg, &registry)
         .map_err(|e| CliError::usage(anyhow::anyhow!("configuration: {e}")))?;
     let ingress = Ingress::new(ingress_pool, registry, cfg, Some(metrics));

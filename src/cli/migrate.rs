@@ -6,7 +6,7 @@ pub async fn run() -> CliResult {
     let cfg = app::config()?;
     let pool = app::pool(&cfg, "longshore-migrate").await?;
     app::migrate(&pool, &cfg).await?;
-    let kinds: Vec<_> = app::registry(&cfg)?.kinds().collect();
+    let kinds: Vec<_> = app::door_registry(&cfg)?.kinds().collect();
     println!("migrated; queues: {}", kinds.join(", "));
     Ok(())
 }

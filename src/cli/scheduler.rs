@@ -34,7 +34,7 @@ pub async fn run(_args: Args) -> CliResult {
 
 /// The enabled schedules, checked against the job kinds.
 pub fn compile(cfg: &longshore_workers::Config) -> Result<Vec<Schedule>, CliError> {
-    let registry = app::registry(cfg)?;
+    let registry = app::door_registry(cfg)?;
     cfg.schedules
         .iter()
         .filter(|s| s.enabled)

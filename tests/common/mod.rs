@@ -35,6 +35,10 @@ pub fn test_env() -> Vec<(String, String)> {
     ]
 }
 
+/// An environment value for [`Proc::spawn`] that removes the variable instead, so a
+/// test sees the binary's default rather than [`test_env`]'s.
+pub const UNSET: &str = "\u{0}unset";
+
 /// Configuration as the binary would load it, plus `LONGSHORE__…` overrides.
 pub fn config(vars: &[(&str, &str)]) -> Arc<Config> {
     let mut all = test_env();
@@ -110,7 +114,12 @@ impl Proc {
             .stdout(Stdio::null())
             .stderr(file);
         for (k, v) in env {
-            c.env(k, v);
+            // A variable given as `UNSET` is removed: the binary's own default applies.
+            if *v == UNSET {
+                c.env_remove(k);
+            } else {
+                c.env(k, v);
+            }
         }
         if let Some(d) = dir {
             c.current_dir(d);

@@ -140,6 +140,18 @@ pub struct IngressConfig {
     /// Open connections at most (lowered to fit the descriptor limit); at the cap a new
     /// connection evicts the oldest idle one.
     pub max_connections: usize,
+    /// Open connections at most from one client address (an IPv6 /64 counts as one),
+    /// so a few hosts holding busy connections (slow bodies, long polls) cannot take
+    /// every slot. 0: no per-address cap (behind a proxy that pools connections).
+    #[serde(default = "default_per_address")]
+    pub max_connections_per_address: usize,
+    /// `?wait=` long polls in progress at most; past it a status is answered at once.
+    #[serde(default = "default_max_waiters")]
+    pub max_waiters: usize,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client:
+    /// the unauthenticated budget is then kept per forwarded client, not per proxy.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Serve `/metrics`, `/healthz` and `/readyz` on this address too, and `/metrics`
     /// only there (404 on the public port). Unset: all on `listen`.
     #[serde(default)]
@@ -209,13 +221,27 @@ pub struct HookConfig {
     /// `enqueue.idempotency_ttl` still enqueue one job.
     #[serde(default)]
     pub allow_replay: bool,
-    /// If set: this header must be present; its value is kept with the job. Duplicates
-    /// are found by what is signed (timestamp and body), which a replay with a fresh
+    /// If set: this header must be present. Unless `sign_delivery_id`, duplicates are
+    /// found by what is signed (timestamp and body), which a replay with a fresh
     /// delivery id cannot change.
     #[serde(default)]
     pub delivery_header: Option<String>,
+    /// The sender signs the delivery id too (`"{id}.{timestamp}.{body}"`, as Standard
+    /// Webhooks and Svix do): duplicates are then found by the delivery id, so a
+    /// sender's retry with a fresh timestamp enqueues nothing new. Needs
+    /// `delivery_header`.
+    #[serde(default)]
+    pub sign_delivery_id: bool,
     #[serde(default = "default_tolerance", with = "humantime_serde")]
     pub tolerance: Duration,
+}
+
+fn default_per_address() -> usize {
+    64
+}
+
+fn default_max_waiters() -> usize {
+    256
 }
 
 fn default_tolerance() -> Duration {
@@ -635,6 +661,20 @@ impl Config {
                 "ingress.header_timeout",
                 "header_timeout and max_connections must be positive",
             ));
+        }
+        if i.max_waiters == 0 {
+            return Err(ConfigError::invalid(
+                "ingress.max_waiters",
+                "must be at least 1",
+            ));
+        }
+        for p in &i.trusted_proxies {
+            if p.parse::<ipnet::IpNet>().is_err() && p.parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    "ingress.trusted_proxies",
+                    format!("{p:?} is not an address or a CIDR range"),
+                ));
+            }
         }
         if let Some(m) = &i.metrics_listen {
             m.parse::<std::net::SocketAddr>()

@@ -158,6 +158,9 @@ pub struct JobContext {
     pub attempt: u32,
     pub max_attempts: u32,
     pub enqueued_at: DateTime<Utc>,
+    /// Who enqueued it (`token:<name>`, `hook:<source>`), when it came through the
+    /// ingress; `None` for jobs enqueued by the scheduler, the CLI or SQL.
+    pub principal: Option<String>,
     /// Cancelled when the lease is lost or the worker's shutdown grace period ends.
     /// Long handlers should watch it; the runtime drops the handler soon after.
     pub cancel: CancellationToken,
@@ -181,6 +184,7 @@ impl JobContext {
             attempt,
             max_attempts,
             enqueued_at,
+            principal: None,
             cancel,
             pool,
             tx: None,

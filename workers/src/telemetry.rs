@@ -74,7 +74,9 @@ async fn sample_once(pool: &PgPool) {
 /// Text lines carry colours only on a terminal. Anywhere else (a file, a log pipeline)
 /// every control character inside a line is escaped (`\n`, `\x1b`), so a value from a
 /// job's args that reaches a log line through an error message cannot forge a line or
-/// send escape sequences. JSON lines are escaped by the encoding itself.
+/// send escape sequences. On a terminal too, a newline or carriage return inside a
+/// line is escaped (the formatter's colour sequences pass; tracing escapes ESC in
+/// field values itself). JSON lines are escaped by the encoding itself.
 pub fn init_logging(cfg: &LogConfig) {
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env()
@@ -86,7 +88,7 @@ pub fn init_logging(cfg: &LogConfig) {
         .with_ansi(tty)
         .with_writer(move || Escaping {
             inner: std::io::stderr(),
-            on: !tty,
+            keep_ansi: tty,
         });
     // try_init: a second call (tests, `dev` calling into `worker`) is not an error.
     let _ = match cfg.format {
@@ -99,14 +101,14 @@ pub fn init_logging(cfg: &LogConfig) {
 /// writes one whole event per call; its final newline is kept).
 struct Escaping<W> {
     inner: W,
-    on: bool,
+    /// On a terminal: ESC passes (colours); line breaks are still escaped.
+    keep_ansi: bool,
 }
 
 impl<W: std::io::Write> std::io::Write for Escaping<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !self.on
-            || !buf.iter().any(|b| b.is_ascii_control() && *b != b'\n') && !inner_newline(buf)
-        {
+        let escaped = |b: u8| b.is_ascii_control() && b != b'\n' && !(self.keep_ansi && b != b'\r');
+        if !buf.iter().any(|&b| escaped(b)) && !inner_newline(buf) {
             return self.inner.write_all(buf).map(|_| buf.len());
         }
         let (body, end) = match buf.split_last() {
@@ -119,7 +121,7 @@ impl<W: std::io::Write> std::io::Write for Escaping<W> {
                 b'\n' => out.extend_from_slice(b"\\n"),
                 b'\r' => out.extend_from_slice(b"\\r"),
                 b'\t' => out.push(b'\t'),
-                b if b.is_ascii_control() => {
+                b if b.is_ascii_control() && !self.keep_ansi => {
                     out.extend_from_slice(format!("\\x{b:02x}").as_bytes())
                 }
                 b => out.push(b),
@@ -175,22 +177,23 @@ mod tests {
     fn control_characters_inside_a_line_are_escaped() {
         let mut w = Escaping {
             inner: Vec::new(),
-            on: true,
+            keep_ansi: false,
         };
         w.write_all(b"error=x\n2026 INFO forged\x1b[2J\tok\n")
             .unwrap();
         assert_eq!(w.inner, b"error=x\\n2026 INFO forged\\x1b[2J\tok\n");
         let mut plain = Escaping {
             inner: Vec::new(),
-            on: true,
+            keep_ansi: false,
         };
         plain.write_all("caf\u{e9} fine\n".as_bytes()).unwrap();
         assert_eq!(plain.inner, "caf\u{e9} fine\n".as_bytes());
-        let mut off = Escaping {
+        // A terminal: colours pass, forged lines do not.
+        let mut tty = Escaping {
             inner: Vec::new(),
-            on: false,
+            keep_ansi: true,
         };
-        off.write_all(b"a\nb\n").unwrap();
-        assert_eq!(off.inner, b"a\nb\n");
+        tty.write_all(b"\x1b[32mINFO\x1b[0m a\nb\rc\n").unwrap();
+        assert_eq!(tty.inner, b"\x1b[32mINFO\x1b[0m a\\nb\\rc\n");
     }
 }

@@ -103,9 +103,18 @@ pub struct ChainConfig {
     /// only its scheme and host.
     #[serde(default)]
     pub rpc_url: Option<SecretString>,
-    /// `rpc`: the commitment a charge must reach to be booked.
+    /// `rpc`: the commitment a charge must reach to be booked (`confirmed` or
+    /// `finalized`; `processed` is refused: it books forks).
     #[serde(default)]
     pub commitment: Commitment,
+    /// Below this many lamports of SOL on the delegate (which pays every fee) the
+    /// worker warns; `longshore_chain_delegate_lamports` shows the balance.
+    #[serde(default = "default_delegate_low_lamports")]
+    pub delegate_low_lamports: u64,
+    /// How long a charge waits before trying again when the delegate cannot pay the
+    /// fee (no attempt is spent and the customer is not touched).
+    #[serde(with = "humantime_serde", default = "default_fee_payer_retry")]
+    pub fee_payer_retry: Duration,
     /// `rpc`: per request.
     #[serde(with = "humantime_serde", default = "default_rpc_timeout")]
     pub rpc_timeout: Duration,
@@ -144,6 +153,15 @@ fn keypair_secret<'de, D: serde::Deserializer<'de>>(
             ));
         }
     })
+}
+
+/// 0.05 SOL: about ten thousand charges at 5,000 lamports each.
+fn default_delegate_low_lamports() -> u64 {
+    50_000_000
+}
+
+fn default_fee_payer_retry() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_rpc_timeout() -> Duration {
@@ -266,6 +284,12 @@ fn usd_to_units(usd: Decimal) -> u64 {
 
 impl BillingConfig {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+        Self::from_config_for(cfg, crate::Clients::Build)
+    }
+
+    /// With [`crate::Clients::Skip`], the chain's RPC settings (the delegate keypair
+    /// among them) are not required: the process never charges.
+    pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
         let mut b: BillingConfig = cfg.section("billing", &cfg.billing)?;
         b.roots =
             crate::files::FileRoots::new(&b.file_roots).map_err(|e| ConfigError::Invalid {
@@ -319,13 +343,24 @@ impl BillingConfig {
         if b.chain.max_charge_usd <= Decimal::ZERO {
             return bad("chain.max_charge_usd", "must be positive");
         }
+        if b.chain.commitment == Commitment::Processed {
+            return bad(
+                "chain.commitment",
+                "\"processed\" is refused: a processed transaction can be on a fork that is \
+                 dropped, and the charge would be booked without the money; use \"confirmed\" \
+                 (the default) or \"finalized\"",
+            );
+        }
+        if b.chain.fee_payer_retry.is_zero() {
+            return bad("chain.fee_payer_retry", "must be positive");
+        }
         if b.chain.poll_interval.is_zero() || b.chain.confirm_timeout.is_zero() {
             return bad(
                 "chain",
                 "poll_interval and confirm_timeout must be positive",
             );
         }
-        if b.chain.backend == ChainBackend::Rpc {
+        if b.chain.backend == ChainBackend::Rpc && clients == crate::Clients::Build {
             b.chain.rpc_config()?;
         }
         if !b.chain.treasury_token_account.is_empty()

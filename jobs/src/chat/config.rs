@@ -94,11 +94,23 @@ pub struct Chat {
 
 impl Chat {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+        Self::from_config_for(cfg, crate::Clients::Build)
+    }
+
+    /// With [`crate::Clients::Skip`], no provider client is built (and no key needed).
+    pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
         let c: ChatConfig = cfg.section("chat", &cfg.chat)?;
         c.credits.validate()?;
         c.check()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
-        Self::with_config(c)
+        match clients {
+            crate::Clients::Build => Self::with_config(c),
+            crate::Clients::Skip => Ok(Chat {
+                cfg: c,
+                providers: BTreeMap::new(),
+                described: AtomicBool::new(false),
+            }),
+        }
     }
 
     pub fn with_config(c: ChatConfig) -> Result<Self, ConfigError> {

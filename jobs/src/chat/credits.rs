@@ -229,6 +229,24 @@ pub async fn balance(conn: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::E
     .await
 }
 
+/// Binds the account of `user` to `principal` if nothing owns it yet; whether the
+/// account is `principal`'s (so one ingress caller cannot spend, or read the balance
+/// of, another's users). Call after [`open_account`], in its transaction.
+pub async fn owned_by(
+    tx: &mut PgConnection,
+    user: Uuid,
+    principal: &str,
+) -> Result<bool, sqlx::Error> {
+    let owner: Option<String> = sqlx::query_scalar(
+        "UPDATE credit_accounts SET owner = coalesce(owner, $2) WHERE user_id = $1 RETURNING owner",
+    )
+    .bind(user)
+    .bind(principal)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(owner.as_deref() == Some(principal))
+}
+
 /// Charges `credits` for `request_id` once, never below zero. Call inside the
 /// transaction that also completes the request.
 pub async fn charge(

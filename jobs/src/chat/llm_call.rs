@@ -144,6 +144,16 @@ fn error_result(code: &str, status: u16, message: String, extra: Value) -> Value
     json!({ "error": e })
 }
 
+fn user_forbidden(request_id: Uuid, principal: &str) -> Value {
+    tracing::warn!(%request_id, principal, "llm_call for a user of another caller refused");
+    error_result(
+        "user_forbidden",
+        403,
+        "this user_id belongs to another caller".into(),
+        json!({}),
+    )
+}
+
 fn refusal_result(r: &Refusal) -> Value {
     error_result(
         r.code,
@@ -181,7 +191,10 @@ async fn record_attempt(
         Ok(c) => (
             "ok",
             None,
-            Some((c.input_tokens as i32, c.output_tokens as i32)),
+            Some((
+                i32::try_from(c.input_tokens).unwrap_or(i32::MAX),
+                i32::try_from(c.output_tokens).unwrap_or(i32::MAX),
+            )),
             None,
         ),
         Err(e) => (
@@ -222,17 +235,22 @@ async fn store_answer(
     c: &Completion,
     attempt_id: i64,
 ) -> Result<Stored, sqlx::Error> {
+    // With its tombstone (llm_requests), which outlives the answer's retention.
     sqlx::query(
-        "INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens, usage_estimated, finish_reason, attempt_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (request_id) DO NOTHING",
+        "WITH answer AS (\
+           INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens, usage_estimated, finish_reason, attempt_id) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (request_id) DO NOTHING \
+           RETURNING request_id, user_id) \
+         INSERT INTO llm_requests (request_id, user_id) SELECT request_id, user_id FROM answer \
+         ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(a.request_id)
     .bind(a.user_id)
     .bind(provider)
     .bind(&c.model)
     .bind(&c.content)
-    .bind(c.input_tokens as i32)
-    .bind(c.output_tokens as i32)
+    .bind(i32::try_from(c.input_tokens).unwrap_or(i32::MAX))
+    .bind(i32::try_from(c.output_tokens).unwrap_or(i32::MAX))
     .bind(c.usage_estimated)
     .bind(&c.finish_reason)
     .bind(attempt_id)
@@ -310,16 +328,63 @@ impl Handler for LlmCallHandler {
         let chat = &self.0;
         chat.describe_once();
         let pool = ctx.pool().clone();
+        // 0. Another caller's user: not its answers, not its balance, not its credits.
+        if let Some(p) = &ctx.principal {
+            let owner: Option<Option<String>> =
+                sqlx::query_scalar("SELECT owner FROM credit_accounts WHERE user_id = $1")
+                    .bind(a.user_id)
+                    .fetch_optional(&pool)
+                    .await?;
+            if let Some(Some(o)) = owner
+                && o != *p
+            {
+                return Outcome::done_with(user_forbidden(a.request_id, p));
+            }
+        }
         // 1. An answer from an earlier run.
         if let Some(s) = stored_answer(&pool, a.request_id).await? {
             tracing::info!(request_id = %a.request_id, provider = %s.provider, "answer already stored; not calling a provider again");
             return self.settle(&a, s, ctx).await;
+        }
+        // An answer pruned after its retention: the request was served (and charged)
+        // then. Calling again would be a free answer, for its user or anyone else.
+        let tombstone: Option<(Uuid, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT user_id, answered_at FROM llm_requests WHERE request_id = $1")
+                .bind(a.request_id)
+                .fetch_optional(&pool)
+                .await?;
+        if let Some((user, at)) = tombstone {
+            return Outcome::done_with(if user == a.user_id {
+                error_result(
+                    "request_expired",
+                    410,
+                    format!(
+                        "this request_id was answered at {at} and its answer is past the retention; send a new request_id"
+                    ),
+                    json!({}),
+                )
+            } else {
+                error_result(
+                    "request_id_conflict",
+                    409,
+                    "this request_id was answered for another user".into(),
+                    json!({}),
+                )
+            });
         }
         // 2. The pre-call checks (the account is opened with its bonus on first use).
         let cfg = &chat.cfg.credits;
         let (tier, balance) = {
             let mut tx = pool.begin().await?;
             let tier = credits::open_account(&mut tx, a.user_id, cfg).await?;
+            // A user is its first ingress caller's: another caller can neither spend
+            // its credits nor see its balance.
+            if let Some(p) = &ctx.principal
+                && !credits::owned_by(&mut tx, a.user_id, p).await?
+            {
+                tx.rollback().await?;
+                return Outcome::done_with(user_forbidden(a.request_id, p));
+            }
             let balance = credits::balance(&mut tx, a.user_id).await?;
             tx.commit().await?;
             (tier, balance)

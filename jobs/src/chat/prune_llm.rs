@@ -1,7 +1,9 @@
 //! `prune_llm {older_than}` (daily; default schedule 90 days): deletes provider
 //! attempts and stored answers older than the retention. The credits ledger is kept (it
 //! is the money's record, and its unique charge per request_id still stops a very late
-//! retry of a pruned request from charging twice).
+//! retry of a pruned request from charging twice), and so is `llm_requests`, the
+//! tombstone of every answered request_id: a replay after pruning is refused
+//! (`request_expired`, or `request_id_conflict` for another user), never answered free.
 
 use std::time::Duration;
 

@@ -356,13 +356,13 @@ impl OpenAiProvider {
                 ProviderError::new(Failure::Malformed, "the answer has no choices")
             })?;
         let content = choice.message.content.unwrap_or_default();
-        Ok(finish(
+        finish(
             r.model,
             content,
             r.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
             choice.finish_reason.map(finish_reason),
             req,
-        ))
+        )
     }
 
     async fn call_stream(
@@ -438,7 +438,7 @@ impl OpenAiProvider {
                 format!("the stream ended after {chunks} chunks without a finish_reason"),
             ));
         }
-        Ok(finish(model, content, usage, finish_r, req))
+        finish(model, content, usage, finish_r, req)
     }
 }
 
@@ -449,14 +449,28 @@ fn finish_reason(f: FinishReason) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The most tokens a reported usage may count: what the ledger stores (a Postgres
+/// `integer`). Anything above is not a real answer's usage.
+pub const MAX_REPORTED_TOKENS: u32 = i32::MAX as u32;
+
 /// A completion from what arrived; token counts are estimated when usage is missing.
+/// A usage no answer can have (beyond [`MAX_REPORTED_TOKENS`]) makes the answer
+/// malformed: the next provider is tried, and nothing is stored or charged from it.
 fn finish(
     model: String,
     content: String,
     usage: Option<(u32, u32)>,
     finish_reason: Option<String>,
     req: &ChatRequest<'_>,
-) -> Completion {
+) -> Result<Completion, ProviderError> {
+    if let Some((i, o)) = usage
+        && (i > MAX_REPORTED_TOKENS || o > MAX_REPORTED_TOKENS)
+    {
+        return Err(ProviderError::new(
+            Failure::Malformed,
+            format!("the provider reported a usage of {i} input and {o} output tokens"),
+        ));
+    }
     let (input_tokens, output_tokens, usage_estimated) = match usage {
         Some((i, o)) => (i, o, false),
         None => (
@@ -465,14 +479,14 @@ fn finish(
             true,
         ),
     };
-    Completion {
+    Ok(Completion {
         model,
         content,
-        input_tokens,
-        output_tokens,
+        input_tokens: input_tokens.min(MAX_REPORTED_TOKENS),
+        output_tokens: output_tokens.min(MAX_REPORTED_TOKENS),
         usage_estimated,
         finish_reason,
-    }
+    })
 }
 
 /// async-openai's error as a [`Failure`]. reqwest errors are stripped of their URL.

@@ -68,6 +68,11 @@ pub struct Market {
 
 impl Market {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+        Self::from_config_for(cfg, crate::Clients::Build)
+    }
+
+    /// With [`crate::Clients::Skip`], no source is built (and no API key needed).
+    pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
         let m: MarketConfig = cfg.section("market", &cfg.market)?;
         let bad = |key: &str, msg: String| ConfigError::Invalid {
             key: format!("market.{key}"),
@@ -84,6 +89,7 @@ impl Market {
             ));
         }
         let (source, clusters): Sources = match m.source {
+            _ if clients == crate::Clients::Skip => (None, None),
             SourceKind::None => (None, None),
             SourceKind::Simulator => {
                 let sim = Arc::new(MarketSimulator::new(m.simulator_seed, m.simulator_history));
@@ -97,7 +103,13 @@ impl Market {
             ),
         };
         // A configured KingFisher URL wins over the simulator's clusters.
-        let clusters = match KingFisher::new(&m.kingfisher).map_err(|e| bad("kingfisher.url", e))? {
+        let kingfisher = match clients {
+            crate::Clients::Build => {
+                KingFisher::new(&m.kingfisher).map_err(|e| bad("kingfisher.url", e))?
+            }
+            crate::Clients::Skip => None,
+        };
+        let clusters = match kingfisher {
             Some(kf) => Some(Arc::new(kf) as Arc<dyn ClusterSource>),
             None => clusters,
         };

@@ -71,34 +71,59 @@ impl Token {
 
 pub(super) struct Tokens(HashMap<String, Token>);
 
-/// A token bucket per client address for requests no token vouches for.
-pub(super) struct Anonymous(governor::DefaultKeyedRateLimiter<std::net::IpAddr>);
+/// A token bucket per client address for requests no token vouches for. An IPv6
+/// client is its /64 (one host gets a whole /64, so a /128 key would be free to
+/// rotate).
+pub(super) struct Anonymous {
+    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    pruned: std::sync::Mutex<std::time::Instant>,
+}
+
+/// The key a client address is counted under.
+pub(super) fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
 
 impl Anonymous {
     pub fn new(rate: u32, burst: u32) -> Anonymous {
         let rate = NonZeroU32::new(rate).expect("validated: positive");
         let burst = NonZeroU32::new(burst).expect("validated: positive");
-        Anonymous(RateLimiter::keyed(
-            Quota::per_second(rate).allow_burst(burst),
-        ))
+        Anonymous {
+            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            pruned: std::sync::Mutex::new(std::time::Instant::now()),
+        }
     }
 
     /// 429 when `peer` is over its budget (no peer: a request from inside the process).
     pub fn check(&self, peer: Option<std::net::IpAddr>) -> Result<(), ApiError> {
         let Some(ip) = peer else { return Ok(()) };
-        // Addresses not seen for a while are forgotten, so rotating ones cannot grow this.
-        if self.0.len() > 10_000 {
-            self.0.retain_recent();
+        // Addresses not seen for a while are forgotten, so rotating ones cannot grow
+        // this; at most once a second, so a large table is not scanned per request.
+        if self.limiter.len() > 10_000
+            && let Ok(mut last) = self.pruned.try_lock()
+            && last.elapsed() >= Duration::from_secs(1)
+        {
+            *last = std::time::Instant::now();
+            self.limiter.retain_recent();
         }
-        self.0.check_key(&ip).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many unauthenticated requests from this address; retry later",
-            )
-            .retry_after(wait.as_secs_f64().ceil() as u64)
-        })
+        self.limiter
+            .check_key(&client_key(ip))
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many unauthenticated requests from this address; retry later",
+                )
+                .retry_after(wait.as_secs_f64().ceil() as u64)
+            })
     }
 }
 
@@ -172,13 +197,17 @@ impl Tokens {
     }
 }
 
-/// Verifies a webhook delivery: the HMAC-SHA256 of the raw body (or of
-/// `"{timestamp}.{body}"` when the source has a timestamp header) against the hex
-/// signature header, in constant time, and the timestamp's freshness. Returns the
-/// signed message (what a replay cannot change).
+/// Verifies a webhook delivery: the HMAC-SHA256 of the signed message against the
+/// hex signature header, in constant time, and the timestamp's freshness. The message
+/// is the raw body, prefixed by `"{timestamp}."` when the source has a timestamp
+/// header, and by `"{delivery id}."` when it signs its delivery ids (the Standard
+/// Webhooks form `"{id}.{timestamp}.{body}"`). Returns what identifies the delivery,
+/// which a replay cannot change: the signed delivery id when it is signed (a sender's
+/// retry with a fresh timestamp is the same delivery), else the whole signed message.
 pub(super) fn verify_hook(
     hook: &HookConfig,
     headers: &HeaderMap,
+    delivery_id: Option<&str>,
     body: &[u8],
 ) -> Result<Vec<u8>, ApiError> {
     let unauthorized = |code, msg: String| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
@@ -197,6 +226,20 @@ pub(super) fn verify_hook(
     let mut mac = Hmac::<Sha256>::new_from_slice(hook.secret.expose_secret().as_bytes())
         .expect("HMAC takes keys of any length");
     let mut signed = Vec::with_capacity(body.len() + 16);
+    let signed_id = match (hook.sign_delivery_id, delivery_id) {
+        (true, Some(id)) => {
+            signed.extend_from_slice(id.as_bytes());
+            signed.push(b'.');
+            Some(id)
+        }
+        (true, None) => {
+            return Err(unauthorized(
+                "invalid_signature",
+                "the delivery id is signed but missing".into(),
+            ));
+        }
+        (false, _) => None,
+    };
     if let Some(ts_header) = &hook.timestamp_header {
         let ts = headers
             .get(ts_header.as_str())
@@ -237,7 +280,10 @@ pub(super) fn verify_hook(
             "the signature does not match the body".into(),
         )
     })?;
-    Ok(signed)
+    Ok(match signed_id {
+        Some(id) => format!("id:{id}").into_bytes(),
+        None => signed,
+    })
 }
 
 #[cfg(test)]
@@ -253,6 +299,7 @@ mod tests {
             timestamp_header: ts.then(|| "x-ts".into()),
             allow_replay: !ts,
             delivery_header: None,
+            sign_delivery_id: false,
             tolerance: Duration::from_secs(300),
         }
     }
@@ -268,10 +315,10 @@ mod tests {
         let body = br#"{"a": 1}"#;
         let mut h = HeaderMap::new();
         h.insert("x-sig", HeaderValue::from_str(&sign(body)).unwrap());
-        assert!(verify_hook(&hook(false), &h, body).is_ok());
+        assert!(verify_hook(&hook(false), &h, None, body).is_ok());
         // Same JSON, re-serialised: a different body, a different signature.
         assert_eq!(
-            verify_hook(&hook(false), &h, br#"{"a":1}"#)
+            verify_hook(&hook(false), &h, None, br#"{"a":1}"#)
                 .unwrap_err()
                 .code,
             "invalid_signature"
@@ -280,16 +327,16 @@ mod tests {
             "x-sig",
             HeaderValue::from_str(&format!("sha256={}", sign(body))).unwrap(),
         );
-        assert!(verify_hook(&hook(false), &h, body).is_ok());
+        assert!(verify_hook(&hook(false), &h, None, body).is_ok());
         assert_eq!(
-            verify_hook(&hook(false), &HeaderMap::new(), body)
+            verify_hook(&hook(false), &HeaderMap::new(), None, body)
                 .unwrap_err()
                 .code,
             "missing_signature"
         );
         h.insert("x-sig", HeaderValue::from_static("zz"));
         assert_eq!(
-            verify_hook(&hook(false), &h, body).unwrap_err().code,
+            verify_hook(&hook(false), &h, None, body).unwrap_err().code,
             "invalid_signature"
         );
     }
@@ -307,7 +354,7 @@ mod tests {
             "x-sig",
             HeaderValue::from_str(&sign(format!("{now}.{{}}").as_bytes())).unwrap(),
         );
-        assert!(verify_hook(&hook(true), &h, body).is_ok());
+        assert!(verify_hook(&hook(true), &h, None, body).is_ok());
         let old = now - 301;
         h.insert("x-ts", HeaderValue::from(old));
         h.insert(
@@ -315,13 +362,51 @@ mod tests {
             HeaderValue::from_str(&sign(format!("{old}.{{}}").as_bytes())).unwrap(),
         );
         assert_eq!(
-            verify_hook(&hook(true), &h, body).unwrap_err().code,
+            verify_hook(&hook(true), &h, None, body).unwrap_err().code,
             "stale_timestamp"
         );
         // A fresh timestamp on an old signature does not verify.
         h.insert("x-ts", HeaderValue::from(now));
         assert_eq!(
-            verify_hook(&hook(true), &h, body).unwrap_err().code,
+            verify_hook(&hook(true), &h, None, body).unwrap_err().code,
+            "invalid_signature"
+        );
+    }
+
+    #[test]
+    fn a_signed_delivery_id_identifies_the_delivery_across_retries() {
+        let mut hook = hook(true);
+        hook.delivery_header = Some("x-id".into());
+        hook.sign_delivery_id = true;
+        let body = b"{}";
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let at = |ts: u64, id: &str, signed_id: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-ts", HeaderValue::from(ts));
+            let msg = format!("{signed_id}.{ts}.{{}}");
+            h.insert(
+                "x-sig",
+                HeaderValue::from_str(&sign(msg.as_bytes())).unwrap(),
+            );
+            verify_hook(&hook, &h, Some(id), body)
+        };
+        // The sender's retry: a fresh timestamp, the same id → the same delivery.
+        let first = at(now, "msg_1", "msg_1").unwrap();
+        assert_eq!(at(now - 5, "msg_1", "msg_1").unwrap(), first);
+        assert_ne!(at(now, "msg_2", "msg_2").unwrap(), first);
+        // An id that was not signed: refused.
+        assert_eq!(
+            at(now, "msg_forged", "msg_1").unwrap_err().code,
+            "invalid_signature"
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-ts", HeaderValue::from(now));
+        h.insert("x-sig", HeaderValue::from_static("00"));
+        assert_eq!(
+            verify_hook(&hook, &h, None, body).unwrap_err().code,
             "invalid_signature"
         );
     }

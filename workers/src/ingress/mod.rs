@@ -65,6 +65,19 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
         if !registry.contains(&h.queue) {
             return Err(format!("hooks.{name}.queue: no job kind {:?}", h.queue));
         }
+        if h.sign_delivery_id && h.delivery_header.is_none() {
+            return Err(format!(
+                "hooks.{name}.sign_delivery_id: needs delivery_header (the header the id comes in)"
+            ));
+        }
+        // A signed delivery is accepted up to `tolerance` either side of now; its
+        // dedupe key must outlive that window, or a replay late in it enqueues again.
+        if h.timestamp_header.is_some() && h.tolerance * 2 > cfg.enqueue.idempotency_ttl {
+            return Err(format!(
+                "hooks.{name}.tolerance: {:?} is more than half of enqueue.idempotency_ttl ({:?}); a replay late in the window would not be recognised",
+                h.tolerance, cfg.enqueue.idempotency_ttl
+            ));
+        }
     }
     Ok(())
 }
@@ -78,6 +91,10 @@ pub struct Ingress {
     /// per client address: an unauthenticated flood gets 429, not the database.
     anonymous: auth::Anonymous,
     waiters: Waiters,
+    /// Permits for `?wait=` long polls in progress (`ingress.max_waiters`).
+    waiting: Arc<tokio::sync::Semaphore>,
+    /// `ingress.trusted_proxies`.
+    proxies: Vec<ipnet::IpNet>,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -98,12 +115,46 @@ impl Ingress {
                 cfg.ingress.anonymous_rate_per_second,
                 cfg.ingress.anonymous_burst,
             ),
+            waiting: Arc::new(tokio::sync::Semaphore::new(cfg.ingress.max_waiters)),
+            proxies: cfg
+                .ingress
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| {
+                    p.parse::<ipnet::IpNet>()
+                        .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .ok()
+                })
+                .collect(),
             pool,
             registry,
             cfg,
             waiters: Waiters::default(),
             metrics,
         })
+    }
+
+    /// The client's address: the connection's peer, or, when that peer is a trusted
+    /// proxy, the nearest address in `X-Forwarded-For` that is not one (the entries
+    /// before it are the client's to write, so they are not believed).
+    pub(crate) fn client(
+        &self,
+        peer: Option<axum::Extension<Peer>>,
+        headers: &axum::http::HeaderMap,
+    ) -> Option<std::net::IpAddr> {
+        let ip = peer?.0.0;
+        let trusted = |a: &std::net::IpAddr| self.proxies.iter().any(|n| n.contains(a));
+        if !trusted(&ip) {
+            return Some(ip);
+        }
+        let hops: Vec<std::net::IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|h| h.trim().parse().ok())
+            .collect();
+        Some(hops.into_iter().rev().find(|h| !trusted(h)).unwrap_or(ip))
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -150,6 +201,7 @@ impl Ingress {
         ));
         let limits = serve::Limits {
             max_connections: self.cfg.ingress.max_connections,
+            per_address: self.cfg.ingress.max_connections_per_address,
             header_timeout: self.cfg.ingress.header_timeout,
         };
         // /metrics (and the probes) on a listener of their own when configured, so the

@@ -62,7 +62,7 @@ fn caller<'a>(
             Ok(t)
         }
         Err(e) if e.status == StatusCode::UNAUTHORIZED => {
-            st.anonymous.check(peer.map(|p| p.0.0))?;
+            st.anonymous.check(st.client(peer, headers))?;
             Err(e)
         }
         Err(e) => Err(e),
@@ -454,7 +454,18 @@ pub(super) async fn job_status(
     };
     let Query(q) = q.map_err(bad_query)?;
     let sql = queue_sql(&queue);
-    let wait = clamp_wait(q.wait.unwrap_or(0.0), st.cfg.ingress.max_wait);
+    let mut wait = clamp_wait(q.wait.unwrap_or(0.0), st.cfg.ingress.max_wait);
+    // Long polls hold a connection and poll the database: past the cap a status is
+    // answered at once (the client polls again).
+    let _waiting = if wait.is_zero() {
+        None
+    } else {
+        let permit = st.waiting.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            wait = Duration::ZERO;
+        }
+        permit
+    };
     let deadline = Instant::now() + wait;
     let notify = st.waiters.get(queue.as_str());
     loop {
@@ -508,9 +519,13 @@ pub(super) async fn hook(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    // No token vouches for a webhook until its signature is checked.
-    st.anonymous.check(peer.map(|p| p.0.0))?;
+    // No token vouches for a webhook until its signature is checked: a request that
+    // fails (an unknown source, a bad signature) counts against the client's
+    // unauthenticated budget; a good delivery never does, so others' failures cannot
+    // throttle a genuine sender.
+    let client = st.client(peer, &headers);
     let Some(hook) = st.cfg.hooks.get(&source) else {
+        st.anonymous.check(client)?;
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_source",
@@ -519,25 +534,32 @@ pub(super) async fn hook(
     };
     let queue = known_queue(&st, &hook.queue)?;
     let bytes = read_body(&st, &headers, body).await?;
-    let signed = auth::verify_hook(hook, &headers, &bytes)?;
-    let args = parse_json(&bytes)?;
-    validate(&st, &queue, &args)?;
-    if let Some(h) = &hook.delivery_header {
+    let delivery = hook.delivery_header.as_ref().and_then(|h| {
         headers
             .get(h.as_str())
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 150)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "missing_delivery_id",
-                    format!("header {h} is required"),
-                )
-            })?;
+    });
+    // The signature first (401), then what a signed delivery still lacks (400).
+    let signed = match auth::verify_hook(hook, &headers, delivery, &bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            st.anonymous.check(client)?;
+            return Err(e);
+        }
+    };
+    if let (Some(h), None) = (&hook.delivery_header, delivery) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_delivery_id",
+            format!("header {h} is required"),
+        ));
     }
-    // Duplicates are what is signed (timestamp and body): a replay carries the same,
-    // whatever delivery id it claims. In the hook's own namespace, which no token's
-    // Idempotency-Key can reach.
+    let args = parse_json(&bytes)?;
+    validate(&st, &queue, &args)?;
+    // Duplicates are what is signed (the delivery id if signed, else timestamp and
+    // body): a replay carries the same, whatever unsigned id it claims. In the hook's
+    // own namespace, which no token's Idempotency-Key can reach.
     let principal = format!("hook:{source}");
     let opts = EnqueueOptions {
         idempotency_key: Some(namespaced(
@@ -559,9 +581,10 @@ pub(super) async fn healthz() -> Json<Value> {
 pub(super) async fn readyz(
     State(st): State<Arc<Ingress>>,
     peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     // It touches the database: an unauthenticated caller gets its budget, no more.
-    st.anonymous.check(peer.map(|p| p.0.0))?;
+    st.anonymous.check(st.client(peer, &headers))?;
     bounded(&st, async {
         store::ping(&st.pool)
             .await

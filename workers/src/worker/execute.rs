@@ -68,6 +68,11 @@ impl Consumer {
             claim.cancel.clone(),
             self.pool.clone(),
         );
+        ctx.principal = msg
+            .headers
+            .get("principal")
+            .and_then(|p| p.as_str())
+            .map(str::to_string);
         let started = Instant::now();
         let timeout = self.settings.timeout;
         let outcome = {
