@@ -570,7 +570,7 @@ async fn row23_bad_addresses_and_amounts_never_reach_the_chain() {
     );
     assert!(
         chain
-            .signatures_for_address(&escrow(250), 10)
+            .signatures_for_address(&escrow(250), None, 10, None)
             .await
             .unwrap()
             .is_empty()

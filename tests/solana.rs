@@ -22,7 +22,7 @@ use longshore_jobs::clients::chain::{Chain, ChainError};
 use longshore_jobs::clients::chain_rpc::RpcChain;
 use longshore_workers::testing::TestDb;
 use serde_json::Value;
-use solana::{FakeSolana, VALID_BLOCKS, until};
+use solana::{FakeSolana, Node, VALID_BLOCKS, until};
 use sqlx::PgPool;
 
 const USDC: u64 = 1_000_000;
@@ -147,6 +147,24 @@ async fn drive(
     .await
 }
 
+/// Drives intent `id` until it is settled, producing a block after each pass (a
+/// transaction is `confirmed` one block after it lands).
+async fn settle(
+    pool: &PgPool,
+    cfg: &BillingConfig,
+    fake: &FakeSolana,
+    chain: &dyn Chain,
+    id: &str,
+) -> Value {
+    for _ in 0..8 {
+        if let Some(done) = drive(pool, cfg, chain, id).await.unwrap() {
+            return done;
+        }
+        fake.advance(1);
+    }
+    panic!("intent {id} did not settle: {:?}", state(pool, id).await);
+}
+
 async fn state(pool: &PgPool, id: &str) -> (String, Option<String>) {
     sqlx::query_as("SELECT state, signature FROM charge_intents WHERE intent_id = $1::uuid")
         .bind(id)
@@ -213,7 +231,7 @@ async fn assert_ndc(pool: &PgPool, fake: &FakeSolana, n: usize) {
 async fn a_charge_moves_the_tokens_once_and_books_them() {
     let (t, fake, cfg, chain) = setup().await;
     let (id, escrow) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 50 * USDC, 60_000).await;
-    let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
+    let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
     assert_eq!(done["state"], "confirmed");
     assert_eq!(fake.balance(&escrow), 94 * USDC);
     let acct = fake.token(&escrow).unwrap();
@@ -261,7 +279,7 @@ async fn row16_a_send_that_times_out_after_landing_is_not_signed_again() {
     assert_eq!(st, "signed", "stored before the send, not marked sent");
     fake.script(|s| s.unavailable = 1);
     assert!(drive(&t.pool, &cfg, &chain, &id).await.is_err(), "503");
-    let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
+    let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
     assert_eq!(done["state"], "confirmed");
     assert_eq!(
         done["signature"].as_str(),
@@ -283,7 +301,7 @@ async fn row17_a_dropped_transaction_is_resent_then_replaced_only_after_expiry()
     let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
     let first = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &a).await;
     fake.advance(10);
-    let done = drive(&t.pool, &cfg, &chain, &a).await.unwrap().unwrap();
+    let done = settle(&t.pool, &cfg, &fake, &chain, &a).await;
     assert_eq!(
         done["signature"].as_str(),
         first.as_deref(),
@@ -314,7 +332,7 @@ async fn row17_a_dropped_transaction_is_resent_then_replaced_only_after_expiry()
     );
     fake.advance(EXPIRY_MARGIN_BLOCKS);
     fake.script(|s| s.drop_sends = 0);
-    let done = drive(&t.pool, &cfg, &chain, &b).await.unwrap().unwrap();
+    let done = settle(&t.pool, &cfg, &fake, &chain, &b).await;
     assert_eq!(done["state"], "confirmed");
     assert_ne!(
         done["signature"].as_str(),
@@ -327,16 +345,21 @@ async fn row17_a_dropped_transaction_is_resent_then_replaced_only_after_expiry()
 /// Row 19: a lagging node. A stale block height never makes the driver re-sign (the
 /// transaction looks still valid; its resends are refused as BlockhashNotFound, which
 /// proves nothing). A node whose view lags: a transaction that landed at its last
-/// valid height is found by the final status check, not replaced.
+/// valid height is found, not replaced.
 #[tokio::test]
 async fn row19_a_lagging_node_causes_no_false_expiry() {
     let (t, fake, cfg, chain) = setup().await;
 
-    // Stale height.
+    // Stale height: the only node is far behind the tip (behind even the block the
+    // transaction's blockhash is from).
+    fake.advance(10);
     let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
     let old = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &a).await;
     fake.advance(VALID_BLOCKS + 2 * EXPIRY_MARGIN_BLOCKS);
-    fake.script(|s| s.height_lag = VALID_BLOCKS + 2 * EXPIRY_MARGIN_BLOCKS);
+    fake.set_nodes(vec![Node {
+        lag: 2 * (VALID_BLOCKS + 2 * EXPIRY_MARGIN_BLOCKS),
+        ..Node::default()
+    }]);
     for _ in 0..2 {
         assert!(
             drive(&t.pool, &cfg, &chain, &a).await.is_err(),
@@ -344,15 +367,18 @@ async fn row19_a_lagging_node_causes_no_false_expiry() {
         );
     }
     assert_eq!(state(&t.pool, &a).await, ("sent".into(), old.clone()));
-    fake.script(|s| s.height_lag = 0);
-    let done = drive(&t.pool, &cfg, &chain, &a).await.unwrap().unwrap();
+    fake.set_nodes(vec![Node::default()]);
+    let done = settle(&t.pool, &cfg, &fake, &chain, &a).await;
     assert_ne!(done["signature"].as_str(), old.as_deref());
     assert_ndc(&t.pool, &fake, 1).await;
 
-    // Lagging view: the transaction lands at its last valid height; statuses and
-    // histories show it only 30 blocks later.
+    // Lagging view: the transaction lands at its last valid height; the only node
+    // is 60 slots behind (more than the margin's 37 blocks, about 46 slots). Height and statuses come from that node, so the
+    // expiry is judged against its own (old) height: never replaced.
     let (b, _) = intent(&t.pool, &cfg, &fake, 2, 100 * USDC, 100 * USDC, 70_000).await;
-    let sig = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &b).await;
+    fake.script(|s| s.hold_sends = 1);
+    assert!(drive(&t.pool, &cfg, &chain, &b).await.unwrap().is_none());
+    let sig = state(&t.pool, &b).await.1;
     let lvbh: i64 = sqlx::query_scalar(
         "SELECT last_valid_block_height FROM charge_intents WHERE intent_id = $1::uuid",
     )
@@ -361,26 +387,205 @@ async fn row19_a_lagging_node_causes_no_false_expiry() {
     .await
     .unwrap();
     fake.advance(lvbh as u64 - fake.height());
-    fake.script(|s| s.view_lag = 30);
-    assert!(
-        drive(&t.pool, &cfg, &chain, &b).await.unwrap().is_none(),
-        "resent at its last valid height"
-    );
-    assert_eq!(fake.charges_landed().len(), 2, "landed, not yet visible");
-    // Past its last valid height and still invisible (25 < the 30-block lag), but
-    // within the margin: no new transaction.
-    fake.advance(25);
-    assert!(drive(&t.pool, &cfg, &chain, &b).await.unwrap().is_none());
-    assert_eq!(
-        state(&t.pool, &b).await.1,
-        sig,
-        "not replaced within the margin"
-    );
-    fake.advance(15);
-    let done = drive(&t.pool, &cfg, &chain, &b).await.unwrap().unwrap();
+    assert_eq!(fake.land_held(), 1, "landed at its last valid height");
+    fake.set_nodes(vec![Node {
+        lag: 60,
+        ..Node::default()
+    }]);
+    fake.advance(EXPIRY_MARGIN_BLOCKS + 5);
+    for _ in 0..3 {
+        assert!(drive(&t.pool, &cfg, &chain, &b).await.unwrap().is_none());
+        assert_eq!(state(&t.pool, &b).await.1, sig, "not replaced");
+    }
+    fake.set_nodes(vec![Node::default()]);
+    let done = settle(&t.pool, &cfg, &fake, &chain, &b).await;
     assert_eq!(done["state"], "confirmed");
     assert_eq!(done["signature"].as_str(), sig.as_deref());
     assert_ndc(&t.pool, &fake, 2).await;
+}
+
+/// Issue 15 item 1: height from one node, statuses from another 45 slots behind, the
+/// memo search from a third: the transaction landed at its last valid height, and
+/// the lag is more than the expiry margin. Answers from behind the slot the expiry
+/// rests on prove nothing; one transfer on chain.
+#[tokio::test]
+async fn a_load_balanced_cluster_causes_no_false_expiry() {
+    let (t, fake, cfg, chain) = setup().await;
+    let behind = Node {
+        lag: 45,
+        ..Node::default()
+    };
+    fake.set_nodes(vec![Node::default(), behind, behind]);
+    let (id, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
+    fake.script(|s| {
+        s.hold_sends = 1;
+        s.route("getLatestBlockhash", 0);
+        s.route("sendTransaction", 0);
+    });
+    assert!(drive(&t.pool, &cfg, &chain, &id).await.unwrap().is_none());
+    let sig = state(&t.pool, &id).await.1;
+    let lvbh: i64 = sqlx::query_scalar(
+        "SELECT last_valid_block_height FROM charge_intents WHERE intent_id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    fake.advance(lvbh as u64 - fake.height());
+    assert_eq!(fake.land_held(), 1, "landed at its last valid height");
+    fake.advance(EXPIRY_MARGIN_BLOCKS + 2);
+    for _ in 0..4 {
+        fake.script(|s| {
+            for m in ["getEpochInfo", "getBlockHeight", "getLatestBlockhash"] {
+                s.route(m, 0);
+            }
+            for _ in 0..20 {
+                s.route("getSignatureStatuses", 1);
+                s.route("getSignaturesForAddress", 2);
+                s.route("sendTransaction", 0);
+            }
+        });
+        let r = drive(&t.pool, &cfg, &chain, &id).await;
+        assert!(matches!(r, Ok(None)), "{r:?}");
+        assert_eq!(state(&t.pool, &id).await.1, sig, "never re-signed");
+    }
+    fake.script(|s| s.route.clear());
+    let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
+    assert_eq!(done["signature"].as_str(), sig.as_deref());
+    assert_ndc(&t.pool, &fake, 1).await;
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM charge_intent_signatures").await,
+        1
+    );
+}
+
+/// Issue 15 item 3: the first send landed but its answer was lost; the resend goes to
+/// a node whose status view has not caught up but whose accounts have (the allowance
+/// is spent), and is refused. That refusal is no proof: the intent is confirmed with
+/// the first signature, never failed.
+#[tokio::test]
+async fn a_refused_resend_is_not_proof_the_first_never_landed() {
+    let (t, fake, cfg, chain) = setup().await;
+    // Node 1 serves no history: it has not caught up with the status of anything.
+    fake.set_nodes(vec![Node::default(), Node { lag: 0, history: 0 }]);
+    let (id, escrow) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 6 * USDC, 60_000).await;
+    fake.script(|s| {
+        s.hang_sends_after = 1;
+        s.route("sendTransaction", 0);
+    });
+    assert!(
+        drive(&t.pool, &cfg, &chain, &id).await.is_err(),
+        "timed out"
+    );
+    assert_eq!(fake.balance(&escrow), 94 * USDC, "the first send landed");
+    fake.advance(2);
+    fake.script(|s| {
+        for m in ["getEpochInfo", "getSignatureStatuses", "sendTransaction"] {
+            s.route(m, 1);
+        }
+        for _ in 0..20 {
+            s.route("getSignatureStatuses", 1);
+        }
+    });
+    let r = drive(&t.pool, &cfg, &chain, &id).await;
+    assert!(matches!(r, Ok(None)), "{r:?}");
+    let (st, _) = state(&t.pool, &id).await;
+    assert_ne!(
+        st, "failed",
+        "a refused resend failed an intent whose money moved"
+    );
+    fake.script(|s| s.route.clear());
+    fake.set_nodes(vec![Node::default()]);
+    let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
+    assert_eq!(done["state"], "confirmed");
+    let suspended: Option<String> =
+        sqlx::query_scalar("SELECT suspend_reason FROM service_instances WHERE customer_id = 1")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(suspended, None);
+    assert_ndc(&t.pool, &fake, 1).await;
+}
+
+/// Issue 15 item 2: the delegate runs out of SOL. That is the operator's to fix:
+/// intents wait (no failure, no suspension, nothing released); topped up, each is
+/// charged once.
+#[tokio::test]
+async fn a_delegate_out_of_sol_makes_charges_wait_not_fail() {
+    let (t, fake, cfg, chain) = setup().await;
+    let (a, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
+    let (b, _) = intent(&t.pool, &cfg, &fake, 2, 100 * USDC, 100 * USDC, 70_000).await;
+    for (lamports, id) in [(0, &a), (solana::FEE - 1, &b)] {
+        fake.set_delegate_lamports(lamports);
+        for _ in 0..3 {
+            let e = drive(&t.pool, &cfg, &chain, id).await.unwrap_err();
+            assert!(matches!(e, Step::Chain(ChainError::FeePayer(_))), "{e:?}");
+        }
+        assert_eq!(
+            chain.fee_payer_lamports().await.unwrap(),
+            lamports,
+            "the balance the gauge shows"
+        );
+    }
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM charge_intents WHERE state IN ('signed', 'sent')"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM service_instances WHERE state = 'suspended'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(fake.charges_landed().len(), 0);
+    fake.set_delegate_lamports(1_000_000_000);
+    for id in [&a, &b] {
+        assert_eq!(
+            settle(&t.pool, &cfg, &fake, &chain, id).await["state"],
+            "confirmed"
+        );
+    }
+    assert_ndc(&t.pool, &fake, 2).await;
+}
+
+/// Issue 15 item 4: anyone can send tokens with an intent's memo, into the escrow or
+/// the treasury. Neither is taken for the charge (the intent is charged for real,
+/// once), and reconciliation does not report a double charge for them.
+#[tokio::test]
+async fn memos_not_signed_by_the_delegate_are_ignored() {
+    let (t, fake, cfg, chain) = setup().await;
+    let (id, escrow) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
+    let first = sent_but_dropped(&t.pool, &cfg, &fake, &chain, &id).await;
+    fake.script(|s| s.drop_sends = 1_000);
+    // A stranger's transfer to the treasury, for the amount, with the intent's memo,
+    // in the escrow's history too, while the real one is dropped.
+    fake.send_foreign_charge(&id, 6 * USDC, Some(&escrow));
+    fake.advance(VALID_BLOCKS + EXPIRY_MARGIN_BLOCKS + 2);
+    fake.script(|s| s.drop_sends = 0);
+    let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
+    assert_eq!(done["state"], "confirmed");
+    assert_ne!(
+        done["signature"].as_str(),
+        first.as_deref(),
+        "signed anew, not confirmed by the stranger's transfer"
+    );
+    assert_eq!(fake.balance(&escrow), 94 * USDC, "charged for real");
+    assert_eq!(fake.charges_landed().len(), 1, "one charge by the delegate");
+    // And one more into the treasury alone: reconcile ignores both.
+    fake.send_foreign_charge(&id, 1, None);
+    fake.advance(2);
+    let r = longshore_jobs::billing::reconcile::reconcile(&t.pool, &chain, 10_000)
+        .await
+        .unwrap();
+    assert!(r.is_clean(), "{:?}", r.differences);
+    assert_eq!(r.foreign_transfers, 2);
+    assert_eq!(r.chain_transfers.count, 1);
 }
 
 /// Row 20 on the chain side: four drivers race for one intent → one transfer.
@@ -388,6 +593,7 @@ async fn row19_a_lagging_node_causes_no_false_expiry() {
 async fn row20_racing_drivers_move_the_tokens_once() {
     let t = db().await;
     let fake = FakeSolana::start().await;
+    fake.produce_blocks(Duration::from_millis(40));
     let cfg = cfg(&fake);
     let (id, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
     let mut tasks = Vec::new();
@@ -443,7 +649,7 @@ async fn rejections_by_the_token_program_fail_the_intent_and_move_nothing() {
     for (i, (why, escrow)) in cases.iter().enumerate() {
         let c = i as i32 + 1;
         let id = billed(&t.pool, &cfg, c, escrow, 60_000).await;
-        let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
+        let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
         assert_eq!(done["state"], "failed", "{why}");
         let (state, reason): (String, Option<String>) = sqlx::query_as(
             "SELECT state, suspend_reason FROM service_instances WHERE customer_id = $1",
@@ -503,6 +709,11 @@ async fn rpc_settings_are_checked_at_start() {
     );
     assert!(
         e.contains("billing.chain.delegate_keypair") && !e.contains("99"),
+        "{e}"
+    );
+    let e = with("LONGSHORE__BILLING__CHAIN__COMMITMENT", "processed");
+    assert!(
+        e.contains("billing.chain.commitment") && e.contains("fork"),
         "{e}"
     );
     let e = with("LONGSHORE__BILLING__CHAIN__USDC_MINT", "not-a-mint");
@@ -566,6 +777,7 @@ async fn stop_when_done(pool: &PgPool, w: &mut Proc) {
 async fn kill_and_resume(hold: impl FnOnce(&mut solana::Script), at: &str) {
     let t = db().await;
     let fake = FakeSolana::start().await;
+    fake.produce_blocks(Duration::from_millis(50));
     let cfg = cfg(&fake);
     fake.script(hold);
     let (id, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
@@ -635,6 +847,7 @@ async fn row18_kill9_after_the_chain_confirmed_before_booking() {
 async fn row18_kill9_after_booking() {
     let t = db().await;
     let fake = FakeSolana::start().await;
+    fake.produce_blocks(Duration::from_millis(50));
     let cfg = cfg(&fake);
     let (id, _) = intent(&t.pool, &cfg, &fake, 1, 100 * USDC, 100 * USDC, 60_000).await;
     let mut w = worker(&t.url, &fake);
@@ -670,7 +883,7 @@ async fn reconcile_compares_the_ledger_with_the_chain() {
             50_000 + c as i64 * 10_000,
         )
         .await;
-        drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
+        settle(&t.pool, &cfg, &fake, &chain, &id).await;
         ids.push(id);
     }
     // The CLI blocks; the endpoint runs on this runtime, so run it off the runtime.
@@ -742,7 +955,7 @@ async fn row23_bad_addresses_and_amounts_never_reach_the_endpoint() {
     let good = fake.open_escrow(100 * USDC, 100 * USDC);
     for (c, escrow, billable) in [(1, "not,an address", 60_000), (2, good.as_str(), 110_000)] {
         let id = billed(&t.pool, &cfg, c, escrow, billable).await;
-        let done = drive(&t.pool, &cfg, &chain, &id).await.unwrap().unwrap();
+        let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
         assert_eq!(done["state"], "failed", "customer {c}");
     }
     assert_eq!(fake.sends(), 0, "nothing was sent");

@@ -87,6 +87,12 @@ pub async fn run(args: Args) -> CliResult {
                 ] {
                     println!("{what:>18}: {:>6} totalling {}", t.count, usd(t.cents));
                 }
+                if r.foreign_transfers > 0 {
+                    println!(
+                        "{:>18}: {:>6} (a charge memo, not signed by the delegate: not charges)",
+                        "ignored transfers", r.foreign_transfers
+                    );
+                }
                 for d in &r.differences {
                     println!("DIFFERENCE {}", serde_json::to_string(d)?);
                 }

@@ -6,13 +6,26 @@
 //!    memo `longshore:charge:<intent_id>`), store bytes, signature and the
 //!    transaction's `last_valid_block_height` → `signed`. Nothing is sent before the
 //!    bytes are stored.
-//! 2. `signed`/`sent` → always look the stored signature up first. Landed → confirm
-//!    (or fail if the program rejected it). Unknown and the chain's height is still
-//!    within the transaction's validity → send the **same bytes** (`sent`) and poll.
-//!    Unknown and the height has passed it by a safety margin → that transaction can
-//!    never land; only then sign a new one (the memo stays the same). The height is
-//!    read *before* the status, so a transaction that landed at its last valid height
-//!    is seen.
+//! 2. `signed`/`sent` → read the tip (height and slot from one answer), then the
+//!    status of **every** signature the intent ever had (`charge_intent_signatures`).
+//!    - One landed → confirm it (landing is proof from any node).
+//!    - The current one landed with a program error → fail (the fee was paid, nothing
+//!      moved; every earlier signature was dead before it was signed).
+//!    - Unknown and the tip is still within its validity → send the **same bytes**
+//!      again and poll. A preflight refusal of the first send of a signature fails
+//!      the intent; a refusal of a resend is no proof (a node whose accounts have the
+//!      transfer but whose status view does not refuses it), so it is noted and the
+//!      intent fails only once every signature is shown dead.
+//!    - Unknown and the tip is past its validity by a safety margin → it may be dead.
+//!      Proof needs a status answer from a node at or past the tip's slot, and a memo
+//!      search of the escrow's history (`minContextSlot` = that slot) that reaches
+//!      back before the first signature could land and finds no transfer that is
+//!      really the charge (from the escrow, signed by our delegate, for the amount,
+//!      with exactly the memo). Only then: sign a new one (same memo), kept beside the
+//!      others. An answer from a lagging node, or a history that is too short, proves
+//!      nothing: the intent waits.
+//!    - A delegate that cannot pay the fee (no SOL) is the operator's problem: the
+//!      job snoozes (`fee_payer_retry`), nothing fails, the customer is untouched.
 //! 3. Confirmed → in one transaction: usage records get `charged_amount`, the customer's
 //!    balance and month total move, an `escrow_transactions` row is written (its
 //!    `tx_digest` is the signature, unique).
@@ -40,12 +53,13 @@ use uuid::Uuid;
 use super::config::BillingConfig;
 use super::vault::request_regeneration;
 use crate::clients::chain::{
-    Chain, ChainError, Charge, SignedTx, TxStatus, UNITS_PER_CENT, memo_for,
+    Blockhash, Chain, ChainError, Charge, MemoSearch, SignedTx, TxStatus, UNITS_PER_CENT,
+    find_charge, memo_for,
 };
 
-/// A transaction is treated as expired only when the chain's height is past its
-/// `last_valid_block_height` by this many blocks (about 13 s): a node behind a load
-/// balancer that lags the one that answered the status must not make us re-sign.
+/// A transaction is treated as possibly expired only when the chain's height is past
+/// its `last_valid_block_height` by this many blocks (about 13 s); the proof itself
+/// rests on answers from nodes at or past the slot that height was read at.
 pub const EXPIRY_MARGIN_BLOCKS: u64 = 32;
 pub const CHARGE_FAILED: &str = "charge_failed";
 
@@ -109,6 +123,12 @@ impl Handler for ChargeEscrowHandler {
             // Sent but not confirmed within confirm_timeout: come back and look again.
             Ok(None) => Outcome::snooze(self.cfg.chain.poll_interval * 4),
             Err(Step::Db(e)) => Err(e.into()),
+            // The operator's to fix (the delegate's SOL): the charge waits without
+            // spending its attempts, and the customer is not touched.
+            Err(Step::Chain(e @ ChainError::FeePayer(_))) => {
+                tracing::warn!(intent_id = %a.intent_id, error = %e, "the delegate cannot pay the fee; the charge waits");
+                Outcome::snooze(self.cfg.chain.fee_payer_retry)
+            }
             Err(Step::Chain(e)) => Err(JobError::retry(e)),
             Err(Step::Missing) => Err(JobError::fail(format!("no intent {}", a.intent_id))),
         }
@@ -125,15 +145,52 @@ pub enum Step {
     Missing,
 }
 
+/// One signature an intent had: the exact bytes, when they stop being valid, the slot
+/// at or before which they cannot land, and the escrow they are from. (How often each
+/// was sent is counted in the row, for the compare-and-set of a refusal.)
+struct Sig {
+    signature: String,
+    bytes: Vec<u8>,
+    lvbh: u64,
+    signed_slot: u64,
+    source: String,
+}
+
 struct Intent {
     state: String,
     customer_id: i32,
     service_type: String,
     amount: Decimal,
-    signature: Option<String>,
-    signed_tx: Option<Vec<u8>>,
-    last_valid_block_height: Option<i64>,
     escrow_account: Option<String>,
+    /// A refusal that fails the intent once no signature can still land.
+    rejection: Option<String>,
+    /// The signature the intent now carries (the newest; every earlier one was shown
+    /// dead before it was signed).
+    current: Option<String>,
+    /// Every signature it ever had.
+    sigs: Vec<Sig>,
+}
+
+impl Intent {
+    fn current(&self) -> Option<&Sig> {
+        let c = self.current.as_deref()?;
+        self.sigs.iter().find(|s| s.signature == c)
+    }
+
+    fn units(&self) -> Option<u64> {
+        (self.amount * Decimal::ONE_HUNDRED)
+            .to_u64()
+            .filter(|c| Decimal::from(*c) == self.amount * Decimal::ONE_HUNDRED)
+            .and_then(|c| c.checked_mul(UNITS_PER_CENT))
+    }
+}
+
+/// What the driver does after judging the chain's answers.
+enum Next {
+    /// The row moved (confirmed, failed, signed anew): load it and go on.
+    Again,
+    /// Sent or in flight: poll for it a while.
+    Wait,
 }
 
 pub struct Driver<'a> {
@@ -147,168 +204,252 @@ impl Driver<'_> {
     async fn load(&self) -> Result<Intent, Step> {
         let r = sqlx::query(
             "SELECT i.state, i.customer_id, i.service_type::text, i.amount, i.signature::text, \
-                    i.signed_tx, i.last_valid_block_height, c.escrow_account::text \
+                    i.rejection, c.escrow_account::text \
              FROM charge_intents i JOIN customers c USING (customer_id) WHERE intent_id = $1",
         )
         .bind(self.intent_id)
         .fetch_optional(&self.pool)
         .await?
         .ok_or(Step::Missing)?;
+        let sigs = sqlx::query(
+            "SELECT signature::text, signed_tx, last_valid_block_height, signed_slot, source \
+             FROM charge_intent_signatures WHERE intent_id = $1 ORDER BY created_at, signature",
+        )
+        .bind(self.intent_id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok(Sig {
+                signature: r.try_get(0)?,
+                bytes: r.try_get(1)?,
+                lvbh: r.try_get::<i64, _>(2)?.max(0) as u64,
+                signed_slot: r.try_get::<i64, _>(3)?.max(0) as u64,
+                source: r.try_get(4)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
         Ok(Intent {
             state: r.try_get(0)?,
             customer_id: r.try_get(1)?,
             service_type: r.try_get(2)?,
             amount: r.try_get(3)?,
-            signature: r.try_get(4)?,
-            signed_tx: r.try_get(5)?,
-            last_valid_block_height: r.try_get(6)?,
-            escrow_account: r.try_get(7)?,
+            current: r.try_get(4)?,
+            rejection: r.try_get(5)?,
+            escrow_account: r.try_get(6)?,
+            sigs,
         })
     }
 
     /// Runs the intent as far as it goes now: `Some(result)` when it is confirmed or
     /// failed, `None` when it was sent and is not confirmed yet.
     pub async fn drive(&self) -> Result<Option<serde_json::Value>, Step> {
-        let chain = |e| Step::Chain(e);
         loop {
             let i = self.load().await?;
-            match i.state.as_str() {
+            let next = match i.state.as_str() {
                 "confirmed" | "failed" => {
                     return Ok(Some(json!({
                         "intent_id": self.intent_id,
                         "state": i.state,
-                        "signature": i.signature,
+                        "signature": i.current,
                     })));
                 }
-                "created" => self.sign(&i, None).await?,
-                _ => {
-                    let sig = i
-                        .signature
-                        .clone()
-                        .expect("signed intents have a signature");
-                    let bytes = i.signed_tx.clone().expect("signed intents have bytes");
-                    let lvbh = i.last_valid_block_height.unwrap_or(0) as u64;
-                    // Height first, then status: a transaction that lands at its last
-                    // valid height is seen by the status read that follows.
-                    let height = self.chain.block_height().await.map_err(chain)?;
-                    match self.status(&sig).await? {
-                        Some(TxStatus::Landed { err: None }) => {
-                            self.confirm(&i, &sig).await?;
-                            continue;
-                        }
-                        Some(TxStatus::Landed { err: Some(e) }) => {
-                            self.fail(&i, &format!("the chain rejected the transfer: {e}"))
-                                .await?;
-                            continue;
-                        }
-                        Some(TxStatus::Pending) => {}
-                        None if height <= lvbh => {
-                            let tx = SignedTx {
-                                bytes,
-                                signature: sig.clone(),
-                            };
-                            match self.chain.send(&tx).await {
-                                Ok(_) => self.mark_sent(&sig).await?,
-                                Err(ChainError::Rejected(e)) => {
-                                    self.fail(&i, &format!("the chain rejected the transfer: {e}"))
-                                        .await?;
-                                    continue;
-                                }
-                                // A timeout may have landed it: the next look finds it.
-                                Err(e) => return Err(chain(e)),
-                            }
-                        }
-                        None if height > lvbh + EXPIRY_MARGIN_BLOCKS => {
-                            // Proven expired. One more safety net: our memo on the
-                            // escrow account's history.
-                            if let Some(found) = self.find_by_memo(&i).await? {
-                                self.confirm(&i, &found).await?;
-                                continue;
-                            }
-                            tracing::warn!(intent_id = %self.intent_id, signature = sig, "transaction expired unseen; signing a new one");
-                            self.sign(&i, Some(&sig)).await?;
-                            continue;
-                        }
-                        // Past its height but within the margin: wait for certainty.
-                        None => {}
-                    }
-                    return self.poll(&i, &sig).await;
+                "created" => {
+                    self.sign(&i).await?;
+                    Next::Again
                 }
+                _ if i.current().is_none() => {
+                    // A row from before every signature was kept: nothing to judge by.
+                    return Err(Step::Chain(ChainError::Unavailable(
+                        "the intent's signature is not in charge_intent_signatures".into(),
+                    )));
+                }
+                _ => self.judge(&i).await?,
+            };
+            match next {
+                Next::Again => continue,
+                Next::Wait => return self.poll(&i).await,
             }
         }
     }
 
-    /// Builds and signs the charge (a new blockhash, the same memo) and stores it,
-    /// replacing the expired signature `replacing` if given. A charge that cannot be
-    /// built (row 23) or that the chain refuses fails the intent instead.
-    async fn sign(&self, i: &Intent, replacing: Option<&str>) -> Result<(), Step> {
+    /// Reads the chain about every signature the intent had and acts on what it
+    /// proves. Landing is proof from any node; absence is proof only from a node at or
+    /// past the height the expiry rests on, with the memo search agreeing.
+    async fn judge(&self, i: &Intent) -> Result<Next, Step> {
+        let chain = Step::Chain;
+        let cur = i.current().expect("checked by drive");
+        let all: Vec<String> = i.sigs.iter().map(|s| s.signature.clone()).collect();
+        // Height and slot from one answer, before the statuses: a transaction that
+        // lands at its last valid height is seen by the reads that follow.
+        let tip = self.chain.tip().await.map_err(chain)?;
+        let st = self.chain.signature_statuses(&all).await.map_err(chain)?;
+        for (sig, status) in all.iter().zip(&st.value) {
+            if matches!(status, Some(TxStatus::Landed { err: None })) {
+                self.confirm(i, sig).await?;
+                return Ok(Next::Again);
+            }
+        }
+        let at = all
+            .iter()
+            .position(|s| *s == cur.signature)
+            .expect("listed");
+        match st.value.get(at).cloned().flatten() {
+            // Landed and refused by the program: the fee was paid, nothing moved, and
+            // every earlier signature was dead before this one was signed.
+            Some(TxStatus::Landed { err: Some(e) }) => {
+                let reason = format!("the chain rejected the transfer: {e}");
+                self.fail(i, &reason, None).await?;
+                Ok(Next::Again)
+            }
+            Some(TxStatus::Pending) => Ok(Next::Wait),
+            Some(TxStatus::Landed { err: None }) => unreachable!("confirmed above"),
+            None if tip.height <= cur.lvbh => self.send(i, cur).await,
+            None if tip.height > cur.lvbh + EXPIRY_MARGIN_BLOCKS => {
+                self.prove_dead(i, tip.slot, st.slot).await
+            }
+            // Past its height but within the margin: wait for certainty.
+            None => Ok(Next::Wait),
+        }
+    }
+
+    /// Sends the current signature's exact bytes again.
+    async fn send(&self, i: &Intent, cur: &Sig) -> Result<Next, Step> {
+        let Some(attempt) = self.count_send(&cur.signature).await? else {
+            return Ok(Next::Again); // another driver moved the intent
+        };
+        let tx = SignedTx {
+            bytes: cur.bytes.clone(),
+            signature: cur.signature.clone(),
+        };
+        match self.chain.send(&tx).await {
+            Ok(_) => {
+                self.mark_sent(&cur.signature).await?;
+                Ok(Next::Wait)
+            }
+            Err(ChainError::Rejected(e)) => {
+                let reason = format!("the chain rejected the transfer: {e}");
+                if attempt == 1 {
+                    // A preflight refusal of the first attempt: these bytes never
+                    // left the node, and every earlier signature is dead.
+                    self.fail(i, &reason, Some(1)).await?;
+                    return Ok(Next::Again);
+                }
+                // An earlier attempt may have landed it (a node whose state has the
+                // transfer but whose status view does not refuses the resend): the
+                // refusal stands only once no signature can land any more.
+                tracing::warn!(intent_id = %self.intent_id, signature = cur.signature, reason, "resend refused; the intent fails only once every signature is shown dead");
+                self.note_rejection(&cur.signature, &reason).await?;
+                Ok(Next::Wait)
+            }
+            Err(e @ ChainError::FeePayer(_)) => {
+                observe_fee_payer(self.chain, self.cfg).await;
+                Err(Step::Chain(e))
+            }
+            // A timeout may have landed it: the next look finds it.
+            Err(e) => Err(Step::Chain(e)),
+        }
+    }
+
+    /// Every signature is past its validity: only a fresh enough status answer and a
+    /// complete memo search show that none landed; then re-sign (or fail, if the chain
+    /// refused the charge).
+    async fn prove_dead(&self, i: &Intent, tip_slot: u64, status_slot: u64) -> Result<Next, Step> {
+        if status_slot < tip_slot {
+            tracing::info!(intent_id = %self.intent_id, status_slot, tip_slot, "statuses from a node behind the height read: no proof of expiry; waiting");
+            return Ok(Next::Wait);
+        }
+        let (Some(units), Some(back_to)) = (i.units(), i.sigs.iter().map(|s| s.signed_slot).min())
+        else {
+            return Ok(Next::Wait);
+        };
+        // Each signature's own source (the escrow it was signed against).
+        let mut sources: Vec<&str> = i.sigs.iter().map(|s| s.source.as_str()).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        for source in sources {
+            match find_charge(
+                self.chain,
+                &self.intent_id,
+                source,
+                units,
+                tip_slot,
+                back_to,
+            )
+            .await
+            .map_err(Step::Chain)?
+            {
+                MemoSearch::Found(t) => {
+                    tracing::warn!(intent_id = %self.intent_id, signature = t.signature, "charge found by its memo");
+                    self.confirm(i, &t.signature).await?;
+                    return Ok(Next::Again);
+                }
+                MemoSearch::Incomplete(why) => {
+                    tracing::warn!(intent_id = %self.intent_id, why, "memo search incomplete: no proof of expiry; waiting");
+                    return Ok(Next::Wait);
+                }
+                MemoSearch::NotFound => {}
+            }
+        }
+        if let Some(reason) = &i.rejection {
+            self.fail(i, reason, None).await?;
+        } else {
+            tracing::warn!(intent_id = %self.intent_id, signatures = i.sigs.len(), "every transaction expired unseen; signing a new one");
+            self.sign(i).await?;
+        }
+        Ok(Next::Again)
+    }
+
+    /// Builds and signs the charge (a new blockhash, the same memo) and stores it
+    /// beside every earlier signature. A charge that cannot be built (row 23) or that
+    /// the chain refuses fails the intent instead.
+    async fn sign(&self, i: &Intent) -> Result<(), Step> {
         let signed = match self.charge(i) {
-            Ok(charge) => {
-                let bh = self.chain.latest_blockhash().await.map_err(Step::Chain)?;
-                self.chain
+            Ok(charge) => match self.chain.latest_blockhash().await {
+                Ok(bh) => self
+                    .chain
                     .sign_charge(&charge, &bh)
                     .await
-                    .map(|s| (s, bh.last_valid_block_height))
-            }
+                    .map(|s| (s, bh, charge.source)),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match signed {
-            Ok((s, lvbh)) => self.store_signed(replacing, &s, lvbh).await,
+            Ok((s, bh, source)) => self.store_signed(i, &s, &bh, &source).await,
             Err(e @ (ChainError::Invalid(_) | ChainError::Rejected(_))) => {
-                self.fail(i, &e.to_string()).await
+                self.fail(i, &e.to_string(), None).await
             }
             Err(e) => Err(Step::Chain(e)),
         }
     }
 
-    /// Polls the signature until it lands or `confirm_timeout` passes.
-    async fn poll(&self, i: &Intent, sig: &str) -> Result<Option<serde_json::Value>, Step> {
+    /// Polls every signature until one lands or `confirm_timeout` passes.
+    async fn poll(&self, i: &Intent) -> Result<Option<serde_json::Value>, Step> {
+        let all: Vec<String> = i.sigs.iter().map(|s| s.signature.clone()).collect();
         let deadline = Instant::now() + self.cfg.chain.confirm_timeout;
         while Instant::now() < deadline {
             tokio::time::sleep(self.cfg.chain.poll_interval).await;
-            match self.status(sig).await {
-                Ok(Some(TxStatus::Landed { err: None })) => {
-                    self.confirm(i, sig).await?;
-                    return Box::pin(self.drive()).await;
+            match self.chain.signature_statuses(&all).await {
+                Ok(st) => {
+                    let landed = all.iter().zip(&st.value).find_map(|(s, v)| match v {
+                        Some(TxStatus::Landed { err }) => Some((s, err.clone())),
+                        _ => None,
+                    });
+                    match landed {
+                        Some((sig, None)) => {
+                            self.confirm(i, sig).await?;
+                            return Box::pin(self.drive()).await;
+                        }
+                        // A refusal that landed: judged with everything else.
+                        Some((_, Some(_))) => return Box::pin(self.drive()).await,
+                        None => {}
+                    }
                 }
-                Ok(Some(TxStatus::Landed { err: Some(e) })) => {
-                    self.fail(i, &format!("the chain rejected the transfer: {e}"))
-                        .await?;
-                    return Box::pin(self.drive()).await;
-                }
-                Ok(_) => {}
-                Err(Step::Chain(e)) => {
-                    tracing::debug!(error = %e, "status poll failed; polling on");
-                }
-                Err(e) => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "status poll failed; polling on"),
             }
         }
         Ok(None)
-    }
-
-    async fn status(&self, sig: &str) -> Result<Option<TxStatus>, Step> {
-        let mut v = self
-            .chain
-            .signature_statuses(&[sig.to_string()])
-            .await
-            .map_err(Step::Chain)?;
-        Ok(v.pop().flatten())
-    }
-
-    async fn find_by_memo(&self, i: &Intent) -> Result<Option<String>, Step> {
-        let Some(acct) = &i.escrow_account else {
-            return Ok(None);
-        };
-        let memo = memo_for(&self.intent_id);
-        let sigs = self
-            .chain
-            .signatures_for_address(acct, 1000)
-            .await
-            .map_err(Step::Chain)?;
-        Ok(sigs
-            .into_iter()
-            .find(|s| s.err.is_none() && s.memo.as_deref().is_some_and(|m| m.contains(&memo)))
-            .map(|s| s.signature))
     }
 
     fn charge(&self, i: &Intent) -> Result<Charge, ChainError> {
@@ -316,27 +457,29 @@ impl Driver<'_> {
             .escrow_account
             .clone()
             .ok_or_else(|| ChainError::Invalid("the customer has no escrow account".into()))?;
-        let cents = (i.amount * Decimal::ONE_HUNDRED)
-            .to_u64()
-            .filter(|c| Decimal::from(*c) == i.amount * Decimal::ONE_HUNDRED)
-            .ok_or_else(|| {
-                ChainError::Invalid(format!("amount {} is not whole cents", i.amount))
-            })?;
+        let units = i.units().ok_or_else(|| {
+            ChainError::Invalid(format!("amount {} is not whole cents", i.amount))
+        })?;
         let charge = Charge {
             source,
-            amount: cents * UNITS_PER_CENT,
+            amount: units,
             memo: memo_for(&self.intent_id),
         };
         crate::clients::chain::validate_charge(&charge, self.cfg.chain.max_charge_units())?;
         Ok(charge)
     }
 
+    /// Stores a new signature, in place of the current one (which was shown dead) or
+    /// as the first.
     async fn store_signed(
         &self,
-        replacing: Option<&str>,
+        i: &Intent,
         signed: &SignedTx,
-        lvbh: u64,
+        bh: &Blockhash,
+        source: &str,
     ) -> Result<(), Step> {
+        let replacing = i.current.as_deref();
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE charge_intents SET state = 'signed', signature = $2, signed_tx = $3, \
                last_valid_block_height = $4, attempts = attempts + 1, updated_at = now() \
@@ -346,19 +489,50 @@ impl Driver<'_> {
         .bind(self.intent_id)
         .bind(&signed.signature)
         .bind(&signed.bytes)
-        .bind(lvbh as i64)
+        .bind(bh.last_valid_block_height as i64)
         .bind(replacing)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        if r.rows_affected() == 1 {
-            tracing::info!(intent_id = %self.intent_id, signature = signed.signature, last_valid_block_height = lvbh, "charge signed");
+        if r.rows_affected() == 0 {
+            return Ok(()); // another driver got there first
         }
+        sqlx::query(
+            "INSERT INTO charge_intent_signatures \
+               (intent_id, signature, signed_tx, last_valid_block_height, signed_slot, source) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(self.intent_id)
+        .bind(&signed.signature)
+        .bind(&signed.bytes)
+        .bind(bh.last_valid_block_height as i64)
+        .bind(bh.slot as i64)
+        .bind(source)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(intent_id = %self.intent_id, signature = signed.signature, last_valid_block_height = bh.last_valid_block_height, signatures = i.sigs.len() + 1, "charge signed");
         Ok(())
+    }
+
+    /// Counts a send attempt of `sig` before it is made; `None` when the intent no
+    /// longer carries it (another driver moved it).
+    async fn count_send(&self, sig: &str) -> Result<Option<i32>, Step> {
+        Ok(sqlx::query_scalar(
+            "UPDATE charge_intent_signatures s SET sends = s.sends + 1 \
+             FROM charge_intents i \
+             WHERE s.signature = $2 AND i.intent_id = $1 AND s.intent_id = i.intent_id \
+               AND i.state IN ('signed', 'sent') AND i.signature = $2 \
+             RETURNING s.sends",
+        )
+        .bind(self.intent_id)
+        .bind(sig)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     async fn mark_sent(&self, sig: &str) -> Result<(), Step> {
         sqlx::query(
-            "UPDATE charge_intents SET state = 'sent', updated_at = now() \
+            "UPDATE charge_intents SET state = 'sent', rejection = NULL, updated_at = now() \
              WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2",
         )
         .bind(self.intent_id)
@@ -368,20 +542,36 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// The bookkeeping of a landed charge, once.
+    async fn note_rejection(&self, sig: &str, reason: &str) -> Result<(), Step> {
+        sqlx::query(
+            "UPDATE charge_intents SET rejection = $3, last_error = $3, updated_at = now() \
+             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2",
+        )
+        .bind(self.intent_id)
+        .bind(sig)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The bookkeeping of a landed charge, once: only if the intent still carries the
+    /// signature this driver judged by (two drivers cannot settle it differently).
     async fn confirm(&self, i: &Intent, sig: &str) -> Result<(), Step> {
         let mut tx = self.pool.begin().await?;
         let won = sqlx::query(
             "UPDATE charge_intents SET state = 'confirmed', signature = $2, last_error = NULL, \
-               updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('signed', 'sent') RETURNING billing_month",
+               rejection = NULL, updated_at = now() \
+             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $3 \
+             RETURNING billing_month",
         )
         .bind(self.intent_id)
         .bind(sig)
+        .bind(i.current.as_deref())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = won else {
-            return Ok(()); // another run confirmed or failed it
+            return Ok(()); // another run confirmed, failed or re-signed it
         };
         let billing_month: chrono::NaiveDate = row.try_get(0)?;
         let cents = (i.amount * Decimal::ONE_HUNDRED)
@@ -423,18 +613,26 @@ impl Driver<'_> {
         tx.commit().await?;
         metrics::counter!("longshore_billing_charges_total", "outcome" => "confirmed").increment(1);
         tracing::info!(intent_id = %self.intent_id, customer_id = i.customer_id, amount = %i.amount, signature = sig, "charge confirmed");
+        observe_fee_payer(self.chain, self.cfg).await;
         Ok(())
     }
 
-    /// A charge that cannot happen: release its usage, suspend the service.
-    async fn fail(&self, i: &Intent, reason: &str) -> Result<(), Step> {
+    /// A charge that cannot happen: release its usage, suspend the service. Only if
+    /// the intent still carries the signature judged by and, with `max_sends`, that
+    /// signature was sent no more often than that (a concurrent resend may be out).
+    async fn fail(&self, i: &Intent, reason: &str, max_sends: Option<i32>) -> Result<(), Step> {
         let mut tx = self.pool.begin().await?;
         let won = sqlx::query(
             "UPDATE charge_intents SET state = 'failed', last_error = $2, updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('created', 'signed', 'sent')",
+             WHERE intent_id = $1 AND state IN ('created', 'signed', 'sent') \
+               AND signature IS NOT DISTINCT FROM $3 \
+               AND ($4::int IS NULL OR coalesce((SELECT sends FROM charge_intent_signatures \
+                                                 WHERE signature = $3), 0) <= $4)",
         )
         .bind(self.intent_id)
         .bind(reason)
+        .bind(i.current.as_deref())
+        .bind(max_sends)
         .execute(&mut *tx)
         .await?;
         if won.rows_affected() == 0 {
@@ -470,6 +668,26 @@ impl Driver<'_> {
         metrics::counter!("longshore_billing_charges_total", "outcome" => "failed").increment(1);
         tracing::warn!(intent_id = %self.intent_id, customer_id = i.customer_id, service_type = i.service_type, reason, "charge failed; service suspended");
         Ok(())
+    }
+}
+
+/// Reads the delegate's SOL into `longshore_chain_delegate_lamports` and warns below
+/// `billing.chain.delegate_low_lamports`. Best effort: a failed read only logs.
+pub async fn observe_fee_payer(chain: &dyn Chain, cfg: &BillingConfig) {
+    match chain.fee_payer_lamports().await {
+        Ok(u64::MAX) => {} // a chain without fees (the simulator)
+        Ok(lamports) => {
+            metrics::gauge!("longshore_chain_delegate_lamports").set(lamports as f64);
+            if lamports < cfg.chain.delegate_low_lamports {
+                tracing::warn!(
+                    delegate = chain.delegate(),
+                    lamports,
+                    threshold = cfg.chain.delegate_low_lamports,
+                    "the delegate is low on SOL: charges wait once it cannot pay fees; top it up"
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "reading the delegate's balance failed"),
     }
 }
 

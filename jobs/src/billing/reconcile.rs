@@ -61,6 +61,9 @@ pub struct Reconciliation {
     pub confirmed_intents: Totals,
     pub ledger_charges: Totals,
     pub chain_transfers: Totals,
+    /// Transfers into the treasury that carry a charge memo but that our delegate did
+    /// not sign: not charges (anyone can send one), listed for information only.
+    pub foreign_transfers: usize,
     pub differences: Vec<Difference>,
 }
 
@@ -109,7 +112,22 @@ pub async fn reconcile(
     )
     .fetch_all(pool)
     .await?;
-    let transfers = chain.charge_transfers(limit).await?;
+    // Anyone can send the treasury a token with a charge memo: only transfers our
+    // delegate signed are charges (the same rule charge_escrow's memo search applies).
+    let delegate = chain.delegate();
+    let (transfers, foreign): (Vec<_>, Vec<_>) = chain
+        .charge_transfers(limit)
+        .await?
+        .into_iter()
+        .partition(|t| t.authority == delegate);
+    for t in &foreign {
+        tracing::info!(
+            signature = t.signature,
+            source = t.source,
+            authority = t.authority,
+            "a transfer with a charge memo not signed by the delegate: not a charge, ignored"
+        );
+    }
 
     let mut d = Vec::new();
     let by_id: HashMap<Uuid, &(Uuid, String, Decimal, Option<String>)> =
@@ -202,6 +220,7 @@ pub async fn reconcile(
             count: transfers.len(),
             cents: (transfers.iter().map(|t| t.amount).sum::<u64>() / UNITS_PER_CENT) as i64,
         },
+        foreign_transfers: foreign.len(),
         differences: d,
     })
 }

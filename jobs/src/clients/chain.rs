@@ -27,12 +27,30 @@ pub struct Charge {
     pub memo: String,
 }
 
-/// A recent blockhash and the last block height at which a transaction using it can
-/// still be processed.
+/// A recent blockhash, the last block height at which a transaction using it can
+/// still be processed, and the slot of the answer (no transaction using the hash can
+/// land before it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blockhash {
     pub hash: String,
     pub last_valid_block_height: u64,
+    pub slot: u64,
+}
+
+/// The chain's block height and slot, read together from one node's answer: an expiry
+/// decision rests on both, and a later answer from a node behind `slot` is no proof
+/// of anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tip {
+    pub height: u64,
+    pub slot: u64,
+}
+
+/// Signature statuses as one node saw them at `slot` (its answer's `context.slot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statuses {
+    pub slot: u64,
+    pub value: Vec<Option<TxStatus>>,
 }
 
 /// A signed transaction: the exact bytes to (re)send and its signature (its id).
@@ -65,19 +83,40 @@ pub enum TxStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddressSignature {
     pub signature: String,
+    pub slot: u64,
     pub memo: Option<String>,
     pub err: Option<String>,
 }
 
 /// A charge transfer found on chain: a successful transaction into the treasury that
-/// carries a charge memo.
+/// carries a charge memo. Anyone can send the treasury a token with such a memo: only
+/// [`ChargeTransfer::is_charge_of`] says whether it is really ours.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChargeTransfer {
     pub signature: String,
     /// The memo as written (`longshore:charge:<intent_id>`).
     pub memo: String,
     pub source: String,
+    /// Who signed the transfer as the source's owner or delegate.
+    pub authority: String,
     pub amount: u64,
+}
+
+impl ChargeTransfer {
+    /// Whether this is the charge of `intent`: from its escrow account, signed by our
+    /// delegate, for its amount, with exactly its memo.
+    pub fn is_charge_of(
+        &self,
+        intent: &uuid::Uuid,
+        escrow: &str,
+        delegate: &str,
+        amount: u64,
+    ) -> bool {
+        self.memo.trim() == memo_for(intent)
+            && self.source == escrow
+            && self.authority == delegate
+            && self.amount == amount
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +141,10 @@ pub enum ChainError {
     /// Timeouts, connection errors, 5xx, rate limits: the outcome is unknown.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The delegate cannot pay the fee (no SOL, or its account is gone). The
+    /// operator's problem, never the customer's: the charge waits and is retried.
+    #[error("fee payer: {0}")]
+    FeePayer(String),
 }
 
 /// The chain, as `charge_escrow` uses it.
@@ -109,8 +152,13 @@ pub enum ChainError {
 pub trait Chain: Send + Sync + 'static {
     /// A name for logs ("solana-rpc https://…", "simulator").
     fn describe(&self) -> String;
+    /// The delegate's address: it signs every charge and pays its fee.
+    fn delegate(&self) -> String;
+    /// The treasury token account charges go to.
+    fn treasury(&self) -> String;
     async fn latest_blockhash(&self) -> Result<Blockhash, ChainError>;
-    async fn block_height(&self) -> Result<u64, ChainError>;
+    /// Height and slot from one answer.
+    async fn tip(&self) -> Result<Tip, ChainError>;
     /// Builds and signs the transfer + memo as the delegate. Validates first.
     async fn sign_charge(
         &self,
@@ -119,26 +167,134 @@ pub trait Chain: Send + Sync + 'static {
     ) -> Result<SignedTx, ChainError>;
     /// Sends the bytes; returns the signature.
     async fn send(&self, tx: &SignedTx) -> Result<String, ChainError>;
-    /// Statuses, searching the whole history; `None` = not known to the chain.
-    async fn signature_statuses(
-        &self,
-        signatures: &[String],
-    ) -> Result<Vec<Option<TxStatus>>, ChainError>;
-    /// Recent transactions touching `address`, newest first, with their memos.
+    /// Statuses, searching the node's whole history; `None` = not known to it.
+    async fn signature_statuses(&self, signatures: &[String]) -> Result<Statuses, ChainError>;
+    /// One page of the transactions touching `address`, newest first, older than
+    /// `before`, from a node that has reached `min_context_slot`.
     async fn signatures_for_address(
         &self,
         address: &str,
+        before: Option<&str>,
         limit: usize,
+        min_context_slot: Option<u64>,
     ) -> Result<Vec<AddressSignature>, ChainError>;
+    /// The charge transfer a landed transaction holds, if it is one: a transfer into
+    /// the treasury plus a charge memo (whoever sent it).
+    async fn charge_in(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError>;
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError>;
+    /// The delegate's SOL, in lamports (what pays the fees).
+    async fn fee_payer_lamports(&self) -> Result<u64, ChainError>;
+
     /// The charge transfers into the treasury, newest first, up to `limit`
-    /// transactions of its history (for reconciliation).
-    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError>;
+    /// transactions of its history (for reconciliation), page by page.
+    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError> {
+        let treasury = self.treasury();
+        let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut before: Option<String> = None;
+        let mut seen = 0;
+        while seen < limit {
+            let asked = (limit - seen).min(PAGE);
+            let page = self
+                .signatures_for_address(&treasury, before.as_deref(), asked, None)
+                .await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.signature.clone());
+            seen += page.len();
+            for s in &page {
+                // A node that ignores `before` would hand the same page again.
+                if !listed.insert(s.signature.clone()) {
+                    continue;
+                }
+                if s.err.is_none()
+                    && s.memo.as_deref().is_some_and(|m| m.contains(MEMO_PREFIX))
+                    && let Some(t) = self.charge_in(&s.signature).await?
+                {
+                    out.push(t);
+                }
+            }
+            if page.len() < asked {
+                break; // the start of the history
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The most signatures one `getSignaturesForAddress` answer may hold.
+pub const PAGE: usize = 1000;
+const MEMO_PREFIX: &str = "longshore:charge:";
+
+/// What a search of an escrow account's history for an intent's charge found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoSearch {
+    /// Our charge for the intent landed: this transaction.
+    Found(ChargeTransfer),
+    /// The history, from a node at or past the slot asked for, reaches back to the
+    /// signing slot, and holds no charge of the intent.
+    NotFound,
+    /// The history could not be shown complete (the node's history is shorter, or
+    /// the account is busier than the search may page): no proof either way.
+    Incomplete(String),
+}
+
+/// Searches `escrow`'s history for the charge of `intent` (see
+/// [`ChargeTransfer::is_charge_of`]), from nodes at or past `min_context_slot`, back
+/// to a transaction at or before `back_to_slot` (no signature of the intent can land
+/// at or before it). Transactions carrying the memo that are not our
+/// charge are logged and ignored.
+pub async fn find_charge(
+    chain: &dyn Chain,
+    intent: &uuid::Uuid,
+    escrow: &str,
+    amount: u64,
+    min_context_slot: u64,
+    back_to_slot: u64,
+) -> Result<MemoSearch, ChainError> {
+    const MAX_PAGES: usize = 50;
+    let memo = memo_for(intent);
+    let delegate = chain.delegate();
+    let mut before: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let page = chain
+            .signatures_for_address(escrow, before.as_deref(), PAGE, Some(min_context_slot))
+            .await?;
+        for s in &page {
+            if s.err.is_none() && s.memo.as_deref().is_some_and(|m| m.contains(&memo)) {
+                match chain.charge_in(&s.signature).await? {
+                    Some(t) if t.is_charge_of(intent, escrow, &delegate, amount) => {
+                        return Ok(MemoSearch::Found(t));
+                    }
+                    other => tracing::warn!(
+                        intent_id = %intent,
+                        signature = s.signature,
+                        found = ?other,
+                        "a transaction carries this intent's memo but is not its charge; ignored"
+                    ),
+                }
+            }
+            if s.slot <= back_to_slot {
+                return Ok(MemoSearch::NotFound);
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => before = Some(last.signature.clone()),
+            _ => {
+                return Ok(MemoSearch::Incomplete(format!(
+                    "the node's history of {escrow} ends before slot {back_to_slot}"
+                )));
+            }
+        }
+    }
+    Ok(MemoSearch::Incomplete(format!(
+        "{escrow} has more than {} transactions since slot {back_to_slot}",
+        MAX_PAGES * PAGE
+    )))
 }
 
 /// The intent a charge memo names.
 pub fn intent_of_memo(memo: &str) -> Option<uuid::Uuid> {
-    memo.trim().strip_prefix("longshore:charge:")?.parse().ok()
+    memo.trim().strip_prefix(MEMO_PREFIX)?.parse().ok()
 }
 
 /// A Solana address: base58 of exactly 32 bytes.

@@ -9,6 +9,9 @@
 //! - a preflight failure whose error is about the transaction's content (an
 //!   instruction error, insufficient funds for the fee, a wrong account) → `Rejected`:
 //!   the same bytes can never succeed;
+//! - `InsufficientFundsForFee`, or `AccountNotFound` (the fee payer's account is gone)
+//!   → `FeePayer`: the delegate is out of SOL, which is the operator's to fix; the
+//!   charge waits;
 //! - `AlreadyProcessed` → the send succeeded earlier: `Ok`;
 //! - `BlockhashNotFound` (a lagging node, or an expired hash) → `Unavailable`: only
 //!   the expiry rule of `charge_escrow` decides that a transaction is dead;
@@ -28,7 +31,6 @@ use solana_hash::Hash;
 use solana_keypair::Keypair;
 use solana_message::Message;
 use solana_rpc_client::nonblocking::rpc_client::RpcClient;
-use solana_rpc_client::rpc_client::GetConfirmedSignaturesForAddress2Config;
 use solana_rpc_client_api::client_error::{Error as ClientError, ErrorKind};
 use solana_rpc_client_api::request::{RpcError, RpcRequest, RpcResponseErrorData};
 use solana_signature::Signature;
@@ -37,8 +39,8 @@ use solana_transaction::Transaction;
 use solana_transaction_error::TransactionError;
 
 use super::chain::{
-    AddressSignature, Blockhash, Chain, ChainError, Charge, ChargeTransfer, SignedTx, TokenAccount,
-    TxStatus, USDC_DECIMALS, validate_charge,
+    AddressSignature, Blockhash, Chain, ChainError, Charge, ChargeTransfer, SignedTx, Statuses,
+    Tip, TokenAccount, TxStatus, USDC_DECIMALS, validate_charge,
 };
 
 /// The delegate key that signs charges (and pays their fees). Holds the secret; shows
@@ -217,23 +219,42 @@ impl Chain for RpcChain {
         self.describe.clone()
     }
 
+    fn delegate(&self) -> String {
+        self.delegate.address().to_string()
+    }
+
+    fn treasury(&self) -> String {
+        self.treasury.to_string()
+    }
+
     async fn latest_blockhash(&self) -> Result<Blockhash, ChainError> {
-        let (hash, last_valid_block_height) = self
+        use solana_rpc_client_api::response::{Response, RpcBlockhash};
+        let r: Response<RpcBlockhash> = self
             .client
-            .get_latest_blockhash_with_commitment(self.commitment)
+            .send(
+                RpcRequest::GetLatestBlockhash,
+                serde_json::json!([self.commitment]),
+            )
             .await
             .map_err(unavailable)?;
         Ok(Blockhash {
-            hash: hash.to_string(),
-            last_valid_block_height,
+            hash: r.value.blockhash,
+            last_valid_block_height: r.value.last_valid_block_height,
+            slot: r.context.slot,
         })
     }
 
-    async fn block_height(&self) -> Result<u64, ChainError> {
-        self.client
-            .get_block_height_with_commitment(self.commitment)
+    async fn tip(&self) -> Result<Tip, ChainError> {
+        // getEpochInfo answers the height and the slot from one bank.
+        let e = self
+            .client
+            .get_epoch_info_with_commitment(self.commitment)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(Tip {
+            height: e.block_height,
+            slot: e.absolute_slot,
+        })
     }
 
     async fn sign_charge(
@@ -283,15 +304,22 @@ impl Chain for RpcChain {
                 // The node does not know the blockhash: it lags, or the hash expired.
                 // Either way the expiry rule decides, not this answer.
                 Some(TransactionError::BlockhashNotFound) | None => Err(unavailable(e)),
+                // Fees are the delegate's: a delegate without SOL is the operator's
+                // problem, and the customer's charge waits for it.
+                Some(
+                    err @ (TransactionError::InsufficientFundsForFee
+                    | TransactionError::AccountNotFound
+                    | TransactionError::InsufficientFundsForRent { .. }),
+                ) => Err(ChainError::FeePayer(format!(
+                    "{err} (delegate {})",
+                    self.delegate.address()
+                ))),
                 Some(err) => Err(ChainError::Rejected(err.to_string())),
             },
         }
     }
 
-    async fn signature_statuses(
-        &self,
-        signatures: &[String],
-    ) -> Result<Vec<Option<TxStatus>>, ChainError> {
+    async fn signature_statuses(&self, signatures: &[String]) -> Result<Statuses, ChainError> {
         let sigs = signatures
             .iter()
             .map(|s| parse_signature(s))
@@ -301,48 +329,79 @@ impl Chain for RpcChain {
             .get_signature_statuses_with_history(&sigs)
             .await
             .map_err(unavailable)?;
-        Ok(r.value
-            .into_iter()
-            .map(|s| {
-                s.map(|s| {
-                    if !s.satisfies_commitment(self.commitment) {
-                        TxStatus::Pending
-                    } else {
-                        TxStatus::Landed {
-                            err: s.err.map(|e| e.to_string()),
+        Ok(Statuses {
+            slot: r.context.slot,
+            value: r
+                .value
+                .into_iter()
+                .map(|s| {
+                    s.map(|s| {
+                        if !s.satisfies_commitment(self.commitment) {
+                            TxStatus::Pending
+                        } else {
+                            TxStatus::Landed {
+                                err: s.err.map(|e| e.to_string()),
+                            }
                         }
-                    }
+                    })
                 })
-            })
-            .collect())
+                .collect(),
+        })
     }
 
     async fn signatures_for_address(
         &self,
         address: &str,
+        before: Option<&str>,
         limit: usize,
+        min_context_slot: Option<u64>,
     ) -> Result<Vec<AddressSignature>, ChainError> {
+        use solana_rpc_client_api::config::RpcSignaturesForAddressConfig;
+        use solana_rpc_client_api::response::RpcConfirmedTransactionStatusWithSignature;
         let addr = parse_address("address", address)?;
-        let r = self
+        if let Some(b) = before {
+            parse_signature(b)?;
+        }
+        let config = RpcSignaturesForAddressConfig {
+            before: before.map(str::to_string),
+            until: None,
+            limit: Some(limit.min(super::chain::PAGE)),
+            // Address history is not served below `confirmed`.
+            commitment: Some(if self.commitment.is_finalized() {
+                self.commitment
+            } else {
+                CommitmentConfig::confirmed()
+            }),
+            min_context_slot,
+        };
+        let r: Vec<RpcConfirmedTransactionStatusWithSignature> = self
             .client
-            .get_signatures_for_address_with_config(
-                &addr,
-                GetConfirmedSignaturesForAddress2Config {
-                    before: None,
-                    until: None,
-                    limit: Some(limit),
-                    commitment: Some(self.commitment),
-                },
+            .send(
+                RpcRequest::GetSignaturesForAddress,
+                serde_json::json!([addr.to_string(), config]),
             )
             .await
             .map_err(unavailable)?;
         Ok(r.into_iter()
             .map(|s| AddressSignature {
                 signature: s.signature,
+                slot: s.slot,
                 memo: s.memo,
                 err: s.err.map(|e| e.to_string()),
             })
             .collect())
+    }
+
+    async fn charge_in(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError> {
+        self.decode_charge(signature).await
+    }
+
+    async fn fee_payer_lamports(&self) -> Result<u64, ChainError> {
+        self.client
+            .get_balance_with_commitment(&self.delegate.address(), self.commitment)
+            .await
+            .map(|r| r.value)
+            .map_err(unavailable)
     }
 
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError> {
@@ -371,58 +430,12 @@ impl Chain for RpcChain {
             delegated_amount: t.delegated_amount,
         }))
     }
-
-    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError> {
-        let mut out = Vec::new();
-        let mut listed = std::collections::HashSet::new();
-        let mut before = None;
-        let mut seen = 0;
-        while seen < limit {
-            let page = self
-                .client
-                .get_signatures_for_address_with_config(
-                    &self.treasury,
-                    GetConfirmedSignaturesForAddress2Config {
-                        before,
-                        until: None,
-                        limit: Some((limit - seen).min(1000)),
-                        commitment: Some(self.commitment),
-                    },
-                )
-                .await
-                .map_err(unavailable)?;
-            let asked = (limit - seen).min(1000);
-            let Some(last) = page.last() else { break };
-            before = Some(parse_signature(&last.signature)?);
-            seen += page.len();
-            for s in &page {
-                let charge_memo = s
-                    .memo
-                    .as_deref()
-                    .is_some_and(|m| m.contains("longshore:charge:"));
-                // A node that ignores `before` would hand the same page again.
-                if !listed.insert(s.signature.clone()) {
-                    continue;
-                }
-                if s.err.is_none()
-                    && charge_memo
-                    && let Some(t) = self.charge_in(&s.signature).await?
-                {
-                    out.push(t);
-                }
-            }
-            if page.len() < asked {
-                break; // the start of the history
-            }
-        }
-        Ok(out)
-    }
 }
 
 impl RpcChain {
     /// The charge transfer in a landed transaction, if it is one: a `transfer_checked`
     /// into the treasury plus a charge memo.
-    async fn charge_in(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError> {
+    async fn decode_charge(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError> {
         use solana_rpc_client_api::config::RpcTransactionConfig;
         use solana_transaction_status_client_types::UiTransactionEncoding;
         use spl_token_interface::instruction::TokenInstruction;
@@ -438,6 +451,10 @@ impl RpcChain {
             )
             .await
             .map_err(unavailable)?;
+        // A transaction that failed moved nothing, whatever it holds.
+        if r.transaction.meta.as_ref().is_some_and(|m| m.err.is_some()) {
+            return Ok(None);
+        }
         let Some(tx) = r.transaction.transaction.decode() else {
             return Ok(None);
         };
@@ -455,19 +472,25 @@ impl RpcChain {
                 && let Ok(TokenInstruction::TransferChecked { amount, .. }) =
                     TokenInstruction::unpack(&ix.data)
             {
+                // transfer_checked accounts: source, mint, destination, authority.
                 let source = ix.accounts.first().and_then(|&i| key(i));
+                let mint = ix.accounts.get(1).and_then(|&i| key(i));
                 let dest = ix.accounts.get(2).and_then(|&i| key(i));
-                if dest == Some(self.treasury) {
-                    transfer = source.map(|s| (s, amount));
+                let authority = ix.accounts.get(3).and_then(|&i| key(i));
+                if dest == Some(self.treasury) && mint == Some(self.mint) {
+                    transfer = source.zip(authority).map(|(s, a)| (s, a, amount));
                 }
             }
         }
         Ok(match (memo, transfer) {
-            (Some(memo), Some((source, amount))) if memo.starts_with("longshore:charge:") => {
+            (Some(memo), Some((source, authority, amount)))
+                if memo.starts_with("longshore:charge:") =>
+            {
                 Some(ChargeTransfer {
                     signature: signature.to_string(),
                     memo,
                     source: source.to_string(),
+                    authority: authority.to_string(),
                     amount,
                 })
             }

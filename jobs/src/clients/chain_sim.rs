@@ -17,9 +17,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 
 use super::chain::{
-    AddressSignature, Blockhash, Chain, ChainError, Charge, ChargeTransfer, SignedTx, TokenAccount,
-    TxStatus, validate_charge,
+    AddressSignature, Blockhash, Chain, ChainError, Charge, ChargeTransfer, SignedTx, Statuses,
+    Tip, TokenAccount, TxStatus, validate_charge,
 };
+
+/// The simulator's delegate: it signs every simulated charge.
+const DELEGATE: &str = "simulated-delegate";
 
 const SLOT: Duration = Duration::from_millis(400);
 const VALID_BLOCKS: u64 = 150;
@@ -92,16 +95,27 @@ impl Chain for SimulatedChain {
         "simulator".into()
     }
 
+    fn delegate(&self) -> String {
+        DELEGATE.into()
+    }
+
+    fn treasury(&self) -> String {
+        self.treasury.clone()
+    }
+
     async fn latest_blockhash(&self) -> Result<Blockhash, ChainError> {
         let h = self.height();
         Ok(Blockhash {
             hash: bs58::encode(Sha512::digest(h.to_le_bytes())[..32].to_vec()).into_string(),
             last_valid_block_height: h + VALID_BLOCKS,
+            slot: h,
         })
     }
 
-    async fn block_height(&self) -> Result<u64, ChainError> {
-        Ok(self.height())
+    async fn tip(&self) -> Result<Tip, ChainError> {
+        // One node, no skipped slots: the slot is the height.
+        let h = self.height();
+        Ok(Tip { height: h, slot: h })
     }
 
     async fn sign_charge(
@@ -174,13 +188,10 @@ impl Chain for SimulatedChain {
         Ok(sig)
     }
 
-    async fn signature_statuses(
-        &self,
-        signatures: &[String],
-    ) -> Result<Vec<Option<TxStatus>>, ChainError> {
+    async fn signature_statuses(&self, signatures: &[String]) -> Result<Statuses, ChainError> {
         let h = self.height();
         let st = self.state.lock().expect("simulator lock");
-        Ok(signatures
+        let value = signatures
             .iter()
             .map(|s| {
                 st.txs.get(s).map(|l| {
@@ -191,15 +202,26 @@ impl Chain for SimulatedChain {
                     }
                 })
             })
-            .collect())
+            .collect();
+        Ok(Statuses { slot: h, value })
     }
 
     async fn signatures_for_address(
         &self,
         address: &str,
+        before: Option<&str>,
         limit: usize,
+        _min_context_slot: Option<u64>,
     ) -> Result<Vec<AddressSignature>, ChainError> {
         let st = self.state.lock().expect("simulator lock");
+        // An escrow account's history starts with its opening (the customer's
+        // approval), before any charge: a search can tell it reached the start.
+        let opening = (address != self.treasury).then(|| AddressSignature {
+            signature: format!("opened-{address}"),
+            slot: 0,
+            memo: None,
+            err: None,
+        });
         Ok(st
             .order
             .iter()
@@ -208,12 +230,36 @@ impl Chain for SimulatedChain {
                 let l = &st.txs[s];
                 (l.source == address || address == self.treasury).then(|| AddressSignature {
                     signature: s.clone(),
+                    slot: l.at,
                     memo: Some(l.memo.clone()),
                     err: l.err.clone(),
                 })
             })
+            .chain(opening)
+            .skip_while(|s| before.is_some_and(|b| s.signature != b))
+            .skip(usize::from(before.is_some()))
             .take(limit)
             .collect())
+    }
+
+    async fn charge_in(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError> {
+        let st = self.state.lock().expect("simulator lock");
+        Ok(st
+            .txs
+            .get(signature)
+            .filter(|l| l.err.is_none())
+            .map(|l| ChargeTransfer {
+                signature: signature.to_string(),
+                memo: l.memo.clone(),
+                source: l.source.clone(),
+                authority: DELEGATE.into(),
+                amount: l.amount,
+            }))
+    }
+
+    async fn fee_payer_lamports(&self) -> Result<u64, ChainError> {
+        // The simulator charges no fees.
+        Ok(u64::MAX)
     }
 
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError> {
@@ -222,27 +268,8 @@ impl Chain for SimulatedChain {
             mint: "simulated-usdc".into(),
             owner: "simulated".into(),
             amount: a.amount,
-            delegate: Some("simulated-delegate".into()),
+            delegate: Some(DELEGATE.into()),
             delegated_amount: a.delegated,
         }))
-    }
-
-    async fn charge_transfers(&self, limit: usize) -> Result<Vec<ChargeTransfer>, ChainError> {
-        let st = self.state.lock().expect("simulator lock");
-        Ok(st
-            .order
-            .iter()
-            .rev()
-            .take(limit)
-            .filter_map(|sig| {
-                let l = &st.txs[sig];
-                (l.err.is_none()).then(|| ChargeTransfer {
-                    signature: sig.clone(),
-                    memo: l.memo.clone(),
-                    source: l.source.clone(),
-                    amount: l.amount,
-                })
-            })
-            .collect())
     }
 }
