@@ -26,11 +26,17 @@ INSERT INTO charge_intent_signatures
 SELECT i.intent_id, i.signature, i.signed_tx, coalesce(i.last_valid_block_height, 0),
        greatest(coalesce(i.last_valid_block_height, 0) - 151, 0),
        coalesce(c.escrow_account, ''),
-       -- Sent, or maybe sent: a refusal then waits for proof.
-       CASE WHEN i.state = 'signed' THEN 0 ELSE 2 END
+       -- Maybe sent (the earlier driver left a row `signed` after a send that timed
+       -- out): a refusal then waits for proof.
+       2
 FROM charge_intents i JOIN customers c USING (customer_id)
 WHERE i.signature IS NOT NULL AND i.signed_tx IS NOT NULL;
 
 -- A refusal by the chain that waits for proof that no signature of the intent can
 -- still land before the intent fails.
 ALTER TABLE charge_intents ADD COLUMN rejection text;
+-- Send attempts of the current signature, on the intent's own row, so that counting a
+-- send and failing on a first refusal serialise on one row lock (a count on another
+-- table would let both commit).
+ALTER TABLE charge_intents ADD COLUMN sends integer NOT NULL DEFAULT 0;
+UPDATE charge_intents SET sends = 2 WHERE state IN ('signed', 'sent');

@@ -22,7 +22,7 @@ use longshore_jobs::chat::config::{Chat, Hint};
 use longshore_jobs::chat::llm_call::{LlmCall, Messages};
 use longshore_jobs::clients::llm::{ChatRequest, Failure, Message, Role};
 use longshore_workers::testing::TestDb;
-use longshore_workers::{EnqueueOptions, Worker, enqueue};
+use longshore_workers::{EnqueueOptions, Worker, enqueue, enqueue_many};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -882,6 +882,67 @@ async fn one_caller_cannot_spend_or_read_another_callers_user() {
         .id;
     assert_eq!(result(&t.pool, id).await["content"], "again");
     fleet.stop().await;
+}
+
+/// Row 21 through llm_call itself (issue 15 item 12): 1,000 calls in parallel from a
+/// user whose balance covers 100 worst cases, every provider answering with the worst
+/// case. The pre-check holds the worst case under the account's lock, so at most 100
+/// calls reach a provider, each is charged once, and the balance never goes below zero.
+#[tokio::test]
+async fn row21_a_thousand_parallel_calls_against_credits_for_a_hundred() {
+    let t = db().await;
+    let fake = FakeLlm::start().await;
+    let env = fake.env(&[]);
+    let chat = chat(&env);
+    let user = Uuid::new_v4();
+    let text = "the same question";
+    let m = msgs(text);
+    let req = ChatRequest {
+        messages: &m,
+        max_tokens: chat.cfg.credits.max_output_tokens.free,
+    };
+    let (input, output) = (req.estimated_input_tokens(), req.max_tokens);
+    let worst = chat.cfg.credits.prices["grok"].credits(input, output);
+    fund(&t.pool, user, "free", (100 * worst) as i32).await;
+    let reply = Reply::Answer("worst case", Some((input, output)));
+    for p in ["grok", "gpt", "claude"] {
+        fake.script(p, &vec![reply.clone(); 1000]);
+    }
+    let calls: Vec<LlmCall> = (0..1000).map(|_| call(user, text, None)).collect();
+    let ids = enqueue_many(&t.pool, &calls, EnqueueOptions::default())
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&t.pool, &env);
+    let mut answered = 0;
+    for id in &ids {
+        let r = result(&t.pool, *id).await;
+        match r["error"]["code"].as_str() {
+            None => answered += 1,
+            Some(code) => assert_eq!(code, "insufficient_credits", "{r}"),
+        }
+    }
+    fleet.stop().await;
+    let charged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM credits_ledger WHERE user_id = $1 AND reason = 'charge'",
+    )
+    .bind(user)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert!(fake.calls() <= 100, "{} provider calls", fake.calls());
+    assert_eq!(
+        fake.calls(),
+        answered,
+        "every provider call answered and charged"
+    );
+    assert_eq!(charged as usize, answered);
+    assert!(balance(&t.pool, user).await >= 0);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM credit_holds").await,
+        0,
+        "every hold released or charged"
+    );
+    println!("{answered} calls answered of 1000");
 }
 
 /// When the balance no longer covers the answer (spent meanwhile), the answer is

@@ -544,6 +544,20 @@ async fn a_delegate_out_of_sol_makes_charges_wait_not_fail() {
         0
     );
     assert_eq!(fake.charges_landed().len(), 0);
+    // Hours of it: each transaction expires unsent, and none is signed anew while the
+    // delegate cannot pay (they would only pile up).
+    for _ in 0..3 {
+        fake.advance(VALID_BLOCKS + EXPIRY_MARGIN_BLOCKS + 2);
+        for id in [&a, &b] {
+            let e = drive(&t.pool, &cfg, &chain, id).await.unwrap_err();
+            assert!(matches!(e, Step::Chain(ChainError::FeePayer(_))), "{e:?}");
+        }
+    }
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM charge_intent_signatures").await,
+        2,
+        "one signature each"
+    );
     fake.set_delegate_lamports(1_000_000_000);
     for id in [&a, &b] {
         assert_eq!(

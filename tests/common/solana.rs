@@ -818,6 +818,14 @@ async fn rpc(AxState(st): AxState<Arc<Mutex<State>>>, Json(req): Json<Value>) ->
                 return hang(&st).await;
             }
             let s = st.lock().unwrap();
+            if params[0].as_array().is_some_and(|a| a.len() > 256) {
+                return rpc_error(
+                    &id,
+                    -32602,
+                    "Too many inputs provided; max 256",
+                    Value::Null,
+                );
+            }
             let window = if config["searchTransactionHistory"].as_bool() == Some(true) {
                 u64::MAX
             } else {

@@ -62,6 +62,8 @@ use crate::clients::chain::{
 /// rests on answers from nodes at or past the slot that height was read at.
 pub const EXPIRY_MARGIN_BLOCKS: u64 = 32;
 pub const CHARGE_FAILED: &str = "charge_failed";
+/// Solana's fee for a transaction with one signature.
+pub const MIN_FEE_LAMPORTS: u64 = 5_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChargeEscrow {
@@ -255,7 +257,7 @@ impl Driver<'_> {
                     })));
                 }
                 "created" => {
-                    self.sign(&i).await?;
+                    self.sign(&i, None).await?;
                     Next::Again
                 }
                 _ if i.current().is_none() => {
@@ -280,6 +282,8 @@ impl Driver<'_> {
         let chain = Step::Chain;
         let cur = i.current().expect("checked by drive");
         let all: Vec<String> = i.sigs.iter().map(|s| s.signature.clone()).collect();
+        // A driver is at work: the sweep leaves this intent to it.
+        self.touch().await?;
         // Height and slot from one answer, before the statuses: a transaction that
         // lands at its last valid height is seen by the reads that follow.
         let tip = self.chain.tip().await.map_err(chain)?;
@@ -322,7 +326,9 @@ impl Driver<'_> {
             bytes: cur.bytes.clone(),
             signature: cur.signature.clone(),
         };
-        match self.chain.send(&tx).await {
+        // Only a node that has seen the block the blockhash is from may judge it (a
+        // node behind it would refuse it for what it has not seen yet).
+        match self.chain.send(&tx, Some(cur.signed_slot)).await {
             Ok(_) => {
                 self.mark_sent(&cur.signature).await?;
                 Ok(Next::Wait)
@@ -364,6 +370,7 @@ impl Driver<'_> {
             return Ok(Next::Wait);
         };
         // Each signature's own source (the escrow it was signed against).
+        let all: Vec<String> = i.sigs.iter().map(|s| s.signature.clone()).collect();
         let mut sources: Vec<&str> = i.sigs.iter().map(|s| s.source.as_str()).collect();
         sources.sort_unstable();
         sources.dedup();
@@ -373,15 +380,16 @@ impl Driver<'_> {
                 &self.intent_id,
                 source,
                 units,
+                &all,
                 tip_slot,
                 back_to,
             )
             .await
             .map_err(Step::Chain)?
             {
-                MemoSearch::Found(t) => {
-                    tracing::warn!(intent_id = %self.intent_id, signature = t.signature, "charge found by its memo");
-                    self.confirm(i, &t.signature).await?;
+                MemoSearch::Found(sig) => {
+                    tracing::warn!(intent_id = %self.intent_id, signature = sig, "charge found in the escrow's history");
+                    self.confirm(i, &sig).await?;
                     return Ok(Next::Again);
                 }
                 MemoSearch::Incomplete(why) => {
@@ -393,19 +401,29 @@ impl Driver<'_> {
         }
         if let Some(reason) = &i.rejection {
             self.fail(i, reason, None).await?;
-        } else {
-            tracing::warn!(intent_id = %self.intent_id, signatures = i.sigs.len(), "every transaction expired unseen; signing a new one");
-            self.sign(i).await?;
+            return Ok(Next::Again);
         }
+        // A delegate that cannot pay the fee would only expire the next one too (and
+        // pile up signatures): wait for its SOL.
+        if let Ok(lamports) = self.chain.fee_payer_lamports().await
+            && lamports < MIN_FEE_LAMPORTS
+        {
+            observe_fee_payer(self.chain, self.cfg).await;
+            return Err(Step::Chain(ChainError::FeePayer(format!(
+                "the delegate has {lamports} lamports, less than one fee; not signing anew"
+            ))));
+        }
+        tracing::warn!(intent_id = %self.intent_id, signatures = i.sigs.len(), "every transaction expired unseen; signing a new one");
+        self.sign(i, Some(tip_slot)).await?;
         Ok(Next::Again)
     }
 
     /// Builds and signs the charge (a new blockhash, the same memo) and stores it
     /// beside every earlier signature. A charge that cannot be built (row 23) or that
     /// the chain refuses fails the intent instead.
-    async fn sign(&self, i: &Intent) -> Result<(), Step> {
+    async fn sign(&self, i: &Intent, min_context_slot: Option<u64>) -> Result<(), Step> {
         let signed = match self.charge(i) {
-            Ok(charge) => match self.chain.latest_blockhash().await {
+            Ok(charge) => match self.chain.latest_blockhash(min_context_slot).await {
                 Ok(bh) => self
                     .chain
                     .sign_charge(&charge, &bh)
@@ -432,8 +450,14 @@ impl Driver<'_> {
             tokio::time::sleep(self.cfg.chain.poll_interval).await;
             match self.chain.signature_statuses(&all).await {
                 Ok(st) => {
+                    // Any signature that landed well; a refusal that landed only if it
+                    // is the current one's (an earlier one's moved nothing).
+                    let current = i.current.as_deref();
                     let landed = all.iter().zip(&st.value).find_map(|(s, v)| match v {
-                        Some(TxStatus::Landed { err }) => Some((s, err.clone())),
+                        Some(TxStatus::Landed { err: None }) => Some((s, None)),
+                        Some(TxStatus::Landed { err }) if Some(s.as_str()) == current => {
+                            Some((s, err.clone()))
+                        }
                         _ => None,
                     });
                     match landed {
@@ -482,7 +506,8 @@ impl Driver<'_> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE charge_intents SET state = 'signed', signature = $2, signed_tx = $3, \
-               last_valid_block_height = $4, attempts = attempts + 1, updated_at = now() \
+               last_valid_block_height = $4, attempts = attempts + 1, sends = 0, \
+               rejection = NULL, updated_at = now() \
              WHERE intent_id = $1 AND ((state = 'created' AND $5::text IS NULL) \
                                        OR (state IN ('signed', 'sent') AND signature = $5))",
         )
@@ -515,19 +540,32 @@ impl Driver<'_> {
     }
 
     /// Counts a send attempt of `sig` before it is made; `None` when the intent no
-    /// longer carries it (another driver moved it).
+    /// longer carries it (another driver moved it). The count is on the intent's row:
+    /// a concurrent `fail` on a first refusal and this count serialise on its lock.
     async fn count_send(&self, sig: &str) -> Result<Option<i32>, Step> {
         Ok(sqlx::query_scalar(
-            "UPDATE charge_intent_signatures s SET sends = s.sends + 1 \
-             FROM charge_intents i \
-             WHERE s.signature = $2 AND i.intent_id = $1 AND s.intent_id = i.intent_id \
-               AND i.state IN ('signed', 'sent') AND i.signature = $2 \
-             RETURNING s.sends",
+            "WITH i AS (UPDATE charge_intents SET sends = sends + 1, updated_at = now() \
+                        WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2 \
+                        RETURNING sends), \
+                  s AS (UPDATE charge_intent_signatures SET sends = sends + 1 \
+                        WHERE signature = $2 AND EXISTS (SELECT 1 FROM i)) \
+             SELECT sends FROM i",
         )
         .bind(self.intent_id)
         .bind(sig)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    async fn touch(&self) -> Result<(), Step> {
+        sqlx::query(
+            "UPDATE charge_intents SET updated_at = now() \
+             WHERE intent_id = $1 AND state IN ('signed', 'sent')",
+        )
+        .bind(self.intent_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn mark_sent(&self, sig: &str) -> Result<(), Step> {
@@ -626,8 +664,7 @@ impl Driver<'_> {
             "UPDATE charge_intents SET state = 'failed', last_error = $2, updated_at = now() \
              WHERE intent_id = $1 AND state IN ('created', 'signed', 'sent') \
                AND signature IS NOT DISTINCT FROM $3 \
-               AND ($4::int IS NULL OR coalesce((SELECT sends FROM charge_intent_signatures \
-                                                 WHERE signature = $3), 0) <= $4)",
+               AND ($4::int IS NULL OR sends <= $4)",
         )
         .bind(self.intent_id)
         .bind(reason)

@@ -93,6 +93,14 @@ pub struct CreditsConfig {
     pub max_output_tokens: TierLimits,
     /// Per provider name.
     pub prices: BTreeMap<String, Price>,
+    /// A hold (the worst case reserved by a call in flight) older than this no longer
+    /// counts: its job died holding it.
+    #[serde(with = "humantime_serde", default = "default_hold_ttl")]
+    pub hold_ttl: std::time::Duration,
+}
+
+fn default_hold_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(3600)
 }
 
 impl CreditsConfig {
@@ -227,6 +235,55 @@ pub async fn balance(conn: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::E
     .bind(user)
     .fetch_one(conn)
     .await
+}
+
+/// Credits of `user` held by calls in flight other than `request_id` (live holds
+/// only). Call under the account's lock ([`open_account`]).
+pub async fn held_by_others(
+    tx: &mut PgConnection,
+    user: Uuid,
+    request_id: Uuid,
+    ttl: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(credits), 0)::bigint FROM credit_holds \
+         WHERE user_id = $1 AND request_id <> $2 AND created_at > now() - make_interval(secs => $3)",
+    )
+    .bind(user)
+    .bind(request_id)
+    .bind(ttl.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Holds `credits` for `request_id` (replacing an earlier hold of the same request, a
+/// retry's). Call under the account's lock, after checking the available balance.
+pub async fn hold(
+    tx: &mut PgConnection,
+    user: Uuid,
+    request_id: Uuid,
+    credits: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO credit_holds (request_id, user_id, credits) VALUES ($1, $2, $3) \
+         ON CONFLICT (request_id) DO UPDATE SET credits = EXCLUDED.credits, created_at = now()",
+    )
+    .bind(request_id)
+    .bind(user)
+    .bind(i32::try_from(credits).unwrap_or(i32::MAX))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Releases the hold of `request_id`; what it held, if any.
+pub async fn release(tx: &mut PgConnection, request_id: Uuid) -> Result<Option<i64>, sqlx::Error> {
+    let held: Option<i32> =
+        sqlx::query_scalar("DELETE FROM credit_holds WHERE request_id = $1 RETURNING credits")
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    Ok(held.map(i64::from))
 }
 
 /// Binds the account of `user` to `principal` if nothing owns it yet; whether the
@@ -370,6 +427,7 @@ mod tests {
                 .into_iter()
                 .map(|(n, p)| (n.to_string(), p))
                 .collect(),
+            hold_ttl: default_hold_ttl(),
         };
         let grok = cfg.prices["grok"];
         let gpt = cfg.prices["gpt"];

@@ -144,6 +144,16 @@ fn error_result(code: &str, status: u16, message: String, extra: Value) -> Value
     json!({ "error": e })
 }
 
+/// Completes with `result` and releases the call's hold, in the job's transaction.
+async fn released(
+    ctx: &mut JobContext,
+    request_id: Uuid,
+    result: Value,
+) -> Result<Outcome, JobError> {
+    credits::release(ctx.tx().await?, request_id).await?;
+    Outcome::done_with(result)
+}
+
 fn user_forbidden(request_id: Uuid, principal: &str) -> Value {
     tracing::warn!(%request_id, principal, "llm_call for a user of another caller refused");
     error_result(
@@ -282,9 +292,15 @@ impl LlmCallHandler {
             .prices
             .get(&s.provider)
             .ok_or_else(|| JobError::fail(format!("provider {:?} has no price", s.provider)))?;
-        let cost = price.credits(s.input_tokens as u32, s.output_tokens as u32);
+        let actual = price.credits(s.input_tokens as u32, s.output_tokens as u32);
         let units = json!({"input_tokens": s.input_tokens, "output_tokens": s.output_tokens});
         let tx = ctx.tx().await?;
+        // The hold gives way to the charge in the same transaction; the charge is the
+        // actual cost, never more than what was checked and held.
+        let cost = match credits::release(tx, a.request_id).await? {
+            Some(held) => actual.min(held),
+            None => actual,
+        };
         let charged =
             credits::charge(tx, cfg, a.user_id, a.request_id, cost, &s.provider, units).await?;
         let (credits_charged, balance) = match charged {
@@ -372,23 +388,24 @@ impl Handler for LlmCallHandler {
                 )
             });
         }
-        // 2. The pre-call checks (the account is opened with its bonus on first use).
+        // 2. The pre-call checks (the account is opened with its bonus on first use),
+        // and the hold: under the account's lock, the worst case is checked against
+        // the balance less what other calls in flight hold, and held, so parallel
+        // calls cannot all pass on the same credits.
         let cfg = &chat.cfg.credits;
-        let (tier, balance) = {
-            let mut tx = pool.begin().await?;
-            let tier = credits::open_account(&mut tx, a.user_id, cfg).await?;
-            // A user is its first ingress caller's: another caller can neither spend
-            // its credits nor see its balance.
-            if let Some(p) = &ctx.principal
-                && !credits::owned_by(&mut tx, a.user_id, p).await?
-            {
-                tx.rollback().await?;
-                return Outcome::done_with(user_forbidden(a.request_id, p));
-            }
-            let balance = credits::balance(&mut tx, a.user_id).await?;
-            tx.commit().await?;
-            (tier, balance)
-        };
+        let mut tx = pool.begin().await?;
+        let tier = credits::open_account(&mut tx, a.user_id, cfg).await?;
+        // A user is its first ingress caller's: another caller can neither spend its
+        // credits nor see its balance.
+        if let Some(p) = &ctx.principal
+            && !credits::owned_by(&mut tx, a.user_id, p).await?
+        {
+            tx.rollback().await?;
+            return Outcome::done_with(user_forbidden(a.request_id, p));
+        }
+        let balance = credits::balance(&mut tx, a.user_id).await?;
+        let available = balance
+            - credits::held_by_others(&mut tx, a.user_id, a.request_id, cfg.hold_ttl).await?;
         let tier_max = cfg.max_output_tokens.max_output_tokens(tier);
         let max_tokens = a.max_tokens.map_or(tier_max, |m| m.get().min(tier_max));
         let req = ChatRequest {
@@ -397,25 +414,39 @@ impl Handler for LlmCallHandler {
         };
         let input_estimate = req.estimated_input_tokens();
         let route = chat.cfg.route(a.hint);
-        let worst = |name: &str| {
-            let price = &cfg.prices[name];
-            credits::check(cfg, price, balance, input_estimate, max_tokens)
-        };
-        if let Err(r) = worst(route[0]) {
+        let worst = |name: &str| cfg.prices[name].credits(input_estimate, max_tokens);
+        if let Err(r) = credits::check(
+            cfg,
+            &cfg.prices[route[0]],
+            available,
+            input_estimate,
+            max_tokens,
+        ) {
+            tx.rollback().await?;
             tracing::info!(request_id = %a.request_id, code = r.code, "llm call refused before calling");
             return Outcome::done_with(refusal_result(&r));
         }
+        // Enough for the dearest provider of the route the credits cover (fallbacks
+        // beyond it are skipped).
+        let held = route
+            .iter()
+            .map(|n| worst(n))
+            .filter(|w| *w <= available && *w <= cfg.max_per_request)
+            .fold(worst(route[0]), i64::max);
+        credits::hold(&mut tx, a.user_id, a.request_id, held).await?;
+        tx.commit().await?;
         // 3. The attempts.
         let mut failures: Vec<AttemptFailure> = Vec::new();
         for (i, name) in route.iter().enumerate() {
-            if i > 0
-                && let Err(r) = worst(name)
-            {
+            if i > 0 && worst(name) > held {
                 failures.push(AttemptFailure {
                     provider: name.to_string(),
                     status: "skipped",
                     http_status: None,
-                    error: format!("not tried: {}", r.message),
+                    error: format!(
+                        "not tried: its worst case of {} credits is more than the {held} the balance could hold",
+                        worst(name)
+                    ),
                 });
                 continue;
             }
@@ -452,12 +483,17 @@ impl Handler for LlmCallHandler {
                         error: e.message.clone(),
                     });
                     if rejected {
-                        return Outcome::done_with(error_result(
-                            "provider_rejected_request",
-                            e.http_status.unwrap_or(400),
-                            format!("{name} rejected the request: {}", e.message),
-                            json!({"attempts": failures}),
-                        ));
+                        return released(
+                            ctx,
+                            a.request_id,
+                            error_result(
+                                "provider_rejected_request",
+                                e.http_status.unwrap_or(400),
+                                format!("{name} rejected the request: {}", e.message),
+                                json!({"attempts": failures}),
+                            ),
+                        )
+                        .await;
                     }
                 }
             }
@@ -468,12 +504,17 @@ impl Handler for LlmCallHandler {
             .collect::<Vec<_>>()
             .join(", ");
         tracing::warn!(request_id = %a.request_id, %summary, "all providers failed");
-        Outcome::done_with(error_result(
-            "all_providers_failed",
-            502,
-            format!("every provider failed ({summary})"),
-            json!({"attempts": failures}),
-        ))
+        released(
+            ctx,
+            a.request_id,
+            error_result(
+                "all_providers_failed",
+                502,
+                format!("every provider failed ({summary})"),
+                json!({"attempts": failures}),
+            ),
+        )
+        .await
     }
 }
 

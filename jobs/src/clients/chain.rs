@@ -156,7 +156,11 @@ pub trait Chain: Send + Sync + 'static {
     fn delegate(&self) -> String;
     /// The treasury token account charges go to.
     fn treasury(&self) -> String;
-    async fn latest_blockhash(&self) -> Result<Blockhash, ChainError>;
+    /// From a node at or past `min_context_slot`, when given.
+    async fn latest_blockhash(
+        &self,
+        min_context_slot: Option<u64>,
+    ) -> Result<Blockhash, ChainError>;
     /// Height and slot from one answer.
     async fn tip(&self) -> Result<Tip, ChainError>;
     /// Builds and signs the transfer + memo as the delegate. Validates first.
@@ -165,8 +169,13 @@ pub trait Chain: Send + Sync + 'static {
         charge: &Charge,
         blockhash: &Blockhash,
     ) -> Result<SignedTx, ChainError>;
-    /// Sends the bytes; returns the signature.
-    async fn send(&self, tx: &SignedTx) -> Result<String, ChainError>;
+    /// Sends the bytes, to a node at or past `min_context_slot` when given (a node
+    /// behind it answers "not reached": unknown); returns the signature.
+    async fn send(
+        &self,
+        tx: &SignedTx,
+        min_context_slot: Option<u64>,
+    ) -> Result<String, ChainError>;
     /// Statuses, searching the node's whole history; `None` = not known to it.
     async fn signature_statuses(&self, signatures: &[String]) -> Result<Statuses, ChainError>;
     /// One page of the transactions touching `address`, newest first, older than
@@ -228,8 +237,8 @@ const MEMO_PREFIX: &str = "longshore:charge:";
 /// What a search of an escrow account's history for an intent's charge found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoSearch {
-    /// Our charge for the intent landed: this transaction.
-    Found(ChargeTransfer),
+    /// Our charge for the intent landed: this transaction (its signature).
+    Found(String),
     /// The history, from a node at or past the slot asked for, reaches back to the
     /// signing slot, and holds no charge of the intent.
     NotFound,
@@ -243,11 +252,17 @@ pub enum MemoSearch {
 /// to a transaction at or before `back_to_slot` (no signature of the intent can land
 /// at or before it). Transactions carrying the memo that are not our
 /// charge are logged and ignored.
+///
+/// A transaction that is one of `ours` (the intent's own signatures, each stored
+/// before it was sent) is the charge whatever today's configuration says (a rotated
+/// delegate or treasury); any other must pass the rule.
+#[allow(clippy::too_many_arguments)]
 pub async fn find_charge(
     chain: &dyn Chain,
     intent: &uuid::Uuid,
     escrow: &str,
     amount: u64,
+    ours: &[String],
     min_context_slot: u64,
     back_to_slot: u64,
 ) -> Result<MemoSearch, ChainError> {
@@ -260,10 +275,13 @@ pub async fn find_charge(
             .signatures_for_address(escrow, before.as_deref(), PAGE, Some(min_context_slot))
             .await?;
         for s in &page {
-            if s.err.is_none() && s.memo.as_deref().is_some_and(|m| m.contains(&memo)) {
+            if s.err.is_none() && ours.contains(&s.signature) {
+                // Landed without an error: these bytes are the charge.
+                return Ok(MemoSearch::Found(s.signature.clone()));
+            } else if s.err.is_none() && s.memo.as_deref().is_some_and(|m| m.contains(&memo)) {
                 match chain.charge_in(&s.signature).await? {
                     Some(t) if t.is_charge_of(intent, escrow, &delegate, amount) => {
-                        return Ok(MemoSearch::Found(t));
+                        return Ok(MemoSearch::Found(t.signature));
                     }
                     other => tracing::warn!(
                         intent_id = %intent,

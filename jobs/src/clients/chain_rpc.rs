@@ -172,6 +172,29 @@ fn parse_signature(s: &str) -> Result<Signature, ChainError> {
     Signature::from_str(s).map_err(|_| ChainError::Invalid("not a transaction signature".into()))
 }
 
+/// What a preflight refusal means. `Ok`: the transaction was processed before.
+/// Only the transfer's own instruction (the first) failing is the customer's
+/// (allowance, balance, account); fee errors are the operator's (the delegate's SOL);
+/// anything else (a lagging node's BlockhashNotFound, the memo instruction, a runtime
+/// limit) proves nothing about the charge and is retried.
+pub fn classify_refusal(err: TransactionError, delegate: &str) -> Result<(), ChainError> {
+    match err {
+        TransactionError::AlreadyProcessed => Ok(()),
+        TransactionError::InstructionError(0, e) => Err(ChainError::Rejected(
+            TransactionError::InstructionError(0, e).to_string(),
+        )),
+        e @ (TransactionError::InsufficientFundsForFee
+        | TransactionError::AccountNotFound
+        | TransactionError::InvalidAccountForFee
+        | TransactionError::InsufficientFundsForRent { .. }) => {
+            Err(ChainError::FeePayer(format!("{e} (delegate {delegate})")))
+        }
+        e => Err(ChainError::Unavailable(format!(
+            "refused in preflight: {e}"
+        ))),
+    }
+}
+
 /// A failure of any RPC call: the outcome is unknown unless the node says otherwise.
 fn unavailable(e: ClientError) -> ChainError {
     // Display of a client error names the method and the node's message; the URL (and
@@ -227,14 +250,18 @@ impl Chain for RpcChain {
         self.treasury.to_string()
     }
 
-    async fn latest_blockhash(&self) -> Result<Blockhash, ChainError> {
+    async fn latest_blockhash(
+        &self,
+        min_context_slot: Option<u64>,
+    ) -> Result<Blockhash, ChainError> {
         use solana_rpc_client_api::response::{Response, RpcBlockhash};
+        let mut config = serde_json::json!({"commitment": self.commitment.commitment});
+        if let Some(m) = min_context_slot {
+            config["minContextSlot"] = m.into();
+        }
         let r: Response<RpcBlockhash> = self
             .client
-            .send(
-                RpcRequest::GetLatestBlockhash,
-                serde_json::json!([self.commitment]),
-            )
+            .send(RpcRequest::GetLatestBlockhash, serde_json::json!([config]))
             .await
             .map_err(unavailable)?;
         Ok(Blockhash {
@@ -273,7 +300,11 @@ impl Chain for RpcChain {
         })
     }
 
-    async fn send(&self, tx: &SignedTx) -> Result<String, ChainError> {
+    async fn send(
+        &self,
+        tx: &SignedTx,
+        min_context_slot: Option<u64>,
+    ) -> Result<String, ChainError> {
         use solana_rpc_client_api::config::RpcSendTransactionConfig;
         use solana_transaction_status_client_types::UiTransactionEncoding;
         // The exact stored bytes, so a resend is the same transaction. The node does
@@ -283,7 +314,7 @@ impl Chain for RpcChain {
             preflight_commitment: Some(self.commitment.commitment),
             encoding: Some(UiTransactionEncoding::Base64),
             max_retries: Some(0),
-            min_context_slot: None,
+            min_context_slot,
         };
         let encoded = base64::engine::general_purpose::STANDARD.encode(&tx.bytes);
         let sent: Result<String, ClientError> = self
@@ -300,21 +331,9 @@ impl Chain for RpcChain {
                 tx.signature
             ))),
             Err(e) => match preflight_error(&e) {
-                Some(TransactionError::AlreadyProcessed) => Ok(tx.signature.clone()),
-                // The node does not know the blockhash: it lags, or the hash expired.
-                // Either way the expiry rule decides, not this answer.
-                Some(TransactionError::BlockhashNotFound) | None => Err(unavailable(e)),
-                // Fees are the delegate's: a delegate without SOL is the operator's
-                // problem, and the customer's charge waits for it.
-                Some(
-                    err @ (TransactionError::InsufficientFundsForFee
-                    | TransactionError::AccountNotFound
-                    | TransactionError::InsufficientFundsForRent { .. }),
-                ) => Err(ChainError::FeePayer(format!(
-                    "{err} (delegate {})",
-                    self.delegate.address()
-                ))),
-                Some(err) => Err(ChainError::Rejected(err.to_string())),
+                Some(err) => classify_refusal(err, &self.delegate.address().to_string())
+                    .map(|()| tx.signature.clone()),
+                None => Err(unavailable(e)),
             },
         }
     }
@@ -324,28 +343,32 @@ impl Chain for RpcChain {
             .iter()
             .map(|s| parse_signature(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let r = self
-            .client
-            .get_signature_statuses_with_history(&sigs)
-            .await
-            .map_err(unavailable)?;
-        Ok(Statuses {
-            slot: r.context.slot,
-            value: r
-                .value
-                .into_iter()
-                .map(|s| {
-                    s.map(|s| {
-                        if !s.satisfies_commitment(self.commitment) {
-                            TxStatus::Pending
-                        } else {
-                            TxStatus::Landed {
-                                err: s.err.map(|e| e.to_string()),
-                            }
+        // A node takes at most 256 signatures per request; the slot that counts is the
+        // lowest any answer came from.
+        let mut slot = u64::MAX;
+        let mut value = Vec::with_capacity(sigs.len());
+        for chunk in sigs.chunks(256) {
+            let r = self
+                .client
+                .get_signature_statuses_with_history(chunk)
+                .await
+                .map_err(unavailable)?;
+            slot = slot.min(r.context.slot);
+            value.extend(r.value.into_iter().map(|s| {
+                s.map(|s| {
+                    if !s.satisfies_commitment(self.commitment) {
+                        TxStatus::Pending
+                    } else {
+                        TxStatus::Landed {
+                            err: s.err.map(|e| e.to_string()),
                         }
-                    })
+                    }
                 })
-                .collect(),
+            }));
+        }
+        Ok(Statuses {
+            slot: if value.is_empty() { 0 } else { slot },
+            value,
         })
     }
 
@@ -517,6 +540,41 @@ mod tests {
         let bad = Delegate::parse("[1, 2, 3]").unwrap_err();
         assert!(!bad.contains("1, 2"));
         assert!(Delegate::parse("not-a-key").is_err());
+    }
+
+    #[test]
+    fn only_the_transfers_own_failure_is_the_customers() {
+        use solana_transaction_error::TransactionError as E;
+        let d = "delegate";
+        let ix = |i: u8| -> E {
+            serde_json::from_value(serde_json::json!({"InstructionError": [i, {"Custom": 1}]}))
+                .unwrap()
+        };
+        assert!(matches!(
+            classify_refusal(ix(0), d),
+            Err(ChainError::Rejected(_))
+        ));
+        assert!(
+            matches!(classify_refusal(ix(1), d), Err(ChainError::Unavailable(_))),
+            "the memo"
+        );
+        assert!(classify_refusal(E::AlreadyProcessed, d).is_ok());
+        for fee in [
+            E::InsufficientFundsForFee,
+            E::AccountNotFound,
+            E::InvalidAccountForFee,
+        ] {
+            assert!(matches!(
+                classify_refusal(fee, d),
+                Err(ChainError::FeePayer(_))
+            ));
+        }
+        for unknown in [E::BlockhashNotFound, E::WouldExceedMaxBlockCostLimit] {
+            assert!(matches!(
+                classify_refusal(unknown, d),
+                Err(ChainError::Unavailable(_))
+            ));
+        }
     }
 
     #[test]

@@ -103,7 +103,7 @@ impl Chain for SimulatedChain {
         self.treasury.clone()
     }
 
-    async fn latest_blockhash(&self) -> Result<Blockhash, ChainError> {
+    async fn latest_blockhash(&self, _min: Option<u64>) -> Result<Blockhash, ChainError> {
         let h = self.height();
         Ok(Blockhash {
             hash: bs58::encode(Sha512::digest(h.to_le_bytes())[..32].to_vec()).into_string(),
@@ -134,7 +134,7 @@ impl Chain for SimulatedChain {
         Ok(SignedTx { bytes, signature })
     }
 
-    async fn send(&self, tx: &SignedTx) -> Result<String, ChainError> {
+    async fn send(&self, tx: &SignedTx, _min: Option<u64>) -> Result<String, ChainError> {
         let sim: SimTx = serde_json::from_slice(&tx.bytes)
             .map_err(|_| ChainError::Rejected("malformed transaction".into()))?;
         let sig = Self::signature_of(&tx.bytes);
