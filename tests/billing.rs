@@ -532,3 +532,39 @@ async fn the_billing_report_shows_usage_charges_and_limits() {
     assert_eq!(code, 2);
     assert!(err.contains("YYYY-MM"), "{err}");
 }
+
+/// Issue 15 item 9: pricing that is out of range is refused at start, naming the key
+/// (a price past the cap, a charge ceiling past what USDC units hold); negative ones
+/// were already refused.
+#[test]
+fn bad_pricing_is_refused_at_start_with_its_key() {
+    use longshore_jobs::billing::config::BillingConfig;
+    for (key, var, value) in [
+        (
+            "billing.price_per_10k_usd",
+            "LONGSHORE__BILLING__PRICE_PER_10K_USD",
+            "99999999999",
+        ),
+        (
+            "billing.base_fee_usd.pro",
+            "LONGSHORE__BILLING__BASE_FEE_USD__PRO",
+            "5000000",
+        ),
+        (
+            "billing.chain.max_charge_usd",
+            "LONGSHORE__BILLING__CHAIN__MAX_CHARGE_USD",
+            "100000000000",
+        ),
+        (
+            "billing.base_fee_usd.starter",
+            "LONGSHORE__BILLING__BASE_FEE_USD__STARTER",
+            "-1",
+        ),
+    ] {
+        let e = BillingConfig::from_config(&common::config(&[(var, value)]))
+            .err()
+            .unwrap_or_else(|| panic!("{var}={value} was accepted"))
+            .to_string();
+        assert!(e.contains(key), "{var}: {e}");
+    }
+}

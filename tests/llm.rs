@@ -762,7 +762,7 @@ async fn a_fallback_the_balance_cannot_cover_is_skipped_with_its_reason() {
         e["attempts"][1]["error"]
             .as_str()
             .unwrap()
-            .contains("needs up to 13")
+            .contains("worst case of 13 credits")
     );
     assert_eq!(fake.seen("gpt").len() + fake.seen("claude").len(), 0);
     assert_eq!(

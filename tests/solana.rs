@@ -165,6 +165,16 @@ async fn settle(
     panic!("intent {id} did not settle: {:?}", state(pool, id).await);
 }
 
+async fn last_valid_height(pool: &PgPool, id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT last_valid_block_height FROM charge_intents WHERE intent_id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 async fn state(pool: &PgPool, id: &str) -> (String, Option<String>) {
     sqlx::query_as("SELECT state, signature FROM charge_intents WHERE intent_id = $1::uuid")
         .bind(id)
@@ -379,13 +389,7 @@ async fn row19_a_lagging_node_causes_no_false_expiry() {
     fake.script(|s| s.hold_sends = 1);
     assert!(drive(&t.pool, &cfg, &chain, &b).await.unwrap().is_none());
     let sig = state(&t.pool, &b).await.1;
-    let lvbh: i64 = sqlx::query_scalar(
-        "SELECT last_valid_block_height FROM charge_intents WHERE intent_id = $1::uuid",
-    )
-    .bind(&b)
-    .fetch_one(&t.pool)
-    .await
-    .unwrap();
+    let lvbh = last_valid_height(&t.pool, &b).await;
     fake.advance(lvbh as u64 - fake.height());
     assert_eq!(fake.land_held(), 1, "landed at its last valid height");
     fake.set_nodes(vec![Node {
@@ -424,13 +428,7 @@ async fn a_load_balanced_cluster_causes_no_false_expiry() {
     });
     assert!(drive(&t.pool, &cfg, &chain, &id).await.unwrap().is_none());
     let sig = state(&t.pool, &id).await.1;
-    let lvbh: i64 = sqlx::query_scalar(
-        "SELECT last_valid_block_height FROM charge_intents WHERE intent_id = $1::uuid",
-    )
-    .bind(&id)
-    .fetch_one(&t.pool)
-    .await
-    .unwrap();
+    let lvbh = last_valid_height(&t.pool, &id).await;
     fake.advance(lvbh as u64 - fake.height());
     assert_eq!(fake.land_held(), 1, "landed at its last valid height");
     fake.advance(EXPIRY_MARGIN_BLOCKS + 2);

@@ -36,7 +36,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::charge_escrow::ChargeEscrow;
-use super::config::BillingConfig;
+use super::config::{BillingConfig, MAX_PRICE_USD};
 use super::vault::request_regeneration;
 
 /// Suspension reasons this cycle sets and lifts. Others (an operator's, a chain
@@ -90,11 +90,17 @@ pub fn usd(cents: i64) -> String {
     format!("{sign}{}.{:02}", c / 100, c % 100)
 }
 
-/// An amount in USD rounded up to the cent, at least `minimum` (both in USD).
+/// An amount in USD rounded up to the cent, at least `minimum` (both in USD). An
+/// amount too large for cents saturates (the balance rule then refuses it with the
+/// amount shown) rather than overflowing.
 pub fn charge_cents(amount: Decimal, minimum: Decimal) -> i64 {
-    let up = (amount * Decimal::ONE_HUNDRED).ceil();
-    let min = (minimum * Decimal::ONE_HUNDRED).ceil();
-    up.max(min).to_i64().expect("a charge fits in i64 cents")
+    let cents = |d: Decimal| {
+        d.checked_mul(Decimal::ONE_HUNDRED)
+            .map(|c| c.ceil())
+            .and_then(|c| c.to_i64())
+            .unwrap_or(i64::MAX)
+    };
+    cents(amount).max(cents(minimum))
 }
 
 /// The two pre-charge rules. `pending_cents` are charges in flight for the customer
@@ -108,19 +114,19 @@ pub fn check_charge(
     pending_month_cents: i64,
     amount_cents: i64,
 ) -> Result<(), Refusal> {
-    let available = balance_cents - pending_cents;
+    let available = balance_cents.saturating_sub(pending_cents);
     if available < amount_cents {
         return Err(Refusal {
             code: INSUFFICIENT_BALANCE,
             details: json!({
                 "current_balance_usd": usd(available),
                 "estimated_cost_usd": usd(amount_cents),
-                "required_deposit_usd": usd(amount_cents - available),
+                "required_deposit_usd": usd(amount_cents.saturating_sub(available)),
             }),
         });
     }
-    let charged = month_charged_cents + pending_month_cents;
-    if charged + amount_cents > max_monthly_cents {
+    let charged = month_charged_cents.saturating_add(pending_month_cents);
+    if charged.saturating_add(amount_cents) > max_monthly_cents {
         return Err(Refusal {
             code: MONTHLY_LIMIT_EXCEEDED,
             details: json!({
@@ -286,8 +292,13 @@ async fn bill_customer(
         for r in &slices {
             let (id, from, to, ended): (i64, i64, i64, bool) =
                 (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-            let amount = Decimal::from(to - from) * price / Decimal::from(10_000);
-            usage += amount;
+            // Checked: a count and a price within their bounds fit, but a total that
+            // would not is the maximum, which no balance covers.
+            let amount = Decimal::from(to - from)
+                .checked_mul(price)
+                .map(|a| a / Decimal::from(10_000))
+                .unwrap_or(Decimal::MAX);
+            usage = usage.saturating_add(amount);
             month_ended |= ended;
             parts.push((id, from, to, amount));
         }
@@ -307,7 +318,7 @@ async fn bill_customer(
         } else {
             Decimal::ZERO
         };
-        let total = usage + base_fee;
+        let total = usage.saturating_add(base_fee);
         if total.is_zero() {
             if billing_suspension {
                 resume(tx, cfg, customer_id, &s.service_type, report).await?;
@@ -411,18 +422,34 @@ fn decimal_in(config: &Value, key: &str) -> Option<Decimal> {
     }
 }
 
-/// The month's base fee: the service's own, else its tier's; plus its add-ons.
+/// The month's base fee: the service's own, else its tier's; plus its add-ons. A
+/// service's own value that is negative or beyond [`MAX_PRICE_USD`] is not a price
+/// (a negative add-on would be a discount nobody approved): it is ignored, with a
+/// warning naming the service.
 fn base_fee(cfg: &BillingConfig, s: &Service) -> Decimal {
+    let priced = |what: &str, d: Decimal| {
+        let ok = d >= Decimal::ZERO && d <= MAX_PRICE_USD;
+        if !ok {
+            tracing::warn!(service_type = s.service_type, what, value = %d, "a service's price is out of range; ignored");
+        }
+        ok
+    };
     let fee = decimal_in(&s.config, "base_fee_usd")
+        .filter(|d| priced("base_fee_usd", *d))
         .or_else(|| cfg.base_fee_usd.get(&s.tier))
         .unwrap_or(Decimal::ZERO);
     let addons: Decimal = s
         .config
         .get("addons")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| decimal_in(x, "monthly_usd")).sum())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| decimal_in(x, "monthly_usd"))
+                .filter(|d| priced("addons.monthly_usd", *d))
+                .fold(Decimal::ZERO, Decimal::saturating_add)
+        })
         .unwrap_or(Decimal::ZERO);
-    (fee + addons).max(Decimal::ZERO)
+    fee.saturating_add(addons)
 }
 
 async fn suspend(
@@ -506,6 +533,16 @@ async fn regenerate_vault_soon(
 mod tests {
     use super::*;
     use rust_decimal::dec;
+
+    #[test]
+    fn amounts_too_large_saturate_and_are_refused_not_panics() {
+        // Before: `to_i64().expect(..)` panicked (the job looped on the panic).
+        assert_eq!(charge_cents(Decimal::MAX, dec!(0.01)), i64::MAX);
+        let r = check_charge(10_000, i64::MAX - 5, i64::MAX, 0, 10, i64::MAX).unwrap_err();
+        assert_eq!(r.code, INSUFFICIENT_BALANCE);
+        let r = check_charge(i64::MAX, i64::MAX - 5, i64::MAX - 1, 0, 10, 100).unwrap_err();
+        assert_eq!(r.code, MONTHLY_LIMIT_EXCEEDED);
+    }
 
     #[test]
     fn cents_round_up_with_a_minimum() {

@@ -274,6 +274,12 @@ fn rpc_not_built() -> ConfigError {
     }
 }
 
+/// The most any configured price or fee may be, in USD: beyond it is a typo (and the
+/// arithmetic on a month of usage could overflow).
+pub const MAX_PRICE_USD: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+/// The most `chain.max_charge_usd` may be (it must fit in USDC base units).
+pub const MAX_CHARGE_USD: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+
 fn usd_to_units(usd: Decimal) -> u64 {
     use rust_decimal::prelude::ToPrimitive as _;
     (usd * Decimal::from(1_000_000))
@@ -312,6 +318,25 @@ impl BillingConfig {
         };
         if b.price_per_10k_usd < Decimal::ZERO {
             return bad("price_per_10k_usd", "must not be negative");
+        }
+        // Amounts beyond these are typos, and their arithmetic could overflow.
+        for (key, v) in [
+            ("price_per_10k_usd", b.price_per_10k_usd),
+            ("minimum_charge_usd", b.minimum_charge_usd),
+            ("charge_threshold_usd", b.charge_threshold_usd),
+            ("base_fee_usd.starter", b.base_fee_usd.starter),
+            ("base_fee_usd.pro", b.base_fee_usd.pro),
+            ("base_fee_usd.enterprise", b.base_fee_usd.enterprise),
+        ] {
+            if v > MAX_PRICE_USD {
+                return bad(key, &format!("must be at most {MAX_PRICE_USD} USD"));
+            }
+        }
+        if b.chain.max_charge_usd > MAX_CHARGE_USD {
+            return bad(
+                "chain.max_charge_usd",
+                &format!("must be at most {MAX_CHARGE_USD} USD"),
+            );
         }
         if b.minimum_charge_usd <= Decimal::ZERO || b.minimum_charge_usd.scale() > 2 {
             return bad("minimum_charge_usd", "must be a positive amount in cents");

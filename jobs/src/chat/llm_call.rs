@@ -292,15 +292,15 @@ impl LlmCallHandler {
             .prices
             .get(&s.provider)
             .ok_or_else(|| JobError::fail(format!("provider {:?} has no price", s.provider)))?;
-        let actual = price.credits(s.input_tokens as u32, s.output_tokens as u32);
+        let cost = price.credits(s.input_tokens as u32, s.output_tokens as u32);
         let units = json!({"input_tokens": s.input_tokens, "output_tokens": s.output_tokens});
         let tx = ctx.tx().await?;
-        // The hold gives way to the charge in the same transaction; the charge is the
-        // actual cost, never more than what was checked and held.
-        let cost = match credits::release(tx, a.request_id).await? {
-            Some(held) => actual.min(held),
-            None => actual,
-        };
+        // The hold gives way to the charge in the same transaction. The charge is the
+        // actual cost (the provider's usage at its price), not clamped to the hold:
+        // the hold's input side is an estimate, and clamping would leave real input
+        // unbilled. It still never takes the balance below zero (else the answer is
+        // withheld until a top-up).
+        credits::release(tx, a.request_id).await?;
         let charged =
             credits::charge(tx, cfg, a.user_id, a.request_id, cost, &s.provider, units).await?;
         let (credits_charged, balance) = match charged {
