@@ -58,6 +58,83 @@ impl FileRoots {
     }
 }
 
+/// Why a confined read failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// There is no such file (a scan raced with a mover, a path that never existed).
+    NotFound(String),
+    /// Not a file this job may read: outside the roots, a link, not a regular file,
+    /// larger than allowed. Retrying cannot help.
+    Refused(String),
+    /// Reading failed (I/O): maybe later.
+    Io(String),
+}
+
+impl FileRoots {
+    /// Reads `path` whole, only if it is a regular file of at most `max_bytes` that
+    /// lies under a root when it is opened, not only when it was checked: the final
+    /// component is opened without following a link, and the file actually opened
+    /// (`/proc/self/fd`) must still resolve under the root, so a component swapped
+    /// for a link between the check and the open is caught. Devices, FIFOs and
+    /// oversized files are refused before anything is read.
+    pub fn read(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, ReadError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let resolved = self.check(path).map_err(ReadError::Refused)?;
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&resolved)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ReadError::NotFound(format!("{path}: no such file")));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(ReadError::Refused(format!("{path}: a symlink")));
+            }
+            Err(e) => return Err(ReadError::Io(format!("{path}: {e}"))),
+        };
+        use std::os::fd::AsRawFd as _;
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
+        if !self
+            .0
+            .iter()
+            .filter_map(|r| resolve(r))
+            .any(|r| opened.starts_with(&r))
+        {
+            return Err(ReadError::Refused(format!(
+                "{path}: the file opened is {}, outside billing.file_roots",
+                opened.display()
+            )));
+        }
+        let meta = f
+            .metadata()
+            .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
+        if !meta.is_file() {
+            return Err(ReadError::Refused(format!("{path}: not a regular file")));
+        }
+        if meta.len() > max_bytes {
+            return Err(ReadError::Refused(format!(
+                "{path}: {} bytes, more than the {max_bytes} a job may read",
+                meta.len()
+            )));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        // A file still growing is read up to the limit, no further.
+        f.take(max_bytes + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(ReadError::Refused(format!(
+                "{path}: more than the {max_bytes} bytes a job may read"
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -130,6 +207,31 @@ mod tests {
         );
         assert!(ok(root.join("dangling")).is_err(), "a dangling link itself");
         assert!(ok(root.clone()).is_err(), "the root itself");
+        // Reading: a regular file within the limit; not a FIFO, not an oversized one.
+        std::fs::write(root.join("small.log"), "0123456789").unwrap();
+        let read = |p: PathBuf, max| roots.read(&p.display().to_string(), max);
+        assert_eq!(read(root.join("small.log"), 10).unwrap(), b"0123456789");
+        assert!(matches!(
+            read(root.join("small.log"), 9),
+            Err(ReadError::Refused(_))
+        ));
+        assert!(matches!(
+            read(root.join("missing.log"), 9),
+            Err(ReadError::NotFound(_))
+        ));
+        assert!(matches!(
+            read(root.join("link"), 1 << 20),
+            Err(ReadError::Refused(_))
+        ));
+        let fifo = root.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(
+            matches!(read(fifo, 1 << 20), Err(ReadError::Refused(m)) if m.contains("regular")),
+            "a FIFO is refused, not waited on"
+        );
         let dotdot = format!("{}/../secret/key", root.display());
         assert!(roots.check(&dotdot).unwrap_err().contains(".."));
         assert!(roots.check("").is_err());

@@ -69,7 +69,16 @@ pub struct BillingConfig {
     /// The vault file's permissions, octal (default "0600": the owner's alone).
     #[serde(default = "default_vault_mode", deserialize_with = "octal_mode")]
     pub vault_mode: u32,
+    /// The largest log file `ingest_logs` (and the spool scan) reads; larger ones
+    /// fail with the reason instead of being read into memory.
+    #[serde(default = "default_max_log_file_bytes")]
+    pub max_log_file_bytes: u64,
     pub chain: ChainConfig,
+}
+
+/// 1 GiB: several hours of a busy HAProxy, far below what would exhaust memory.
+fn default_max_log_file_bytes() -> u64 {
+    1 << 30
 }
 
 /// Where escrow charges go.

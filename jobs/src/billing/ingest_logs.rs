@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 
 use super::haproxy::{LogRecord, parse_line};
+use crate::files::ReadError;
 
 /// Advisory lock: ingests take it shared, the aggregation exclusively.
 pub const INGEST_LOCK: i64 = 7_254_100;
@@ -74,12 +75,18 @@ impl Handler for IngestLogsHandler {
         let allowed = a.customers;
         let (source, bytes) = match (a.path, a.lines) {
             (Some(p), None) => {
-                match tokio::fs::read(self.0.roots.check(&p).map_err(JobError::fail)?).await {
+                let (roots, max) = (self.0.roots.clone(), self.0.max_log_file_bytes);
+                let path = p.clone();
+                // Confined at the open, bounded in size (files.rs).
+                match tokio::task::spawn_blocking(move || roots.read(&path, max))
+                    .await
+                    .map_err(JobError::retry)?
+                {
                     Ok(b) => (p, b),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(JobError::fail(format!("{p}: no such file")));
+                    Err(ReadError::NotFound(m) | ReadError::Refused(m)) => {
+                        return Err(JobError::fail(m));
                     }
-                    Err(e) => return Err(JobError::retry(format!("{p}: {e}"))),
+                    Err(ReadError::Io(m)) => return Err(JobError::retry(m)),
                 }
             }
             (None, Some(lines)) => ("batch".to_string(), lines.join("\n").into_bytes()),

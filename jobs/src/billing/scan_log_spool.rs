@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::config::BillingConfig;
 use super::ingest_logs::IngestLogs;
+use crate::files::ReadError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScanLogSpool {
@@ -71,7 +73,7 @@ impl Handler for ScanLogSpoolHandler {
         if let Some(done) = &a.done_dir {
             let mut left = Vec::with_capacity(files.len());
             for f in files {
-                match ingested(ctx, &f.0).await? {
+                match ingested(ctx, &self.0, &f.0).await? {
                     None => continue, // gone: another scan moved it
                     Some(false) => left.push(f),
                     Some(true) => {
@@ -105,11 +107,25 @@ impl Handler for ScanLogSpoolHandler {
 
 /// Whether this file's content is committed in `ingested_files` (`None`: the file is
 /// gone).
-async fn ingested(ctx: &JobContext, path: &str) -> Result<Option<bool>, JobError> {
-    let bytes = match tokio::fs::read(path).await {
+/// Read confined and bounded (files.rs): an entry swapped for a link since the listing,
+/// or one too large, is left where it is (never moved) and its ingest reports why.
+async fn ingested(
+    ctx: &JobContext,
+    cfg: &BillingConfig,
+    path: &str,
+) -> Result<Option<bool>, JobError> {
+    let (roots, max, p) = (cfg.roots.clone(), cfg.max_log_file_bytes, path.to_string());
+    let bytes = match tokio::task::spawn_blocking(move || roots.read(&p, max))
+        .await
+        .map_err(JobError::retry)?
+    {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(JobError::retry(format!("{path}: {e}"))),
+        Err(ReadError::NotFound(_)) => return Ok(None),
+        Err(ReadError::Refused(m)) => {
+            tracing::warn!(path, reason = m, "spool entry not read");
+            return Ok(Some(false));
+        }
+        Err(ReadError::Io(m)) => return Err(JobError::retry(m)),
     };
     let sha = hex::encode(Sha256::digest(&bytes));
     Ok(Some(
