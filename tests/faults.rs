@@ -119,7 +119,17 @@ async fn row3_sigterm_drains_fifty_in_flight_jobs_and_exits_zero() {
     for i in 0..50 {
         send(&t.pool, json!({"id": i, "sleep_ms": 1_500, "effect": true})).await;
     }
-    let mut w = worker(&t.url, &[("LONGSHORE__WORKER__CONCURRENCY", "64")]);
+    // 64 handlers share the default pool of 20: on a loaded machine a completion may
+    // wait for a connection longer than the default 5 s acquire timeout and be retried
+    // (what the worker warns about at start). This row is about draining, so handlers
+    // wait for connections instead.
+    let mut w = worker(
+        &t.url,
+        &[
+            ("LONGSHORE__WORKER__CONCURRENCY", "64"),
+            ("LONGSHORE__DATABASE__ACQUIRE_TIMEOUT", "25s"),
+        ],
+    );
     wait_count(&t.pool, IN_FLIGHT, 50, Duration::from_secs(10)).await;
     w.signal("TERM");
     assert_eq!(
