@@ -21,6 +21,23 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
 /// The `dev` overlay, also compiled in so `longshore dev` works from any directory.
 pub const EMBEDDED_DEV: &str = include_str!("../../config/dev.toml");
 
+/// A parse error without the lines of the file it quotes (TOML's errors show the
+/// offending line, which may hold a secret): "at line N, column M" and the reason
+/// stay.
+fn without_source_lines(msg: &str) -> String {
+    msg.lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let quoted = t.starts_with('|')
+                || t.split_once('|').is_some_and(|(n, _)| {
+                    !n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())
+                });
+            !quoted && !t.is_empty()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -523,7 +540,7 @@ impl Config {
         }
         let cfg: Config = fig.extract().map_err(|e| {
             let key = e.path.join(".");
-            let msg = e.kind.to_string();
+            let msg = without_source_lines(&e.kind.to_string());
             if key.is_empty() {
                 ConfigError::Load(msg)
             } else {
@@ -861,6 +878,23 @@ mod tests {
     fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         Config::load_from(Path::new("/nonexistent"), None, vars)
+    }
+
+    #[test]
+    fn a_malformed_file_is_reported_without_its_lines() {
+        let dir = std::env::temp_dir().join(format!("ls-cfg-echo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("test.toml"),
+            "[hooks.x]\nsecret = \"CANARY-SECRET-41\n",
+        )
+        .unwrap();
+        let e = Config::load_from(&dir, Some("test"), std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!e.contains("CANARY-SECRET-41"), "the line was echoed: {e}");
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]
