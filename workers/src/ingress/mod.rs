@@ -142,19 +142,7 @@ impl Ingress {
         peer: Option<axum::Extension<Peer>>,
         headers: &axum::http::HeaderMap,
     ) -> Option<std::net::IpAddr> {
-        let ip = peer?.0.0;
-        let trusted = |a: &std::net::IpAddr| self.proxies.iter().any(|n| n.contains(a));
-        if !trusted(&ip) {
-            return Some(ip);
-        }
-        let hops: Vec<std::net::IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|h| h.trim().parse().ok())
-            .collect();
-        Some(hops.into_iter().rev().find(|h| !trusted(h)).unwrap_or(ip))
+        Some(forwarded_client(peer?.0.0, headers, &self.proxies))
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -510,6 +498,69 @@ mod tests {
         assert_eq!(
             v,
             json!({"error": {"code": "internal", "message": "internal error", "request_id": "req-42"}})
+        );
+    }
+}
+
+/// The client behind `peer`: `peer` itself unless it is one of `proxies`; then the
+/// nearest `X-Forwarded-For` hop (from the right) that is not a proxy. Entries left of
+/// it were written by the client and are not believed.
+fn forwarded_client(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    proxies: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let trusted = |a: &std::net::IpAddr| proxies.iter().any(|n| n.contains(a));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.into_iter().rev().find(|h| !trusted(h)).unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::forwarded_client;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn only_a_trusted_proxy_names_the_client() {
+        let proxies: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let mut h = HeaderMap::new();
+        // The client wrote a fake first hop; the proxy appended the real one.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 203.0.113.9"),
+        );
+        assert_eq!(
+            forwarded_client(ip("10.1.1.1"), &h, &proxies),
+            ip("203.0.113.9")
+        );
+        // A direct client's header is ignored.
+        assert_eq!(
+            forwarded_client(ip("198.51.100.7"), &h, &proxies),
+            ip("198.51.100.7")
+        );
+        // Two proxies in a row: the first untrusted hop from the right.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 203.0.113.9, 10.2.2.2"),
+        );
+        assert_eq!(
+            forwarded_client(ip("10.1.1.1"), &h, &proxies),
+            ip("203.0.113.9")
+        );
+        // A proxy with no header: the proxy itself.
+        assert_eq!(
+            forwarded_client(ip("10.1.1.1"), &HeaderMap::new(), &proxies),
+            ip("10.1.1.1")
         );
     }
 }
