@@ -930,6 +930,7 @@ async fn row21_a_thousand_parallel_calls_against_credits_for_a_hundred() {
     .await
     .unwrap();
     assert!(fake.calls() <= 100, "{} provider calls", fake.calls());
+    assert_eq!(answered, 100, "every call the credits cover is answered");
     assert_eq!(
         fake.calls(),
         answered,
@@ -943,6 +944,31 @@ async fn row21_a_thousand_parallel_calls_against_credits_for_a_hundred() {
         "every hold released or charged"
     );
     println!("{answered} calls answered of 1000");
+}
+
+/// A call whose real input outgrew its estimate costs more than it held; its charge
+/// may not take what another call in flight holds: the answer is withheld (kept for
+/// a top-up) and the other call's credits stay there for it.
+#[tokio::test]
+async fn a_charge_over_its_hold_does_not_take_another_calls_hold() {
+    let (t, fake, fleet, user) = setup(&[]).await;
+    fund(&t.pool, user, "free", 30).await;
+    sqlx::query("INSERT INTO credit_holds (request_id, user_id, credits) VALUES ($1, $2, 15)")
+        .bind(Uuid::new_v4())
+        .bind(user)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    // grok: 19,000 input tokens → 1 + 19 = 20 credits, more than the 15 not held.
+    fake.script("grok", &[Reply::Answer("long input", Some((19_000, 0)))]);
+    let r = run(&t.pool, &call(user, "short text, long tokens", None)).await;
+    assert_eq!(r["error"]["code"], "insufficient_credits", "{r}");
+    assert_eq!(
+        balance(&t.pool, user).await,
+        30,
+        "nothing taken from the other hold"
+    );
+    fleet.stop().await;
 }
 
 /// When the balance no longer covers the answer (spent meanwhile), the answer is

@@ -123,7 +123,7 @@ impl FileRoots {
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         // A file still growing is read up to the limit, no further.
-        f.take(max_bytes + 1)
+        f.take(max_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
         if bytes.len() as u64 > max_bytes {

@@ -76,6 +76,22 @@ pub struct BillingConfig {
     pub chain: ChainConfig,
 }
 
+impl BillingConfig {
+    /// Reads a log file for `ingest_logs` or the spool scan: confined to
+    /// `file_roots` at the open and at most `max_log_file_bytes` (see
+    /// [`crate::files::FileRoots::read`]), off the async threads.
+    pub async fn read_log(&self, path: &str) -> Result<Vec<u8>, crate::files::ReadError> {
+        let (roots, max, path) = (
+            self.roots.clone(),
+            self.max_log_file_bytes,
+            path.to_string(),
+        );
+        tokio::task::spawn_blocking(move || roots.read(&path, max))
+            .await
+            .unwrap_or_else(|e| Err(crate::files::ReadError::Io(e.to_string())))
+    }
+}
+
 /// 1 GiB: several hours of a busy HAProxy, far below what would exhaust memory.
 fn default_max_log_file_bytes() -> u64 {
     1 << 30
@@ -340,6 +356,9 @@ impl BillingConfig {
             if v > MAX_PRICE_USD {
                 return bad(key, &format!("must be at most {MAX_PRICE_USD} USD"));
             }
+        }
+        if b.max_log_file_bytes == 0 || b.max_log_file_bytes > 1 << 36 {
+            return bad("max_log_file_bytes", "must be between 1 byte and 64 GiB");
         }
         if b.chain.max_charge_usd > MAX_CHARGE_USD {
             return bad(

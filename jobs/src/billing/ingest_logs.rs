@@ -75,13 +75,8 @@ impl Handler for IngestLogsHandler {
         let allowed = a.customers;
         let (source, bytes) = match (a.path, a.lines) {
             (Some(p), None) => {
-                let (roots, max) = (self.0.roots.clone(), self.0.max_log_file_bytes);
-                let path = p.clone();
                 // Confined at the open, bounded in size (files.rs).
-                match tokio::task::spawn_blocking(move || roots.read(&path, max))
-                    .await
-                    .map_err(JobError::retry)?
-                {
+                match self.0.read_log(&p).await {
                     Ok(b) => (p, b),
                     Err(ReadError::NotFound(m) | ReadError::Refused(m)) => {
                         return Err(JobError::fail(m));

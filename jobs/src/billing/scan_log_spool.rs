@@ -114,11 +114,7 @@ async fn ingested(
     cfg: &BillingConfig,
     path: &str,
 ) -> Result<Option<bool>, JobError> {
-    let (roots, max, p) = (cfg.roots.clone(), cfg.max_log_file_bytes, path.to_string());
-    let bytes = match tokio::task::spawn_blocking(move || roots.read(&p, max))
-        .await
-        .map_err(JobError::retry)?
-    {
+    let bytes = match cfg.read_log(path).await {
         Ok(b) => b,
         Err(ReadError::NotFound(_)) => return Ok(None),
         Err(ReadError::Refused(m)) => {

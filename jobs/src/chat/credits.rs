@@ -117,6 +117,11 @@ impl CreditsConfig {
             key: "chat.credits".into(),
             message: message.into(),
         };
+        if self.hold_ttl.is_zero() {
+            return Err(bad(
+                "hold_ttl must be positive (a zero TTL would hold nothing)",
+            ));
+        }
         if self.signup_bonus < 0 || self.min_balance < 0 || self.max_per_request <= 0 {
             return Err(bad(
                 "signup_bonus and min_balance must not be negative, max_per_request must be positive",
@@ -238,13 +243,22 @@ pub async fn balance(conn: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::E
 }
 
 /// Credits of `user` held by calls in flight other than `request_id` (live holds
-/// only). Call under the account's lock ([`open_account`]).
+/// only; the user's expired ones, left by jobs that died, are deleted here). Call under
+/// the account's lock ([`open_account`]).
 pub async fn held_by_others(
     tx: &mut PgConnection,
     user: Uuid,
     request_id: Uuid,
     ttl: std::time::Duration,
 ) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM credit_holds WHERE user_id = $1 \
+         AND created_at <= now() - make_interval(secs => $2)",
+    )
+    .bind(user)
+    .bind(ttl.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
     sqlx::query_scalar(
         "SELECT coalesce(sum(credits), 0)::bigint FROM credit_holds \
          WHERE user_id = $1 AND request_id <> $2 AND created_at > now() - make_interval(secs => $3)",
@@ -266,7 +280,8 @@ pub async fn hold(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO credit_holds (request_id, user_id, credits) VALUES ($1, $2, $3) \
-         ON CONFLICT (request_id) DO UPDATE SET credits = EXCLUDED.credits, created_at = now()",
+         ON CONFLICT (request_id) DO UPDATE SET credits = EXCLUDED.credits, created_at = now() \
+         WHERE credit_holds.user_id = EXCLUDED.user_id",
     )
     .bind(request_id)
     .bind(user)
@@ -276,13 +291,19 @@ pub async fn hold(
     Ok(())
 }
 
-/// Releases the hold of `request_id`; what it held, if any.
-pub async fn release(tx: &mut PgConnection, request_id: Uuid) -> Result<Option<i64>, sqlx::Error> {
-    let held: Option<i32> =
-        sqlx::query_scalar("DELETE FROM credit_holds WHERE request_id = $1 RETURNING credits")
-            .bind(request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+/// Releases `user`'s hold of `request_id`; what it held, if any.
+pub async fn release(
+    tx: &mut PgConnection,
+    user: Uuid,
+    request_id: Uuid,
+) -> Result<Option<i64>, sqlx::Error> {
+    let held: Option<i32> = sqlx::query_scalar(
+        "DELETE FROM credit_holds WHERE request_id = $1 AND user_id = $2 RETURNING credits",
+    )
+    .bind(request_id)
+    .bind(user)
+    .fetch_optional(&mut *tx)
+    .await?;
     Ok(held.map(i64::from))
 }
 
@@ -326,9 +347,12 @@ pub async fn charge(
         return Ok(Charge::AlreadyCharged { credits: c as i64 });
     }
     let bal = balance(tx, user).await?;
-    if bal < credits {
+    // What other calls in flight hold is not this charge's to take (a call whose real
+    // input outgrew its estimate must not spend a parallel call's hold).
+    let available = bal - held_by_others(tx, user, request_id, cfg.hold_ttl).await?;
+    if available < credits || i32::try_from(credits).is_err() {
         return Ok(Charge::Insufficient {
-            balance: bal,
+            balance: available,
             credits,
         });
     }

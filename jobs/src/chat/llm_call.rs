@@ -147,10 +147,11 @@ fn error_result(code: &str, status: u16, message: String, extra: Value) -> Value
 /// Completes with `result` and releases the call's hold, in the job's transaction.
 async fn released(
     ctx: &mut JobContext,
+    user: Uuid,
     request_id: Uuid,
     result: Value,
 ) -> Result<Outcome, JobError> {
-    credits::release(ctx.tx().await?, request_id).await?;
+    credits::release(ctx.tx().await?, user, request_id).await?;
     Outcome::done_with(result)
 }
 
@@ -295,14 +296,15 @@ impl LlmCallHandler {
         let cost = price.credits(s.input_tokens as u32, s.output_tokens as u32);
         let units = json!({"input_tokens": s.input_tokens, "output_tokens": s.output_tokens});
         let tx = ctx.tx().await?;
-        // The hold gives way to the charge in the same transaction. The charge is the
-        // actual cost (the provider's usage at its price), not clamped to the hold:
-        // the hold's input side is an estimate, and clamping would leave real input
-        // unbilled. It still never takes the balance below zero (else the answer is
-        // withheld until a top-up).
-        credits::release(tx, a.request_id).await?;
+        // The charge is the actual cost (the provider's usage at its price), not clamped
+        // to the hold: the hold's input side is an estimate, and clamping would leave
+        // real input unbilled. It never takes the balance below zero nor what other
+        // calls hold (else the answer is withheld until a top-up). The hold then gives
+        // way in the same transaction (the account is locked first, as at the
+        // pre-check, so the two cannot deadlock).
         let charged =
             credits::charge(tx, cfg, a.user_id, a.request_id, cost, &s.provider, units).await?;
+        credits::release(tx, a.user_id, a.request_id).await?;
         let (credits_charged, balance) = match charged {
             Charge::Charged { credits, balance } => {
                 metrics::counter!("longshore_llm_credits_charged_total", "provider" => s.provider.clone())
@@ -485,6 +487,7 @@ impl Handler for LlmCallHandler {
                     if rejected {
                         return released(
                             ctx,
+                            a.user_id,
                             a.request_id,
                             error_result(
                                 "provider_rejected_request",
@@ -506,6 +509,7 @@ impl Handler for LlmCallHandler {
         tracing::warn!(request_id = %a.request_id, %summary, "all providers failed");
         released(
             ctx,
+            a.user_id,
             a.request_id,
             error_result(
                 "all_providers_failed",

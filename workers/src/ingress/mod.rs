@@ -511,17 +511,32 @@ fn forwarded_client(
     proxies: &[ipnet::IpNet],
 ) -> std::net::IpAddr {
     let trusted = |a: &std::net::IpAddr| proxies.iter().any(|n| n.contains(a));
+    let peer = peer.to_canonical();
     if !trusted(&peer) {
         return peer;
     }
-    let hops: Vec<std::net::IpAddr> = headers
+    let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|h| h.trim().parse().ok())
         .collect();
-    hops.into_iter().rev().find(|h| !trusted(h)).unwrap_or(peer)
+    // From the right: past trusted proxies to the first hop they vouch for. A hop that
+    // does not parse ends the walk (everything left of it is unverified): the last
+    // trusted address is the client as far as anyone can tell.
+    let mut client = peer;
+    for h in hops.iter().rev() {
+        match h
+            .trim()
+            .parse::<std::net::IpAddr>()
+            .map(|a| a.to_canonical())
+        {
+            Ok(a) if trusted(&a) => client = a,
+            Ok(a) => return a,
+            Err(_) => return client,
+        }
+    }
+    client
 }
 
 #[cfg(test)]
@@ -556,6 +571,21 @@ mod forwarded_tests {
         assert_eq!(
             forwarded_client(ip("10.1.1.1"), &h, &proxies),
             ip("203.0.113.9")
+        );
+        // A hop the proxy wrote that does not parse: the client-written ones left of it
+        // are not believed.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, unknown"),
+        );
+        assert_eq!(
+            forwarded_client(ip("10.1.1.1"), &h, &proxies),
+            ip("10.1.1.1")
+        );
+        // An IPv4-mapped peer is the IPv4 proxy it is.
+        assert_eq!(
+            forwarded_client(ip("::ffff:10.1.1.1"), &h, &proxies),
+            ip("10.1.1.1")
         );
         // A proxy with no header: the proxy itself.
         assert_eq!(
