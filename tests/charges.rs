@@ -150,7 +150,9 @@ async fn insufficient_balance_suspends_with_details_the_vault_drops_the_keys_a_d
     customer(&t.pool, 2, 100_000, 20_000, "enterprise").await;
     usage(&t.pool, 1, 1, 60_000).await; // $6.00
     let r = cycle(&t.pool, &cfg).await;
-    assert!(r.intents.is_empty());
+    // The $3.00 there is charged (issue 15 item 6); the rest waits, suspended.
+    assert_eq!(r.intents.len(), 1, "{r:?}");
+    assert_eq!(r.intents[0]["amount_usd"], "3.00");
     assert_eq!(r.suspended.len(), 1);
     let (state, reason, details) = service(&t.pool, 1).await;
     assert_eq!(
@@ -159,7 +161,7 @@ async fn insufficient_balance_suspends_with_details_the_vault_drops_the_keys_a_d
     );
     assert_eq!(
         details.unwrap(),
-        json!({"current_balance_usd": "3.00", "estimated_cost_usd": "6.00", "required_deposit_usd": "3.00"})
+        json!({"current_balance_usd": "0.00", "estimated_cost_usd": "3.00", "required_deposit_usd": "3.00"})
     );
     // A coalesced vault regeneration is requested in the same transaction...
     let vault_job: Value = sqlx::query_scalar("SELECT message FROM pgmq.q_regenerate_vault")
@@ -188,14 +190,14 @@ async fn insufficient_balance_suspends_with_details_the_vault_drops_the_keys_a_d
     // Still short: stays suspended, no intent; the details follow the numbers.
     let r = cycle(&t.pool, &cfg).await;
     assert!(r.intents.is_empty() && r.resumed.is_empty());
-    // A deposit: the next cycle resumes the service and charges.
+    // A deposit: the next cycle resumes the service; the rest is charged once the
+    // first $3.00 (still in flight) settles.
     sqlx::query("UPDATE customers SET current_balance_usd_cents = 1000 WHERE customer_id = 1")
         .execute(&t.pool)
         .await
         .unwrap();
     let r = cycle(&t.pool, &cfg).await;
-    assert_eq!(r.resumed.len(), 1, "{r:?}");
-    assert_eq!(r.intents.len(), 1);
+    assert_eq!((r.resumed.len(), r.intents.len()), (1, 0), "{r:?}");
     assert_eq!(service(&t.pool, 1).await.0, "active");
 }
 
@@ -213,7 +215,9 @@ async fn monthly_limit_exceeded_then_the_monthly_reset_resumes() {
     .unwrap();
     usage(&t.pool, 1, 1, 50_100).await; // $5.01
     let r = cycle(&t.pool, &cfg).await;
-    assert!(r.intents.is_empty());
+    // The $5.00 the cap leaves is charged; the last cent waits, suspended.
+    assert_eq!(r.intents.len(), 1, "{r:?}");
+    assert_eq!(r.intents[0]["amount_usd"], "5.00");
     let (state, reason, details) = service(&t.pool, 1).await;
     assert_eq!(
         (state.as_str(), reason.as_deref()),
@@ -221,8 +225,8 @@ async fn monthly_limit_exceeded_then_the_monthly_reset_resumes() {
     );
     assert_eq!(
         details.unwrap(),
-        json!({"max_monthly_usd": "200.00", "current_month_charged_usd": "195.00",
-               "estimated_cost_usd": "5.01", "remaining_authorization_usd": "5.00"})
+        json!({"max_monthly_usd": "200.00", "current_month_charged_usd": "200.00",
+               "estimated_cost_usd": "0.01", "remaining_authorization_usd": "0.00"})
     );
 
     // The 1st of the month (UTC): pretend this month's counters began last month.
@@ -233,10 +237,11 @@ async fn monthly_limit_exceeded_then_the_monthly_reset_resumes() {
         .execute(&t.pool)
         .await
         .unwrap();
+    // Resumed; the last cent follows the $5.00 still in flight.
     let r = cycle(&t.pool, &cfg).await;
     assert_eq!(
         (r.resets, r.resumed.len(), r.intents.len()),
-        (1, 1, 1),
+        (1, 1, 0),
         "{r:?}"
     );
     let (last, current, start): (i64, i64, NaiveDate) = sqlx::query_as(
@@ -249,6 +254,159 @@ async fn monthly_limit_exceeded_then_the_monthly_reset_resumes() {
     assert_eq!(service(&t.pool, 1).await.0, "active");
     // A second cycle resets nothing more.
     assert_eq!(cycle(&t.pool, &cfg).await.resets, 0);
+}
+
+/// Issue 15 item 6: a backlog larger than the cap is billed up to it, the oldest usage
+/// first and down to the request; the rest stays unbilled (suspended with the rule) and
+/// is billed after the reset. Before, the whole $300 was refused every cycle, forever.
+/// Checked on the chain: $200, then $100, left the escrow account.
+#[tokio::test]
+async fn a_backlog_past_the_cap_is_billed_up_to_it_and_the_rest_after_the_reset() {
+    let t = db().await;
+    let vars = fast();
+    let cfg = BillingConfig::from_config(&common::config(&vars)).unwrap();
+    let chain = sim(1_000_000_000); // $1,000 in escrow
+    customer(&t.pool, 1, 100_000, 20_000, "enterprise").await; // cap $200
+    usage(&t.pool, 1, 3, 1_500_000).await; // $150
+    usage(&t.pool, 1, 2, 1_500_000).await; // $150: $300 in all
+    let r = cycle(&t.pool, &cfg).await;
+    assert_eq!(r.intents.len(), 1, "{r:?}");
+    assert_eq!(r.intents[0]["amount_usd"], "200.00");
+    let slices: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT from_count, to_count FROM charge_intent_records ORDER BY record_id")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        slices,
+        [(0, 1_500_000), (0, 500_000)],
+        "oldest first, cut to the request"
+    );
+    let (state, reason, details) = service(&t.pool, 1).await;
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        ("suspended", Some("monthly_limit_exceeded"))
+    );
+    assert_eq!(
+        details.unwrap(),
+        json!({"max_monthly_usd": "200.00", "current_month_charged_usd": "200.00",
+               "estimated_cost_usd": "100.00", "remaining_authorization_usd": "0.00"})
+    );
+    // In flight: no second intent, still judged (and still suspended).
+    let r = cycle(&t.pool, &cfg).await;
+    assert!(r.intents.is_empty() && r.resumed.is_empty(), "{r:?}");
+    let i = intents(&t.pool, 1).await;
+    assert_eq!(
+        drive(&t.pool, &cfg, chain.as_ref(), &i[0].0).await["state"],
+        "confirmed"
+    );
+    let r = cycle(&t.pool, &cfg).await;
+    assert!(r.intents.is_empty(), "the cap is spent: {r:?}");
+    assert_eq!(
+        service(&t.pool, 1).await.1.as_deref(),
+        Some("monthly_limit_exceeded")
+    );
+    let moved = |a: u64| 1_000_000_000 - a;
+    let left = chain
+        .token_account(&escrow(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .amount;
+    assert_eq!(moved(left), 200_000_000, "$200 on chain");
+
+    // The reset: the rest is billed and the service resumes.
+    let this_month = Utc::now().date_naive().with_day(1).unwrap();
+    sqlx::query("UPDATE customers SET current_month_start = $1 WHERE customer_id = 1")
+        .bind(this_month.checked_sub_months(Months::new(1)).unwrap())
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let r = cycle(&t.pool, &cfg).await;
+    assert_eq!(
+        (r.resets, r.resumed.len(), r.intents.len()),
+        (1, 1, 1),
+        "{r:?}"
+    );
+    assert_eq!(r.intents[0]["amount_usd"], "100.00");
+    let i = intents(&t.pool, 1).await;
+    assert_eq!(
+        drive(&t.pool, &cfg, chain.as_ref(), &i[1].0).await["state"],
+        "confirmed"
+    );
+    let left = chain
+        .token_account(&escrow(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .amount;
+    assert_eq!(moved(left), 300_000_000, "$300 on chain, each request once");
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM usage_records WHERE billed_count < billable_count"
+        )
+        .await,
+        0
+    );
+    let charged: Decimal = sqlx::query_scalar("SELECT sum(charged_amount) FROM usage_records")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(charged, Decimal::from(300));
+}
+
+/// Issue 15 item 6: an amount over `chain.max_charge_usd` is charged in intents of at
+/// most that, one after another, without suspending anyone; a service with one in
+/// flight that runs past its balance is suspended at once, not when it settles.
+#[tokio::test]
+async fn charges_are_cut_to_the_chains_limit_and_usage_in_flight_is_still_judged() {
+    let t = db().await;
+    let mut vars = fast();
+    vars.push(("LONGSHORE__BILLING__CHAIN__MAX_CHARGE_USD", "50"));
+    let cfg = BillingConfig::from_config(&common::config(&vars)).unwrap();
+    let chain = sim(1_000_000_000);
+    customer(&t.pool, 1, 100_000, 1_000_000, "enterprise").await; // $1,000, cap $10,000
+    usage(&t.pool, 1, 3, 1_200_000).await; // $120
+    let mut amounts = Vec::new();
+    for _ in 0..4 {
+        let r = cycle(&t.pool, &cfg).await;
+        assert!(
+            r.suspended.is_empty(),
+            "the chain's limit suspends nobody: {r:?}"
+        );
+        if let Some(i) = r.intents.first() {
+            amounts.push(i["amount_usd"].as_str().unwrap().to_string());
+            let id = i["intent_id"].as_str().unwrap();
+            // In flight: the next cycle makes no second intent.
+            assert!(cycle(&t.pool, &cfg).await.intents.is_empty());
+            assert_eq!(
+                drive(&t.pool, &cfg, chain.as_ref(), id).await["state"],
+                "confirmed"
+            );
+        }
+    }
+    assert_eq!(amounts, ["50.00", "50.00", "20.00"]);
+    let left = chain
+        .token_account(&escrow(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .amount;
+    assert_eq!(1_000_000_000 - left, 120_000_000);
+
+    // Balance now $880. An intent in flight, then usage past what is left.
+    usage(&t.pool, 1, 2, 500_000).await; // $50
+    assert_eq!(cycle(&t.pool, &cfg).await.intents.len(), 1);
+    usage(&t.pool, 1, 1, 9_000_000).await; // $900 more, $880 - $50 left
+    let r = cycle(&t.pool, &cfg).await;
+    assert!(r.intents.is_empty(), "{r:?}");
+    let (state, reason, _) = service(&t.pool, 1).await;
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        ("suspended", Some("insufficient_balance")),
+        "judged while the first is in flight"
+    );
 }
 
 #[tokio::test]
@@ -540,10 +698,16 @@ async fn row23_bad_addresses_and_amounts_never_reach_the_chain() {
             .unwrap();
         usage(&t.pool, c, 1, 60_000).await;
     }
-    // And one over the per-charge ceiling.
+    // And one over the per-charge ceiling: the cycle cuts it to $10,000, and an
+    // intent above it anyway (a tampered row) is refused before signing.
     customer(&t.pool, 4, 10_000_000, 10_000_000, "enterprise").await;
     usage(&t.pool, 4, 1, 10_000 * 20_000).await; // $20,000 > max_charge_usd $10,000
     cycle(&t.pool, &cfg).await;
+    assert_eq!(intents(&t.pool, 4).await[0].1, Decimal::from(10_000));
+    sqlx::query("UPDATE charge_intents SET amount = 20000 WHERE customer_id = 4")
+        .execute(&t.pool)
+        .await
+        .unwrap();
     for c in 1..=4 {
         let i = intents(&t.pool, c).await;
         assert_eq!(

@@ -385,7 +385,7 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
         ("suspended", Some("insufficient_balance"))
     );
     // The vault (dev key) has the other customers' keys and not 1004's.
-    let vault = dir.join(".longshore/ma_vault.csv");
+    let vault = dir.join(".longshore/vault/ma_vault.csv");
     let customers = eventually(Duration::from_secs(40), "the vault without 1004", || {
         let vault = vault.clone();
         async move {

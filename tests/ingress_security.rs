@@ -255,18 +255,23 @@ async fn configuration_naming_internal_kinds_is_refused_at_start() {
     }
 }
 
-/// High 1: a path argument is confined to `billing.file_roots` wherever the job came
-/// from: plain SQL bypasses the ingress, not the worker's check. A symlink inside the
-/// root that points out is refused too.
+/// High 1: a path argument is confined to its kind's roots wherever the job came from:
+/// plain SQL bypasses the ingress, not the worker's check. A symlink inside the root
+/// that points out is refused too, and the log jobs cannot reach the vault's directory
+/// (nor the vault job a log's): each kind has its own list.
 #[tokio::test]
 async fn paths_are_confined_to_the_configured_directories() {
     let t = db().await;
     let base = std::env::temp_dir().join(format!("ls-roots-it-{}", std::process::id()));
     let root = base.join("allowed");
+    let logs = base.join("logs");
     let outside = base.join("outside");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::create_dir_all(&outside).unwrap();
+    for d in [&root, &logs, &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
     std::fs::write(outside.join("target.csv"), "precious").unwrap();
+    std::fs::write(root.join("ma_vault.csv"), "the vault").unwrap();
+    std::fs::write(logs.join("today.log"), "a log").unwrap();
     let link = root.join("vault.csv");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(outside.join("target.csv"), &link).unwrap();
@@ -274,6 +279,7 @@ async fn paths_are_confined_to_the_configured_directories() {
         outside.join("target.csv").display().to_string(),
         link.display().to_string(),
         format!("{}/../outside/target.csv", root.display()),
+        logs.join("today.log").display().to_string(),
     ] {
         sqlx::query("SELECT pgmq.send('regenerate_vault', jsonb_build_object('path', $1::text))")
             .bind(&path)
@@ -281,12 +287,32 @@ async fn paths_are_confined_to_the_configured_directories() {
             .await
             .unwrap();
     }
-    let roots = format!("[{:?}]", root.display().to_string());
+    // The log jobs, pointed at the vault's directory: read it, move it.
+    sqlx::query("SELECT pgmq.send('ingest_logs', jsonb_build_object('path', $1::text))")
+        .bind(root.join("ma_vault.csv").display().to_string())
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pgmq.send('scan_log_spool', jsonb_build_object('dir', $1::text, 'done_dir', $2::text))",
+    )
+    .bind(logs.display().to_string())
+    .bind(root.display().to_string())
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let vault_roots = format!("[{:?}]", root.display().to_string());
+    let log_roots = format!("[{:?}]", logs.display().to_string());
     let _w = Proc::spawn(
         &t.url,
-        &["worker", "--queues", "regenerate_vault"],
         &[
-            ("LONGSHORE__BILLING__FILE_ROOTS", roots.as_str()),
+            "worker",
+            "--queues",
+            "regenerate_vault,ingest_logs,scan_log_spool",
+        ],
+        &[
+            ("LONGSHORE__BILLING__VAULT_ROOTS", vault_roots.as_str()),
+            ("LONGSHORE__BILLING__LOG_ROOTS", log_roots.as_str()),
             (
                 "LONGSHORE__BILLING__VAULT_KEY",
                 "ZGV2LW9ubHktdmF1bHQta2V5LW5vdC1hLXNlY3JldCE=",
@@ -294,33 +320,68 @@ async fn paths_are_confined_to_the_configured_directories() {
         ],
     );
     let pool = t.pool.clone();
-    let errors: Vec<String> = eventually(Duration::from_secs(20), "three refusals", || {
+    let errors: Vec<(String, String)> = eventually(Duration::from_secs(20), "six refusals", || {
         let pool = pool.clone();
         async move {
-            let e: Vec<String> = sqlx::query_scalar(
-                "SELECT last_error FROM longshore.dead_letters WHERE queue = 'regenerate_vault' ORDER BY msg_id",
+            let e: Vec<(String, String)> = sqlx::query_as(
+                "SELECT queue, last_error FROM longshore.dead_letters ORDER BY queue, msg_id",
             )
             .fetch_all(&pool)
             .await
             .unwrap();
-            (e.len() == 3).then_some(e)
+            (e.len() == 6).then_some(e)
         }
     })
     .await;
+    let of = |q: &str| -> Vec<&str> {
+        errors
+            .iter()
+            .filter(|(queue, _)| queue == q)
+            .map(|(_, e)| e.as_str())
+            .collect()
+    };
+    let (vault, ingest, scan) = (
+        of("regenerate_vault"),
+        of("ingest_logs"),
+        of("scan_log_spool"),
+    );
     assert!(
-        errors[0].contains("outside billing.file_roots"),
+        vault[0].contains("outside billing.vault_roots"),
         "{}",
-        errors[0]
+        vault[0]
     );
     assert!(
-        errors[1].contains("outside billing.file_roots"),
+        vault[1].contains("outside billing.vault_roots"),
         "symlink out: {}",
-        errors[1]
+        vault[1]
     );
-    assert!(errors[2].contains("`..`"), "{}", errors[2]);
+    assert!(vault[2].contains("`..`"), "{}", vault[2]);
+    assert!(
+        vault[3].contains("outside billing.vault_roots"),
+        "a log's dir: {}",
+        vault[3]
+    );
+    assert!(
+        ingest[0].contains("outside billing.log_roots"),
+        "the vault read: {}",
+        ingest[0]
+    );
+    assert!(
+        scan[0].contains("outside billing.log_roots"),
+        "the vault's dir as done_dir: {}",
+        scan[0]
+    );
     assert_eq!(
         std::fs::read_to_string(outside.join("target.csv")).unwrap(),
         "precious"
+    );
+    assert_eq!(
+        std::fs::read_to_string(logs.join("today.log")).unwrap(),
+        "a log"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("ma_vault.csv")).unwrap(),
+        "the vault"
     );
     // And the CLI's door says so at once.
     let (code, _, err) = common::run_cli(
@@ -330,10 +391,21 @@ async fn paths_are_confined_to_the_configured_directories() {
             "regenerate_vault",
             &json!({"path": "/etc/haproxy/x.csv"}).to_string(),
         ],
-        &[("LONGSHORE__BILLING__FILE_ROOTS", roots.as_str())],
+        &[("LONGSHORE__BILLING__VAULT_ROOTS", vault_roots.as_str())],
     );
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("outside billing.file_roots"), "{err}");
+    assert!(err.contains("outside billing.vault_roots"), "{err}");
+    // The old single list is refused with the way forward, not silently ignored.
+    let (code, _, err) = common::run_cli(
+        &t.url,
+        &["enqueue", "probe", r#"{"id":1}"#],
+        &[("LONGSHORE__BILLING__FILE_ROOTS", vault_roots.as_str())],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("billing.log_roots") && err.contains("billing.vault_roots"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&base).unwrap();
 }
 
@@ -475,6 +547,27 @@ async fn tenants_cannot_read_each_others_jobs_or_share_keys() {
         v["duplicate"], false,
         "the genuine delivery is not swallowed: {v}"
     );
+    // A completion record left at alice's id by an earlier life of the queue (dropped
+    // and made again, ids from 1) belongs to bob: when alice's job completes, the
+    // record is hers, not still his.
+    sqlx::query(
+        "INSERT INTO longshore.completions (queue, msg_id, attempts, principal) VALUES ('probe', $1, 1, 'token:bob')",
+    )
+    .bind(id)
+    .execute(&env.t.pool)
+    .await
+    .unwrap();
+    let _w = Proc::spawn(
+        &env.t.url,
+        &["worker", "--queues", "probe"],
+        &[("LONGSHORE__QUEUES__PROBE__ON_DONE", "delete")],
+    );
+    let (st, v) = env
+        .get(&format!("/v1/jobs/probe/{id}?wait=20"), "tok-alice")
+        .await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("done")), "{v}");
+    let (st, _) = env.get(&format!("/v1/jobs/probe/{id}"), "tok-bob").await;
+    assert_eq!(st, 404, "bob reads alice's completed job");
 }
 
 /// Medium 7: a captured signed delivery replayed with a fresh delivery id is the same

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{Proc, count, db, eventually};
-use longshore_jobs::billing::bill_usage::run_cycle;
+use longshore_jobs::billing::bill_usage::{run_cycle, run_cycle_on};
 use longshore_jobs::billing::charge_escrow::{Driver, EXPIRY_MARGIN_BLOCKS, Step};
 use longshore_jobs::billing::config::BillingConfig;
 use longshore_jobs::clients::chain::{Chain, ChainError};
@@ -630,6 +630,97 @@ async fn row20_racing_drivers_move_the_tokens_once() {
     assert_ndc(&t.pool, &fake, 1).await;
 }
 
+/// Issue 15 item 7: the balance rule judges what the escrow account lets the delegate
+/// take on chain, not the row's figure (which nothing ever credited): the smaller of
+/// the tokens and the allowance, nothing for another delegate or another mint. Each
+/// customer is charged what is there (cut to it) and suspended for the rest; a
+/// deposit the row never heard of is charged. Checked on the chain's balances.
+#[tokio::test]
+async fn the_balance_rule_judges_the_escrow_on_chain() {
+    let (t, fake, cfg, chain) = setup().await;
+    let stranger = solana_address::Address::new_unique();
+    let cases = [
+        // (escrow, the row's balance, what the chain holds for us, what is charged:
+        // cents)
+        (fake.open_escrow(3 * USDC, 1000 * USDC), 1_000_000, 300, 300),
+        (fake.open_escrow(100 * USDC, 2 * USDC), 1_000_000, 200, 200),
+        (
+            fake.raw_escrow(None, 100 * USDC, Some((stranger, 100 * USDC))),
+            1_000_000,
+            0,
+            0,
+        ),
+        (
+            fake.raw_escrow(
+                Some(fake.other_mint()),
+                100 * USDC,
+                Some((fake.delegate, 100 * USDC)),
+            ),
+            1_000_000,
+            0,
+            0,
+        ),
+        (fake.open_escrow(100 * USDC, 100 * USDC), 0, 10_000, 600),
+    ];
+    for (c, (escrow, row, _, _)) in cases.iter().enumerate() {
+        let c = c as i32 + 1;
+        ledger::customer(&t.pool, c, escrow, *row, 1_000_000, "enterprise").await;
+        ledger::usage(&t.pool, c, 2, 60_000).await; // $6.00 each
+    }
+    let before: Vec<u64> = cases.iter().map(|(e, _, _, _)| fake.balance(e)).collect();
+    let r = run_cycle_on(&t.pool, &cfg, Some(&chain), None, Utc::now())
+        .await
+        .unwrap();
+    assert!(r.unread.is_empty(), "{r:?}");
+    for (c, (_, _, held, take)) in cases.iter().enumerate() {
+        let c = c as i32 + 1;
+        let (balance, state): (i64, String) = sqlx::query_as(
+            "SELECT c.current_balance_usd_cents, s.state FROM customers c JOIN service_instances s USING (customer_id) WHERE customer_id = $1",
+        )
+        .bind(c)
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            balance, *held,
+            "customer {c}: the balance read from the chain"
+        );
+        let want = if *take == 600 { "active" } else { "suspended" };
+        assert_eq!(state, want, "customer {c}");
+    }
+    let ids: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT customer_id, intent_id::text FROM charge_intents ORDER BY customer_id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        ids.iter().map(|i| i.0).collect::<Vec<_>>(),
+        [1, 2, 5],
+        "nothing is sent from an account that holds nothing for us"
+    );
+    for (_, id) in &ids {
+        let done = settle(&t.pool, &cfg, &fake, &chain, id).await;
+        assert_eq!(done["state"], "confirmed");
+    }
+    for (i, (escrow, _, _, take)) in cases.iter().enumerate() {
+        let moved = before[i] - fake.balance(escrow);
+        assert_eq!(moved, *take as u64 * 10_000, "customer {}: on chain", i + 1);
+    }
+    // An RPC that cannot answer: the customer waits, neither charged nor suspended.
+    ledger::usage(&t.pool, 5, 1, 60_000).await;
+    fake.script(|s| s.unavailable = 1_000);
+    let r = run_cycle_on(&t.pool, &cfg, Some(&chain), Some(5), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.unread.as_slice(), r.intents.len()),
+        (&[5][..], 0),
+        "{r:?}"
+    );
+    fake.script(|s| s.unavailable = 0);
+}
+
 /// The SPL Token program refuses: an allowance too small, a balance too small, an
 /// escrow approved for someone else, an account of another mint, no account at all.
 /// Each → failed with the reason, usage billable again, the service suspended,
@@ -965,8 +1056,17 @@ async fn row23_bad_addresses_and_amounts_never_reach_the_endpoint() {
     let cfg = BillingConfig::from_config(&common::config(&vars)).unwrap();
     let chain = chain(&cfg);
     let good = fake.open_escrow(100 * USDC, 100 * USDC);
-    for (c, escrow, billable) in [(1, "not,an address", 60_000), (2, good.as_str(), 110_000)] {
+    for (c, escrow, billable) in [(1, "not,an address", 60_000), (2, good.as_str(), 100_000)] {
         let id = billed(&t.pool, &cfg, c, escrow, billable).await;
+        if c == 2 {
+            // The cycle never makes an intent over the ceiling (it cuts); one that is
+            // anyway (a row tampered with) is refused before it is built.
+            sqlx::query("UPDATE charge_intents SET amount = 11.00 WHERE intent_id = $1::uuid")
+                .bind(&id)
+                .execute(&t.pool)
+                .await
+                .unwrap();
+        }
         let done = settle(&t.pool, &cfg, &fake, &chain, &id).await;
         assert_eq!(done["state"], "failed", "customer {c}");
     }

@@ -2,17 +2,31 @@
 //!
 //! `regenerate_vault {path}`, `ingest_logs {path}` and `scan_log_spool {dir, done_dir}`
 //! touch the file system. Whoever enqueued them (a schedule, the CLI, plain SQL), their
-//! paths must resolve, symlinks followed, under one of `billing.file_roots`: no `..`, no
-//! link that points out. With no roots configured, no path is accepted.
+//! paths must resolve, symlinks followed, under one of their kind's roots: the log jobs
+//! under `billing.log_roots`, the vault under `billing.vault_roots`. No `..`, no link
+//! that points out. With no roots configured, no path is accepted. Two lists, not one:
+//! a log job must not read (or move) the vault, nor the vault job overwrite a log.
 
 use std::path::{Component, Path, PathBuf};
 
-/// The directories file-touching jobs may use.
-#[derive(Debug, Clone, Default)]
-pub struct FileRoots(Vec<PathBuf>);
+/// The directories one kind of file-touching job may use, and the config key that
+/// names them (errors say which list to change).
+#[derive(Debug, Clone)]
+pub struct FileRoots {
+    roots: Vec<PathBuf>,
+    key: &'static str,
+}
 
 impl FileRoots {
-    pub fn new(roots: &[String]) -> Result<FileRoots, String> {
+    /// No directory: every path refused, naming `key`.
+    pub fn none(key: &'static str) -> FileRoots {
+        FileRoots {
+            roots: Vec::new(),
+            key,
+        }
+    }
+
+    pub fn new(key: &'static str, roots: &[String]) -> Result<FileRoots, String> {
         let mut out = Vec::with_capacity(roots.len());
         for r in roots {
             if r.is_empty() {
@@ -24,15 +38,16 @@ impl FileRoots {
             }
             out.push(absolute(p));
         }
-        Ok(FileRoots(out))
+        Ok(FileRoots { roots: out, key })
     }
 
     /// `path` resolved (symlinks followed as far as the path exists), if it lies under a
     /// root; else why not. The file itself need not exist (a vault about to be written).
     pub fn check(&self, path: &str) -> Result<PathBuf, String> {
-        if self.0.is_empty() {
+        if self.roots.is_empty() {
             return Err(format!(
-                "{path:?}: no directory is allowed for files (set billing.file_roots)"
+                "{path:?}: no directory is allowed for this job's files (set {})",
+                self.key
             ));
         }
         let p = Path::new(path);
@@ -43,7 +58,7 @@ impl FileRoots {
         }
         let resolved = resolve(&absolute(p))
             .ok_or_else(|| format!("{path:?}: a part of it is a symlink that leads nowhere"))?;
-        for root in &self.0 {
+        for root in &self.roots {
             let Some(root) = resolve(root) else { continue };
             // Strictly under the root: a job given the root itself would work in its
             // parent (a vault's temp file, a spool's done directory).
@@ -52,8 +67,9 @@ impl FileRoots {
             }
         }
         Err(format!(
-            "{path:?} resolves to {}, outside billing.file_roots",
-            resolved.display()
+            "{path:?} resolves to {}, outside {}",
+            resolved.display(),
+            self.key
         ))
     }
 }
@@ -99,14 +115,15 @@ impl FileRoots {
         let opened = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
             .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
         if !self
-            .0
+            .roots
             .iter()
             .filter_map(|r| resolve(r))
             .any(|r| opened.starts_with(&r))
         {
             return Err(ReadError::Refused(format!(
-                "{path}: the file opened is {}, outside billing.file_roots",
-                opened.display()
+                "{path}: the file opened is {}, outside {}",
+                opened.display(),
+                self.key
             )));
         }
         let meta = f
@@ -189,7 +206,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.join("key"), root.join("link")).unwrap();
         let _ = std::fs::remove_file(root.join("dirlink"));
         std::os::unix::fs::symlink(&outside, root.join("dirlink")).unwrap();
-        let roots = FileRoots::new(&[root.display().to_string()]).unwrap();
+        let roots = FileRoots::new("billing.log_roots", &[root.display().to_string()]).unwrap();
         let ok = |p: PathBuf| roots.check(&p.display().to_string());
         assert!(ok(root.join("a.log")).is_ok(), "a file to be");
         assert!(ok(root.join("sub/new.csv")).is_ok(), "under a dir to be");
@@ -236,10 +253,10 @@ mod tests {
         assert!(roots.check(&dotdot).unwrap_err().contains(".."));
         assert!(roots.check("").is_err());
         assert!(
-            FileRoots::default()
+            FileRoots::none("billing.vault_roots")
                 .check(&root.join("a").display().to_string())
                 .unwrap_err()
-                .contains("billing.file_roots")
+                .contains("billing.vault_roots")
         );
         std::fs::remove_dir_all(&base).unwrap();
     }

@@ -3,7 +3,7 @@
 
 use anyhow::anyhow;
 use chrono::{Datelike, Utc};
-use longshore_jobs::billing::bill_usage::{run_cycle, usd};
+use longshore_jobs::billing::bill_usage::{run_cycle_on, usd};
 use longshore_jobs::billing::config::{BillingConfig, ChainBackend};
 use longshore_jobs::billing::reconcile::reconcile;
 use longshore_jobs::billing::report::{parse_month, report};
@@ -112,7 +112,13 @@ pub async fn run(args: Args) -> CliResult {
         Action::Cycle { customer } => {
             let billing = BillingConfig::from_config(&cfg).map_err(CliError::usage)?;
             let pool = app::pool(&cfg, "longshore-cli").await?;
-            let r = run_cycle(&pool, &billing, customer, Utc::now()).await?;
+            // Balances are read from the chain as the job does; the simulator's live
+            // inside the dev process, so with it the database's balance is judged.
+            let chain = match billing.chain.backend {
+                ChainBackend::Simulator => None,
+                _ => billing.chain_client(),
+            };
+            let r = run_cycle_on(&pool, &billing, chain.as_deref(), customer, Utc::now()).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             return Ok(());
         }

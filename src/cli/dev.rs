@@ -61,6 +61,16 @@ pub async fn run(_args: Args) -> CliResult {
         if watchers > 0 {
             tracing::info!(watchers, "seeded the demo watchers (BTC/USDT 1m, ETH/USDT 5m, SOL/USDT 15m) on the market simulator");
         }
+        // The vault's directory, so the first regenerate_vault has somewhere to write.
+        if let Ok(b) = longshore_jobs::billing::config::BillingConfig::from_config_for(
+            &cfg,
+            longshore_jobs::Clients::Skip,
+        ) && let Some(dir) = std::path::Path::new(&b.vault_path).parent()
+            && !b.vault_path.is_empty()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::error!(dir = %dir.display(), error = %e, "dev: cannot create the vault directory");
+        }
         let stop = app::shutdown_on_signals();
         let traffic = (!cfg.dev.spool_dir.is_empty()).then(|| {
             tokio::spawn(traffic_simulator(

@@ -24,12 +24,16 @@ pub fn registry() -> longshore_workers::Registry {
 
 /// What every test process and in-process configuration gets unless a test says
 /// otherwise: the probe's fault knobs on, and the temp directory allowed for the
-/// file-touching jobs (tests put their spools and vaults there).
+/// file-touching jobs, logs and vaults alike (tests put their spools and vaults there).
 pub fn test_env() -> Vec<(String, String)> {
     vec![
         ("LONGSHORE__PROBE__FAULT_KNOBS".into(), "true".into()),
         (
-            "LONGSHORE__BILLING__FILE_ROOTS".into(),
+            "LONGSHORE__BILLING__LOG_ROOTS".into(),
+            format!("[{:?}]", std::env::temp_dir().display().to_string()),
+        ),
+        (
+            "LONGSHORE__BILLING__VAULT_ROOTS".into(),
             format!("[{:?}]", std::env::temp_dir().display().to_string()),
         ),
     ]

@@ -54,10 +54,25 @@ impl ConfigError {
         let message = if is_secret_key(&key) {
             "has the wrong type or format (its value is not shown: it is a secret)".to_string()
         } else {
-            message.into()
+            without_value(&message.into())
         };
         ConfigError::Invalid { key, message }
     }
+}
+
+/// A serde type or value error with the offending value left out: at a key that is not
+/// itself a secret the value may still hold one (a provider's table written as a
+/// string of its key, `providers.gpt = "sk-…"`). What kind of value it was stays.
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix)
+            && let Some(at) = rest.find(", expected")
+        {
+            let kind = rest[..at].split(['"', '`']).next().unwrap_or("").trim();
+            return format!("{prefix}{kind}{}", &rest[at..]);
+        }
+    }
+    message.to_string()
 }
 
 /// Keys whose values are secrets: never echoed in an error.
@@ -542,7 +557,7 @@ impl Config {
             let key = e.path.join(".");
             let msg = without_source_lines(&e.kind.to_string());
             if key.is_empty() {
-                ConfigError::Load(msg)
+                ConfigError::Load(without_value(&msg))
             } else {
                 ConfigError::invalid(key, msg)
             }
@@ -977,6 +992,15 @@ mod tests {
         .to_string();
         assert!(e.contains("hooks.w.secret"), "{e}");
         assert!(!e.contains("918273645"), "{e}");
+        // A secret one level down: the key named is not a secret's, its value is.
+        let e = load(&[("LONGSHORE__HOOKS__W", "canary-nested-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hooks.w") && e.contains("string, expected"),
+            "{e}"
+        );
+        assert!(!e.contains("canary"), "{e}");
         let c = load(&[("LONGSHORE__BILLING__VAULT_KEY", "918273645")]).unwrap();
         #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]

@@ -12,14 +12,20 @@
 //! 3. The amount is rounded up to the cent (at least the minimum) and checked:
 //!    `insufficient_balance` if the balance, less every charge still in flight, is short;
 //!    `monthly_limit_exceeded` if this month's charges, plus those in flight, plus this
-//!    one would pass the customer's cap. Either suspends the service with the rule's
-//!    details and asks for a vault regeneration (its keys leave the file).
-//! 4. Otherwise one intent covers exactly those slices (`charge_intent_records`, whose
+//!    one would pass the customer's cap.
+//! 4. One intent covers exactly the slices it charges (`charge_intent_records`, whose
 //!    unique index makes a request impossible to bill twice), and `charge_escrow
-//!    {intent_id}` is enqueued in the same transaction.
+//!    {intent_id}` is enqueued in the same transaction. If the whole amount is more
+//!    than both rules leave (or than `chain.max_charge_usd`), the intent is cut to
+//!    what fits: the base fee first, then the oldest usage, down to the request. The
+//!    rest stays unbilled; if a rule is why, the service is suspended with that rule's
+//!    details for the rest (its keys leave the vault), to be billed when the rule
+//!    passes (a deposit, the monthly reset). A backlog larger than the cap is billed
+//!    up to the cap, not refused whole every cycle.
 //!
-//! A service with an intent in flight is skipped until that intent confirms or fails
-//! (a unique index enforces one in flight), so every check sees every pending amount.
+//! A service with an intent in flight gets no second one (a unique index enforces
+//! one in flight), but its unbilled usage is still judged by both rules on top of
+//! what is in flight, so it is suspended as soon as it runs past them.
 //! Running a cycle twice gives the same result: the second finds the slices taken.
 
 use std::sync::Arc;
@@ -38,6 +44,7 @@ use uuid::Uuid;
 use super::charge_escrow::ChargeEscrow;
 use super::config::{BillingConfig, MAX_PRICE_USD};
 use super::vault::request_regeneration;
+use crate::clients::chain::Chain;
 
 /// Suspension reasons this cycle sets and lifts. Others (an operator's, a chain
 /// rejection) are left for a person.
@@ -63,6 +70,9 @@ pub struct BillReport {
     pub intents: Vec<Value>,
     pub suspended: Vec<Value>,
     pub resumed: Vec<Value>,
+    /// Customers left for the next cycle: their escrow balance could not be read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unread: Vec<i32>,
 }
 
 pub struct BillUsageHandler(pub Arc<BillingConfig>);
@@ -71,7 +81,15 @@ impl Handler for BillUsageHandler {
     type Args = BillUsage;
 
     async fn handle(&self, a: BillUsage, ctx: &mut JobContext) -> Result<Outcome, JobError> {
-        let report = run_cycle(ctx.pool(), &self.0, a.customer_id, Utc::now()).await?;
+        let chain = self.0.chain_client();
+        let report = run_cycle_on(
+            ctx.pool(),
+            &self.0,
+            chain.as_deref(),
+            a.customer_id,
+            Utc::now(),
+        )
+        .await?;
         Outcome::done_with(report)
     }
 }
@@ -144,10 +162,28 @@ fn month_start(now: DateTime<Utc>) -> NaiveDate {
     now.date_naive().with_day(1).expect("day 1 exists")
 }
 
-/// One billing cycle as of `now`, one transaction per customer.
+/// One billing cycle as of `now`, one transaction per customer, judging the balance
+/// the database holds (no chain: `backend = "none"`, and tests of the rules alone).
 pub async fn run_cycle(
     pool: &PgPool,
     cfg: &BillingConfig,
+    only: Option<i32>,
+    now: DateTime<Utc>,
+) -> Result<BillReport, sqlx::Error> {
+    run_cycle_on(pool, cfg, None, only, now).await
+}
+
+/// One billing cycle as of `now`. With a chain, each customer's balance is first read
+/// from its escrow account: what the delegate may take (the smaller of the tokens and
+/// the allowance approved to it; nothing if another delegate is approved), stored as
+/// `current_balance_usd_cents`, so `insufficient_balance` judges the money that is
+/// really there, deposits included. Read outside the customer's transaction (no lock
+/// held across an RPC); a customer whose account cannot be read is left for the next
+/// cycle (`unread`), neither charged nor suspended on a guess.
+pub async fn run_cycle_on(
+    pool: &PgPool,
+    cfg: &BillingConfig,
+    chain: Option<&dyn Chain>,
     only: Option<i32>,
     now: DateTime<Utc>,
 ) -> Result<BillReport, sqlx::Error> {
@@ -169,8 +205,21 @@ pub async fn run_cycle(
     .await?;
     let mut report = BillReport::default();
     for id in ids.into_iter().filter(|id| only.is_none_or(|o| o == *id)) {
+        let on_chain = match chain {
+            None => None,
+            Some(chain) => match escrow_cents(pool, chain, cfg, id).await {
+                Ok(c) => Some(c),
+                Err(EscrowRead::Db(e)) => return Err(e),
+                Err(EscrowRead::Chain(e)) => {
+                    metrics::counter!("longshore_billing_balance_unread_total").increment(1);
+                    tracing::warn!(customer_id = id, error = %e, "escrow balance unreadable; the customer waits for the next cycle");
+                    report.unread.push(id);
+                    continue;
+                }
+            },
+        };
         let mut tx = pool.begin().await?;
-        bill_customer(&mut tx, cfg, id, month, &mut report).await?;
+        bill_customer(&mut tx, cfg, id, month, on_chain, &mut report).await?;
         tx.commit().await?;
         report.customers += 1;
     }
@@ -183,6 +232,50 @@ struct Service {
     state: String,
     suspend_reason: Option<String>,
     config: Value,
+    /// An intent of this service is still in flight (at most one may be).
+    in_flight: bool,
+}
+
+enum EscrowRead {
+    Db(sqlx::Error),
+    Chain(crate::clients::chain::ChainError),
+}
+
+/// What customer `id`'s escrow account lets the delegate take, in whole cents: 0
+/// without an account (or with none on chain, another delegate approved, or a token
+/// account of another mint than `chain.usdc_mint`).
+async fn escrow_cents(
+    pool: &PgPool,
+    chain: &dyn Chain,
+    cfg: &BillingConfig,
+    id: i32,
+) -> Result<i64, EscrowRead> {
+    let escrow: Option<String> =
+        sqlx::query_scalar("SELECT escrow_account FROM customers WHERE customer_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .map_err(EscrowRead::Db)?
+            .flatten();
+    let Some(escrow) = escrow.filter(|e| !e.is_empty()) else {
+        return Ok(0);
+    };
+    let account = chain
+        .token_account(&escrow)
+        .await
+        .map_err(EscrowRead::Chain)?;
+    // The simulator has one mint of its own; a real chain, the configured one.
+    let rpc = cfg.chain.backend == super::config::ChainBackend::Rpc;
+    let units = account.map_or(0, |a| {
+        let our_mint = !rpc || a.mint == cfg.chain.usdc_mint;
+        if our_mint && a.delegate.as_deref() == Some(chain.delegate().as_str()) {
+            a.amount.min(a.delegated_amount)
+        } else {
+            0
+        }
+    });
+    // USDC has 6 decimals: 10,000 units a cent.
+    Ok(i64::try_from(units / 10_000).unwrap_or(i64::MAX))
 }
 
 async fn bill_customer(
@@ -190,6 +283,7 @@ async fn bill_customer(
     cfg: &BillingConfig,
     customer_id: i32,
     month: NaiveDate,
+    on_chain: Option<i64>,
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
     let Some(c) = sqlx::query(
@@ -203,7 +297,20 @@ async fn bill_customer(
     else {
         return Ok(());
     };
-    let balance: i64 = c.try_get(0)?;
+    let mut balance: i64 = c.try_get(0)?;
+    if let Some(cents) = on_chain {
+        if cents != balance {
+            sqlx::query(
+                "UPDATE customers SET current_balance_usd_cents = $2, updated_at = now() \
+                 WHERE customer_id = $1",
+            )
+            .bind(customer_id)
+            .bind(cents)
+            .execute(&mut *tx)
+            .await?;
+        }
+        balance = cents;
+    }
     let mut month_charged: i64 = c.try_get(1)?;
     let max_monthly: i64 = c.try_get(2)?;
     let started: NaiveDate = c.try_get(3)?;
@@ -243,11 +350,14 @@ async fn bill_customer(
     let mut pending_cents: i64 = pending.try_get(0)?;
     let mut pending_month_cents: i64 = pending.try_get(1)?;
 
+    // Services with an intent in flight too: their unbilled usage is still judged by
+    // both rules (on top of what is in flight), only no second intent is made.
     let services: Vec<Service> = sqlx::query(
-        "SELECT service_type::text, tier, state, suspend_reason, config FROM service_instances s \
-         WHERE customer_id = $1 AND is_enabled \
-           AND NOT EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = s.customer_id \
-               AND i.service_type = s.service_type AND i.state IN ('created', 'signed', 'sent')) \
+        "SELECT service_type::text, tier, state, suspend_reason, config, \
+                EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = s.customer_id \
+                    AND i.service_type = s.service_type \
+                    AND i.state IN ('created', 'signed', 'sent')) \
+         FROM service_instances s WHERE customer_id = $1 AND is_enabled \
          ORDER BY service_type FOR UPDATE",
     )
     .bind(customer_id)
@@ -261,6 +371,7 @@ async fn bill_customer(
             state: r.try_get(2)?,
             suspend_reason: r.try_get(3)?,
             config: r.try_get(4)?,
+            in_flight: r.try_get(5)?,
         })
     })
     .collect::<Result<_, sqlx::Error>>()?;
@@ -333,83 +444,245 @@ async fn bill_customer(
             continue;
         }
         let amount_cents = charge_cents(total, cfg.minimum_charge_usd);
-        if let Err(refusal) = check_charge(
+        let rules = Rules {
             balance,
             month_charged,
             max_monthly,
             pending_cents,
             pending_month_cents,
-            amount_cents,
-        ) {
-            suspend(tx, cfg, customer_id, &s, &refusal, report).await?;
+        };
+        if s.in_flight {
+            // Projected: what is unbilled, on top of what is in flight.
+            match rules.check(amount_cents) {
+                Err(refusal) => suspend(tx, cfg, customer_id, &s, &refusal, report).await?,
+                Ok(()) if billing_suspension => {
+                    resume(tx, cfg, customer_id, &s.service_type, report).await?
+                }
+                Ok(()) => {}
+            }
             continue;
         }
-        if billing_suspension {
-            resume(tx, cfg, customer_id, &s.service_type, report).await?;
+        // The most one intent may be: what both rules leave, and the chain's limit.
+        let allowed = rules.allowed_cents().min(cfg.chain.max_charge_cents());
+        let (taken, taken_usage) = if amount_cents <= allowed {
+            (parts, usage)
+        } else {
+            match cut(base_fee, &parts, price, allowed, cfg.minimum_charge_usd) {
+                Some(c) => c,
+                None => (Vec::new(), Decimal::ZERO),
+            }
+        };
+        let taken_total = taken_usage.saturating_add(base_fee);
+        let taken_cents = if taken.is_empty() && base_fee.is_zero() {
+            0
+        } else {
+            charge_cents(taken_total, cfg.minimum_charge_usd)
+        };
+        let taken_cents = if taken_cents > allowed {
+            0
+        } else {
+            taken_cents
+        };
+        if taken_cents > 0 {
+            create_intent(
+                tx,
+                customer_id,
+                &s.service_type,
+                (taken_usage, base_fee, taken_cents),
+                &taken,
+                month,
+                report,
+            )
+            .await?;
+            pending_cents += taken_cents;
+            pending_month_cents += taken_cents;
         }
-        let intent_id = Uuid::new_v4();
-        let amount = Decimal::new(amount_cents, 2);
+        if taken_cents == amount_cents {
+            if billing_suspension {
+                resume(tx, cfg, customer_id, &s.service_type, report).await?;
+            }
+            continue;
+        }
+        // A rest stays unbilled. If a rule is why, the service is suspended with that
+        // rule's details for the rest; if only the chain's limit is, it waits for the
+        // next cycle after this intent settles.
+        let rest = if taken_cents > 0 {
+            charge_cents(usage - taken_usage, cfg.minimum_charge_usd)
+        } else {
+            amount_cents
+        };
+        let after = Rules {
+            pending_cents,
+            pending_month_cents,
+            ..rules
+        };
+        match after.check(rest) {
+            Err(refusal) => suspend(tx, cfg, customer_id, &s, &refusal, report).await?,
+            Ok(()) if taken_cents == 0 => tracing::error!(
+                customer_id,
+                service_type = s.service_type,
+                amount_cents,
+                "a charge cannot be cut under billing.chain.max_charge_usd (a base fee above it?); nothing billed"
+            ),
+            Ok(()) => {
+                if billing_suspension {
+                    resume(tx, cfg, customer_id, &s.service_type, report).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the two rules judge against: the customer's row and what is in flight.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    balance: i64,
+    month_charged: i64,
+    max_monthly: i64,
+    pending_cents: i64,
+    pending_month_cents: i64,
+}
+
+impl Rules {
+    fn check(&self, amount_cents: i64) -> Result<(), Refusal> {
+        check_charge(
+            self.balance,
+            self.month_charged,
+            self.max_monthly,
+            self.pending_cents,
+            self.pending_month_cents,
+            amount_cents,
+        )
+    }
+
+    /// The largest amount both rules let through now.
+    fn allowed_cents(&self) -> i64 {
+        let available = self.balance.saturating_sub(self.pending_cents);
+        let authorized = self
+            .max_monthly
+            .saturating_sub(self.month_charged.saturating_add(self.pending_month_cents));
+        available.min(authorized).max(0)
+    }
+}
+
+/// A slice of a usage record: `(record_id, from_count, to_count, amount)`.
+type Part = (i64, i64, i64, Decimal);
+
+/// The oldest usage that fits in `allowed_cents` with the base fee (owed first, and
+/// never split): whole slices, then part of the next one, down to the request. `None`
+/// when not even the base fee (or the minimum charge) fits.
+fn cut(
+    base_fee: Decimal,
+    parts: &[Part],
+    price: Decimal,
+    allowed_cents: i64,
+    minimum: Decimal,
+) -> Option<(Vec<Part>, Decimal)> {
+    let budget = Decimal::new(allowed_cents, 2);
+    if base_fee > budget {
+        return None;
+    }
+    let mut total = base_fee;
+    let mut out = Vec::new();
+    for &(id, from, to, amount) in parts {
+        if let Some(t) = total.checked_add(amount)
+            && t <= budget
+        {
+            total = t;
+            out.push((id, from, to, amount));
+            continue;
+        }
+        if price > Decimal::ZERO {
+            let fit = ((budget - total) * Decimal::from(10_000) / price)
+                .floor()
+                .to_i64()
+                .unwrap_or(0)
+                .min(to - from - 1);
+            if fit > 0 {
+                let amount = Decimal::from(fit) * price / Decimal::from(10_000);
+                total += amount;
+                out.push((id, from, from + fit, amount));
+            }
+        }
+        break;
+    }
+    let usage = total - base_fee;
+    let cents = charge_cents(total, minimum);
+    (!total.is_zero() && cents <= allowed_cents).then_some((out, usage))
+}
+
+/// One intent for exactly `parts` (and the base fee, if any), with `charge_escrow`
+/// enqueued in the same transaction.
+async fn create_intent(
+    tx: &mut PgConnection,
+    customer_id: i32,
+    service_type: &str,
+    (usage, base_fee, amount_cents): (Decimal, Decimal, i64),
+    parts: &[Part],
+    month: NaiveDate,
+    report: &mut BillReport,
+) -> Result<(), sqlx::Error> {
+    let intent_id = Uuid::new_v4();
+    let amount = Decimal::new(amount_cents, 2);
+    sqlx::query(
+        "INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, usage_amount, \
+           base_fee_amount, base_fee_month, billing_month, first_record_id, last_record_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(intent_id)
+    .bind(customer_id)
+    .bind(service_type)
+    .bind(amount)
+    .bind(usage)
+    .bind(base_fee)
+    .bind((!base_fee.is_zero()).then_some(month))
+    .bind(month)
+    .bind(parts.first().map(|p| p.0))
+    .bind(parts.last().map(|p| p.0))
+    .execute(&mut *tx)
+    .await?;
+    if !parts.is_empty() {
+        let ids: Vec<i64> = parts.iter().map(|p| p.0).collect();
+        let froms: Vec<i64> = parts.iter().map(|p| p.1).collect();
+        let tos: Vec<i64> = parts.iter().map(|p| p.2).collect();
+        let amounts: Vec<Decimal> = parts.iter().map(|p| p.3).collect();
         sqlx::query(
-            "INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, usage_amount, \
-               base_fee_amount, base_fee_month, billing_month, first_record_id, last_record_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "WITH s AS (SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::numeric[]) \
+                        AS t(record_id, from_count, to_count, amount)), \
+             ins AS (INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount) \
+                     SELECT $1, record_id, from_count, to_count, amount FROM s) \
+             UPDATE usage_records u SET billed_count = s.to_count FROM s WHERE u.record_id = s.record_id",
         )
         .bind(intent_id)
-        .bind(customer_id)
-        .bind(&s.service_type)
-        .bind(amount)
-        .bind(usage)
-        .bind(base_fee)
-        .bind((!base_fee.is_zero()).then_some(month))
-        .bind(month)
-        .bind(parts.first().map(|p| p.0))
-        .bind(parts.last().map(|p| p.0))
+        .bind(&ids)
+        .bind(&froms)
+        .bind(&tos)
+        .bind(&amounts)
         .execute(&mut *tx)
         .await?;
-        if !parts.is_empty() {
-            let ids: Vec<i64> = parts.iter().map(|p| p.0).collect();
-            let froms: Vec<i64> = parts.iter().map(|p| p.1).collect();
-            let tos: Vec<i64> = parts.iter().map(|p| p.2).collect();
-            let amounts: Vec<Decimal> = parts.iter().map(|p| p.3).collect();
-            sqlx::query(
-                "WITH s AS (SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::numeric[]) \
-                            AS t(record_id, from_count, to_count, amount)), \
-                 ins AS (INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount) \
-                         SELECT $1, record_id, from_count, to_count, amount FROM s) \
-                 UPDATE usage_records u SET billed_count = s.to_count FROM s WHERE u.record_id = s.record_id",
-            )
-            .bind(intent_id)
-            .bind(&ids)
-            .bind(&froms)
-            .bind(&tos)
-            .bind(&amounts)
-            .execute(&mut *tx)
-            .await?;
-        }
-        enqueue_on(tx, &ChargeEscrow { intent_id }, EnqueueOptions::default())
-            .await
-            .map_err(longshore_workers::EnqueueError::into_sqlx)?;
-        pending_cents += amount_cents;
-        pending_month_cents += amount_cents;
-        metrics::counter!("longshore_billing_intents_total").increment(1);
-        tracing::info!(
-            customer_id,
-            service_type = s.service_type,
-            %intent_id,
-            amount = %amount,
-            records = parts.len(),
-            "charge intent created"
-        );
-        report.intents.push(json!({
-            "intent_id": intent_id,
-            "customer_id": customer_id,
-            "service_type": s.service_type,
-            "amount_usd": usd(amount_cents),
-            "usage_usd": usage.normalize().to_string(),
-            "base_fee_usd": base_fee.normalize().to_string(),
-            "records": parts.len(),
-        }));
     }
+    enqueue_on(tx, &ChargeEscrow { intent_id }, EnqueueOptions::default())
+        .await
+        .map_err(longshore_workers::EnqueueError::into_sqlx)?;
+    metrics::counter!("longshore_billing_intents_total").increment(1);
+    tracing::info!(
+        customer_id,
+        service_type,
+        %intent_id,
+        amount = %amount,
+        records = parts.len(),
+        "charge intent created"
+    );
+    report.intents.push(json!({
+        "intent_id": intent_id,
+        "customer_id": customer_id,
+        "service_type": service_type,
+        "amount_usd": usd(amount_cents),
+        "usage_usd": usage.normalize().to_string(),
+        "base_fee_usd": base_fee.normalize().to_string(),
+        "records": parts.len(),
+    }));
     Ok(())
 }
 

@@ -102,13 +102,7 @@ impl Handler for ChargeEscrowHandler {
     type Args = ChargeEscrow;
 
     async fn handle(&self, a: ChargeEscrow, ctx: &mut JobContext) -> Result<Outcome, JobError> {
-        let chain = self.chain.get_or_init(|| {
-            let chain = self.cfg.chain.build().expect("validated with the config");
-            if let Some(c) = &chain {
-                tracing::info!(chain = c.describe(), "charge_escrow: chain client ready");
-            }
-            chain
-        });
+        let chain = self.chain.get_or_init(|| self.cfg.chain_client());
         let Some(chain) = chain else {
             return Err(JobError::retry(
                 "billing.chain.backend is \"none\": the intent waits for a configured chain",

@@ -59,13 +59,24 @@ pub struct BillingConfig {
     /// The vault key (base64 of 32 bytes). Unset: the `LONGSHORE_VAULT_KEY` variable.
     #[serde(default)]
     pub vault_key: Option<SecretString>,
-    /// Directories the file-touching jobs may use (`regenerate_vault`'s path,
-    /// `ingest_logs`'s path, `scan_log_spool`'s dirs), symlinks resolved. Empty: none.
+    /// Directories the log jobs may use (`ingest_logs`'s path, `scan_log_spool`'s
+    /// dirs), symlinks resolved. Empty: none.
     #[serde(default)]
-    pub file_roots: Vec<String>,
-    /// `file_roots`, checked.
-    #[serde(skip)]
-    pub roots: crate::files::FileRoots,
+    pub log_roots: Vec<String>,
+    /// Directories `regenerate_vault` may write in (and `vault_path` must lie in).
+    /// Kept apart from `log_roots`: a log job never reads or moves the vault.
+    #[serde(default)]
+    pub vault_roots: Vec<String>,
+    /// Replaced by `log_roots` and `vault_roots`: refused at start with that advice,
+    /// so an old config does not silently lose (or widen) its confinement.
+    #[serde(default)]
+    file_roots: Option<serde::de::IgnoredAny>,
+    /// `log_roots`, checked.
+    #[serde(skip, default = "no_log_roots")]
+    pub log_dirs: crate::files::FileRoots,
+    /// `vault_roots`, checked.
+    #[serde(skip, default = "no_vault_roots")]
+    pub vault_dirs: crate::files::FileRoots,
     /// The vault file's permissions, octal (default "0600": the owner's alone).
     #[serde(default = "default_vault_mode", deserialize_with = "octal_mode")]
     pub vault_mode: u32,
@@ -74,15 +85,47 @@ pub struct BillingConfig {
     #[serde(default = "default_max_log_file_bytes")]
     pub max_log_file_bytes: u64,
     pub chain: ChainConfig,
+    /// The one chain client of this process, built on first use and shared by every
+    /// handler (so the simulator's balances are the ones its charges moved).
+    #[serde(skip)]
+    client: SharedChain,
+}
+
+/// A lazily built chain client, shared by the clones of one [`BillingConfig`].
+#[derive(Clone, Default)]
+struct SharedChain(Arc<std::sync::OnceLock<Option<Arc<dyn Chain>>>>);
+
+impl std::fmt::Debug for SharedChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0.get() {
+            None => "SharedChain(not built)",
+            Some(None) => "SharedChain(none)",
+            Some(Some(_)) => "SharedChain(built)",
+        })
+    }
 }
 
 impl BillingConfig {
+    /// The chain `billing.chain` names (`None` for `backend = "none"`), built once.
+    pub fn chain_client(&self) -> Option<Arc<dyn Chain>> {
+        self.client
+            .0
+            .get_or_init(|| {
+                let chain = self.chain.build().expect("validated with the config");
+                if let Some(c) = &chain {
+                    tracing::info!(chain = c.describe(), "billing: chain client ready");
+                }
+                chain
+            })
+            .clone()
+    }
+
     /// Reads a log file for `ingest_logs` or the spool scan: confined to
-    /// `file_roots` at the open and at most `max_log_file_bytes` (see
+    /// `log_roots` at the open and at most `max_log_file_bytes` (see
     /// [`crate::files::FileRoots::read`]), off the async threads.
     pub async fn read_log(&self, path: &str) -> Result<Vec<u8>, crate::files::ReadError> {
         let (roots, max, path) = (
-            self.roots.clone(),
+            self.log_dirs.clone(),
             self.max_log_file_bytes,
             path.to_string(),
         );
@@ -90,6 +133,14 @@ impl BillingConfig {
             .await
             .unwrap_or_else(|e| Err(crate::files::ReadError::Io(e.to_string())))
     }
+}
+
+fn no_log_roots() -> crate::files::FileRoots {
+    crate::files::FileRoots::none("billing.log_roots")
+}
+
+fn no_vault_roots() -> crate::files::FileRoots {
+    crate::files::FileRoots::none("billing.vault_roots")
 }
 
 /// 1 GiB: several hours of a busy HAProxy, far below what would exhaust memory.
@@ -124,6 +175,9 @@ pub struct ChainConfig {
     pub poll_interval: Duration,
     /// The simulator's starting balance and allowance for each escrow account.
     pub simulator_escrow_usd: Decimal,
+    /// Simulator escrow accounts that start with another amount (address → USD).
+    #[serde(default)]
+    pub simulator_escrows: std::collections::BTreeMap<String, Decimal>,
     /// `rpc`: the JSON-RPC endpoint. A secret: providers put API keys in it; logs show
     /// only its scheme and host.
     #[serde(default)]
@@ -203,6 +257,15 @@ pub enum Commitment {
 }
 
 impl ChainConfig {
+    /// `max_charge_usd` in whole cents (an intent is cut to it).
+    pub fn max_charge_cents(&self) -> i64 {
+        use rust_decimal::prelude::ToPrimitive as _;
+        (self.max_charge_usd * Decimal::ONE_HUNDRED)
+            .floor()
+            .to_i64()
+            .unwrap_or(i64::MAX)
+    }
+
     /// `max_charge_usd` in USDC base units.
     pub fn max_charge_units(&self) -> u64 {
         usd_to_units(self.max_charge_usd)
@@ -212,15 +275,22 @@ impl ChainConfig {
     pub fn build(&self) -> Result<Option<Arc<dyn Chain>>, ConfigError> {
         match self.backend {
             ChainBackend::None => Ok(None),
-            ChainBackend::Simulator => Ok(Some(Arc::new(SimulatedChain::new(
-                if self.treasury_token_account.is_empty() {
-                    "simulated-treasury".into()
-                } else {
-                    self.treasury_token_account.clone()
-                },
-                usd_to_units(self.simulator_escrow_usd),
-                self.max_charge_units(),
-            )))),
+            ChainBackend::Simulator => Ok(Some(Arc::new(
+                SimulatedChain::new(
+                    if self.treasury_token_account.is_empty() {
+                        "simulated-treasury".into()
+                    } else {
+                        self.treasury_token_account.clone()
+                    },
+                    usd_to_units(self.simulator_escrow_usd),
+                    self.max_charge_units(),
+                )
+                .with_escrows(
+                    self.simulator_escrows
+                        .iter()
+                        .map(|(a, usd)| (a.clone(), usd_to_units(*usd))),
+                ),
+            ))),
             #[cfg(feature = "solana-rpc")]
             ChainBackend::Rpc => Ok(Some(Arc::new(RpcChain::new(self.rpc_config()?)))),
             #[cfg(not(feature = "solana-rpc"))]
@@ -322,13 +392,26 @@ impl BillingConfig {
     /// among them) are not required: the process never charges.
     pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
         let mut b: BillingConfig = cfg.section("billing", &cfg.billing)?;
-        b.roots =
-            crate::files::FileRoots::new(&b.file_roots).map_err(|e| ConfigError::Invalid {
+        if b.file_roots.is_some() {
+            return Err(ConfigError::Invalid {
                 key: "billing.file_roots".into(),
+                message: "replaced by billing.log_roots (ingest_logs, scan_log_spool) and \
+                          billing.vault_roots (regenerate_vault): list each job's directories \
+                          apart"
+                    .into(),
+            });
+        }
+        for (key, list, dirs) in [
+            ("billing.log_roots", &b.log_roots, &mut b.log_dirs),
+            ("billing.vault_roots", &b.vault_roots, &mut b.vault_dirs),
+        ] {
+            *dirs = crate::files::FileRoots::new(key, list).map_err(|e| ConfigError::Invalid {
+                key: key.into(),
                 message: e,
             })?;
+        }
         if !b.vault_path.is_empty()
-            && let Err(e) = b.roots.check(&b.vault_path)
+            && let Err(e) = b.vault_dirs.check(&b.vault_path)
         {
             return Err(ConfigError::Invalid {
                 key: "billing.vault_path".into(),

@@ -66,7 +66,7 @@ impl Handler for IngestLogsHandler {
 
     fn check(&self, a: &IngestLogs) -> Result<(), String> {
         match &a.path {
-            Some(p) => self.0.roots.check(p).map(|_| ()),
+            Some(p) => self.0.log_dirs.check(p).map(|_| ()),
             None => Ok(()),
         }
     }

@@ -34,9 +34,9 @@ impl Handler for ScanLogSpoolHandler {
     type Args = ScanLogSpool;
 
     fn check(&self, a: &ScanLogSpool) -> Result<(), String> {
-        self.0.roots.check(&a.dir)?;
+        self.0.log_dirs.check(&a.dir)?;
         if let Some(d) = &a.done_dir {
-            self.0.roots.check(d)?;
+            self.0.log_dirs.check(d)?;
         }
         Ok(())
     }

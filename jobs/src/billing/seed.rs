@@ -102,6 +102,16 @@ mod tests {
     use crate::billing::haproxy::parse_line;
     use rand::SeedableRng;
 
+    /// The dev overlay names 1004's escrow by address: it must be the seeded one.
+    #[test]
+    fn the_dev_overlay_underfunds_customer_1004s_escrow() {
+        let dev = include_str!("../../../config/dev.toml");
+        assert!(
+            dev.contains(&format!("{} = \"1.00\"", demo_escrow(1004))),
+            "config/dev.toml's simulator_escrows must name demo_escrow(1004)"
+        );
+    }
+
     #[test]
     fn demo_lines_parse_except_the_uncaptured_ones() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);

@@ -193,13 +193,13 @@ impl Handler for RegenerateVaultHandler {
     type Args = RegenerateVault;
 
     fn check(&self, a: &RegenerateVault) -> Result<(), String> {
-        self.0.roots.check(&a.path).map(|_| ())
+        self.0.vault_dirs.check(&a.path).map(|_| ())
     }
 
     async fn handle(&self, a: RegenerateVault, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let key = self.0.vault_key().map_err(JobError::fail)?;
         let limits = &self.0.rate_limits;
-        let path = self.0.roots.check(&a.path).map_err(JobError::fail)?;
+        let path = self.0.vault_dirs.check(&a.path).map_err(JobError::fail)?;
         match regenerate_mode(ctx.tx().await?, &path, &key, limits, self.0.vault_mode).await {
             Ok(r) => Outcome::done_with(r),
             Err(VaultError::Db(e)) => Err(e.into()),

@@ -80,6 +80,24 @@ impl SimulatedChain {
         }
     }
 
+    /// Escrow accounts that start with other amounts than `initial_units` (the dev
+    /// demo's customer who cannot pay).
+    pub fn with_escrows(self, escrows: impl IntoIterator<Item = (String, u64)>) -> Self {
+        {
+            let mut st = self.state.lock().expect("simulator lock");
+            for (address, units) in escrows {
+                st.accounts.insert(
+                    address,
+                    Account {
+                        amount: units,
+                        delegated: units,
+                    },
+                );
+            }
+        }
+        self
+    }
+
     fn height(&self) -> u64 {
         (self.start.elapsed().as_millis() / SLOT.as_millis()) as u64 + 1
     }
@@ -264,12 +282,19 @@ impl Chain for SimulatedChain {
 
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError> {
         let st = self.state.lock().expect("simulator lock");
-        Ok(st.accounts.get(address).map(|a| TokenAccount {
+        // Every escrow account exists with the initial units until a charge moves them
+        // (as the first transfer's `or_insert` does); the treasury starts empty.
+        let (amount, delegated) = match st.accounts.get(address) {
+            Some(a) => (a.amount, a.delegated),
+            None if address == self.treasury => (0, 0),
+            None => (self.initial_units, self.initial_units),
+        };
+        Ok(Some(TokenAccount {
             mint: "simulated-usdc".into(),
             owner: "simulated".into(),
-            amount: a.amount,
+            amount,
             delegate: Some(DELEGATE.into()),
-            delegated_amount: a.delegated,
+            delegated_amount: delegated,
         }))
     }
 }

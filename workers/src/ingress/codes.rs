@@ -19,7 +19,6 @@ pub const ERRORS: &[(u16, &str)] = &[
     (404, "not_found"),
     (404, "unknown_queue"),
     (404, "unknown_job"),
-    (404, "unknown_source"),
     (405, "method_not_allowed"),
     (408, "request_timeout"),
     (409, "idempotency_conflict"),

@@ -525,11 +525,14 @@ pub(super) async fn hook(
     // throttle a genuine sender.
     let client = st.client(peer, &headers);
     let Some(hook) = st.cfg.hooks.get(&source) else {
+        // Answered as a signature that does not verify, not a 404: the route does not
+        // tell which source names exist (their keys are the secret; the names need
+        // not be handed out either).
         st.anonymous.check(client)?;
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_source",
-            "no such webhook source",
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+            "the signature does not match the body",
         ));
     };
     let queue = known_queue(&st, &hook.queue)?;

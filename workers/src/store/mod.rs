@@ -371,7 +371,8 @@ done AS (
 )
 INSERT INTO longshore.completions (queue, msg_id, attempts, principal)
 SELECT '{name}', msg_id, attempts, principal FROM done
-ON CONFLICT (queue, msg_id) DO UPDATE SET attempts = excluded.attempts, done_at = now()
+ON CONFLICT (queue, msg_id) DO UPDATE
+   SET attempts = excluded.attempts, done_at = now(), principal = excluded.principal
 RETURNING msg_id
 "#;
 
