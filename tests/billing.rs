@@ -560,6 +560,12 @@ fn bad_pricing_is_refused_at_start_with_its_key() {
             "LONGSHORE__BILLING__BASE_FEE_USD__STARTER",
             "-1",
         ),
+        // A base fee ($20 for starter) above the largest charge could never be billed.
+        (
+            "billing.base_fee_usd.starter",
+            "LONGSHORE__BILLING__CHAIN__MAX_CHARGE_USD",
+            "10",
+        ),
     ] {
         let e = BillingConfig::from_config(&common::config(&[(var, value)]))
             .err()
@@ -567,4 +573,74 @@ fn bad_pricing_is_refused_at_start_with_its_key() {
             .to_string();
         assert!(e.contains(key), "{var}: {e}");
     }
+}
+
+/// Issue 15 item 8: HAProxy's accept date is the load balancer's local time; with
+/// `billing.haproxy_utc_offset` it is stored in UTC, so a request at 01:30 on
+/// February 1st in UTC+2 is January's usage. And every session of ours runs in UTC
+/// whatever the database's default zone (a server set to UTC+14 would otherwise move
+/// `date_trunc('month', now())` a day ahead at 23:58).
+#[tokio::test]
+async fn local_haproxy_times_are_stored_in_utc_and_sessions_run_in_utc() {
+    let t = db().await;
+    let line = line(1, "seal", 1, 1, 30, 200, 10).replace("/Jan/", "/Feb/");
+    let mut tx = t.pool.begin().await.unwrap();
+    let plus2 = chrono::FixedOffset::east_opt(2 * 3600).unwrap();
+    longshore_jobs::billing::ingest_logs::ingest_from(
+        &mut tx,
+        "lb-cet",
+        line.as_bytes(),
+        None,
+        plus2,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let ts: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT ts FROM haproxy_logs")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ts,
+        "2026-01-31T23:30:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    );
+    // And the setting, as configured.
+    let cfg = longshore_jobs::billing::config::BillingConfig::from_config(&common::config(&[(
+        "LONGSHORE__BILLING__HAPROXY_UTC_OFFSET",
+        "\"-05:30\"",
+    )]))
+    .unwrap();
+    assert_eq!(
+        cfg.haproxy_utc_offset.local_minus_utc(),
+        -(5 * 3600 + 30 * 60)
+    );
+    let bad = longshore_jobs::billing::config::BillingConfig::from_config(&common::config(&[(
+        "LONGSHORE__BILLING__HAPROXY_UTC_OFFSET",
+        "\"CET\"",
+    )]))
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("billing.haproxy_utc_offset"), "{bad}");
+
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{}\" SET timezone = 'Pacific/Kiritimati'",
+        t.name
+    ))
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let cfg = common::config(&[]);
+    let pool = longshore_workers::db::connect(&t.url, &cfg.database, "tz-test")
+        .await
+        .unwrap();
+    let tz: String = sqlx::query_scalar("SHOW TimeZone")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        tz, "UTC",
+        "the database's default zone does not reach our sessions"
+    );
 }

@@ -794,3 +794,164 @@ async fn the_sweep_re_drives_stuck_intents_once_per_window() {
     assert_eq!(jobs, [json!({"intent_id": i[0].0})]);
     assert_eq!(i[0].2, "created", "no chain configured: nothing moved");
 }
+
+fn at(s: &str) -> chrono::DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+/// Usage of customer `c` in the hour starting at `window` (UTC).
+async fn usage_at(pool: &PgPool, c: i32, window: &str, billable: i64) {
+    sqlx::query(
+        "INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred) \
+         VALUES ($1, 'seal', $2::timestamptz, $2::timestamptz + interval '1 hour', $3, $3, 0)",
+    )
+    .bind(c)
+    .bind(window)
+    .bind(billable)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn months(pool: &PgPool, c: i32) -> (i64, i64, NaiveDate) {
+    sqlx::query_as(
+        "SELECT last_month_charged_usd_cents, current_month_charged_usd_cents, current_month_start FROM customers WHERE customer_id = $1",
+    )
+    .bind(c)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Issue 15 item 8, on a fixed clock at a month boundary: an intent of January that
+/// confirms after the reset counts for January; a cycle whose clock still says
+/// January 31st but reaches a customer already reset to February bills February
+/// against February's counter (before: January's month against February's counter).
+#[tokio::test]
+async fn each_month_is_billed_against_its_own_counter_across_the_boundary() {
+    let t = db().await;
+    let cfg = BillingConfig::from_config(&common::config(&fast())).unwrap();
+    let chain = sim(1_000_000_000);
+    customer(&t.pool, 1, 100_000, 20_000, "enterprise").await;
+    let jan = NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+    let feb = NaiveDate::from_ymd_opt(2026, 2, 1).unwrap();
+    sqlx::query("UPDATE customers SET current_month_start = $1")
+        .bind(jan)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    usage_at(&t.pool, 1, "2026-01-31T23:00:00Z", 60_000).await; // $6.00
+    let r = run_cycle(&t.pool, &cfg, None, at("2026-01-31T23:58:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(r.intents.len(), 1, "{r:?}");
+    let january = r.intents[0]["intent_id"].as_str().unwrap().to_string();
+    // Past midnight: a cycle resets the row while January's intent is in flight.
+    let r = run_cycle(&t.pool, &cfg, None, at("2026-02-01T00:01:00Z"))
+        .await
+        .unwrap();
+    assert_eq!((r.resets, r.intents.len()), (1, 0), "{r:?}");
+    assert_eq!(months(&t.pool, 1).await, (0, 0, feb));
+    // January's charge confirms after the reset: last month's, not this month's.
+    assert_eq!(
+        drive(&t.pool, &cfg, chain.as_ref(), &january).await["state"],
+        "confirmed"
+    );
+    assert_eq!(months(&t.pool, 1).await, (600, 0, feb));
+    // A late cycle whose clock is still on January 31st reaches the reset row.
+    usage_at(&t.pool, 1, "2026-02-01T00:00:00Z", 70_000).await; // $7.00
+    let r = run_cycle(&t.pool, &cfg, None, at("2026-01-31T23:59:00Z"))
+        .await
+        .unwrap();
+    assert_eq!((r.resets, r.intents.len()), (0, 1), "{r:?}");
+    let (month, amount): (NaiveDate, Decimal) =
+        sqlx::query_as("SELECT billing_month, amount FROM charge_intents WHERE state = 'created'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!((month, amount), (feb, Decimal::new(700, 2)));
+    let id = r.intents[0]["intent_id"].as_str().unwrap();
+    assert_eq!(
+        drive(&t.pool, &cfg, chain.as_ref(), id).await["state"],
+        "confirmed"
+    );
+    assert_eq!(months(&t.pool, 1).await, (600, 700, feb));
+    let left = chain
+        .token_account(&escrow(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .amount;
+    assert_eq!(1_000_000_000 - left, 13_000_000, "$13.00 on chain");
+}
+
+/// Issue 15 item 8: a month's base fee whose intent the chain refused is owed when
+/// the service resumes (oldest month first, one a charge), not forgotten once the
+/// month has passed.
+#[tokio::test]
+async fn a_base_fee_the_chain_refused_is_owed_when_the_service_resumes() {
+    let t = db().await;
+    let cfg = BillingConfig::from_config(&common::config(&fast())).unwrap();
+    customer(&t.pool, 1, 100_000, 20_000, "starter").await; // $20.00 a month
+    sqlx::query("UPDATE customers SET current_month_start = '2026-01-01'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let r = run_cycle(&t.pool, &cfg, None, at("2026-01-15T12:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(r.intents.len(), 1, "{r:?}");
+    assert_eq!(r.intents[0]["base_fee_usd"], "20");
+    // The escrow holds $1: the chain refuses, the service is suspended for a person.
+    let poor = sim(1_000_000);
+    let id = r.intents[0]["intent_id"].as_str().unwrap();
+    assert_eq!(
+        drive(&t.pool, &cfg, poor.as_ref(), id).await["state"],
+        "failed"
+    );
+    assert_eq!(service(&t.pool, 1).await.0, "suspended");
+    // February: the operator resumes it after a top-up.
+    sqlx::query("UPDATE service_instances SET state = 'active', suspend_reason = NULL, suspend_details = NULL")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let chain = sim(1_000_000_000);
+    let mut fee_months = Vec::new();
+    for day in [
+        "2026-02-02T00:00:00Z",
+        "2026-02-02T00:05:00Z",
+        "2026-02-02T00:10:00Z",
+    ] {
+        let r = run_cycle(&t.pool, &cfg, None, at(day)).await.unwrap();
+        for i in &r.intents {
+            let id = i["intent_id"].as_str().unwrap();
+            assert_eq!(
+                drive(&t.pool, &cfg, chain.as_ref(), id).await["state"],
+                "confirmed"
+            );
+            let m: NaiveDate = sqlx::query_scalar(
+                "SELECT base_fee_month FROM charge_intents WHERE intent_id = $1::uuid",
+            )
+            .bind(id)
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+            fee_months.push(m);
+        }
+    }
+    assert_eq!(
+        fee_months,
+        [
+            NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            NaiveDate::from_ymd_opt(2026, 2, 1).unwrap()
+        ],
+        "January's refused fee, then February's, each once"
+    );
+    let left = chain
+        .token_account(&escrow(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .amount;
+    assert_eq!(1_000_000_000 - left, 40_000_000, "$40.00 on chain");
+}

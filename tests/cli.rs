@@ -302,6 +302,9 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
             ("LONGSHORE__INGRESS__LISTEN", &listen),
             ("LONGSHORE__DEV__TRAFFIC_INTERVAL", "1s"),
             ("LONGSHORE__DEV__TRAFFIC_LINES", "1000"),
+            // The dev overlay's own roots (relative to `dir`), not the suite's.
+            ("LONGSHORE__BILLING__LOG_ROOTS", common::UNSET),
+            ("LONGSHORE__BILLING__VAULT_ROOTS", common::UNSET),
         ],
     );
     let addr = dev.ingress_addr().await;
@@ -405,7 +408,7 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
     assert_eq!(customers, ["1001", "1002", "1003"]);
     // Ingested files left the spool for done/.
     assert!(
-        std::fs::read_dir(dir.join(".longshore/spool/done"))
+        std::fs::read_dir(dir.join(".longshore/logs/done"))
             .unwrap()
             .count()
             > 0

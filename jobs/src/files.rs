@@ -41,6 +41,24 @@ impl FileRoots {
         Ok(FileRoots { roots: out, key })
     }
 
+    /// A root of `self` and one of `other` where one lies within the other (or they
+    /// are the same), resolved.
+    pub fn overlap(&self, other: &FileRoots) -> Option<(PathBuf, PathBuf)> {
+        let resolved = |r: &FileRoots| -> Vec<PathBuf> {
+            r.roots
+                .iter()
+                .map(|p| resolve(p).unwrap_or_else(|| p.clone()))
+                .collect()
+        };
+        let theirs = resolved(other);
+        resolved(self).into_iter().find_map(|a| {
+            theirs
+                .iter()
+                .find(|b| a.starts_with(b) || b.starts_with(&a))
+                .map(|b| (a.clone(), b.clone()))
+        })
+    }
+
     /// `path` resolved (symlinks followed as far as the path exists), if it lies under a
     /// root; else why not. The file itself need not exist (a vault about to be written).
     pub fn check(&self, path: &str) -> Result<PathBuf, String> {
@@ -249,6 +267,13 @@ mod tests {
             matches!(read(fifo, 1 << 20), Err(ReadError::Refused(m)) if m.contains("regular")),
             "a FIFO is refused, not waited on"
         );
+        let vault = FileRoots::new("v", &[root.join("vault").display().to_string()]).unwrap();
+        assert!(
+            roots.overlap(&vault).is_some(),
+            "a vault root inside a log root"
+        );
+        let apart = FileRoots::new("v", &[outside.display().to_string()]).unwrap();
+        assert!(roots.overlap(&apart).is_none());
         let dotdot = format!("{}/../secret/key", root.display());
         assert!(roots.check(&dotdot).unwrap_err().contains(".."));
         assert!(roots.check("").is_err());

@@ -62,15 +62,25 @@ impl ConfigError {
 
 /// A serde type or value error with the offending value left out: at a key that is not
 /// itself a secret the value may still hold one (a provider's table written as a
-/// string of its key, `providers.gpt = "sk-…"`). What kind of value it was stays.
+/// string of its key, `providers.gpt = "sk-…"`; a secret pasted into a duration). What
+/// kind of value it was, and what was expected, stay. Both spellings: figment's
+/// (`invalid type: found string "…"`, `invalid value string "…"`, ``unknown variant:
+/// found `…` ``) and serde_json's (`invalid type: string "…"`, ``unknown variant `…` ``).
 fn without_value(message: &str) -> String {
-    for prefix in ["invalid type: ", "invalid value: "] {
-        if let Some(rest) = message.strip_prefix(prefix)
-            && let Some(at) = rest.find(", expected")
-        {
-            let kind = rest[..at].split(['"', '`']).next().unwrap_or("").trim();
-            return format!("{prefix}{kind}{}", &rest[at..]);
+    let Some(at) = message.find(", expected") else {
+        return message.to_string();
+    };
+    let (head, tail) = message.split_at(at);
+    for prefix in ["invalid type", "invalid value"] {
+        if let Some(rest) = head.strip_prefix(prefix) {
+            let rest = rest.trim_start_matches(':').trim_start();
+            let rest = rest.strip_prefix("found ").unwrap_or(rest);
+            let kind = rest.split(['"', '`', ' ']).next().unwrap_or("").trim();
+            return format!("{prefix}: {kind}{tail}");
         }
+    }
+    if head.starts_with("unknown variant") {
+        return format!("unknown variant{tail}");
     }
     message.to_string()
 }
@@ -1001,6 +1011,18 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("canary"), "{e}");
+        // In a duration (figment's "invalid value" has no colon) and in an enum.
+        for (k, v) in [
+            (
+                "LONGSHORE__ENQUEUE__IDEMPOTENCY_TTL",
+                "canary-in-a-duration",
+            ),
+            ("LONGSHORE__LOG__FORMAT", "canary-in-an-enum"),
+        ] {
+            let e = load(&[(k, v)]).unwrap_err().to_string();
+            assert!(!e.contains("canary"), "{e}");
+            assert!(e.contains("expected"), "what was expected stays: {e}");
+        }
         let c = load(&[("LONGSHORE__BILLING__VAULT_KEY", "918273645")]).unwrap();
         #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]

@@ -44,7 +44,7 @@ use uuid::Uuid;
 use super::charge_escrow::ChargeEscrow;
 use super::config::{BillingConfig, MAX_PRICE_USD};
 use super::vault::request_regeneration;
-use crate::clients::chain::Chain;
+use crate::clients::chain::{Chain, ChainError, TxStatus};
 
 /// Suspension reasons this cycle sets and lifts. Others (an operator's, a chain
 /// rejection) are left for a person.
@@ -82,14 +82,13 @@ impl Handler for BillUsageHandler {
 
     async fn handle(&self, a: BillUsage, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let chain = self.0.chain_client();
-        let report = run_cycle_on(
-            ctx.pool(),
-            &self.0,
-            chain.as_deref(),
-            a.customer_id,
-            Utc::now(),
-        )
-        .await?;
+        // One clock for the cycle: the database's (whose `now()` stamps the usage
+        // windows and the intents), not this host's.
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(ctx.pool())
+            .await?;
+        let report =
+            run_cycle_on(ctx.pool(), &self.0, chain.as_deref(), a.customer_id, now).await?;
         Outcome::done_with(report)
     }
 }
@@ -195,9 +194,15 @@ pub async fn run_cycle_on(
          UNION SELECT customer_id FROM usage_records WHERE billable_count > billed_count \
          UNION SELECT customer_id FROM service_instances s WHERE is_enabled AND ( \
             suspend_reason IN ('insufficient_balance', 'monthly_limit_exceeded') \
-            OR (state = 'active' AND NOT EXISTS (SELECT 1 FROM charge_intents i \
+            OR (state = 'active' AND (NOT EXISTS (SELECT 1 FROM charge_intents i \
                 WHERE i.customer_id = s.customer_id AND i.service_type = s.service_type \
-                AND i.base_fee_month = $1 AND i.state <> 'failed'))) \
+                AND i.base_fee_month = $1 AND i.state <> 'failed') \
+              OR EXISTS (SELECT 1 FROM charge_intents f \
+                WHERE f.customer_id = s.customer_id AND f.service_type = s.service_type \
+                AND f.state = 'failed' AND f.base_fee_month < $1 \
+                AND NOT EXISTS (SELECT 1 FROM charge_intents g \
+                    WHERE g.customer_id = f.customer_id AND g.service_type = f.service_type \
+                    AND g.base_fee_month = f.base_fee_month AND g.state <> 'failed'))))) \
          ORDER BY 1",
     )
     .bind(month)
@@ -207,7 +212,7 @@ pub async fn run_cycle_on(
     for id in ids.into_iter().filter(|id| only.is_none_or(|o| o == *id)) {
         let on_chain = match chain {
             None => None,
-            Some(chain) => match escrow_cents(pool, chain, cfg, id).await {
+            Some(chain) => match read_escrow(pool, chain, cfg, id).await {
                 Ok(c) => Some(c),
                 Err(EscrowRead::Db(e)) => return Err(e),
                 Err(EscrowRead::Chain(e)) => {
@@ -219,7 +224,23 @@ pub async fn run_cycle_on(
             },
         };
         let mut tx = pool.begin().await?;
-        bill_customer(&mut tx, cfg, id, month, on_chain, &mut report).await?;
+        if let Some(read) = &on_chain {
+            // A charge that settled between the read and this lock: the balance read
+            // may predate it (and the row already holds it). Next cycle reads anew.
+            let settled: i64 = sqlx::query_scalar(SETTLED)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if settled != read.settled {
+                tracing::info!(
+                    customer_id = id,
+                    "a charge settled during the balance read; the customer waits for the next cycle"
+                );
+                report.unread.push(id);
+                continue;
+            }
+        }
+        bill_customer(&mut tx, cfg, id, month, on_chain.as_ref(), &mut report).await?;
         tx.commit().await?;
         report.customers += 1;
     }
@@ -238,18 +259,41 @@ struct Service {
 
 enum EscrowRead {
     Db(sqlx::Error),
-    Chain(crate::clients::chain::ChainError),
+    Chain(ChainError),
 }
 
-/// What customer `id`'s escrow account lets the delegate take, in whole cents: 0
-/// without an account (or with none on chain, another delegate approved, or a token
-/// account of another mint than `chain.usdc_mint`).
-async fn escrow_cents(
+/// How many of a customer's intents have settled (confirmed or failed): a change
+/// between the chain read and the row lock means the read may be stale.
+const SETTLED: &str = "SELECT count(*) FROM charge_intents WHERE customer_id = $1 AND state IN ('confirmed', 'failed')";
+
+/// A customer's escrow as read from the chain, before its transaction.
+struct EscrowBalance {
+    /// What the account lets the delegate take, in whole cents.
+    cents: i64,
+    /// Intents in flight whose transfer has already landed: the balance read no
+    /// longer holds their amount, so they are not subtracted again.
+    landed: Vec<Uuid>,
+    /// [`SETTLED`] before the read.
+    settled: i64,
+}
+
+/// What customer `id`'s escrow account lets the delegate take: 0 without an account
+/// (or with none on chain, an address that is not a token account, another delegate
+/// approved, or another mint than `chain.usdc_mint`). The statuses of its intents in
+/// flight are read first and the account from a node at least as far along, so a
+/// transfer that lands in between is at worst counted twice (a cautious error), never
+/// missed.
+async fn read_escrow(
     pool: &PgPool,
     chain: &dyn Chain,
     cfg: &BillingConfig,
     id: i32,
-) -> Result<i64, EscrowRead> {
+) -> Result<EscrowBalance, EscrowRead> {
+    let settled: i64 = sqlx::query_scalar(SETTLED)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .map_err(EscrowRead::Db)?;
     let escrow: Option<String> =
         sqlx::query_scalar("SELECT escrow_account FROM customers WHERE customer_id = $1")
             .bind(id)
@@ -258,12 +302,49 @@ async fn escrow_cents(
             .map_err(EscrowRead::Db)?
             .flatten();
     let Some(escrow) = escrow.filter(|e| !e.is_empty()) else {
-        return Ok(0);
+        return Ok(EscrowBalance {
+            cents: 0,
+            landed: Vec::new(),
+            settled,
+        });
     };
-    let account = chain
-        .token_account(&escrow)
-        .await
-        .map_err(EscrowRead::Chain)?;
+    let flying: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT i.intent_id, s.signature FROM charge_intents i \
+         JOIN charge_intent_signatures s USING (intent_id) \
+         WHERE i.customer_id = $1 AND i.state IN ('signed', 'sent')",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .map_err(EscrowRead::Db)?;
+    let mut landed = Vec::new();
+    let mut min_slot = None;
+    if !flying.is_empty() {
+        let sigs: Vec<String> = flying.iter().map(|f| f.1.clone()).collect();
+        let st = chain
+            .signature_statuses(&sigs)
+            .await
+            .map_err(EscrowRead::Chain)?;
+        min_slot = Some(st.slot);
+        for ((intent, _), status) in flying.iter().zip(&st.value) {
+            if matches!(status, Some(TxStatus::Landed { err: None })) {
+                landed.push(*intent);
+            }
+        }
+    }
+    let account = match chain.token_account_at(&escrow, min_slot).await {
+        Ok(a) => a,
+        // Not an address, not a token account: nothing there to charge.
+        Err(ChainError::Invalid(why)) => {
+            tracing::warn!(
+                customer_id = id,
+                why,
+                "the escrow account is not a token account"
+            );
+            None
+        }
+        Err(e) => return Err(EscrowRead::Chain(e)),
+    };
     // The simulator has one mint of its own; a real chain, the configured one.
     let rpc = cfg.chain.backend == super::config::ChainBackend::Rpc;
     let units = account.map_or(0, |a| {
@@ -274,8 +355,12 @@ async fn escrow_cents(
             0
         }
     });
-    // USDC has 6 decimals: 10,000 units a cent.
-    Ok(i64::try_from(units / 10_000).unwrap_or(i64::MAX))
+    Ok(EscrowBalance {
+        // USDC has 6 decimals: 10,000 units a cent.
+        cents: i64::try_from(units / 10_000).unwrap_or(i64::MAX),
+        landed,
+        settled,
+    })
 }
 
 async fn bill_customer(
@@ -283,7 +368,7 @@ async fn bill_customer(
     cfg: &BillingConfig,
     customer_id: i32,
     month: NaiveDate,
-    on_chain: Option<i64>,
+    on_chain: Option<&EscrowBalance>,
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
     let Some(c) = sqlx::query(
@@ -298,7 +383,8 @@ async fn bill_customer(
         return Ok(());
     };
     let mut balance: i64 = c.try_get(0)?;
-    if let Some(cents) = on_chain {
+    if let Some(read) = on_chain {
+        let cents = read.cents;
         if cents != balance {
             sqlx::query(
                 "UPDATE customers SET current_balance_usd_cents = $2, updated_at = now() \
@@ -314,6 +400,10 @@ async fn bill_customer(
     let mut month_charged: i64 = c.try_get(1)?;
     let max_monthly: i64 = c.try_get(2)?;
     let started: NaiveDate = c.try_get(3)?;
+    // The month is the row's when the row is ahead of this cycle's clock: a cycle that
+    // began at 23:58 on the 31st and reaches a customer another cycle already reset
+    // bills February against February's counter, not January against it.
+    let month = month.max(started);
     if started < month {
         // The 1st (UTC): this month's total becomes last month's, unless a month or
         // more passed without a cycle (then last month charged nothing).
@@ -338,13 +428,17 @@ async fn bill_customer(
     }
     // Charges in flight: they will leave the balance; those of this month count
     // against its cap (an older month's, confirming late, count against that month).
+    // Those already landed on chain left the balance read from it: they count
+    // against the month, not again against the balance.
+    let landed: Vec<Uuid> = on_chain.map(|r| r.landed.clone()).unwrap_or_default();
     let pending = sqlx::query(
-        "SELECT coalesce(sum(ceil(amount * 100)), 0)::bigint, \
+        "SELECT coalesce(sum(ceil(amount * 100)) FILTER (WHERE intent_id <> ALL($3)), 0)::bigint, \
                 coalesce(sum(ceil(amount * 100)) FILTER (WHERE billing_month = $2), 0)::bigint \
          FROM charge_intents WHERE customer_id = $1 AND state IN ('created', 'signed', 'sent')",
     )
     .bind(customer_id)
     .bind(month)
+    .bind(&landed)
     .fetch_one(&mut *tx)
     .await?;
     let mut pending_cents: i64 = pending.try_get(0)?;
@@ -414,20 +508,27 @@ async fn bill_customer(
             parts.push((id, from, to, amount));
         }
         // Owed by a service we would charge (active, or suspended for a billing reason:
-        // resuming it means paying its month), so a re-check sees the same amount.
-        let base_fee_owed: bool = !sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM charge_intents WHERE customer_id = $1 \
-                 AND service_type = $2 AND base_fee_month = $3 AND state <> 'failed')",
+        // resuming it means paying its month), so a re-check sees the same amount. The
+        // oldest month owed first: this month's, or an earlier one whose base-fee
+        // intent failed (the chain refused it; the service resumed since), one month
+        // per intent.
+        let fee_month: Option<NaiveDate> = sqlx::query_scalar(
+            "SELECT m FROM (SELECT base_fee_month AS m FROM charge_intents \
+                             WHERE customer_id = $1 AND service_type = $2 \
+                               AND state = 'failed' AND base_fee_month < $3 \
+                            UNION SELECT $3::date) x \
+             WHERE NOT EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = $1 \
+                 AND i.service_type = $2 AND i.base_fee_month = x.m AND i.state <> 'failed') \
+             ORDER BY m LIMIT 1",
         )
         .bind(customer_id)
         .bind(&s.service_type)
         .bind(month)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        let base_fee = if base_fee_owed {
-            base_fee(cfg, &s)
-        } else {
-            Decimal::ZERO
+        let base_fee = match fee_month {
+            Some(_) => base_fee(cfg, &s),
+            None => Decimal::ZERO,
         };
         let total = usage.saturating_add(base_fee);
         if total.is_zero() {
@@ -455,10 +556,15 @@ async fn bill_customer(
             // Projected: what is unbilled, on top of what is in flight.
             match rules.check(amount_cents) {
                 Err(refusal) => suspend(tx, cfg, customer_id, &s, &refusal, report).await?,
-                Ok(()) if billing_suspension => {
-                    resume(tx, cfg, customer_id, &s.service_type, report).await?
+                Ok(()) => {
+                    if billing_suspension {
+                        resume(tx, cfg, customer_id, &s.service_type, report).await?;
+                    }
+                    // Spoken for: the services judged after this one see it, so one
+                    // is not resumed on money another then takes.
+                    pending_cents = pending_cents.saturating_add(amount_cents);
+                    pending_month_cents = pending_month_cents.saturating_add(amount_cents);
                 }
-                Ok(()) => {}
             }
             continue;
         }
@@ -490,7 +596,7 @@ async fn bill_customer(
                 &s.service_type,
                 (taken_usage, base_fee, taken_cents),
                 &taken,
-                month,
+                (month, fee_month.filter(|_| !base_fee.is_zero())),
                 report,
             )
             .await?;
@@ -506,11 +612,9 @@ async fn bill_customer(
         // A rest stays unbilled. If a rule is why, the service is suspended with that
         // rule's details for the rest; if only the chain's limit is, it waits for the
         // next cycle after this intent settles.
-        let rest = if taken_cents > 0 {
-            charge_cents(usage - taken_usage, cfg.minimum_charge_usd)
-        } else {
-            amount_cents
-        };
+        // What the whole would have cost, less what this intent takes: the pieces of a
+        // cut never cost more than the whole (each rounds up on its own).
+        let rest = (amount_cents - taken_cents).max(1);
         let after = Rules {
             pending_cents,
             pending_month_cents,
@@ -620,7 +724,7 @@ async fn create_intent(
     service_type: &str,
     (usage, base_fee, amount_cents): (Decimal, Decimal, i64),
     parts: &[Part],
-    month: NaiveDate,
+    (month, fee_month): (NaiveDate, Option<NaiveDate>),
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
     let intent_id = Uuid::new_v4();
@@ -636,7 +740,7 @@ async fn create_intent(
     .bind(amount)
     .bind(usage)
     .bind(base_fee)
-    .bind((!base_fee.is_zero()).then_some(month))
+    .bind(fee_month)
     .bind(month)
     .bind(parts.first().map(|p| p.0))
     .bind(parts.last().map(|p| p.0))

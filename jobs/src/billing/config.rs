@@ -84,6 +84,11 @@ pub struct BillingConfig {
     /// fail with the reason instead of being read into memory.
     #[serde(default = "default_max_log_file_bytes")]
     pub max_log_file_bytes: u64,
+    /// HAProxy writes its accept date (`%tr`) in the load balancer's local time,
+    /// without an offset: this is that offset ("+02:00"; default "+00:00", UTC).
+    /// Lines are stored in UTC.
+    #[serde(default = "default_haproxy_offset", deserialize_with = "utc_offset")]
+    pub haproxy_utc_offset: chrono::FixedOffset,
     pub chain: ChainConfig,
     /// The one chain client of this process, built on first use and shared by every
     /// handler (so the simulator's balances are the ones its charges moved).
@@ -133,6 +138,37 @@ impl BillingConfig {
             .await
             .unwrap_or_else(|e| Err(crate::files::ReadError::Io(e.to_string())))
     }
+}
+
+fn default_haproxy_offset() -> chrono::FixedOffset {
+    chrono::FixedOffset::east_opt(0).expect("zero is an offset")
+}
+
+/// "+HH:MM" or "-HH:MM" (or "Z").
+fn utc_offset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<chrono::FixedOffset, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_utc_offset(&s)
+        .ok_or_else(|| serde::de::Error::custom("not a UTC offset like \"+02:00\" or \"-05:30\""))
+}
+
+fn parse_utc_offset(s: &str) -> Option<chrono::FixedOffset> {
+    if s == "Z" {
+        return chrono::FixedOffset::east_opt(0);
+    }
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if h > 14 || m > 59 {
+        return None;
+    }
+    chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60))
 }
 
 fn no_log_roots() -> crate::files::FileRoots {
@@ -410,6 +446,17 @@ impl BillingConfig {
                 message: e,
             })?;
         }
+        // Warned, not refused: a test or a single-user box may share one scratch
+        // directory; in production keep them apart.
+        if let Some((l, v)) = b.log_dirs.overlap(&b.vault_dirs)
+            && clients == crate::Clients::Build
+        {
+            tracing::warn!(
+                log_root = %l.display(),
+                vault_root = %v.display(),
+                "billing.log_roots and billing.vault_roots overlap: a log job could read or move the vault; keep them apart"
+            );
+        }
         if !b.vault_path.is_empty()
             && let Err(e) = b.vault_dirs.check(&b.vault_path)
         {
@@ -478,6 +525,20 @@ impl BillingConfig {
         }
         if b.chain.max_charge_usd <= Decimal::ZERO {
             return bad("chain.max_charge_usd", "must be positive");
+        }
+        // A charge is cut to max_charge_usd, but a base fee is never split: one above
+        // it could never be billed.
+        for (tier, fee) in [
+            ("starter", b.base_fee_usd.starter),
+            ("pro", b.base_fee_usd.pro),
+            ("enterprise", b.base_fee_usd.enterprise),
+        ] {
+            if fee > b.chain.max_charge_usd || b.minimum_charge_usd > b.chain.max_charge_usd {
+                return bad(
+                    &format!("base_fee_usd.{tier}"),
+                    "the base fee and minimum_charge_usd must not exceed chain.max_charge_usd (a base fee is never split)",
+                );
+            }
         }
         if b.chain.commitment == Commitment::Processed {
             return bad(

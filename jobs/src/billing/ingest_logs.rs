@@ -87,7 +87,14 @@ impl Handler for IngestLogsHandler {
             (None, Some(lines)) => ("batch".to_string(), lines.join("\n").into_bytes()),
             _ => return Err(JobError::fail("give exactly one of path and lines")),
         };
-        let report = ingest_from(ctx.tx().await?, &source, &bytes, allowed.as_deref()).await?;
+        let report = ingest_from(
+            ctx.tx().await?,
+            &source,
+            &bytes,
+            allowed.as_deref(),
+            self.0.haproxy_utc_offset,
+        )
+        .await?;
         if report.malformed > 0 {
             tracing::warn!(
                 source = report.source,
@@ -105,16 +112,20 @@ pub async fn ingest(
     source: &str,
     bytes: &[u8],
 ) -> Result<IngestReport, sqlx::Error> {
-    ingest_from(tx, source, bytes, None).await
+    let utc = chrono::FixedOffset::east_opt(0).expect("zero is an offset");
+    ingest_from(tx, source, bytes, None, utc).await
 }
 
-/// [`ingest`], accepting only lines of the `allowed` customers (when given).
+/// [`ingest`], accepting only lines of the `allowed` customers (when given), whose
+/// accept dates are local time at `offset` (`billing.haproxy_utc_offset`).
 pub async fn ingest_from(
     tx: &mut PgConnection,
     source: &str,
     bytes: &[u8],
     allowed: Option<&[i64]>,
+    offset: chrono::FixedOffset,
 ) -> Result<IngestReport, sqlx::Error> {
+    let shift = chrono::TimeDelta::seconds(i64::from(offset.local_minus_utc()));
     let sha = hex::encode(Sha256::digest(bytes));
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
         .bind(INGEST_LOCK)
@@ -152,7 +163,10 @@ pub async fn ingest_from(
                         "reason": format!("customer {} is not one this log source may report", r.customer_id)}));
                 }
             }
-            Ok(r) => good.push((i + 1, r)),
+            Ok(mut r) => {
+                r.ts -= shift; // local → UTC
+                good.push((i + 1, r))
+            }
             Err(e) => {
                 report.malformed += 1;
                 if report.errors.len() < MAX_REPORTED {

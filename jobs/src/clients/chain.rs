@@ -191,6 +191,16 @@ pub trait Chain: Send + Sync + 'static {
     /// the treasury plus a charge memo (whoever sent it).
     async fn charge_in(&self, signature: &str) -> Result<Option<ChargeTransfer>, ChainError>;
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError>;
+    /// [`Chain::token_account`] from a node at or past `min_context_slot` (a node
+    /// behind it answers `Unavailable`), so a balance is not older than a status.
+    async fn token_account_at(
+        &self,
+        address: &str,
+        min_context_slot: Option<u64>,
+    ) -> Result<Option<TokenAccount>, ChainError> {
+        let _ = min_context_slot; // one node, always current
+        self.token_account(address).await
+    }
     /// The delegate's SOL, in lamports (what pays the fees).
     async fn fee_payer_lamports(&self) -> Result<u64, ChainError>;
 

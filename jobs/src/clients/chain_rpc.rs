@@ -428,14 +428,31 @@ impl Chain for RpcChain {
     }
 
     async fn token_account(&self, address: &str) -> Result<Option<TokenAccount>, ChainError> {
+        self.token_account_at(address, None).await
+    }
+
+    async fn token_account_at(
+        &self,
+        address: &str,
+        min_context_slot: Option<u64>,
+    ) -> Result<Option<TokenAccount>, ChainError> {
         use solana_program_pack::Pack as _;
+        use solana_rpc_client_api::config::RpcAccountInfoConfig;
         let addr = parse_address("token account", address)?;
+        // Built from its wire form: the encoding's type lives in a crate we need for
+        // nothing else.
+        let config: RpcAccountInfoConfig = serde_json::from_value(serde_json::json!({
+            "encoding": "base64+zstd",
+            "commitment": self.commitment.commitment,
+            "minContextSlot": min_context_slot,
+        }))
+        .map_err(|e| ChainError::Invalid(format!("account config: {e}")))?;
         let r = self
             .client
-            .get_account_with_commitment(&addr, self.commitment)
+            .get_ui_account_with_config(&addr, config)
             .await
             .map_err(unavailable)?;
-        let Some(acc) = r.value else {
+        let Some(acc) = r.value.and_then(|a| a.to_account()) else {
             return Ok(None);
         };
         if acc.owner != spl_token_interface::id() {
