@@ -170,6 +170,93 @@ impl FileRoots {
     }
 }
 
+impl FileRoots {
+    /// Moves the file `from` into the directory `done` (made if missing), both under a
+    /// root, with the directories pinned: each is opened (not following a final link)
+    /// and must still resolve under a root as opened, and the move is a `renameat`
+    /// between the two open directories, so a `done` swapped for a link after the
+    /// check (into the vault's directory, say) cannot redirect it.
+    pub fn rename_into(&self, from: &str, done: &str) -> Result<(), ReadError> {
+        let from = self.check(from).map_err(ReadError::Refused)?;
+        let done = self.check(done).map_err(ReadError::Refused)?;
+        std::fs::create_dir_all(&done)
+            .map_err(|e| ReadError::Io(format!("{}: {e}", done.display())))?;
+        let (Some(dir), Some(name)) = (from.parent(), from.file_name()) else {
+            return Err(ReadError::Refused(format!(
+                "{}: not a file",
+                from.display()
+            )));
+        };
+        self.rename_pinned(dir, name, &done)
+    }
+
+    fn rename_pinned(
+        &self,
+        dir: &Path,
+        name: &std::ffi::OsStr,
+        done: &Path,
+    ) -> Result<(), ReadError> {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::ffi::OsStrExt as _;
+        let src = self.open_dir(dir)?;
+        let dst = self.open_dir(done)?;
+        let name = std::ffi::CString::new(name.as_bytes())
+            .map_err(|_| ReadError::Refused("a file name with a NUL".into()))?;
+        // SAFETY: both descriptors are open directories owned above; the name is a
+        // NUL-terminated single component (it came from `file_name`).
+        let r = unsafe {
+            libc::renameat(
+                src.as_raw_fd(),
+                name.as_ptr(),
+                dst.as_raw_fd(),
+                name.as_ptr(),
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.kind() == std::io::ErrorKind::NotFound {
+                ReadError::NotFound(format!("{}: no such file", name.to_string_lossy()))
+            } else {
+                ReadError::Io(format!("{}: {e}", name.to_string_lossy()))
+            });
+        }
+        Ok(())
+    }
+
+    /// A directory opened without following a final link, which must resolve (as
+    /// opened) under a root.
+    fn open_dir(&self, dir: &Path) -> Result<std::fs::File, ReadError> {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+                    ReadError::Refused(format!("{}: not a directory (a link?)", dir.display()))
+                }
+                _ => ReadError::Io(format!("{}: {e}", dir.display())),
+            })?;
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .map_err(|e| ReadError::Io(format!("{}: {e}", dir.display())))?;
+        if !self
+            .roots
+            .iter()
+            .filter_map(|r| resolve(r))
+            .any(|r| opened.starts_with(&r))
+        {
+            return Err(ReadError::Refused(format!(
+                "{}: the directory opened is {}, outside {}",
+                dir.display(),
+                opened.display(),
+                self.key
+            )));
+        }
+        Ok(f)
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -274,6 +361,31 @@ mod tests {
         );
         let apart = FileRoots::new("v", &[outside.display().to_string()]).unwrap();
         assert!(roots.overlap(&apart).is_none());
+        // Moving into a done directory: pinned, so one swapped for a link out (after
+        // the check) is refused, and the file stays.
+        std::fs::write(root.join("moved.log"), "x").unwrap();
+        let file = root.join("moved.log").display().to_string();
+        roots
+            .rename_into(&file, &root.join("done").display().to_string())
+            .unwrap();
+        assert!(root.join("done/moved.log").exists());
+        std::fs::write(root.join("kept.log"), "x").unwrap();
+        let _ = std::fs::remove_file(root.join("swapped"));
+        std::os::unix::fs::symlink(&outside, root.join("swapped")).unwrap();
+        let swapped = roots.rename_pinned(
+            &root,
+            std::ffi::OsStr::new("kept.log"),
+            &root.join("swapped"),
+        );
+        assert!(matches!(swapped, Err(ReadError::Refused(_))), "{swapped:?}");
+        assert!(root.join("kept.log").exists() && !outside.join("kept.log").exists());
+        // And a directory that resolves outside as opened (a link higher up).
+        let via = roots.rename_pinned(
+            &root,
+            std::ffi::OsStr::new("kept.log"),
+            &root.join("dirlink"),
+        );
+        assert!(matches!(via, Err(ReadError::Refused(_))), "{via:?}");
         let dotdot = format!("{}/../secret/key", root.display());
         assert!(roots.check(&dotdot).unwrap_err().contains(".."));
         assert!(roots.check("").is_err());

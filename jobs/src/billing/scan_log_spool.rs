@@ -77,12 +77,19 @@ impl Handler for ScanLogSpoolHandler {
                     None => continue, // gone: another scan moved it
                     Some(false) => left.push(f),
                     Some(true) => {
-                        tokio::fs::create_dir_all(done).await.retryable()?;
-                        let name = std::path::Path::new(&f.0).file_name().expect("a file");
-                        tokio::fs::rename(&f.0, std::path::Path::new(done).join(name))
+                        // Pinned directories (files.rs): a done_dir swapped for a link
+                        // since the check cannot redirect the move.
+                        let (roots, from, to) =
+                            (self.0.log_dirs.clone(), f.0.clone(), done.clone());
+                        let r = tokio::task::spawn_blocking(move || roots.rename_into(&from, &to))
                             .await
-                            .retryable()?;
-                        moved += 1;
+                            .unwrap_or_else(|e| Err(ReadError::Io(e.to_string())));
+                        match r {
+                            Ok(()) => moved += 1,
+                            Err(ReadError::NotFound(_)) => {} // another scan moved it
+                            Err(ReadError::Refused(m)) => return Err(JobError::fail(m)),
+                            Err(ReadError::Io(m)) => return Err(JobError::retry(m)),
+                        }
                     }
                 }
             }
