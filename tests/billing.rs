@@ -644,3 +644,49 @@ async fn local_haproxy_times_are_stored_in_utc_and_sessions_run_in_utc() {
         "the database's default zone does not reach our sessions"
     );
 }
+
+/// Issue 15 item 10: a request is stored (and billed) once however its line arrives: a
+/// spool file that grew between scans, a POST retried with other batch boundaries, a
+/// copytruncate re-cut under another name, the same line twice in one batch. Before,
+/// dedupe was per whole-file checksum and each of these re-inserted lines.
+#[tokio::test]
+async fn each_line_is_stored_once_however_it_is_cut() {
+    let t = db().await;
+    let l: Vec<String> = (0..6)
+        .map(|m| line(1, "seal", 27, 10, m, 200, 100))
+        .collect();
+    let batch = |ls: &[&String]| ls.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
+    let mut seen = Vec::new();
+    for (source, text) in [
+        ("haproxy.log", batch(&[&l[0], &l[1]])),
+        // The same file, grown since the last scan.
+        ("haproxy.log", batch(&[&l[0], &l[1], &l[2]])),
+        // A POST retried with other boundaries.
+        ("post-1", batch(&[&l[2], &l[3]])),
+        ("post-2", batch(&[&l[3], &l[4]])),
+        // copytruncate: the old content under the rotated name, then the rest.
+        ("haproxy.log.1", batch(&[&l[0], &l[1], &l[2], &l[3], &l[4]])),
+        // One line twice in a batch, and a new one.
+        ("haproxy.log", batch(&[&l[5], &l[5]])),
+    ] {
+        let mut tx = t.pool.begin().await.unwrap();
+        let r = ingest(&mut tx, source, text.as_bytes()).await.unwrap();
+        tx.commit().await.unwrap();
+        seen.push((r.inserted, r.duplicates));
+    }
+    assert_eq!(seen, [(2, 0), (1, 2), (1, 1), (1, 1), (0, 5), (1, 1)]);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 6);
+    let mut tx = t.pool.begin().await.unwrap();
+    aggregate_chunk(&mut tx, 1_000).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT sum(billable_count)::bigint FROM usage_records"
+        )
+        .await,
+        6,
+        "six requests, six billable"
+    );
+    assert_usage_matches_raw(&t.pool).await;
+}

@@ -9,7 +9,7 @@
 //! Ingests hold a shared advisory lock that `aggregate_usage` takes exclusively, so the
 //! aggregation's watermark never passes an id whose row has not committed yet.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::haproxy::{LogRecord, parse_line};
 use crate::files::ReadError;
@@ -53,6 +54,10 @@ pub struct IngestReport {
     pub lines: usize,
     pub inserted: usize,
     pub malformed: usize,
+    /// Good lines already stored (from an earlier file, batch or re-cut, or twice in
+    /// this one): not inserted again, so not billed again.
+    #[serde(default)]
+    pub duplicates: usize,
     /// The first malformed lines: `{file, line, reason}`.
     pub errors: Vec<serde_json::Value>,
     /// True when this content had been ingested before (nothing inserted).
@@ -142,6 +147,7 @@ pub async fn ingest_from(
         lines: 0,
         inserted: 0,
         malformed: 0,
+        duplicates: 0,
         errors: Vec::new(),
         already_ingested: seen,
     };
@@ -153,7 +159,8 @@ pub async fn ingest_from(
         lines.pop();
     }
     report.lines = lines.len();
-    let mut good: Vec<(usize, LogRecord)> = Vec::with_capacity(lines.len());
+    let mut good: Vec<(usize, LogRecord, Uuid)> = Vec::with_capacity(lines.len());
+    let mut keys: HashSet<Uuid> = HashSet::with_capacity(lines.len());
     for (i, raw) in lines.iter().enumerate() {
         match parse_line(raw) {
             Ok(r) if allowed.is_some_and(|a| !a.contains(&i64::from(r.customer_id))) => {
@@ -165,7 +172,12 @@ pub async fn ingest_from(
             }
             Ok(mut r) => {
                 r.ts -= shift; // local → UTC
-                good.push((i + 1, r))
+                let key = line_key(raw);
+                if keys.insert(key) {
+                    good.push((i + 1, r, key));
+                } else {
+                    report.duplicates += 1; // the same line twice in one batch
+                }
             }
             Err(e) => {
                 report.malformed += 1;
@@ -178,26 +190,61 @@ pub async fn ingest_from(
         }
     }
     metrics::counter!("longshore_log_lines_malformed_total").increment(report.malformed as u64);
-    metrics::counter!("longshore_log_lines_ingested_total").increment(good.len() as u64);
-    let days: BTreeSet<NaiveDate> = good.iter().map(|(_, r)| r.ts.date_naive()).collect();
+
+    let days: BTreeSet<NaiveDate> = good.iter().map(|(_, r, _)| r.ts.date_naive()).collect();
     for d in days {
         ensure_partition(tx, d).await?;
     }
     if !good.is_empty() {
-        let mut buf = String::with_capacity(good.len() * 96);
-        for (line_no, r) in &good {
-            copy_row(&mut buf, r, &sha, *line_no);
+        let mut buf = String::with_capacity(good.len() * 136);
+        for (line_no, r, key) in &good {
+            copy_row(&mut buf, r, &sha, *line_no, key);
+        }
+        // COPY cannot skip a conflict: the lines go to a session-local staging table
+        // first (no WAL, no index), then in once each.
+        let staged: bool =
+            sqlx::query_scalar("SELECT to_regclass('pg_temp.ingest_stage') IS NOT NULL")
+                .fetch_one(&mut *tx)
+                .await?;
+        if staged {
+            // Emptied at every commit; this is for a second batch in one transaction.
+            sqlx::query("TRUNCATE ingest_stage")
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "CREATE TEMP TABLE ingest_stage (ts timestamptz, customer_id integer, \
+                   service_type text, method text, status_code smallint, bytes_out bigint, \
+                   duration_ms integer, client_ip text, backend text, server text, \
+                   file_sha256 text, line_no integer, line_key uuid) ON COMMIT DELETE ROWS",
+            )
+            .execute(&mut *tx)
+            .await?;
         }
         let mut copy = tx
             .copy_in_raw(
-                "COPY haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, \
-                 duration_ms, client_ip, backend, server, file_sha256, line_no) FROM STDIN",
+                "COPY ingest_stage (ts, customer_id, service_type, method, status_code, bytes_out, \
+                 duration_ms, client_ip, backend, server, file_sha256, line_no, line_key) FROM STDIN",
             )
             .await?;
         copy.send(buf.into_bytes()).await?;
         copy.finish().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, \
+               duration_ms, client_ip, backend, server, file_sha256, line_no, line_key) \
+             SELECT ts, customer_id, service_type, method, status_code, bytes_out, \
+               duration_ms, client_ip, backend, server, file_sha256, line_no, line_key \
+             FROM ingest_stage \
+             ON CONFLICT (ts, line_key) DO NOTHING",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected() as usize;
+        report.duplicates += good.len() - inserted;
+        report.inserted = inserted;
     }
-    report.inserted = good.len();
+    metrics::counter!("longshore_log_lines_ingested_total").increment(report.inserted as u64);
+    metrics::counter!("longshore_log_lines_duplicate_total").increment(report.duplicates as u64);
     sqlx::query("INSERT INTO ingested_files (sha256, source, lines, inserted, malformed) VALUES ($1, $2, $3, $4, $5)")
         .bind(&sha)
         .bind(source)
@@ -209,15 +256,23 @@ pub async fn ingest_from(
     Ok(report)
 }
 
+/// A line's own key: the first 16 bytes of the SHA-256 of its bytes (without a
+/// trailing carriage return), whatever file or batch it came in.
+fn line_key(raw: &[u8]) -> Uuid {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let d = Sha256::digest(raw);
+    Uuid::from_bytes(d[..16].try_into().expect("16 of 32 bytes"))
+}
+
 /// One row in COPY's text format.
-fn copy_row(buf: &mut String, r: &LogRecord, sha: &str, line_no: usize) {
+fn copy_row(buf: &mut String, r: &LogRecord, sha: &str, line_no: usize, key: &Uuid) {
     let dur = r
         .duration_ms
         .map(|d| d.to_string())
         .unwrap_or_else(|| "\\N".into());
     let _ = writeln!(
         buf,
-        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
         r.ts.to_rfc3339(),
         r.customer_id,
         esc(&r.service_type),
@@ -229,7 +284,8 @@ fn copy_row(buf: &mut String, r: &LogRecord, sha: &str, line_no: usize) {
         esc(&r.backend),
         esc(&r.server),
         sha,
-        line_no
+        line_no,
+        key.as_hyphenated()
     );
 }
 
