@@ -668,13 +668,29 @@ async fn each_line_is_stored_once_however_it_is_cut() {
         ("haproxy.log.1", batch(&[&l[0], &l[1], &l[2], &l[3], &l[4]])),
         // One line twice in a batch, and a new one.
         ("haproxy.log", batch(&[&l[5], &l[5]])),
+        // The same request through another syslog relay (its own prefix).
+        (
+            "relay-2",
+            l[5].replace("lb1 haproxy[3098]", "lb1-relay haproxy[77]"),
+        ),
     ] {
         let mut tx = t.pool.begin().await.unwrap();
         let r = ingest(&mut tx, source, text.as_bytes()).await.unwrap();
         tx.commit().await.unwrap();
         seen.push((r.inserted, r.duplicates));
     }
-    assert_eq!(seen, [(2, 0), (1, 2), (1, 1), (1, 1), (0, 5), (1, 1)]);
+    assert_eq!(
+        seen,
+        [(2, 0), (1, 2), (1, 1), (1, 1), (0, 5), (1, 1), (0, 1)]
+    );
+    // A file read while its last line is being written: that line waits whole.
+    let growing = format!("{}\n{}", l[0], &l[1][..40]);
+    let n = longshore_jobs::billing::ingest_logs::complete_lines(growing.as_bytes());
+    assert_eq!(&growing.as_bytes()[..n], format!("{}\n", l[0]).as_bytes());
+    assert_eq!(
+        longshore_jobs::billing::ingest_logs::complete_lines(b"no newline"),
+        0
+    );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 6);
     let mut tx = t.pool.begin().await.unwrap();
     aggregate_chunk(&mut tx, 1_000).await.unwrap();

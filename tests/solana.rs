@@ -750,7 +750,14 @@ async fn a_landed_charge_is_not_subtracted_twice() {
     let r = run_cycle_on(&t.pool, &cfg, Some(&chain), None, Utc::now())
         .await
         .unwrap();
-    assert!(r.suspended.is_empty(), "{r:?}");
+    assert!(r.suspended.is_empty() && r.unread.is_empty(), "{r:?}");
+    assert_eq!(r.customers, 1, "judged, not skipped: {r:?}");
+    let balance: i64 =
+        sqlx::query_scalar("SELECT current_balance_usd_cents FROM customers WHERE customer_id = 1")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(balance, 600, "the balance read after the transfer landed");
     let (st, reason): (String, Option<String>) =
         sqlx::query_as("SELECT state, suspend_reason FROM service_instances WHERE customer_id = 1")
             .fetch_one(&t.pool)

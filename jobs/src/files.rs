@@ -176,18 +176,20 @@ impl FileRoots {
     /// and must still resolve under a root as opened, and the move is a `renameat`
     /// between the two open directories, so a `done` swapped for a link after the
     /// check (into the vault's directory, say) cannot redirect it.
+    /// The entry itself is moved, never what it may link to, and never over a file
+    /// of the same name already in `done`.
     pub fn rename_into(&self, from: &str, done: &str) -> Result<(), ReadError> {
-        let from = self.check(from).map_err(ReadError::Refused)?;
+        let from_path = Path::new(from);
+        let (Some(dir), Some(name)) = (from_path.parent(), from_path.file_name()) else {
+            return Err(ReadError::Refused(format!("{from}: not a file")));
+        };
+        let dir = self
+            .check(&dir.display().to_string())
+            .map_err(ReadError::Refused)?;
         let done = self.check(done).map_err(ReadError::Refused)?;
         std::fs::create_dir_all(&done)
             .map_err(|e| ReadError::Io(format!("{}: {e}", done.display())))?;
-        let (Some(dir), Some(name)) = (from.parent(), from.file_name()) else {
-            return Err(ReadError::Refused(format!(
-                "{}: not a file",
-                from.display()
-            )));
-        };
-        self.rename_pinned(dir, name, &done)
+        self.rename_pinned(&dir, name, &done)
     }
 
     fn rename_pinned(
@@ -205,19 +207,23 @@ impl FileRoots {
         // SAFETY: both descriptors are open directories owned above; the name is a
         // NUL-terminated single component (it came from `file_name`).
         let r = unsafe {
-            libc::renameat(
+            libc::renameat2(
                 src.as_raw_fd(),
                 name.as_ptr(),
                 dst.as_raw_fd(),
                 name.as_ptr(),
+                libc::RENAME_NOREPLACE,
             )
         };
         if r != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(if e.kind() == std::io::ErrorKind::NotFound {
-                ReadError::NotFound(format!("{}: no such file", name.to_string_lossy()))
-            } else {
-                ReadError::Io(format!("{}: {e}", name.to_string_lossy()))
+            let shown = name.to_string_lossy();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOENT) => ReadError::NotFound(format!("{shown}: no such file")),
+                Some(libc::EEXIST) => {
+                    ReadError::Refused(format!("{shown}: a file of that name is already done"))
+                }
+                _ => ReadError::Io(format!("{shown}: {e}")),
             });
         }
         Ok(())
@@ -363,12 +369,25 @@ mod tests {
         assert!(roots.overlap(&apart).is_none());
         // Moving into a done directory: pinned, so one swapped for a link out (after
         // the check) is refused, and the file stays.
-        std::fs::write(root.join("moved.log"), "x").unwrap();
-        let file = root.join("moved.log").display().to_string();
+        std::fs::create_dir_all(root.join("in")).unwrap();
+        std::fs::write(root.join("in/moved.log"), "x").unwrap();
+        let file = root.join("in/moved.log").display().to_string();
         roots
             .rename_into(&file, &root.join("done").display().to_string())
             .unwrap();
         assert!(root.join("done/moved.log").exists());
+        std::fs::write(root.join("in/moved.log"), "a second").unwrap();
+        assert!(
+            matches!(
+                roots.rename_into(&file, &root.join("done").display().to_string()),
+                Err(ReadError::Refused(_))
+            ),
+            "never over a done file"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("done/moved.log")).unwrap(),
+            "x"
+        );
         std::fs::write(root.join("kept.log"), "x").unwrap();
         let _ = std::fs::remove_file(root.join("swapped"));
         std::os::unix::fs::symlink(&outside, root.join("swapped")).unwrap();

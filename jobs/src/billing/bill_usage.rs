@@ -224,22 +224,6 @@ pub async fn run_cycle_on(
             },
         };
         let mut tx = pool.begin().await?;
-        if let Some(read) = &on_chain {
-            // A charge that settled between the read and this lock: the balance read
-            // may predate it (and the row already holds it). Next cycle reads anew.
-            let settled: i64 = sqlx::query_scalar(SETTLED)
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-            if settled != read.settled {
-                tracing::info!(
-                    customer_id = id,
-                    "a charge settled during the balance read; the customer waits for the next cycle"
-                );
-                report.unread.push(id);
-                continue;
-            }
-        }
         bill_customer(&mut tx, cfg, id, month, on_chain.as_ref(), &mut report).await?;
         tx.commit().await?;
         report.customers += 1;
@@ -325,10 +309,13 @@ async fn read_escrow(
             .signature_statuses(&sigs)
             .await
             .map_err(EscrowRead::Chain)?;
-        min_slot = Some(st.slot);
+        // The account is read from a node that has the landed transfers, no more: the
+        // statuses' own context is the processed bank, ahead of the confirmed one an
+        // account read at our commitment answers from.
         for ((intent, _), status) in flying.iter().zip(&st.value) {
-            if matches!(status, Some(TxStatus::Landed { err: None })) {
+            if let Some(TxStatus::Landed { err: None, slot }) = status {
                 landed.push(*intent);
+                min_slot = min_slot.max(Some(*slot));
             }
         }
     }
@@ -384,6 +371,21 @@ async fn bill_customer(
     };
     let mut balance: i64 = c.try_get(0)?;
     if let Some(read) = on_chain {
+        // Under the row lock, which a charge's booking takes too: one that settled
+        // since the read was taken makes the read stale (its amount may be in neither
+        // the balance read nor what is pending). Next cycle reads anew.
+        let settled: i64 = sqlx::query_scalar(SETTLED)
+            .bind(customer_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if settled != read.settled {
+            tracing::info!(
+                customer_id,
+                "a charge settled during the balance read; the customer waits for the next cycle"
+            );
+            report.unread.push(customer_id);
+            return Ok(());
+        }
         let cents = read.cents;
         if cents != balance {
             sqlx::query(
@@ -614,7 +616,8 @@ async fn bill_customer(
         // next cycle after this intent settles.
         // What the whole would have cost, less what this intent takes: the pieces of a
         // cut never cost more than the whole (each rounds up on its own).
-        let rest = (amount_cents - taken_cents).max(1);
+        let rest =
+            (amount_cents - taken_cents).max(charge_cents(Decimal::ZERO, cfg.minimum_charge_usd));
         let after = Rules {
             pending_cents,
             pending_month_cents,

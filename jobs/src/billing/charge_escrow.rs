@@ -283,7 +283,7 @@ impl Driver<'_> {
         let tip = self.chain.tip().await.map_err(chain)?;
         let st = self.chain.signature_statuses(&all).await.map_err(chain)?;
         for (sig, status) in all.iter().zip(&st.value) {
-            if matches!(status, Some(TxStatus::Landed { err: None })) {
+            if matches!(status, Some(TxStatus::Landed { err: None, .. })) {
                 self.confirm(i, sig).await?;
                 return Ok(Next::Again);
             }
@@ -295,13 +295,13 @@ impl Driver<'_> {
         match st.value.get(at).cloned().flatten() {
             // Landed and refused by the program: the fee was paid, nothing moved, and
             // every earlier signature was dead before this one was signed.
-            Some(TxStatus::Landed { err: Some(e) }) => {
+            Some(TxStatus::Landed { err: Some(e), .. }) => {
                 let reason = format!("the chain rejected the transfer: {e}");
                 self.fail(i, &reason, None).await?;
                 Ok(Next::Again)
             }
             Some(TxStatus::Pending) => Ok(Next::Wait),
-            Some(TxStatus::Landed { err: None }) => unreachable!("confirmed above"),
+            Some(TxStatus::Landed { err: None, .. }) => unreachable!("confirmed above"),
             None if tip.height <= cur.lvbh => self.send(i, cur).await,
             None if tip.height > cur.lvbh + EXPIRY_MARGIN_BLOCKS => {
                 self.prove_dead(i, tip.slot, st.slot).await
@@ -387,6 +387,8 @@ impl Driver<'_> {
                     return Ok(Next::Again);
                 }
                 MemoSearch::Incomplete(why) => {
+                    // For an alert (an intent stuck here never re-signs on its own).
+                    metrics::counter!("longshore_chain_memo_search_incomplete_total").increment(1);
                     tracing::warn!(intent_id = %self.intent_id, why, "memo search incomplete: no proof of expiry; waiting");
                     return Ok(Next::Wait);
                 }
@@ -448,8 +450,8 @@ impl Driver<'_> {
                     // is the current one's (an earlier one's moved nothing).
                     let current = i.current.as_deref();
                     let landed = all.iter().zip(&st.value).find_map(|(s, v)| match v {
-                        Some(TxStatus::Landed { err: None }) => Some((s, None)),
-                        Some(TxStatus::Landed { err }) if Some(s.as_str()) == current => {
+                        Some(TxStatus::Landed { err: None, .. }) => Some((s, None)),
+                        Some(TxStatus::Landed { err, .. }) if Some(s.as_str()) == current => {
                             Some((s, err.clone()))
                         }
                         _ => None,

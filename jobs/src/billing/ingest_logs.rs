@@ -82,7 +82,21 @@ impl Handler for IngestLogsHandler {
             (Some(p), None) => {
                 // Confined at the open, bounded in size (files.rs).
                 match self.0.read_log(&p).await {
-                    Ok(b) => (p, b),
+                    Ok(mut b) => {
+                        // A file still being written may end inside a line: that line
+                        // waits for its newline (the next scan sees the file changed),
+                        // or it would be stored cut and again whole.
+                        let complete = complete_lines(&b);
+                        if complete < b.len() {
+                            tracing::debug!(
+                                path = p,
+                                held = b.len() - complete,
+                                "an unterminated last line waits for its newline"
+                            );
+                            b.truncate(complete);
+                        }
+                        (p, b)
+                    }
                     Err(ReadError::NotFound(m) | ReadError::Refused(m)) => {
                         return Err(JobError::fail(m));
                     }
@@ -172,7 +186,7 @@ pub async fn ingest_from(
             }
             Ok(mut r) => {
                 r.ts -= shift; // local → UTC
-                let key = line_key(raw);
+                let key = Uuid::from_bytes(r.key);
                 if keys.insert(key) {
                     good.push((i + 1, r, key));
                 } else {
@@ -196,52 +210,15 @@ pub async fn ingest_from(
         ensure_partition(tx, d).await?;
     }
     if !good.is_empty() {
+        // In key order: index inserts land near each other, and two ingests of
+        // overlapping lines take their keys in one order (they wait, never deadlock).
+        good.sort_unstable_by_key(|(_, r, key)| (r.ts, *key));
         let mut buf = String::with_capacity(good.len() * 136);
         for (line_no, r, key) in &good {
             copy_row(&mut buf, r, &sha, *line_no, key);
         }
-        // COPY cannot skip a conflict: the lines go to a session-local staging table
-        // first (no WAL, no index), then in once each.
-        let staged: bool =
-            sqlx::query_scalar("SELECT to_regclass('pg_temp.ingest_stage') IS NOT NULL")
-                .fetch_one(&mut *tx)
-                .await?;
-        if staged {
-            // Emptied at every commit; this is for a second batch in one transaction.
-            sqlx::query("TRUNCATE ingest_stage")
-                .execute(&mut *tx)
-                .await?;
-        } else {
-            sqlx::query(
-                "CREATE TEMP TABLE ingest_stage (ts timestamptz, customer_id integer, \
-                   service_type text, method text, status_code smallint, bytes_out bigint, \
-                   duration_ms integer, client_ip text, backend text, server text, \
-                   file_sha256 text, line_no integer, line_key uuid) ON COMMIT DELETE ROWS",
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut copy = tx
-            .copy_in_raw(
-                "COPY ingest_stage (ts, customer_id, service_type, method, status_code, bytes_out, \
-                 duration_ms, client_ip, backend, server, file_sha256, line_no, line_key) FROM STDIN",
-            )
-            .await?;
-        copy.send(buf.into_bytes()).await?;
-        copy.finish().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, \
-               duration_ms, client_ip, backend, server, file_sha256, line_no, line_key) \
-             SELECT ts, customer_id, service_type, method, status_code, bytes_out, \
-               duration_ms, client_ip, backend, server, file_sha256, line_no, line_key \
-             FROM ingest_stage \
-             ON CONFLICT (ts, line_key) DO NOTHING",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected() as usize;
-        report.duplicates += good.len() - inserted;
-        report.inserted = inserted;
+        report.inserted = store_lines(tx, &buf, good.len()).await?;
+        report.duplicates += good.len() - report.inserted;
     }
     metrics::counter!("longshore_log_lines_ingested_total").increment(report.inserted as u64);
     metrics::counter!("longshore_log_lines_duplicate_total").increment(report.duplicates as u64);
@@ -256,12 +233,73 @@ pub async fn ingest_from(
     Ok(report)
 }
 
-/// A line's own key: the first 16 bytes of the SHA-256 of its bytes (without a
-/// trailing carriage return), whatever file or batch it came in.
-fn line_key(raw: &[u8]) -> Uuid {
-    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let d = Sha256::digest(raw);
-    Uuid::from_bytes(d[..16].try_into().expect("16 of 32 bytes"))
+const COLUMNS: &str = "ts, customer_id, service_type, method, status_code, bytes_out, \
+                       duration_ms, client_ip, backend, server, file_sha256, line_no, line_key";
+
+/// Stores `n` COPY rows, each line once; how many were new. The common case (no line
+/// seen before) is one COPY straight into the table, whose unique key refuses the
+/// whole batch if any line is already there; only then (a re-read, a re-cut, a retried
+/// POST) do the rows go through a session-local staging table and an `INSERT ... ON
+/// CONFLICT DO NOTHING`, several times slower, that keeps the new ones.
+async fn store_lines(tx: &mut PgConnection, rows: &str, n: usize) -> Result<usize, sqlx::Error> {
+    sqlx::query("SAVEPOINT ingest_lines")
+        .execute(&mut *tx)
+        .await?;
+    match copy_rows(tx, "haproxy_logs", rows).await {
+        Ok(()) => {
+            sqlx::query("RELEASE SAVEPOINT ingest_lines")
+                .execute(&mut *tx)
+                .await?;
+            return Ok(n);
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT ingest_lines")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Err(e) => return Err(e),
+    }
+    let staged: bool = sqlx::query_scalar("SELECT to_regclass('pg_temp.ingest_stage') IS NOT NULL")
+        .fetch_one(&mut *tx)
+        .await?;
+    if staged {
+        // Emptied at every commit; this is for a second batch in one transaction.
+        sqlx::query("TRUNCATE ingest_stage")
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        sqlx::query(
+            "CREATE TEMP TABLE ingest_stage (ts timestamptz, customer_id integer, \
+               service_type text, method text, status_code smallint, bytes_out bigint, \
+               duration_ms integer, client_ip text, backend text, server text, \
+               file_sha256 text, line_no integer, line_key uuid) ON COMMIT DELETE ROWS",
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    copy_rows(tx, "ingest_stage", rows).await?;
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO haproxy_logs ({COLUMNS}) SELECT {COLUMNS} FROM ingest_stage \
+         ORDER BY ts, line_key ON CONFLICT (ts, line_key) WHERE line_key IS NOT NULL DO NOTHING"
+    ))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(inserted as usize)
+}
+
+async fn copy_rows(tx: &mut PgConnection, table: &str, rows: &str) -> Result<(), sqlx::Error> {
+    let mut copy = tx
+        .copy_in_raw(&format!("COPY {table} ({COLUMNS}) FROM STDIN"))
+        .await?;
+    copy.send(rows.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// How many leading bytes of `b` are whole lines (up to and with the last newline).
+pub fn complete_lines(b: &[u8]) -> usize {
+    b.iter().rposition(|c| *c == b'\n').map_or(0, |i| i + 1)
 }
 
 /// One row in COPY's text format.

@@ -87,8 +87,11 @@ impl Handler for ScanLogSpoolHandler {
                         match r {
                             Ok(()) => moved += 1,
                             Err(ReadError::NotFound(_)) => {} // another scan moved it
-                            Err(ReadError::Refused(m)) => return Err(JobError::fail(m)),
-                            Err(ReadError::Io(m)) => return Err(JobError::retry(m)),
+                            // One file that cannot move must not stop the scan (and
+                            // the enqueues of every other file).
+                            Err(ReadError::Refused(m) | ReadError::Io(m)) => {
+                                tracing::warn!(path = f.0, reason = m, "spool file not moved");
+                            }
                         }
                     }
                 }

@@ -74,7 +74,12 @@ impl fmt::Debug for SignedTx {
 pub enum TxStatus {
     /// Processed at the configured commitment (or better); `err` when the program
     /// rejected it (the fee was paid, nothing moved).
-    Landed { err: Option<String> },
+    Landed {
+        err: Option<String>,
+        /// The slot it landed in: an account read from a node at or past it sees
+        /// what it moved.
+        slot: u64,
+    },
     /// Seen but not yet at the configured commitment.
     Pending,
 }

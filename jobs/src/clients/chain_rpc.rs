@@ -361,6 +361,7 @@ impl Chain for RpcChain {
                     } else {
                         TxStatus::Landed {
                             err: s.err.map(|e| e.to_string()),
+                            slot: s.slot,
                         }
                     }
                 })
@@ -446,7 +447,7 @@ impl Chain for RpcChain {
             "commitment": self.commitment.commitment,
             "minContextSlot": min_context_slot,
         }))
-        .map_err(|e| ChainError::Invalid(format!("account config: {e}")))?;
+        .map_err(|e| ChainError::Unavailable(format!("account config: {e}")))?;
         let r = self
             .client
             .get_ui_account_with_config(&addr, config)

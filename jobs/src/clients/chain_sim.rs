@@ -214,7 +214,10 @@ impl Chain for SimulatedChain {
             .map(|s| {
                 st.txs.get(s).map(|l| {
                     if h >= l.at {
-                        TxStatus::Landed { err: l.err.clone() }
+                        TxStatus::Landed {
+                            err: l.err.clone(),
+                            slot: l.at,
+                        }
                     } else {
                         TxStatus::Pending
                     }
