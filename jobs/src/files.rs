@@ -129,21 +129,7 @@ impl FileRoots {
             }
             Err(e) => return Err(ReadError::Io(format!("{path}: {e}"))),
         };
-        use std::os::fd::AsRawFd as _;
-        let opened = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
-            .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
-        if !self
-            .roots
-            .iter()
-            .filter_map(|r| resolve(r))
-            .any(|r| opened.starts_with(&r))
-        {
-            return Err(ReadError::Refused(format!(
-                "{path}: the file opened is {}, outside {}",
-                opened.display(),
-                self.key
-            )));
-        }
+        self.opened_under_a_root(&f, path, "file")?;
         let meta = f
             .metadata()
             .map_err(|e| ReadError::Io(format!("{path}: {e}")))?;
@@ -232,7 +218,6 @@ impl FileRoots {
     /// A directory opened without following a final link, which must resolve (as
     /// opened) under a root.
     fn open_dir(&self, dir: &Path) -> Result<std::fs::File, ReadError> {
-        use std::os::fd::AsRawFd as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -244,22 +229,34 @@ impl FileRoots {
                 }
                 _ => ReadError::Io(format!("{}: {e}", dir.display())),
             })?;
+        self.opened_under_a_root(&f, &dir.display().to_string(), "directory")?;
+        Ok(f)
+    }
+
+    /// What `f` really is (`/proc/self/fd`), which must lie under a root: a
+    /// component swapped for a link between a check and an open is caught here.
+    fn opened_under_a_root(
+        &self,
+        f: &std::fs::File,
+        shown: &str,
+        what: &str,
+    ) -> Result<(), ReadError> {
+        use std::os::fd::AsRawFd as _;
         let opened = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
-            .map_err(|e| ReadError::Io(format!("{}: {e}", dir.display())))?;
-        if !self
+            .map_err(|e| ReadError::Io(format!("{shown}: {e}")))?;
+        if self
             .roots
             .iter()
             .filter_map(|r| resolve(r))
             .any(|r| opened.starts_with(&r))
         {
-            return Err(ReadError::Refused(format!(
-                "{}: the directory opened is {}, outside {}",
-                dir.display(),
-                opened.display(),
-                self.key
-            )));
+            return Ok(());
         }
-        Ok(f)
+        Err(ReadError::Refused(format!(
+            "{shown}: the {what} opened is {}, outside {}",
+            opened.display(),
+            self.key
+        )))
     }
 }
 
