@@ -705,4 +705,29 @@ async fn each_line_is_stored_once_however_it_is_cut() {
         "six requests, six billable"
     );
     assert_usage_matches_raw(&t.pool).await;
+    // Bytes first read by a shipper limited to customer 1 (customer 2's line refused)
+    // are not "seen" for an unrestricted ingest of the same bytes: customer 2's line
+    // is stored then, customer 1's is not stored again.
+    let mixed = format!(
+        "{}\n{}",
+        line(1, "seal", 27, 11, 0, 200, 1),
+        line(2, "seal", 27, 11, 1, 200, 1)
+    );
+    let utc = chrono::FixedOffset::east_opt(0).unwrap();
+    let mut got = Vec::new();
+    for allowed in [Some(&[1_i64][..]), None] {
+        let mut tx = t.pool.begin().await.unwrap();
+        let r = longshore_jobs::billing::ingest_logs::ingest_from(
+            &mut tx,
+            "ship",
+            mixed.as_bytes(),
+            allowed,
+            utc,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        got.push((r.already_ingested, r.inserted, r.duplicates));
+    }
+    assert_eq!(got, [(false, 1, 0), (false, 1, 1)]);
 }

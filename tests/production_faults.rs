@@ -184,7 +184,14 @@ async fn row39_sigterm_while_postgres_is_paused_exits_within_the_grace_period() 
 #[tokio::test]
 async fn a_worker_on_the_defaults_starts_without_warnings() {
     let t = db().await;
-    let w = Proc::spawn(&t.url, &["worker"], &[]);
+    // The binary's own defaults, not the suite's (whose log and vault roots are both
+    // the temp directory, which is warned about).
+    let defaults = [
+        ("LONGSHORE__BILLING__LOG_ROOTS", common::UNSET),
+        ("LONGSHORE__BILLING__VAULT_ROOTS", common::UNSET),
+        ("LONGSHORE__PROBE__FAULT_KNOBS", common::UNSET),
+    ];
+    let w = Proc::spawn(&t.url, &["worker"], &defaults);
     let logs = eventually(Duration::from_secs(15), "worker started", || async {
         let l = w.logs();
         l.contains("worker started").then_some(l)
