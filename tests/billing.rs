@@ -195,6 +195,18 @@ async fn the_spool_scan_enqueues_each_file_once() {
     // With a done directory, ingested files leave the spool; a new file stays until
     // its own ingest commits, then leaves on a later scan.
     std::fs::write(dir.join("d.log"), line(5, "seal", 27, 11, 0, 200, 1) + "\n").unwrap();
+    // Quiet for a minute (a file written within MOVE_QUIET may still be growing).
+    let quiet = |name: &str| {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join(name))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+    };
+    for f in ["a.log", "b.log", "d.log"] {
+        quiet(f);
+    }
     let done = dir.join("done");
     let scan = longshore_jobs::billing::scan_log_spool::ScanLogSpool {
         dir: dir.to_string_lossy().into(),
@@ -222,6 +234,54 @@ async fn the_spool_scan_enqueues_each_file_once() {
     })
     .await;
     assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 3);
+    // Ingested but written just now: it stays until quiet, then moves.
+    let fresh = line(6, "seal", 27, 11, 0, 200, 1) + "\n";
+    std::fs::write(dir.join("fresh.log"), &fresh).unwrap();
+    let mut tx = t.pool.begin().await.unwrap();
+    ingest(&mut tx, "fresh", fresh.as_bytes()).await.unwrap();
+    tx.commit().await.unwrap();
+    let scans = |n: i64| {
+        let pool = pool.clone();
+        async move {
+            eventually(Duration::from_secs(15), "the scan done", || {
+                let pool = pool.clone();
+                async move {
+                    (count(
+                        &pool,
+                        "SELECT count(*) FROM longshore.completions WHERE queue = 'scan_log_spool'",
+                    )
+                    .await
+                        + count(&pool, "SELECT count(*) FROM pgmq.a_scan_log_spool").await
+                        >= n)
+                        .then_some(())
+                }
+            })
+            .await
+        }
+    };
+    let before = count(&t.pool, "SELECT count(*) FROM pgmq.a_scan_log_spool").await
+        + count(
+            &t.pool,
+            "SELECT count(*) FROM longshore.completions WHERE queue = 'scan_log_spool'",
+        )
+        .await;
+    enqueue(&t.pool, &scan, EnqueueOptions::default())
+        .await
+        .unwrap();
+    scans(before + 1).await;
+    assert!(
+        dir.join("fresh.log").exists(),
+        "not moved while it may grow"
+    );
+    quiet("fresh.log");
+    enqueue(&t.pool, &scan, EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "fresh.log moved", || {
+        let done = done.clone();
+        async move { done.join("fresh.log").exists().then_some(()) }
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

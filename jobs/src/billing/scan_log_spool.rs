@@ -28,6 +28,9 @@ impl JobArgs for ScanLogSpool {
     const KIND: &'static str = "scan_log_spool";
 }
 
+/// A spool file moves to `done_dir` only once unmodified this long.
+pub const MOVE_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct ScanLogSpoolHandler(pub std::sync::Arc<super::config::BillingConfig>);
 
 impl Handler for ScanLogSpoolHandler {
@@ -72,7 +75,17 @@ impl Handler for ScanLogSpoolHandler {
         let mut moved = 0;
         if let Some(done) = &a.done_dir {
             let mut left = Vec::with_capacity(files.len());
+            // A file written within the quiet period may still be growing: it stays
+            // (its new lines would otherwise leave with it, unread).
+            let quiet_since = std::time::SystemTime::now()
+                .checked_sub(MOVE_QUIET)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
             for f in files {
+                if f.2 > quiet_since {
+                    left.push(f);
+                    continue;
+                }
                 match ingested(ctx, &self.0, &f.0).await? {
                     None => continue, // gone: another scan moved it
                     Some(false) => left.push(f),
