@@ -406,13 +406,20 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
     })
     .await;
     assert_eq!(customers, ["1001", "1002", "1003"]);
-    // Ingested files left the spool for done/.
-    assert!(
-        std::fs::read_dir(dir.join(".longshore/logs/done"))
-            .unwrap()
-            .count()
-            > 0
-    );
+    // Ingested files leave the spool for done/ (once quiet for MOVE_QUIET).
+    let done = dir.join(".longshore/logs/done");
+    eventually(
+        Duration::from_secs(40),
+        "a spool file moved to done/",
+        || {
+            let done = done.clone();
+            async move {
+                let n = std::fs::read_dir(&done).map(|d| d.count()).unwrap_or(0);
+                (n > 0).then_some(())
+            }
+        },
+    )
+    .await;
     // The ledger agrees with the intents.
     assert_eq!(
         count(
