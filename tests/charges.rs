@@ -50,6 +50,16 @@ async fn service(pool: &PgPool, c: i32) -> (String, Option<String>, Option<Value
     .unwrap()
 }
 
+/// Customer `c`'s service is suspended for `reason`, with exactly these details.
+async fn assert_suspended(pool: &PgPool, c: i32, reason: &str, details: Value) {
+    let (state, got, d) = service(pool, c).await;
+    assert_eq!(
+        (state.as_str(), got.as_deref()),
+        ("suspended", Some(reason))
+    );
+    assert_eq!(d, Some(details));
+}
+
 async fn intents(pool: &PgPool, c: i32) -> Vec<(String, Decimal, String)> {
     sqlx::query_as(
         "SELECT intent_id::text, amount, state FROM charge_intents WHERE customer_id = $1 ORDER BY created_at",
@@ -154,15 +164,7 @@ async fn insufficient_balance_suspends_with_details_the_vault_drops_the_keys_a_d
     assert_eq!(r.intents.len(), 1, "{r:?}");
     assert_eq!(r.intents[0]["amount_usd"], "3.00");
     assert_eq!(r.suspended.len(), 1);
-    let (state, reason, details) = service(&t.pool, 1).await;
-    assert_eq!(
-        (state.as_str(), reason.as_deref()),
-        ("suspended", Some("insufficient_balance"))
-    );
-    assert_eq!(
-        details.unwrap(),
-        json!({"current_balance_usd": "0.00", "estimated_cost_usd": "3.00", "required_deposit_usd": "3.00"})
-    );
+    assert_suspended(&t.pool, 1, "insufficient_balance", json!({"current_balance_usd": "0.00", "estimated_cost_usd": "3.00", "required_deposit_usd": "3.00"})).await;
     // A coalesced vault regeneration is requested in the same transaction...
     let vault_job: Value = sqlx::query_scalar("SELECT message FROM pgmq.q_regenerate_vault")
         .fetch_one(&t.pool)
@@ -218,16 +220,14 @@ async fn monthly_limit_exceeded_then_the_monthly_reset_resumes() {
     // The $5.00 the cap leaves is charged; the last cent waits, suspended.
     assert_eq!(r.intents.len(), 1, "{r:?}");
     assert_eq!(r.intents[0]["amount_usd"], "5.00");
-    let (state, reason, details) = service(&t.pool, 1).await;
-    assert_eq!(
-        (state.as_str(), reason.as_deref()),
-        ("suspended", Some("monthly_limit_exceeded"))
-    );
-    assert_eq!(
-        details.unwrap(),
+    assert_suspended(
+        &t.pool,
+        1,
+        "monthly_limit_exceeded",
         json!({"max_monthly_usd": "200.00", "current_month_charged_usd": "200.00",
-               "estimated_cost_usd": "0.01", "remaining_authorization_usd": "0.00"})
-    );
+               "estimated_cost_usd": "0.01", "remaining_authorization_usd": "0.00"}),
+    )
+    .await;
 
     // The 1st of the month (UTC): pretend this month's counters began last month.
     let this_month = Utc::now().date_naive().with_day(1).unwrap();
@@ -282,16 +282,14 @@ async fn a_backlog_past_the_cap_is_billed_up_to_it_and_the_rest_after_the_reset(
         [(0, 1_500_000), (0, 500_000)],
         "oldest first, cut to the request"
     );
-    let (state, reason, details) = service(&t.pool, 1).await;
-    assert_eq!(
-        (state.as_str(), reason.as_deref()),
-        ("suspended", Some("monthly_limit_exceeded"))
-    );
-    assert_eq!(
-        details.unwrap(),
+    assert_suspended(
+        &t.pool,
+        1,
+        "monthly_limit_exceeded",
         json!({"max_monthly_usd": "200.00", "current_month_charged_usd": "200.00",
-               "estimated_cost_usd": "100.00", "remaining_authorization_usd": "0.00"})
-    );
+               "estimated_cost_usd": "100.00", "remaining_authorization_usd": "0.00"}),
+    )
+    .await;
     // In flight: no second intent, still judged (and still suspended).
     let r = cycle(&t.pool, &cfg).await;
     assert!(r.intents.is_empty() && r.resumed.is_empty(), "{r:?}");

@@ -273,18 +273,13 @@ async fn read_escrow(
     cfg: &BillingConfig,
     id: i32,
 ) -> Result<EscrowBalance, EscrowRead> {
-    let settled: i64 = sqlx::query_scalar(SETTLED)
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .map_err(EscrowRead::Db)?;
-    let escrow: Option<String> =
-        sqlx::query_scalar("SELECT escrow_account FROM customers WHERE customer_id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .map_err(EscrowRead::Db)?
-            .flatten();
+    let (escrow, settled): (Option<String>, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT escrow_account FROM customers WHERE customer_id = $1), ({SETTLED})"
+    ))
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .map_err(EscrowRead::Db)?;
     let Some(escrow) = escrow.filter(|e| !e.is_empty()) else {
         return Ok(EscrowBalance {
             cents: 0,
