@@ -712,7 +712,7 @@ async fn local_haproxy_times_are_stored_in_utc_and_sessions_run_in_utc() {
 #[tokio::test]
 async fn each_line_is_stored_once_however_it_is_cut() {
     let t = db().await;
-    let l: Vec<String> = (0..6)
+    let l: Vec<String> = (0..7)
         .map(|m| line(1, "seal", 27, 10, m, 200, 100))
         .collect();
     let batch = |ls: &[&String]| ls.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
@@ -726,8 +726,8 @@ async fn each_line_is_stored_once_however_it_is_cut() {
         ("post-2", batch(&[&l[3], &l[4]])),
         // copytruncate: the old content under the rotated name, then the rest.
         ("haproxy.log.1", batch(&[&l[0], &l[1], &l[2], &l[3], &l[4]])),
-        // One line twice in a batch, and a new one.
-        ("haproxy.log", batch(&[&l[5], &l[5]])),
+        // One line twice in a batch, another between them.
+        ("haproxy.log", batch(&[&l[5], &l[6], &l[5]])),
         // The same request through another syslog relay (its own prefix).
         (
             "relay-2",
@@ -741,8 +741,16 @@ async fn each_line_is_stored_once_however_it_is_cut() {
     }
     assert_eq!(
         seen,
-        [(2, 0), (1, 2), (1, 1), (1, 1), (0, 5), (1, 1), (0, 1)]
+        [(2, 0), (1, 2), (1, 1), (1, 1), (0, 5), (2, 1), (0, 1)]
     );
+    // The repeated line is stored at its first line number.
+    let at: Vec<i32> = sqlx::query_scalar(
+        "SELECT line_no FROM haproxy_logs WHERE ts >= '2026-01-27 10:05:00+00' ORDER BY ts",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(at, [1, 2]);
     // A file read while its last line is being written: that line waits whole.
     let growing = format!("{}\n{}", l[0], &l[1][..40]);
     let n = longshore_jobs::billing::ingest_logs::complete_lines(growing.as_bytes());
@@ -751,7 +759,7 @@ async fn each_line_is_stored_once_however_it_is_cut() {
         longshore_jobs::billing::ingest_logs::complete_lines(b"no newline"),
         0
     );
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 6);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM haproxy_logs").await, 7);
     let mut tx = t.pool.begin().await.unwrap();
     aggregate_chunk(&mut tx, 1_000).await.unwrap();
     tx.commit().await.unwrap();
@@ -761,8 +769,8 @@ async fn each_line_is_stored_once_however_it_is_cut() {
             "SELECT sum(billable_count)::bigint FROM usage_records"
         )
         .await,
-        6,
-        "six requests, six billable"
+        7,
+        "seven requests, seven billable"
     );
     assert_usage_matches_raw(&t.pool).await;
     // Bytes first read by a shipper limited to customer 1 (customer 2's line refused)
@@ -790,4 +798,103 @@ async fn each_line_is_stored_once_however_it_is_cut() {
         got.push((r.already_ingested, r.inserted, r.duplicates));
     }
     assert_eq!(got, [(false, 1, 0), (false, 1, 1)]);
+}
+
+/// Rows go to the server in COPY's binary format, encoded by us: every column of every
+/// kind of value (a NULL duration, status -1, IPv6, `<NOSRV>`, non-ASCII names, sub-second
+/// times, a byte count past i32) reads back as the parser saw it, through the plain COPY
+/// and through the staging path a repeat takes.
+#[tokio::test]
+async fn binary_rows_are_what_postgres_reads() {
+    use longshore_jobs::billing::haproxy::parse_line;
+    let t = db().await;
+    let base = line(7, "seal", 27, 21, 52, 200, 517).replace(":00.000]", ":56.086]");
+    let lines = [
+        base.clone(),
+        base.replace("0/0/1/1/2", "0/0/1/-1/-1")
+            .replace(" 200 517 ", " -1 0 ")
+            .replace("be_seal/s1", "be_seal/<NOSRV>"),
+        base.replace("10.0.0.7:61818", "[2001:db8::7]:443")
+            .replace("be_seal/s1", "bé_ünï/s-1.x")
+            .replace(" 200 517 ", " 503 9876543210123 ")
+            .replace("{7|seal}", "{2147483647|llm_2}")
+            .replace("\"POST /v1/seal HTTP/1.1\"", "\"<BADREQ>\""),
+        // Before PostgreSQL's epoch (a negative timestamp), to the microsecond.
+        base.replace("27/Jan/2026:21:52:56.086]", "31/Dec/1999:23:59:59.123456]"),
+    ];
+    let text = lines.join("\n");
+    let mut tx = t.pool.begin().await.unwrap();
+    let r = ingest(&mut tx, "binary", text.as_bytes()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((r.inserted, r.malformed), (4, 0), "{r:?}");
+    // Again with one new line: the duplicate-safe staging path.
+    let more = format!("{text}\n{}", base.replace(":56.086]", ":57.001]"));
+    let mut tx = t.pool.begin().await.unwrap();
+    let r = ingest(&mut tx, "binary-again", more.as_bytes())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((r.inserted, r.duplicates), (1, 4), "{r:?}");
+
+    type Row = (
+        chrono::DateTime<chrono::Utc>,
+        i32,
+        String,
+        String,
+        i16,
+        i64,
+        Option<i32>,
+        String,
+        String,
+        String,
+        i32,
+        uuid::Uuid,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT ts, customer_id, service_type, method, status_code, bytes_out, duration_ms, \
+                client_ip, backend, server, line_no, line_key FROM haproxy_logs ORDER BY ts, line_no",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    let mut want: Vec<(usize, &str)> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.as_str()))
+        .collect();
+    let last = more.lines().last().unwrap();
+    want.push((5, last));
+    let mut want: Vec<Row> = want
+        .into_iter()
+        .map(|(n, l)| {
+            let p = parse_line(l.as_bytes()).unwrap();
+            (
+                p.ts,
+                p.customer_id,
+                p.service_type,
+                p.method,
+                p.status_code,
+                p.bytes_out,
+                p.duration_ms,
+                p.client_ip,
+                p.backend,
+                p.server,
+                n as i32,
+                uuid::Uuid::from_bytes(p.key),
+            )
+        })
+        .collect();
+    want.sort_by(|a, b| (a.0, a.10).cmp(&(b.0, b.10)));
+    assert_eq!(rows, want);
+    // Sorted by time: the 1999 line first.
+    assert_eq!(rows[0].0.to_rfc3339(), "1999-12-31T23:59:59.123456+00:00");
+    assert_eq!(rows[2].6, None, "a -1 total time is NULL");
+    assert_eq!(rows[3].7, "2001:db8::7");
+    assert_eq!(rows[3].3, "<BADREQ>");
+    let file_keys: i64 = count(
+        &t.pool,
+        "SELECT count(DISTINCT file_key) FROM haproxy_logs WHERE file_key IS NOT NULL",
+    )
+    .await;
+    assert_eq!(file_keys, 2, "each ingest names its file");
 }

@@ -487,8 +487,13 @@ impl BillingConfig {
                 return bad(key, &format!("must be at most {MAX_PRICE_USD} USD"));
             }
         }
-        if b.max_log_file_bytes == 0 || b.max_log_file_bytes > 1 << 36 {
-            return bad("max_log_file_bytes", "must be between 1 byte and 64 GiB");
+        // Below 2 GiB a file has fewer than 2^31 lines and fields: line numbers and COPY's
+        // field lengths are 32-bit.
+        if b.max_log_file_bytes == 0 || b.max_log_file_bytes > i32::MAX as u64 {
+            return bad(
+                "max_log_file_bytes",
+                "must be between 1 byte and 2 GiB - 1 (line numbers are 32-bit)",
+            );
         }
         if b.chain.max_charge_usd > MAX_CHARGE_USD {
             return bad(

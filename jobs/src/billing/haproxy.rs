@@ -9,7 +9,7 @@
 //! a request line may hold anything, so the line is read lossily and the fields we keep
 //! are validated. Every rejection has a reason; the caller counts and reports it.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 
 /// One request, as stored in `haproxy_logs`.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,7 +52,11 @@ pub enum LineError {
 
 /// Parses one line (without its newline).
 pub fn parse_line(raw: &[u8]) -> Result<LogRecord, LineError> {
-    let line = String::from_utf8_lossy(raw);
+    // Valid UTF-8 (nearly every line) is borrowed as is; only other bytes are replaced.
+    let line = match std::str::from_utf8(raw) {
+        Ok(l) => std::borrow::Cow::Borrowed(l),
+        Err(_) => String::from_utf8_lossy(raw),
+    };
     let line = line.trim_end_matches(['\r', '\n']);
     if line.trim().is_empty() {
         return Err(LineError::Empty);
@@ -81,6 +85,13 @@ pub fn parse_line(raw: &[u8]) -> Result<LogRecord, LineError> {
     let (backend, server) = next("backend/server")?
         .split_once('/')
         .ok_or(LineError::Truncated("backend/server"))?;
+    // Names are stored as text, and PostgreSQL's text holds no NUL: refused here, or it
+    // would fail the whole batch (text COPY used to cut the name at it).
+    for (what, name) in [("backend", backend), ("server", server)] {
+        if name.contains('\0') {
+            return Err(LineError::BadField(what, name.into()));
+        }
+    }
     let timers = next("timers")?;
     let ta = timers
         .rsplit('/')
@@ -111,11 +122,12 @@ pub fn parse_line(raw: &[u8]) -> Result<LogRecord, LineError> {
     let hr = next("request captures")?;
     let (customer_id, service_type) = capture(hr)?;
     let _hs = next("response captures")?;
-    let rest: Vec<&str> = f.collect();
-    let request = rest.join(" ");
-    let method = request
-        .strip_prefix('"')
-        .and_then(|r| r.split(' ').next())
+    // The method is the quoted request's first word (what follows it is not kept);
+    // HAProxy logs a request it could not parse as `"<BADREQ>"`, quote and all.
+    let method = f
+        .next()
+        .and_then(|r| r.strip_prefix('"'))
+        .map(|m| m.strip_suffix('"').unwrap_or(m))
         .filter(|m| !m.is_empty())
         .ok_or(LineError::Truncated("request"))?;
     if method.len() > 16 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -162,9 +174,58 @@ fn find_accept_date(line: &str) -> Option<usize> {
 }
 
 fn parse_date(s: &str) -> Result<DateTime<Utc>, LineError> {
-    NaiveDateTime::parse_from_str(s, "%d/%b/%Y:%H:%M:%S%.f")
-        .map(|d| d.and_utc())
-        .map_err(|_| LineError::BadDate(s.into()))
+    // HAProxy's `%tr` is always `dd/Mon/yyyy:HH:MM:SS.mmm`: read by position (chrono's
+    // format parser was a tenth of the ingest's CPU); any other shape goes through it.
+    let bad = || LineError::BadDate(s.into());
+    if let Some(d) = fast_date(s.as_bytes()) {
+        return Ok(d.and_utc());
+    }
+    let d = NaiveDateTime::parse_from_str(s, "%d/%b/%Y:%H:%M:%S%.f").map_err(|_| bad())?;
+    // chrono reads second 60 as a leap second, which PostgreSQL refuses (and which would
+    // land in the next day's partition): no HAProxy clock writes one.
+    if d.nanosecond() >= 1_000_000_000 {
+        return Err(bad());
+    }
+    // Stored to the microsecond: finer digits (a POSTed line; HAProxy writes
+    // milliseconds) round half to even, as PostgreSQL's own input did, so the same line
+    // keeps the same timestamp, and key, whichever path stored it.
+    let (micros, rest) = (d.nanosecond() / 1000, d.nanosecond() % 1000);
+    let up = rest > 500 || (rest == 500 && micros % 2 == 1);
+    let d = d.with_nanosecond(micros * 1000).ok_or_else(bad)?;
+    let d = if up {
+        d + chrono::TimeDelta::microseconds(1)
+    } else {
+        d
+    };
+    Ok(d.and_utc())
+}
+
+/// `dd/Mon/yyyy:HH:MM:SS.mmm` exactly, validated as a calendar date and time.
+fn fast_date(b: &[u8]) -> Option<NaiveDateTime> {
+    if b.len() != 24 || b[2] != b'/' || b[6] != b'/' || b[11] != b':' || b[20] != b'.' {
+        return None;
+    }
+    if b[14] != b':' || b[17] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let month = MONTHS.iter().position(|m| m[..] == b[3..6])? as u32 + 1;
+    let date = chrono::NaiveDate::from_ymd_opt(num(7..11)? as i32, month, num(0..2)?)?;
+    let time = chrono::NaiveTime::from_hms_milli_opt(
+        num(12..14)?,
+        num(15..17)?,
+        num(18..20)?,
+        num(21..24)?,
+    )?;
+    Some(date.and_time(time))
 }
 
 /// `10.0.0.7:61818`, `2001:db8::1:61818` or `[2001:db8::1]:61818` → the address.
@@ -325,6 +386,83 @@ mod tests {
             parse_line(&l),
             Err(LineError::BadField("service_type", _))
         ));
+    }
+
+    #[test]
+    fn a_nul_in_a_name_is_refused_other_names_are_kept() {
+        for (to, what) in [("be\0seal/s1", "backend"), ("be_seal/s\01", "server")] {
+            let l = SPEC.replace("be_seal/s1", to);
+            assert!(
+                matches!(parse_line(l.as_bytes()), Err(LineError::BadField(w, _)) if w == what),
+                "{to:?}"
+            );
+        }
+        // Stored before the binary COPY, stored still: empty names, other control bytes.
+        for to in ["/s1", "be_seal/", "be\x07seal/s\x7f1"] {
+            let l = SPEC.replace("be_seal/s1", to);
+            let r = parse_line(l.as_bytes()).unwrap_or_else(|e| panic!("{to:?}: {e}"));
+            assert_eq!(format!("{}/{}", r.backend, r.server), to);
+        }
+    }
+
+    #[test]
+    fn badreq_lines_as_haproxy_writes_them_are_kept() {
+        let l = SPEC.replace("\"POST /v1/seal HTTP/1.1\"", "\"<BADREQ>\"");
+        assert_eq!(parse_line(l.as_bytes()).unwrap().method, "<BADREQ>");
+        let l = SPEC.replace("\"POST /v1/seal HTTP/1.1\"", "\"GET\"");
+        assert_eq!(parse_line(l.as_bytes()).unwrap().method, "GET");
+        let l = SPEC.replace("\"POST /v1/seal HTTP/1.1\"", "\"\"");
+        assert_eq!(
+            parse_line(l.as_bytes()),
+            Err(LineError::Truncated("request"))
+        );
+    }
+
+    #[test]
+    fn sub_microsecond_digits_round_half_even_and_leap_seconds_are_refused() {
+        let at = |s: &str| parse_date(s).map(|d| d.format("%S%.6f").to_string());
+        assert_eq!(at("27/Jan/2026:21:52:56.0000009").unwrap(), "56.000001");
+        assert_eq!(at("27/Jan/2026:21:52:56.0000015").unwrap(), "56.000002");
+        assert_eq!(at("27/Jan/2026:21:52:56.0000025").unwrap(), "56.000002");
+        assert_eq!(at("27/Jan/2026:21:52:56.0000024").unwrap(), "56.000002");
+        assert_eq!(at("27/Jan/2026:21:52:59.9999996").unwrap(), "00.000000");
+        assert!(parse_date("31/Dec/2026:23:59:60.500").is_err());
+    }
+
+    #[test]
+    fn accept_dates_read_by_position_agree_with_chrono() {
+        for d in [
+            "27/Jan/2026:21:52:56.086",
+            "01/Feb/2024:00:00:00.000",
+            "29/Feb/2024:23:59:59.999",
+            "31/Dec/1999:12:34:56.789",
+        ] {
+            let slow = NaiveDateTime::parse_from_str(d, "%d/%b/%Y:%H:%M:%S%.f").unwrap();
+            assert_eq!(fast_date(d.as_bytes()), Some(slow), "{d}");
+            assert_eq!(parse_date(d).unwrap(), slow.and_utc());
+        }
+        // Impossible dates and times, and bad digits, are refused by both paths.
+        for d in [
+            "29/Feb/2026:00:00:00.000",
+            "32/Jan/2026:00:00:00.000",
+            "27/Jan/2026:24:00:00.000",
+            "27/Jan/2026:23:60:00.000",
+            "27/Jab/2026:00:00:00.000",
+            "2x/Jan/2026:00:00:00.000",
+            "27/Jan/2026:00:00:00.0-0",
+        ] {
+            assert_eq!(fast_date(d.as_bytes()), None, "{d}");
+            assert!(parse_date(d).is_err(), "{d}");
+        }
+        // Other shapes still go through chrono: microseconds, no fraction.
+        assert!(fast_date(b"27/Jan/2026:21:52:56.086123").is_none());
+        assert_eq!(
+            parse_date("27/Jan/2026:21:52:56.086123").unwrap(),
+            "2026-01-27T21:52:56.086123Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+        );
+        assert!(parse_date("27/Jan/2026:21:52:56").is_ok());
     }
 
     #[test]
