@@ -626,6 +626,12 @@ fn bad_pricing_is_refused_at_start_with_its_key() {
             "LONGSHORE__BILLING__CHAIN__MAX_CHARGE_USD",
             "10",
         ),
+        // Line numbers and COPY field lengths are 32-bit: a file must stay below 2 GiB.
+        (
+            "billing.max_log_file_bytes",
+            "LONGSHORE__BILLING__MAX_LOG_FILE_BYTES",
+            "2147483648",
+        ),
     ] {
         let e = BillingConfig::from_config(&common::config(&[(var, value)]))
             .err()

@@ -11,6 +11,10 @@
 //! 4. **idle latency**: one job at a time at a fixed rate: enqueue-commit →
 //!    handler-start percentiles on an idle fleet (LISTEN/NOTIFY wake-up).
 //!
+//! Scenarios (named only; `--scenario` is another name for `--phases`):
+//! - **delayed**: the drain twice, alone and behind `--delayed-jobs` jobs scheduled for
+//!   tomorrow with lower ids, and the ratio: what invisible rows cost a claim.
+//!
 //! Pipeline phases (named only): `ingest`, `aggregate` (billing), `signals` (market) and
 //! `llm` (chat: `llm_call` jobs on the echo simulator with no delay, so the figure is
 //! what the fleet adds per call: pre-call checks, the attempt, the stored answer, the
@@ -56,8 +60,17 @@ pub struct Args {
     /// pipeline's ingest (HAProxy lines parsed and stored) and aggregate, the
     /// market pipeline's signals (candles validated, indicators, strategy v1), and the
     /// chat pipeline's llm (llm_call jobs on the echo simulator).
-    #[arg(long, value_delimiter = ',', default_value = "store,drain,e2e,idle")]
+    #[arg(
+        long,
+        alias = "scenario",
+        value_delimiter = ',',
+        default_value = "store,drain,e2e,idle"
+    )]
     pub phases: Vec<String>,
+    /// Jobs scheduled for tomorrow, queued ahead of the visible ones, in the delayed
+    /// phase.
+    #[arg(long, default_value_t = 200_000)]
+    pub delayed_jobs: usize,
     /// Log lines in the ingest phase.
     #[arg(long, default_value_t = 1_000_000)]
     pub ingest_lines: usize,
@@ -158,6 +171,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             "drain",
             "e2e",
             "idle",
+            "delayed",
             "ingest",
             "aggregate",
             "signals",
@@ -166,7 +180,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         .contains(&p.as_str())
         {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle, ingest, aggregate, signals, llm"
+                "unknown phase {p:?}: store, drain, e2e, idle, delayed, ingest, aggregate, signals, llm"
             )));
         }
     }
@@ -326,6 +340,63 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         ));
         report.insert("idle_rate_jobs_per_s".into(), json!(args.rate));
         report.insert("idle_latency_ms".into(), lat);
+    }
+
+    if run("delayed") {
+        say(format!(
+            "delayed: drain {} visible jobs alone, then behind {} jobs delayed a day (lower ids)",
+            args.jobs, args.delayed_jobs
+        ));
+        let mut rates = Vec::new();
+        for delayed in [0, args.delayed_jobs] {
+            let pool = fresh_db(&cfg, &opts).await?;
+            let batch: Vec<Probe> = (0..1000).map(Probe::new).collect();
+            let mut sent = 0;
+            while sent < delayed {
+                let k = (delayed - sent).min(batch.len());
+                let later = EnqueueOptions::default().delay(Duration::from_secs(86_400));
+                enqueue_many(&pool, &batch[..k], later).await?;
+                sent += k;
+            }
+            fill(&pool, args.jobs).await?;
+            sqlx::query("ANALYZE pgmq.q_probe").execute(&pool).await?;
+            let rec = Arc::new(Recorder::default());
+            let fleet = Fleet::start(&pool, &cfg, rec.clone(), "probe")?;
+            let t = Instant::now();
+            let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
+            let rate = args.jobs as f64 / t.elapsed().as_secs_f64();
+            fleet.stop().await;
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.q_probe")
+                .fetch_one(&pool)
+                .await?;
+            pool.close().await;
+            if !ok {
+                return Err(
+                    anyhow::anyhow!("delayed phase did not finish within 10 minutes").into(),
+                );
+            }
+            if left != delayed as i64 {
+                return Err(anyhow::anyhow!(
+                    "delayed phase: {left} jobs left in the queue, expected the {delayed} delayed ones"
+                )
+                .into());
+            }
+            rates.push(rate);
+        }
+        let ratio = rates[1] / rates[0];
+        report.insert(
+            "delayed".into(),
+            json!({"alone_jobs_per_s": rates[0].round(), "behind_delayed_jobs_per_s": rates[1].round(),
+                   "delayed_jobs": args.delayed_jobs, "ratio": (ratio * 100.0).round() / 100.0}),
+        );
+        lines.push(format!(
+            "drain alone                                 {:>9.0} jobs/s",
+            rates[0]
+        ));
+        lines.push(format!(
+            "drain behind {:>7} delayed jobs           {:>9.0} jobs/s (ratio {ratio:.2})",
+            args.delayed_jobs, rates[1]
+        ));
     }
 
     if run("ingest") {

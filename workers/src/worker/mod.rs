@@ -346,6 +346,8 @@ impl Consumer {
                         db_errors = 0;
                         idle = batch.claimed.len() + batch.buried.len() + batch.undecodable.len()
                             < free;
+                        tracing::debug!(queue = self.queue, free, claimed = batch.claimed.len(),
+                            running = jobs.len(), settling, took = ?sent.elapsed(), "claim");
                         for b in &batch.buried {
                             metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "exhausted").increment(1);
                             warn!(queue = self.queue, id = b.msg_id, attempts = b.attempts, reason = %b.reason,
