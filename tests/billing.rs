@@ -890,7 +890,7 @@ async fn binary_rows_are_what_postgres_reads() {
             )
         })
         .collect();
-    want.sort_by(|a, b| (a.0, a.10).cmp(&(b.0, b.10)));
+    want.sort_by_key(|a| (a.0, a.10));
     assert_eq!(rows, want);
     // Sorted by time: the 1999 line first.
     assert_eq!(rows[0].0.to_rfc3339(), "1999-12-31T23:59:59.123456+00:00");

@@ -747,3 +747,103 @@ async fn migrate_is_idempotent() {
         kinds
     );
 }
+
+/// Issue 16: the queue gauges are counted once per interval for the whole fleet. Three
+/// processes sampling at once: one counts, all three get its figures; sampling again
+/// within the interval counts nothing; once due, one counts again and sees the change.
+/// The archive is not counted (a million archived rows used to be read by every
+/// process every 5 s).
+#[tokio::test]
+async fn one_process_per_interval_counts_the_queues_for_the_fleet() {
+    use longshore_workers::telemetry::sample_once;
+    let t = db().await;
+    for i in 0..3 {
+        enqueue(&t.pool, &Probe::new(i), EnqueueOptions::default())
+            .await
+            .unwrap();
+    }
+    enqueue(
+        &t.pool,
+        &Probe::new(9),
+        EnqueueOptions::default().delay(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let pools: Vec<PgPool> = (0..3).map(|_| t.pool.clone()).collect();
+    let every = Duration::from_secs(2);
+    let samples = futures::future::join_all(pools.iter().map(|p| sample_once(p, every))).await;
+    let samples: Vec<_> = samples.into_iter().map(Result::unwrap).collect();
+    let counted: Vec<_> = samples.iter().filter(|s| s.counted).collect();
+    assert_eq!(
+        counted.len(),
+        1,
+        "exactly one of three counted: {samples:?}"
+    );
+    let probe = |s: &longshore_workers::telemetry::Sample| {
+        s.queues
+            .iter()
+            .find(|q| q.queue == "probe")
+            .cloned()
+            .expect("probe sampled")
+    };
+    let p = probe(counted[0]);
+    assert_eq!((p.visible, p.delayed, p.in_flight), (3, 1, 0));
+    // Within the interval: nobody counts, everybody reads the counted figures (the
+    // two that ran beside the count read what was there before it: gauges lag by at
+    // most one interval).
+    enqueue(&t.pool, &Probe::new(4), EnqueueOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let again = sample_once(&t.pool, every).await.unwrap();
+        assert!(!again.counted);
+        assert_eq!(again.queues, counted[0].queues);
+    }
+    // Due again: counted, with the new job.
+    tokio::time::sleep(every).await;
+    let due = sample_once(&t.pool, every).await.unwrap();
+    assert!(due.counted);
+    let probe = due.queues.iter().find(|q| q.queue == "probe").unwrap();
+    assert_eq!(probe.visible, 4);
+    assert_eq!(
+        probe.archived, 0,
+        "the archive is never counted for the gauges"
+    );
+}
+
+/// Claims take jobs in the order they became visible, and a `run_at` in the past is
+/// visible now: a producer cannot put its job ahead of those already waiting (before
+/// the claim ordered by `vt`, this was by id; a `vt` of 1970 would now jump the queue).
+#[tokio::test]
+async fn a_run_at_in_the_past_does_not_jump_the_queue() {
+    let t = db().await;
+    let first = enqueue(&t.pool, &Probe::new(1), EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let late = enqueue(
+        &t.pool,
+        &Probe::new(2),
+        EnqueueOptions::default().run_at(epoch),
+    )
+    .await
+    .unwrap()
+    .id;
+    let claimed = probe_sql()
+        .claim(&t.pool, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.msg_id).collect::<Vec<_>>(),
+        [first]
+    );
+    let vt_ok: bool = sqlx::query_scalar(
+        "SELECT vt > now() - interval '1 minute' FROM pgmq.q_probe WHERE msg_id = $1",
+    )
+    .bind(late)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert!(vt_ok, "a past run_at is stored as now");
+}

@@ -305,3 +305,80 @@ missed = "skip"
         p.logs()
     );
 }
+
+/// Issue 16: retention converges. 13,000 archived rows past the retention in two queues,
+/// pruned through a pool whose statement timeout is 1 s. A test trigger makes each
+/// delete from `a_probe` sleep 1 ms, so how long a statement takes is set by how many
+/// rows it deletes, not by how fast or busy this machine is: one statement over that
+/// backlog (as before) takes at least 3 s and is cancelled, deleting nothing; committed
+/// batches of 100 (about 100 ms each, well inside the timeout) take every old row, and
+/// no young one.
+#[tokio::test]
+async fn retention_deletes_in_committed_batches_under_the_statement_timeout() {
+    let t = db().await;
+    for (q, n) in [("probe", 3_000), ("maintenance", 10_000)] {
+        sqlx::query(&format!(
+            "INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, archived_at, vt, message) \
+             SELECT i, 1, now() - interval '9 days', now() - interval '8 days' + i * interval '1 ms', now(), '{{}}' \
+             FROM generate_series(1, $1::bigint) i"
+        ))
+        .bind(n as i64)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+        sqlx::query(&format!(
+            "INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, archived_at, vt, message) \
+             VALUES ($1, 1, now(), now(), now(), '{{}}')"
+        ))
+        .bind(n as i64 + 1)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    }
+    // And completion records of `delete` queues: 1,000 old, one young.
+    sqlx::query(
+        "INSERT INTO longshore.completions (queue, msg_id, attempts, done_at) \
+         SELECT 'probe', i, 1, CASE WHEN i > 1000 THEN now() ELSE now() - interval '8 days' END \
+         FROM generate_series(1, 1001) i",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    for ddl in [
+        "CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.001); RETURN OLD; END $$",
+        "CREATE TRIGGER slow_delete BEFORE DELETE ON pgmq.a_probe \
+         FOR EACH ROW EXECUTE FUNCTION slow_delete()",
+        "ANALYZE pgmq.a_probe",
+    ] {
+        sqlx::query(ddl).execute(&t.pool).await.unwrap();
+    }
+    let mut dbcfg = common::config(&[]).database.clone();
+    dbcfg.statement_timeout = Duration::from_secs(1);
+    let pool = longshore_workers::db::connect(&t.url, &dbcfg, "retention-test")
+        .await
+        .unwrap();
+    let week = Duration::from_secs(7 * 86_400);
+    // What one unbounded statement does under that timeout: cancelled, nothing deleted.
+    let whole =
+        sqlx::query("DELETE FROM pgmq.a_probe WHERE archived_at < now() - interval '7 days'")
+            .execute(&pool)
+            .await;
+    assert!(
+        whole.is_err(),
+        "the whole backlog in one statement fits the timeout: make it larger"
+    );
+    let deleted = longshore_workers::store::prune_archives(&pool, week, 100)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 14_000);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await, 1);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.a_maintenance").await,
+        1
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.completions").await,
+        1
+    );
+}

@@ -49,7 +49,8 @@ impl Handler for MaintenanceHandler {
         let deleted = match a.task {
             Task::PruneArchives => {
                 let age = age()?;
-                store::prune_archives(ctx.tx().await?, age).await?
+                // Committed batch by batch, not in the job's transaction (retention.rs).
+                store::prune_archives(ctx.pool(), age, store::PRUNE_BATCH).await?
             }
             Task::PruneDeadLetters => store::prune_dead_letters(ctx.tx().await?, age()?).await?,
             Task::ExpireIdempotencyKeys => store::expire_idempotency_keys(ctx.tx().await?).await?,

@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
+use crate::store::QueueStats;
 
 pub const QUEUE_DEPTH: &str = "longshore_queue_depth";
 pub const QUEUE_INFLIGHT: &str = "longshore_queue_inflight";
@@ -31,14 +32,18 @@ pub const HTTP_EVICTED: &str = "longshore_http_connections_evicted_total";
 pub const HTTP_REFUSED: &str = "longshore_http_connections_refused_total";
 pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
 
-/// Samples the per-queue gauges from the database every `every` until `stop`.
-/// Every process that serves `/metrics` runs one; aggregate with `max by (queue)`.
+/// Keeps the per-queue gauges every `every` until `stop`. Every process that serves
+/// `/metrics` runs one and exports the same figures (aggregate with `max by (queue)`),
+/// but only one process per interval, fleet-wide, counts them ([`sample_once`]).
 pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToken) {
     loop {
         // Raced with `stop`, so a server that does not answer cannot hold up a shutdown.
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = sample_once(&pool) => {}
+            r = sample_once(&pool, every) => match r {
+                Ok(sample) => export(&sample.queues),
+                Err(e) => tracing::debug!(error = %e, "queue sample failed"),
+            },
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -47,25 +52,95 @@ pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToke
     }
 }
 
-async fn sample_once(pool: &PgPool) {
-    let queues = match crate::store::existing_queues(pool).await {
-        Ok(q) => q,
-        Err(e) => return tracing::debug!(error = %e, "queue sample failed"),
-    };
-    for q in queues {
-        let Ok(name) = crate::queue_name::QueueName::parse(&q) else {
-            continue;
-        };
-        match crate::enqueue::queue_sql(&name).stats(pool).await {
-            Ok(s) => {
-                metrics::gauge!(QUEUE_DEPTH, "queue" => q.clone()).set(s.visible as f64);
-                metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone()).set(s.in_flight as f64);
-                metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(s.delayed as f64);
-                metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone()).set(s.oldest_age_seconds);
-                metrics::gauge!(DEAD_LETTERS, "queue" => q.clone()).set(s.dead_letters as f64);
-            }
-            Err(e) => tracing::debug!(queue = q, error = %e, "queue sample failed"),
+/// What [`sample_once`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// This call did the counting (it was due and no other process had it).
+    pub counted: bool,
+    pub queues: Vec<QueueStats>,
+}
+
+/// The fleet's latest queue figures, counting them first if they are older than
+/// `every` and no other process is counting: one process per interval scans the queue
+/// tables, whatever the number of replicas, and everyone else reads a small table
+/// (`longshore.queue_samples`). The archives are never counted (no gauge exports them;
+/// `longshore queues` does, on request). If the process that counted last goes away,
+/// the next one to find the figures due takes over.
+pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Due a little early: a sampler whose sleeps drift keeps the interval.
+    let due: Option<bool> = sqlx::query_scalar(
+        "UPDATE longshore.queue_sampler s SET sampled_at = now() \
+          WHERE s.id AND s.id IN (SELECT id FROM longshore.queue_sampler \
+                                   WHERE sampled_at <= now() - make_interval(secs => $1) \
+                                   FOR UPDATE SKIP LOCKED) \
+         RETURNING true",
+    )
+    .bind(every.as_secs_f64() * 0.9)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let counted = due.is_some();
+    if counted {
+        let names = crate::store::existing_queues(&mut *tx).await?;
+        let mut rows = Vec::with_capacity(names.len());
+        for q in &names {
+            let Ok(name) = crate::queue_name::QueueName::parse(q) else {
+                continue;
+            };
+            rows.push(crate::enqueue::queue_sql(&name).gauges(&mut *tx).await?);
         }
+        sqlx::query(
+            "INSERT INTO longshore.queue_samples AS s \
+               (queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, sampled_at) \
+             SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::float8[], $6::int8[]) \
+             ON CONFLICT (queue) DO UPDATE SET visible = excluded.visible, in_flight = excluded.in_flight, \
+               delayed = excluded.delayed, oldest_age_seconds = excluded.oldest_age_seconds, \
+               dead_letters = excluded.dead_letters, sampled_at = excluded.sampled_at",
+        )
+        .bind(rows.iter().map(|r| r.queue.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.visible).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.in_flight).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.delayed).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.oldest_age_seconds).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.dead_letters).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM longshore.queue_samples WHERE queue <> ALL ($1)")
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let queues = sqlx::query_as::<_, (String, i64, i64, i64, f64, i64)>(
+        "SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters \
+           FROM longshore.queue_samples ORDER BY queue",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(
+        |(queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters)| QueueStats {
+            queue,
+            visible,
+            in_flight,
+            delayed,
+            oldest_age_seconds,
+            dead_letters,
+            archived: 0,
+        },
+    )
+    .collect();
+    tx.commit().await?;
+    Ok(Sample { counted, queues })
+}
+
+fn export(queues: &[QueueStats]) {
+    for s in queues {
+        let q = s.queue.clone();
+        metrics::gauge!(QUEUE_DEPTH, "queue" => q.clone()).set(s.visible as f64);
+        metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone()).set(s.in_flight as f64);
+        metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(s.delayed as f64);
+        metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone()).set(s.oldest_age_seconds);
+        metrics::gauge!(DEAD_LETTERS, "queue" => q).set(s.dead_letters as f64);
     }
 }
 

@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_nul_in_a_name_is_refused_other_names_are_kept() {
-        for (to, what) in [("be\0seal/s1", "backend"), ("be_seal/s\01", "server")] {
+        for (to, what) in [("be\0seal/s1", "backend"), ("be_seal/s\x001", "server")] {
             let l = SPEC.replace("be_seal/s1", to);
             assert!(
                 matches!(parse_line(l.as_bytes()), Err(LineError::BadField(w, _)) if w == what),

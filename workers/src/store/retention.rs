@@ -7,32 +7,70 @@ use sqlx::PgExecutor;
 use super::existing_queues;
 use crate::queue_name::QueueName;
 
+/// Rows one retention statement deletes at most: each is its own short transaction, so
+/// no statement nears the statement timeout however large the backlog, and a failure
+/// keeps what earlier batches did.
+pub const PRUNE_BATCH: i64 = 5_000;
+
 /// Deletes archived messages older than `older_than` from every queue, and the
-/// completion records of `delete` queues of the same age.
+/// completion records of `delete` queues of the same age, in committed batches of at most
+/// `batch` rows (each statement its own transaction on `pool`), oldest first, until none
+/// is left. The cut-off is read once, so the pass ends even while jobs keep completing.
+///
+/// Before, one transaction deleted every queue's whole backlog: once that took longer
+/// than the statement timeout it rolled back every time, and the backlog only grew.
+/// Deleting old rows is idempotent, so a pass cut short by a crash is simply run again.
 pub async fn prune_archives(
-    ex: &mut sqlx::PgConnection,
+    pool: &sqlx::PgPool,
     older_than: Duration,
+    batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    let mut n = 0;
-    for q in existing_queues(&mut *ex).await? {
+    let cutoff: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT now() - make_interval(secs => $1)")
+            .bind(older_than.as_secs_f64())
+            .fetch_one(pool)
+            .await?;
+    let mut statements = Vec::new();
+    for q in existing_queues(pool).await? {
         let Ok(name) = QueueName::parse(&q) else {
             continue;
         };
-        n += sqlx::query(&format!(
-            "DELETE FROM pgmq.a_{name} WHERE archived_at < now() - make_interval(secs => $1)"
-        ))
-        .bind(older_than.as_secs_f64())
-        .execute(&mut *ex)
-        .await?
-        .rows_affected();
+        // The ids first (pgmq indexes archived_at), then deleted by primary key: an
+        // `IN (subquery)` was planned as a hash join over the whole archive. The age is
+        // checked again on the row deleted, and rows another pass holds are skipped.
+        statements.push(format!(
+            "DELETE FROM pgmq.a_{name} WHERE msg_id = ANY (ARRAY( \
+               SELECT msg_id FROM pgmq.a_{name} WHERE archived_at < $1 \
+                ORDER BY archived_at LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+               AND archived_at < $1"
+        ));
     }
-    n += sqlx::query(
-        "DELETE FROM longshore.completions WHERE done_at < now() - make_interval(secs => $1)",
-    )
-    .bind(older_than.as_secs_f64())
-    .execute(&mut *ex)
-    .await?
-    .rows_affected();
+    // By row address: a completion's key is (queue, msg_id), and a completion refreshed
+    // meanwhile (its done_at moved) is kept.
+    statements.push(
+        "DELETE FROM longshore.completions WHERE ctid = ANY (ARRAY( \
+           SELECT ctid FROM longshore.completions WHERE done_at < $1 \
+            ORDER BY done_at LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+           AND done_at < $1"
+            .to_string(),
+    );
+    let mut n = 0;
+    for sql in &statements {
+        // Until a batch finds nothing: a short batch may only mean another pass holds
+        // the rest.
+        loop {
+            let deleted = sqlx::query(sql)
+                .bind(cutoff)
+                .bind(batch.max(1))
+                .execute(pool)
+                .await?
+                .rows_affected();
+            n += deleted;
+            if deleted == 0 {
+                break;
+            }
+        }
+    }
     Ok(n)
 }
 
