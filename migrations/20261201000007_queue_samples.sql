@@ -13,7 +13,7 @@ CREATE TABLE longshore.queue_samples (
     sampled_at         timestamptz NOT NULL
 );
 
--- One row: when the fleet last sampled. Taken FOR UPDATE SKIP LOCKED by the sampler.
+-- One row: when the fleet last sampled. The process whose UPDATE finds it due counts.
 CREATE TABLE longshore.queue_sampler (
     id         boolean PRIMARY KEY DEFAULT true CHECK (id),
     sampled_at timestamptz NOT NULL

@@ -803,12 +803,35 @@ async fn one_process_per_interval_counts_the_queues_for_the_fleet() {
     tokio::time::sleep(every).await;
     let due = sample_once(&t.pool, every).await.unwrap();
     assert!(due.counted);
-    let probe = due.queues.iter().find(|q| q.queue == "probe").unwrap();
-    assert_eq!(probe.visible, 4);
-    assert_eq!(
-        probe.archived, 0,
-        "the archive is never counted for the gauges"
+    let p = probe(&due);
+    assert_eq!(p.visible, 4);
+    assert_eq!(p.archived, 0, "the archive is never counted for the gauges");
+    assert!(due.failed.is_empty() && due.age_seconds < 1.0, "{due:?}");
+    // A queue whose count fails (its table is gone) keeps its last figures, is named,
+    // and ages; the others are still counted.
+    sqlx::query("SELECT pgmq.create('broken')")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(every).await;
+    assert!(sample_once(&t.pool, every).await.unwrap().counted);
+    sqlx::query("DROP TABLE pgmq.q_broken")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    enqueue(&t.pool, &Probe::new(5), EnqueueOptions::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(every).await;
+    let partial = sample_once(&t.pool, every).await.unwrap();
+    assert!(partial.counted);
+    assert_eq!(partial.failed, ["broken"]);
+    assert_eq!(probe(&partial).visible, 5, "the other queues are counted");
+    assert!(
+        partial.queues.iter().any(|q| q.queue == "broken"),
+        "the failed queue keeps its last figures"
     );
+    assert!(partial.age_seconds >= every.as_secs_f64(), "{partial:?}");
 }
 
 /// Claims take jobs in the order they became visible, and a `run_at` in the past is

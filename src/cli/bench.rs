@@ -242,16 +242,9 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         let t = Instant::now();
         fill(&pool, args.jobs).await?;
         let enqueue_rate = args.jobs as f64 / t.elapsed().as_secs_f64();
-        let rec = Arc::new(Recorder::default());
-        let fleet = Fleet::start(&pool, &cfg, rec.clone(), "probe")?;
-        let t = Instant::now();
-        let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
-        let rate = args.jobs as f64 / t.elapsed().as_secs_f64();
-        fleet.stop().await;
+        let drained = drain(&pool, &cfg, args.jobs, "drain").await;
         pool.close().await;
-        if !ok {
-            return Err(anyhow::anyhow!("drain did not finish within 10 minutes").into());
-        }
+        let (rate, rec) = drained?;
         report.insert(
             "enqueue_batched_jobs_per_s".into(),
             json!(enqueue_rate.round()),
@@ -360,28 +353,18 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             schedule_later(&pool, delayed).await?;
             fill(&pool, args.jobs).await?;
             sqlx::query("ANALYZE pgmq.q_probe").execute(&pool).await?;
-            let rec = Arc::new(Recorder::default());
-            let fleet = Fleet::start(&pool, &cfg, rec.clone(), "probe")?;
-            let t = Instant::now();
-            let ok = rec.wait_done(args.jobs, Duration::from_secs(600)).await;
-            let drain = args.jobs as f64 / t.elapsed().as_secs_f64();
-            fleet.stop().await;
+            let (drained, _) = drain(&pool, &cfg, args.jobs, "delayed phase").await?;
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pgmq.q_probe")
                 .fetch_one(&pool)
                 .await?;
             pool.close().await;
-            if !ok {
-                return Err(
-                    anyhow::anyhow!("delayed phase did not finish within 10 minutes").into(),
-                );
-            }
             if left != delayed as i64 {
                 return Err(anyhow::anyhow!(
                     "delayed phase: {left} jobs left in the queue, expected the {delayed} delayed ones"
                 )
                 .into());
             }
-            rates.push((store, drain));
+            rates.push((store, drained));
         }
         let (alone, behind) = (rates[0], rates[1]);
         let ratio = |a: f64, b: f64| (b / a * 100.0).round() / 100.0;
@@ -601,26 +584,43 @@ impl Fleet {
 
 /// `n` probe jobs visible only tomorrow.
 async fn schedule_later(pool: &PgPool, n: usize) -> Result<(), CliError> {
+    let later = EnqueueOptions::default().delay(Duration::from_secs(86_400));
+    fill_with(pool, n, later).await
+}
+
+async fn fill(pool: &PgPool, n: usize) -> Result<(), CliError> {
+    fill_with(pool, n, EnqueueOptions::default()).await
+}
+
+/// `n` probe jobs in batches of 1,000, each batch enqueued with `opts`.
+async fn fill_with(pool: &PgPool, n: usize, opts: EnqueueOptions) -> Result<(), CliError> {
     let batch: Vec<Probe> = (0..1000).map(Probe::new).collect();
     let mut sent = 0;
     while sent < n {
         let k = (n - sent).min(batch.len());
-        let later = EnqueueOptions::default().delay(Duration::from_secs(86_400));
-        enqueue_many(pool, &batch[..k], later).await?;
+        enqueue_many(pool, &batch[..k], opts.clone()).await?;
         sent += k;
     }
     Ok(())
 }
 
-async fn fill(pool: &PgPool, n: usize) -> Result<(), CliError> {
-    let batch: Vec<Probe> = (0..1000).map(Probe::new).collect();
-    let mut sent = 0;
-    while sent < n {
-        let k = (n - sent).min(batch.len());
-        enqueue_many(pool, &batch[..k], EnqueueOptions::default()).await?;
-        sent += k;
+/// A worker on `probe` drains the `n` jobs already queued: jobs/s, and what it saw.
+async fn drain(
+    pool: &PgPool,
+    cfg: &Arc<Config>,
+    n: usize,
+    what: &str,
+) -> Result<(f64, Arc<Recorder>), CliError> {
+    let rec = Arc::new(Recorder::default());
+    let fleet = Fleet::start(pool, cfg, rec.clone(), "probe")?;
+    let t = Instant::now();
+    let ok = rec.wait_done(n, Duration::from_secs(600)).await;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    fleet.stop().await;
+    if !ok {
+        return Err(anyhow::anyhow!("{what} did not finish within 10 minutes").into());
     }
-    Ok(())
+    Ok((rate, rec))
 }
 
 /// Parses and stores `n` generated HAProxy lines with two concurrent ingests; lines/s.

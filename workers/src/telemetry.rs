@@ -18,6 +18,9 @@ pub const QUEUE_INFLIGHT: &str = "longshore_queue_inflight";
 pub const QUEUE_DELAYED: &str = "longshore_queue_delayed";
 pub const QUEUE_OLDEST_AGE: &str = "longshore_queue_oldest_age_seconds";
 pub const DEAD_LETTERS: &str = "longshore_dead_letters";
+/// Age of the oldest queue figures exported (they are counted once per interval for
+/// the fleet; a count that keeps failing shows here).
+pub const QUEUE_SAMPLE_AGE: &str = "longshore_queue_sample_age_seconds";
 pub const JOBS_TOTAL: &str = "longshore_jobs_total";
 pub const JOB_DURATION: &str = "longshore_job_duration_seconds";
 pub const JOB_WAIT: &str = "longshore_job_wait_seconds";
@@ -36,13 +39,14 @@ pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
 /// `/metrics` runs one and exports the same figures (aggregate with `max by (queue)`),
 /// but only one process per interval, fleet-wide, counts them ([`sample_once`]).
 pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToken) {
+    let mut exported = std::collections::BTreeSet::new();
     loop {
         // Raced with `stop`, so a server that does not answer cannot hold up a shutdown.
         tokio::select! {
             _ = stop.cancelled() => return,
             r = sample_once(&pool, every) => match r {
-                Ok(sample) => export(&sample.queues),
-                Err(e) => tracing::debug!(error = %e, "queue sample failed"),
+                Ok(sample) => export(&sample, &mut exported),
+                Err(e) => tracing::warn!(error = %e, "queue sample failed"),
             },
         }
         tokio::select! {
@@ -57,91 +61,122 @@ pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToke
 pub struct Sample {
     /// This call did the counting (it was due and no other process had it).
     pub counted: bool,
+    /// Queues whose count failed in this call (they keep their last figures).
+    pub failed: Vec<String>,
     pub queues: Vec<QueueStats>,
+    /// Age of the oldest figures in `queues`, seconds.
+    pub age_seconds: f64,
 }
 
 /// The fleet's latest queue figures, counting them first if they are older than
-/// `every` and no other process is counting: one process per interval scans the queue
-/// tables, whatever the number of replicas, and everyone else reads a small table
-/// (`longshore.queue_samples`). The archives are never counted (no gauge exports them;
-/// `longshore queues` does, on request). If the process that counted last goes away,
-/// the next one to find the figures due takes over.
+/// `every`: one process per interval scans the queue tables, whatever the number of
+/// replicas, and everyone else reads a small table (`longshore.queue_samples`). The
+/// archives are never counted (no gauge exports them; `longshore queues` does).
+///
+/// The election is one committed statement (two processes updating the row at once:
+/// the second re-checks it after the first commits and finds it not due), so the
+/// process that counts holds no transaction, id or lock while it scans. Each queue is
+/// counted and written on its own: one that fails (a statement timeout, a table gone)
+/// keeps its last figures, and its age shows in `longshore_queue_sample_age_seconds`,
+/// while the others are counted. A count that dies with its process loses one interval.
 pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     // Due a little early: a sampler whose sleeps drift keeps the interval.
-    let due: Option<bool> = sqlx::query_scalar(
-        "UPDATE longshore.queue_sampler s SET sampled_at = now() \
-          WHERE s.id AND s.id IN (SELECT id FROM longshore.queue_sampler \
-                                   WHERE sampled_at <= now() - make_interval(secs => $1) \
-                                   FOR UPDATE SKIP LOCKED) \
-         RETURNING true",
+    let counted = sqlx::query_scalar::<_, bool>(
+        "UPDATE longshore.queue_sampler SET sampled_at = now() \
+          WHERE id AND sampled_at <= now() - make_interval(secs => $1) RETURNING true",
     )
     .bind(every.as_secs_f64() * 0.9)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let counted = due.is_some();
+    .fetch_optional(pool)
+    .await?
+    .is_some();
+    let mut failed = Vec::new();
     if counted {
-        let names = crate::store::existing_queues(&mut *tx).await?;
-        let mut rows = Vec::with_capacity(names.len());
+        let names = crate::store::existing_queues(pool).await?;
         for q in &names {
             let Ok(name) = crate::queue_name::QueueName::parse(q) else {
                 continue;
             };
-            rows.push(crate::enqueue::queue_sql(&name).gauges(&mut *tx).await?);
+            let r = match crate::enqueue::queue_sql(&name).gauges(pool).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(queue = q, error = %e, "queue count failed; its gauges keep their last figures");
+                    failed.push(q.clone());
+                    continue;
+                }
+            };
+            sqlx::query(
+                "INSERT INTO longshore.queue_samples AS s \
+                   (queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, sampled_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, now()) \
+                 ON CONFLICT (queue) DO UPDATE SET visible = excluded.visible, in_flight = excluded.in_flight, \
+                   delayed = excluded.delayed, oldest_age_seconds = excluded.oldest_age_seconds, \
+                   dead_letters = excluded.dead_letters, sampled_at = excluded.sampled_at",
+            )
+            .bind(&r.queue)
+            .bind(r.visible)
+            .bind(r.in_flight)
+            .bind(r.delayed)
+            .bind(r.oldest_age_seconds)
+            .bind(r.dead_letters)
+            .execute(pool)
+            .await?;
         }
-        sqlx::query(
-            "INSERT INTO longshore.queue_samples AS s \
-               (queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, sampled_at) \
-             SELECT *, now() FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::float8[], $6::int8[]) \
-             ON CONFLICT (queue) DO UPDATE SET visible = excluded.visible, in_flight = excluded.in_flight, \
-               delayed = excluded.delayed, oldest_age_seconds = excluded.oldest_age_seconds, \
-               dead_letters = excluded.dead_letters, sampled_at = excluded.sampled_at",
-        )
-        .bind(rows.iter().map(|r| r.queue.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.visible).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.in_flight).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.delayed).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.oldest_age_seconds).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.dead_letters).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
         sqlx::query("DELETE FROM longshore.queue_samples WHERE queue <> ALL ($1)")
             .bind(&names)
-            .execute(&mut *tx)
+            .execute(pool)
             .await?;
     }
-    let queues = sqlx::query_as::<_, (String, i64, i64, i64, f64, i64)>(
-        "SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters \
+    let rows = sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64)>(
+        "SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, \
+                extract(epoch FROM now() - sampled_at)::float8 \
            FROM longshore.queue_samples ORDER BY queue",
     )
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(
-        |(queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters)| QueueStats {
-            queue,
-            visible,
-            in_flight,
-            delayed,
-            oldest_age_seconds,
-            dead_letters,
-            archived: 0,
-        },
-    )
-    .collect();
-    tx.commit().await?;
-    Ok(Sample { counted, queues })
+    .fetch_all(pool)
+    .await?;
+    let age_seconds = rows.iter().map(|r| r.6).fold(0.0, f64::max);
+    let queues = rows
+        .into_iter()
+        .map(
+            |(queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, _)| {
+                QueueStats {
+                    queue,
+                    visible,
+                    in_flight,
+                    delayed,
+                    oldest_age_seconds,
+                    dead_letters,
+                    archived: 0,
+                }
+            },
+        )
+        .collect();
+    Ok(Sample {
+        counted,
+        failed,
+        queues,
+        age_seconds,
+    })
 }
 
-fn export(queues: &[QueueStats]) {
-    for s in queues {
-        let q = s.queue.clone();
+/// Sets the gauges of `sample`; a queue exported before and gone now (dropped) is set
+/// to zero, so a fleet-wide `max` does not keep its last depth.
+fn export(sample: &Sample, exported: &mut std::collections::BTreeSet<String>) {
+    let now: std::collections::BTreeSet<String> =
+        sample.queues.iter().map(|s| s.queue.clone()).collect();
+    let gone = exported.difference(&now).cloned().map(|queue| QueueStats {
+        queue,
+        ..QueueStats::default()
+    });
+    for s in sample.queues.iter().cloned().chain(gone) {
+        let q = s.queue;
         metrics::gauge!(QUEUE_DEPTH, "queue" => q.clone()).set(s.visible as f64);
         metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone()).set(s.in_flight as f64);
         metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(s.delayed as f64);
         metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone()).set(s.oldest_age_seconds);
         metrics::gauge!(DEAD_LETTERS, "queue" => q).set(s.dead_letters as f64);
     }
+    metrics::gauge!(QUEUE_SAMPLE_AGE).set(sample.age_seconds);
+    *exported = now;
 }
 
 /// Installs the global tracing subscriber: JSON lines or readable text.
