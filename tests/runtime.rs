@@ -870,3 +870,282 @@ async fn a_run_at_in_the_past_does_not_jump_the_queue() {
     .unwrap();
     assert!(vt_ok, "a past run_at is stored as now");
 }
+
+async fn listen(
+    t: &longshore_workers::testing::TestDb,
+    channel: &str,
+) -> sqlx::postgres::PgListener {
+    let mut l = sqlx::postgres::PgListener::connect(&t.url).await.unwrap();
+    l.listen(channel).await.unwrap();
+    l
+}
+
+async fn next_payload(l: &mut sqlx::postgres::PgListener) -> String {
+    tokio::time::timeout(Duration::from_secs(10), l.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap()
+        .payload()
+        .to_string()
+}
+
+/// Issue 16 (commits): a completion notifies only while an ingress watches its queue,
+/// and names its jobs. Notifications arrive in commit order, so "the first one heard
+/// names the job completed after the watch" proves the earlier completion was silent.
+#[tokio::test]
+async fn completions_notify_only_while_watched_and_name_their_jobs() {
+    let t = db().await;
+    let mut l = listen(&t, "longshore_done").await;
+    let ids = enqueue_many(
+        &t.pool,
+        &(0..705).map(Probe::new).collect::<Vec<_>>(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let archive = |id: i64| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query("SELECT pgmq.archive('probe', $1::bigint)")
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let watch = |secs: f64| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO longshore.done_watch VALUES ('probe', now() + make_interval(secs => $1))
+                 ON CONFLICT (queue) DO UPDATE SET until = excluded.until",
+            )
+            .bind(secs)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    archive(ids[0]).await; // nobody watches: silent
+    watch(60.0).await;
+    archive(ids[1]).await;
+    assert_eq!(next_payload(&mut l).await, format!("probe {}", ids[1]));
+
+    watch(-1.0).await; // lapsed: silent again
+    archive(ids[2]).await;
+    watch(60.0).await;
+    // A dead letter and a completion record (on_done = "delete") notify with their ids.
+    sqlx::query(
+        "INSERT INTO longshore.dead_letters (queue, msg_id, attempts, last_error, enqueued_at)
+         VALUES ('probe', $1, 1, 'x', now())",
+    )
+    .bind(ids[3])
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(next_payload(&mut l).await, format!("probe {}", ids[3]));
+    sqlx::query(
+        "INSERT INTO longshore.completions (queue, msg_id, attempts) VALUES ('probe', $1, 1)",
+    )
+    .bind(ids[4])
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(next_payload(&mut l).await, format!("probe {}", ids[4]));
+
+    // 700 archived in one statement: every id, in payloads of at most 300.
+    sqlx::query("SELECT pgmq.archive('probe', $1::bigint[])")
+        .bind(&ids[5..])
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let mut heard = Vec::new();
+    for _ in 0..3 {
+        let p = next_payload(&mut l).await;
+        let (q, list) = p.split_once(' ').unwrap();
+        assert_eq!(q, "probe");
+        let part: Vec<i64> = list.split(',').map(|s| s.parse().unwrap()).collect();
+        assert!(part.len() <= 300, "{} ids in one payload", part.len());
+        heard.extend(part);
+    }
+    heard.sort_unstable();
+    assert_eq!(heard, ids[5..].to_vec());
+}
+
+/// Issue 16 (commits): enqueue notifications are debounced per queue by a sequence that
+/// holds the last notification's time, only in a transaction that began a moment ago
+/// (an enqueue later in a longer transaction may commit much later, and its
+/// notification with it); a queue without the sequence always notifies. Silence is shown by order: a
+/// marker notified after a silent enqueue is the next thing heard.
+#[tokio::test]
+async fn enqueue_notifications_are_debounced_per_queue() {
+    let t = db().await;
+    let mut l = listen(&t, "longshore_enqueue").await;
+    let stamp = |us: i64| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query("SELECT setval('longshore.enq_probe', $1)")
+                .bind(us)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let marker = |m: &'static str| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query("SELECT pg_notify('longshore_enqueue', $1)")
+                .bind(m)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let now_us = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+        )
+        .fetch_one(&t.pool)
+        .await
+        .unwrap()
+    };
+    // Notified "just now" (stamped 0.8 s ahead, so a slow machine is still within the
+    // window): an autocommit enqueue is silent. A machine that stalls for 10 ms inside
+    // the enqueue's own transaction makes it notify (it counts as a long transaction),
+    // so a few tries are allowed; a debounce that never silences fails every one.
+    let mut silent = false;
+    for i in 0..5 {
+        stamp(now_us().await + 800_000).await;
+        enqueue(&t.pool, &Probe::new(1), Default::default())
+            .await
+            .unwrap();
+        let m: &'static str = ["m0a", "m0b", "m0c", "m0d", "m0e"][i];
+        marker(m).await;
+        let first = next_payload(&mut l).await;
+        if first == m {
+            silent = true;
+            break;
+        }
+        assert_eq!(first, "probe");
+        assert_eq!(next_payload(&mut l).await, m);
+    }
+    assert!(silent, "the debounced enqueue notified every time");
+
+    // The same stamp, but the enqueue comes more than 10 ms into its transaction: it
+    // notifies (at its commit), whatever the stamp says.
+    stamp(now_us().await + 800_000).await;
+    let mut tx = t.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    enqueue(&mut *tx, &Probe::new(2), Default::default())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    marker("m2").await;
+    assert_eq!(next_payload(&mut l).await, "probe");
+    assert_eq!(next_payload(&mut l).await, "m2");
+
+    // A stamp in the past by more than the window: notifies, and stamps the clock.
+    stamp(1).await;
+    enqueue(&t.pool, &Probe::new(3), Default::default())
+        .await
+        .unwrap();
+    marker("m3").await;
+    assert_eq!(next_payload(&mut l).await, "probe");
+    assert_eq!(next_payload(&mut l).await, "m3");
+    let last: i64 = sqlx::query_scalar("SELECT pg_sequence_last_value('longshore.enq_probe')")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    let now = now_us().await;
+    assert!(last <= now && last > now - 60_000_000, "{last} vs {now}");
+
+    // A clock that went back (a stamp far ahead of any real time) does not silence it.
+    stamp(i64::MAX / 2).await;
+    enqueue(&t.pool, &Probe::new(4), Default::default())
+        .await
+        .unwrap();
+    marker("m4").await;
+    assert_eq!(next_payload(&mut l).await, "probe");
+    assert_eq!(next_payload(&mut l).await, "m4");
+
+    // Without its sequence, every statement notifies.
+    sqlx::query("DROP SEQUENCE longshore.enq_probe")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        enqueue(&t.pool, &Probe::new(10 + i), Default::default())
+            .await
+            .unwrap();
+    }
+    marker("m5").await;
+    for _ in 0..3 {
+        assert_eq!(next_payload(&mut l).await, "probe");
+    }
+    assert_eq!(next_payload(&mut l).await, "m5");
+}
+
+/// Counts the runs in progress across every queue it serves.
+#[derive(Clone, Default)]
+struct Gauge {
+    running: Arc<AtomicU32>,
+    most: Arc<AtomicU32>,
+    done: Arc<AtomicU32>,
+}
+impl Handler for Gauge {
+    type Args = Probe;
+    async fn handle(&self, _a: Probe, _ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.done.fetch_add(1, Ordering::SeqCst);
+        Outcome::done()
+    }
+}
+
+/// Issue 16 (many queues): `worker.max_handlers` caps the handlers running at once in
+/// one process, all queues together, below what the queues' concurrency would allow.
+#[tokio::test]
+async fn max_handlers_caps_the_process_across_queues() {
+    let t = db().await;
+    let g = Gauge::default();
+    let queues = ["probe", "llm_call"];
+    for q in queues {
+        let qn = QueueName::parse(q).unwrap();
+        for i in 0..15 {
+            enqueue_json(&t.pool, &qn, json!({"id": i}), Default::default())
+                .await
+                .unwrap();
+        }
+    }
+    let reg = Registry::new()
+        .register_as("probe", g.clone())
+        .register_as("llm_call", g.clone());
+    let done = g.done.clone();
+    work_until(
+        &t.pool,
+        reg,
+        &[
+            ("LONGSHORE__WORKER__CONCURRENCY", "10"),
+            ("LONGSHORE__QUEUES__LLM_CALL__CONCURRENCY", "10"),
+            ("LONGSHORE__WORKER__MAX_HANDLERS", "4"),
+        ],
+        "every job of both queues",
+        || {
+            let done = done.clone();
+            async move { (done.load(Ordering::SeqCst) == 30).then_some(()) }
+        },
+    )
+    .await;
+    let most = g.most.load(Ordering::SeqCst);
+    assert!(
+        most <= 4,
+        "{most} handlers ran at once under max_handlers = 4"
+    );
+    assert!(
+        most >= 2,
+        "the cap is shared, not a queue at a time: {most}"
+    );
+}

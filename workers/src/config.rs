@@ -381,6 +381,17 @@ pub struct WorkerConfig {
     /// expired leases, a lost listener).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// While the listener holds, an idle consumer sleeps until its queue's earliest
+    /// message is due (a delayed job, a retry, a lease that ends), woken earlier by a
+    /// notification, but never longer than this. What can make a message due without a
+    /// notification is another process's retry (that process claims it itself) or a
+    /// manual `UPDATE`: found within this long. Below `poll_interval` it is
+    /// `poll_interval`.
+    #[serde(with = "humantime_serde")]
+    pub idle_poll_max: Duration,
+    /// Handlers running at once in one process, all queues together (each queue also
+    /// has its `concurrency`).
+    pub max_handlers: usize,
     /// After SIGTERM: how long in-flight jobs may run before they are released.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -639,6 +650,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "worker.poll_interval",
                 "must be at least 10ms",
+            ));
+        }
+        if w.max_handlers == 0 || w.max_handlers > 100_000 {
+            return Err(ConfigError::invalid(
+                "worker.max_handlers",
+                "must be 1..=100000",
             ));
         }
         if w.ack_batch == 0 {

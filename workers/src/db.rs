@@ -87,6 +87,12 @@ pub fn connect_like(pool: &PgPool, cfg: &DatabaseConfig, app: &str) -> PgPool {
 /// connections that claims and batched outcome writes share, with the control
 /// deadlines on the server side too (`statement_timeout`, `lock_timeout`). Connects
 /// lazily.
+///
+/// sqlx keeps 100 prepared statements per connection; a queue needs about six here, so
+/// past about 16 busy queues statements are parsed again. That is kept: sized to hold
+/// every queue's, one connection's cache would cost the server about 200 KB a
+/// statement (measured: a prepared claim's plan source and query trees), 600 MB per
+/// connection at 500 queues.
 pub fn control_pool(pool: &PgPool, cfg: &DatabaseConfig) -> PgPool {
     let opts = (*pool.connect_options()).clone();
     let app = format!(

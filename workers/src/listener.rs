@@ -1,12 +1,17 @@
 //! LISTEN/NOTIFY with reconnection. Workers listen on [`ENQUEUE`] (a statement-level
-//! trigger on every queue table notifies with the queue name); the ingress listens on
-//! [`DONE`] (triggers on archives and dead letters) to answer `?wait=`.
+//! trigger on every queue table notifies with the queue name, debounced per queue);
+//! the ingress listens on [`DONE`] (triggers on archives, completion records and dead
+//! letters notify `"queue id,id,..."` while an ingress watches the queue) to answer
+//! `?wait=`.
 //!
-//! When the connection drops, the callback gets `None` ("you may have missed
-//! something: re-check everything") and the listener reconnects with backoff.
+//! The callback hears [`Event::Lost`] when the connection drops (notifications may be
+//! missed from here on) and [`Event::Connected`] once `LISTEN` holds again (anything
+//! sent before it was missed: re-check everything). The listener reconnects with
+//! backoff; it never relies on the driver's silent reconnect, which gives no moment
+//! from which notifications are heard again.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -15,11 +20,27 @@ use tracing::{debug, warn};
 
 /// Notified with the queue name when jobs are enqueued.
 pub const ENQUEUE: &str = "longshore_enqueue";
-/// Notified with the queue name when jobs are archived (done) or dead-lettered.
+/// Notified with `"queue id,id,..."` when jobs are archived (done), recorded done or
+/// dead-lettered, while some ingress watches the queue (`longshore.done_watch`).
 pub const DONE: &str = "longshore_done";
 
-/// `Some(payload)` for a notification, `None` after a (re)connect.
-pub type OnEvent = Arc<dyn Fn(Option<&str>) + Send + Sync>;
+/// With nothing heard this long, the listener checks that its connection still delivers.
+const QUIET_FOR: Duration = Duration::from_secs(30);
+/// How long its own ping may take to come back.
+const PING_WAIT: Duration = Duration::from_secs(10);
+
+/// What the listener hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// `LISTEN` holds (first connect or reconnect): what was sent before is missed.
+    Connected,
+    /// The connection dropped: notifications are missed until [`Event::Connected`].
+    Lost,
+    /// A notification's payload.
+    Notified(&'a str),
+}
+
+pub type OnEvent = Arc<dyn Fn(Event<'_>) + Send + Sync>;
 
 pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: CancellationToken) {
     let mut failures = 0u32;
@@ -49,29 +70,82 @@ pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: C
             }
         };
         debug!(channel, "listening");
-        on_event(None);
+        on_event(Event::Connected);
+        // The receiving loop runs in a task of its own, never cancelled mid-message; this
+        // one watches that the connection still delivers (a half-open TCP connection
+        // through a load balancer or NAT never reports its loss): after QUIET_FOR with
+        // nothing heard it sends an empty notification of its own on the channel, and a
+        // connection that does not deliver it within PING_WAIT is dropped.
+        let heard = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let mut recv = {
+            let (heard, on_event) = (heard.clone(), on_event.clone());
+            tokio::spawn(async move {
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => {
+                            *heard.lock().expect("not poisoned") = Instant::now();
+                            if !n.payload().is_empty() {
+                                on_event(Event::Notified(n.payload()));
+                            }
+                        }
+                        Ok(None) => return "connection lost".to_string(),
+                        Err(e) => return e.to_string(),
+                    }
+                }
+            })
+        };
+        let mut pinged: Option<Instant> = None;
+        let mut tick = tokio::time::interval(PING_WAIT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.try_recv() => match r {
-                    Ok(Some(n)) => on_event(Some(n.payload())),
-                    Ok(None) => {
-                        warn!(channel, "listener connection lost; reconnecting");
-                        on_event(None);
-                    }
-                    Err(e) => {
-                        warn!(channel, error = %e, "listener failed; reconnecting");
-                        on_event(None);
-                        break;
+                _ = stop.cancelled() => {
+                    recv.abort();
+                    return;
+                }
+                r = &mut recv => {
+                    let why = r.unwrap_or_else(|e| e.to_string());
+                    warn!(channel, error = %why, "listener connection lost; reconnecting");
+                    on_event(Event::Lost);
+                    break;
+                }
+                _ = tick.tick() => {
+                    let last = *heard.lock().expect("not poisoned");
+                    match pinged {
+                        Some(at) if last >= at => pinged = None,
+                        Some(at) if at.elapsed() >= PING_WAIT => {
+                            recv.abort();
+                            warn!(channel, "the listener heard nothing, not even its own ping; reconnecting");
+                            on_event(Event::Lost);
+                            break;
+                        }
+                        Some(_) => {}
+                        None if last.elapsed() >= QUIET_FOR => {
+                            pinged = Some(Instant::now());
+                            let pool = pool.clone();
+                            tokio::spawn(async move {
+                                let ping = sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&pool);
+                                let _ = tokio::time::timeout(PING_WAIT, ping).await;
+                            });
+                        }
+                        None => {}
                     }
                 }
             }
+        }
+        // A connection that drops as soon as it is made must not become a busy loop.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
 }
 
 async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
     let mut l = PgListener::connect_with(pool).await?;
+    // A lost connection is reported at once (and this module reconnects), not after
+    // the driver's own reconnect attempt.
+    l.eager_reconnect(false);
     l.listen(channel).await?;
     Ok(l)
 }

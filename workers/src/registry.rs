@@ -116,8 +116,13 @@ impl Registry {
     /// # Panics
     /// If the kind is not a valid queue name or is registered twice: both are
     /// programming errors found at start-up.
-    pub fn register<H: Handler>(mut self, handler: H) -> Self {
-        let kind = H::Args::KIND;
+    pub fn register<H: Handler>(self, handler: H) -> Self {
+        self.register_as(H::Args::KIND, handler)
+    }
+
+    /// Registers a handler under another queue name than its args' `KIND` (the
+    /// benchmark's many synthetic queues of one kind). Panics as [`Registry::register`].
+    pub fn register_as<H: Handler>(mut self, kind: &'static str, handler: H) -> Self {
         if let Err(e) = QueueName::parse(kind) {
             panic!("job kind {kind:?} is not a valid queue name: {e}");
         }

@@ -14,8 +14,8 @@ mod auth;
 mod codes;
 mod routes;
 mod serve;
+mod waiters;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,11 +29,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{info, warn};
 
+use self::waiters::Waiters;
 use crate::config::Config;
 use crate::listener;
 use crate::registry::Registry;
@@ -91,6 +91,8 @@ pub struct Ingress {
     /// per client address: an unauthenticated flood gets 429, not the database.
     anonymous: auth::Anonymous,
     waiters: Waiters,
+    /// Job status reads so far (`GET /v1/jobs/...`, every re-check of a long poll).
+    status_reads: std::sync::atomic::AtomicU64,
     /// Permits for `?wait=` long polls in progress (`ingress.max_waiters`).
     waiting: Arc<tokio::sync::Semaphore>,
     /// `ingress.trusted_proxies`.
@@ -130,6 +132,7 @@ impl Ingress {
             registry,
             cfg,
             waiters: Waiters::default(),
+            status_reads: Default::default(),
             metrics,
         })
     }
@@ -143,6 +146,11 @@ impl Ingress {
         headers: &axum::http::HeaderMap,
     ) -> Option<std::net::IpAddr> {
         Some(forwarded_client(peer?.0.0, headers, &self.proxies))
+    }
+
+    /// Job status reads so far, long polls' re-checks included (the `waiters` bench).
+    pub fn status_reads(&self) -> u64 {
+        self.status_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -180,13 +188,30 @@ impl Ingress {
         stop: CancellationToken,
     ) -> std::io::Result<()> {
         let waiters = self.waiters.clone();
-        let on_done: listener::OnEvent = Arc::new(move |q: Option<&str>| waiters.wake(q));
+        let on_done: listener::OnEvent = Arc::new(move |e| waiters.on_event(e));
         let lst = tokio::spawn(listener::run(
             self.pool.clone(),
             listener::DONE,
             on_done,
             stop.clone(),
         ));
+        let renew = {
+            let (waiters, pool, stop) = (self.waiters.clone(), self.pool.clone(), stop.clone());
+            let limit = self.cfg.ingress.db_timeout;
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(waiters::RENEW_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = every.tick() => {
+                            if tokio::time::timeout(limit, waiters.renew(&pool)).await.is_err() {
+                                warn!("the completion watch was not renewed in time; waiters poll meanwhile");
+                            }
+                        }
+                    }
+                }
+            })
+        };
         let limits = serve::Limits {
             max_connections: self.cfg.ingress.max_connections,
             per_address: self.cfg.ingress.max_connections_per_address,
@@ -215,6 +240,7 @@ impl Ingress {
             let _ = a.await;
         }
         let _ = lst.await;
+        let _ = renew.await;
         r
     }
 }
@@ -230,33 +256,6 @@ impl CallerSlot {
     }
     fn get(&self) -> Option<String> {
         self.0.lock().expect("not poisoned").clone()
-    }
-}
-
-/// Long-poll waiters, woken per queue by completion notifications.
-#[derive(Clone, Default)]
-struct Waiters(Arc<Mutex<HashMap<String, Arc<Notify>>>>);
-
-impl Waiters {
-    fn get(&self, queue: &str) -> Arc<Notify> {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .entry(queue.to_string())
-            .or_default()
-            .clone()
-    }
-
-    fn wake(&self, queue: Option<&str>) {
-        let map = self.0.lock().expect("not poisoned");
-        match queue {
-            Some(q) => {
-                if let Some(n) = map.get(q) {
-                    n.notify_waiters();
-                }
-            }
-            None => map.values().for_each(|n| n.notify_waiters()),
-        }
     }
 }
 

@@ -14,9 +14,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tracing::warn;
 
 use super::auth::Token;
-use super::{ApiError, CallerSlot, Ingress, Peer, auth, clamp_wait};
+use super::{ApiError, CallerSlot, Ingress, Peer, auth, clamp_wait, waiters};
 use crate::clean;
 use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue_json_many, queue_sql};
 use crate::queue_name::QueueName;
@@ -467,13 +468,40 @@ pub(super) async fn job_status(
         permit
     };
     let deadline = Instant::now() + wait;
-    let notify = st.waiters.get(queue.as_str());
+    // A waiter registers for its job's wake-up and makes sure the queue's completions
+    // notify (the watch) before each read while it does not hold; see `waiters`. A watch
+    // that cannot be written is no reason to fail the request: the waiter polls.
+    let waiting = (!wait.is_zero()).then(|| st.waiters.register(queue.as_str(), id));
+    let watch = || async {
+        let limit = st.cfg.ingress.db_timeout;
+        match tokio::time::timeout(limit, st.waiters.watch(&st.pool, queue.as_str())).await {
+            Ok(Ok(fresh)) => fresh,
+            Ok(Err(e)) => {
+                warn!(queue = %queue, error = %e, "could not watch the queue's completions; polling");
+                false
+            }
+            Err(_) => {
+                warn!(queue = %queue, "the completion watch was not written in time; polling");
+                false
+            }
+        }
+    };
+    let mut recheck_soon = false;
+    let notify = waiting
+        .as_ref()
+        .map(|w| w.notify.clone())
+        .unwrap_or_default();
     loop {
         // Register for the wake-up before reading, so a completion between the read and
         // the wait is not missed.
         let woken = notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
+        if waiting.is_some() && !st.waiters.trusted(queue.as_str()) {
+            recheck_soon |= watch().await;
+        }
+        st.status_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let status = bounded(&st, async {
             sql.status(&st.pool, id)
                 .await
@@ -502,9 +530,14 @@ pub(super) async fn job_status(
             body["queue"] = json!(queue.as_str());
             return Ok(Json(body).into_response());
         }
-        // Woken by a completion on this queue, or re-check each second in case the
-        // notification listener is reconnecting.
-        let next = deadline.min(Instant::now() + Duration::from_secs(1));
+        // Woken by this job's completion (or a reconnected listener); re-checked soon
+        // while its notification may not come, else as a safety net only.
+        let step = if !st.waiters.trusted(queue.as_str()) || std::mem::take(&mut recheck_soon) {
+            waiters::POLL_RECHECK
+        } else {
+            waiters::SAFETY_RECHECK
+        };
+        let next = deadline.min(Instant::now() + step);
         tokio::select! {
             _ = woken => {}
             _ = tokio::time::sleep_until(next.into()) => {}

@@ -46,7 +46,7 @@ use crate::queue_name::QueueName;
 
 /// Bumped whenever the per-queue objects [`create_queue`] makes change, so test
 /// templates built by an older runtime are not reused.
-pub const QUEUE_OBJECTS_VERSION: u32 = 3;
+pub const QUEUE_OBJECTS_VERSION: u32 = 4;
 
 /// A message as claimed by a worker.
 #[derive(Debug, Clone)]
@@ -244,6 +244,7 @@ pub struct QueueSql {
     stats: String,
     gauges: String,
     status: String,
+    next_due: String,
 }
 
 /// `{q}`, `{a}` and `{name}` in `template` replaced by the queue's table names and name.
@@ -274,6 +275,15 @@ fn render(template: &str, name: &QueueName) -> String {
 /// bound): ordered by `msg_id`, a claim walked the primary key through every invisible
 /// row with a lower id, 36 ms behind 200,000 delayed jobs against 0.25 ms now. The
 /// clock read as an uncorrelated subquery is evaluated once, before the scan, and bounds it.
+///
+/// Each write that joins a CTE back to the queue table also names the ids as an array
+/// (`m.msg_id = ANY (...)`), so even a generic plan reaches the table through the
+/// primary key for those ids only (without it, one merge-joined 16 claimed rows against
+/// a walk of the whole key: 55 ms at 300,000 rows). Connections still plan every
+/// statement for its parameters (`force_custom_plan`, see `db.rs`): a generic plan made
+/// while a queue was empty seq-scans it once it is full, arrays or not (194 ms per
+/// claim, found in review). Planning this statement costs about 1.5 ms, running it
+/// 0.3 ms; that is what is left of the idle fleet's latency (docs/scale.md).
 const CLAIM: &str = r#"
 WITH normal AS (
     SELECT msg_id, read_ct, headers, last_read_at FROM {q}
@@ -308,6 +318,7 @@ c AS (
 buried AS (
     DELETE FROM {q} m USING c
      WHERE m.msg_id = c.msg_id AND c.attempt > $4
+       AND m.msg_id = ANY (ARRAY(SELECT msg_id FROM c WHERE attempt > $4))
     RETURNING m.msg_id, m.message, m.headers, m.enqueued_at, c.attempt, c.deaths, c.orphan,
               CASE WHEN c.orphan
                    THEN format('the worker died or lost its lease running this job %s time(s) in a row; gave up after %s attempts',
@@ -338,6 +349,7 @@ claimed AS (
                                ELSE m.headers END
       FROM c
      WHERE m.msg_id = c.msg_id AND c.attempt <= $4
+       AND m.msg_id = ANY (ARRAY(SELECT msg_id FROM c WHERE attempt <= $4))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers, c.orphan, c.deaths
 )
 SELECT msg_id, read_ct, enqueued_at, message, headers, orphan, deaths, NULL::text AS reason
@@ -352,7 +364,7 @@ SELECT msg_id, attempt - 1, enqueued_at, NULL, NULL, orphan, deaths, reason
 const HELD_LOCKED: &str = r#"
     SELECT m.msg_id {extra}
       FROM {q} m JOIN f ON m.msg_id = f.id AND m.read_ct = f.ct
-     WHERE m.last_read_at IS NOT NULL
+     WHERE m.last_read_at IS NOT NULL AND m.msg_id = ANY ($1::bigint[])
      ORDER BY m.msg_id
        FOR UPDATE OF m
 "#;
@@ -362,7 +374,7 @@ WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[], $3::jsonb[]) AS f(id, 
 held AS ({held}),
 done AS (
     DELETE FROM {q} m USING held
-     WHERE m.msg_id = held.msg_id
+     WHERE m.msg_id = held.msg_id AND m.msg_id = ANY ($1::bigint[])
     RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, held.res
 )
 INSERT INTO {a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
@@ -379,7 +391,7 @@ WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[]) AS f(id, ct)),
 held AS ({held}),
 done AS (
     DELETE FROM {q} m USING held
-     WHERE m.msg_id = held.msg_id
+     WHERE m.msg_id = held.msg_id AND m.msg_id = ANY ($1::bigint[])
     RETURNING m.msg_id, longshore.attempts(m.read_ct, m.headers) AS attempts,
               longshore.headers(m.headers) ->> 'principal' AS principal
 )
@@ -407,7 +419,7 @@ UPDATE {q} m
                               THEN jsonb_build_object('free_reads', longshore.header_int(m.headers, 'free_reads') + 1)
                               ELSE '{}'::jsonb END
   FROM held
- WHERE m.msg_id = held.msg_id
+ WHERE m.msg_id = held.msg_id AND m.msg_id = ANY ($1::bigint[])
 RETURNING m.msg_id
 "#;
 
@@ -416,7 +428,7 @@ WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[], $3::int4[], $4::text[]
 held AS ({held}),
 gone AS (
     DELETE FROM {q} m USING held
-     WHERE m.msg_id = held.msg_id
+     WHERE m.msg_id = held.msg_id AND m.msg_id = ANY ($1::bigint[])
     RETURNING m.msg_id, m.message, m.headers, m.enqueued_at, held.attempts, held.err
 )
 INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at)
@@ -437,13 +449,13 @@ WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[]) AS f(id, ct)),
 mine AS (
     SELECT m.msg_id
       FROM {q} m JOIN f ON m.msg_id = f.id AND m.read_ct = f.ct
-     WHERE m.last_read_at IS NOT NULL
+     WHERE m.last_read_at IS NOT NULL AND m.msg_id = ANY ($1::bigint[])
      ORDER BY m.msg_id
        FOR UPDATE OF m SKIP LOCKED
 ),
 extended AS (
     UPDATE {q} m SET vt = clock_timestamp() + make_interval(secs => $3)
-      FROM mine WHERE m.msg_id = mine.msg_id
+      FROM mine WHERE m.msg_id = mine.msg_id AND m.msg_id = ANY ($1::bigint[])
     RETURNING m.msg_id
 )
 SELECT f.id,
@@ -495,6 +507,12 @@ SELECT 'dead', attempts, false, headers, last_error, longshore.headers(headers) 
 LIMIT 1
 "#;
 
+/// How long until the earliest message of the queue is due (negative: one is due now),
+/// NULL for an empty queue: the first row of the vt index. Leased messages count (their
+/// lease ends), so do messages this process holds.
+const NEXT_DUE: &str = "SELECT extract(epoch FROM vt - clock_timestamp())::float8 \
+                        FROM {q} ORDER BY vt LIMIT 1";
+
 impl QueueSql {
     pub fn new(name: QueueName) -> Self {
         let held = |extra: &str| HELD_LOCKED.replace("{extra}", extra);
@@ -510,8 +528,15 @@ impl QueueSql {
             stats: render(STATS, &name),
             gauges: render(&STATS.replacen(ARCHIVE_COUNT, "0::bigint", 1), &name),
             status: render(STATUS, &name),
+            next_due: render(NEXT_DUE, &name),
             name,
         }
+    }
+
+    /// How long until the queue's earliest message is due; `None` when it is empty
+    /// (what an idle consumer sleeps for, woken earlier by a notification).
+    pub async fn next_due(&self, ex: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
+        sqlx::query_scalar(&self.next_due).fetch_optional(ex).await
     }
 
     /// Where a job is: queued (or running), done (archived with its result, or recorded
@@ -796,7 +821,8 @@ pub async fn existing_queues(ex: impl PgExecutor<'_>) -> Result<Vec<String>, sql
         .await
 }
 
-/// Creates a pgmq queue (idempotent), its statement-level NOTIFY triggers and the
+/// Creates a pgmq queue (idempotent), its statement-level NOTIFY triggers (with the
+/// enqueue notification's debounce sequence) and the
 /// partial index the suspect claim walks (messages read and not settled: in flight or
 /// orphaned, a few per worker slot however long the queue).
 pub async fn create_queue(
@@ -811,7 +837,10 @@ pub async fn create_queue(
         "CREATE OR REPLACE TRIGGER longshore_notify AFTER INSERT ON {q} \
          FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_enqueue()",
         "CREATE OR REPLACE TRIGGER longshore_done_notify AFTER INSERT ON {a} \
+         REFERENCING NEW TABLE AS new_rows \
          FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_archived()",
+        // The enqueue notification's debounce clock (see the notify_budget migration).
+        "CREATE UNLOGGED SEQUENCE IF NOT EXISTS longshore.enq_{name}",
         "CREATE INDEX IF NOT EXISTS q_{name}_read_idx ON {q} (msg_id) WHERE last_read_at IS NOT NULL",
     ] {
         sqlx::query(&render(ddl, name)).execute(&mut *ex).await?;

@@ -114,6 +114,9 @@ pub(super) struct Completer {
     pub held: Arc<Held>,
     pub stop_by: Arc<StopBy>,
     pub observer: Option<Arc<dyn Observer>>,
+    /// The consumer's wake-up: a rescheduled job may be due before the time an idle
+    /// consumer sleeps until.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl Completer {
@@ -373,7 +376,9 @@ impl Completer {
                         _ => None,
                     })
                     .collect();
-                self.sql.reschedule(pool, &v).await
+                let r = self.sql.reschedule(pool, &v).await;
+                self.wake.notify_one();
+                r
             }
             Item::Bury(_) => {
                 let v: Vec<Bury> = items

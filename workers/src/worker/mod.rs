@@ -55,6 +55,19 @@ use crate::telemetry as t;
 /// what it can (releases, outcomes) before it exits regardless.
 pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(3);
 
+/// Enqueue notifications are debounced per queue (one per millisecond, see the
+/// notify_budget migration): a consumer woken by one claims again this long after it,
+/// and again this long after that, for the jobs whose enqueue ran just after the one
+/// that notified and did not notify itself (their commits may wait for a WAL flush).
+const FOLLOW_UPS: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(45)];
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Hooks for benchmarks and tests to watch the runtime without scraping logs.
 pub trait Observer: Send + Sync + 'static {
     /// A handler is about to start.
@@ -151,7 +164,7 @@ impl Worker {
         let pool_size = self.pool.options().get_max_connections() as usize;
         info!(
             queues = self.queues.len(),
-            handlers,
+            handlers = handlers.min(self.config.worker.max_handlers),
             handler_connections = pool_size,
             control_connections = control.options().get_max_connections(),
             lease_connections = 2,
@@ -165,7 +178,7 @@ impl Worker {
             .collect();
         if !over.is_empty() {
             warn!(
-                queues = ?over,
+                queues = %short_list(&over),
                 pool_size,
                 "these queues run more handlers than database.max_connections: handlers that write through ctx.tx() will wait for connections, and fail after database.acquire_timeout"
             );
@@ -183,6 +196,11 @@ impl Worker {
         // in this process, whatever its queue: if it is what kills its workers, it can
         // only take itself and the jobs beside it down, never another suspect.
         let suspects = Arc::new(Semaphore::new(1));
+        // Handlers running at once in this process, whatever their queue.
+        let handler_slots = Arc::new(Semaphore::new(self.config.worker.max_handlers));
+        // The enqueue listener holds LISTEN: notifications can be trusted, so an idle
+        // consumer may sleep until its next message is due.
+        let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut wakers = HashMap::new();
         let mut consumers = JoinSet::new();
         let mut beats = Vec::new();
@@ -208,6 +226,7 @@ impl Worker {
                 held: held.clone(),
                 stop_by: stop_by.clone(),
                 observer: self.observer.clone(),
+                wake: wake.clone(),
             });
             beats.push(Heartbeat {
                 queue: kind,
@@ -230,9 +249,12 @@ impl Worker {
                 stop_by,
                 signalled: signalled.clone(),
                 suspects: suspects.clone(),
+                handler_slots: handler_slots.clone(),
+                listening: listening.clone(),
                 ack_batch: w.ack_batch,
                 wake,
                 poll_interval: w.poll_interval,
+                idle_poll_max: w.idle_poll_max,
                 grace: w.shutdown_grace,
                 observer: self.observer.clone(),
             };
@@ -241,13 +263,19 @@ impl Worker {
         let keeper = Keeper::start((*self.pool.connect_options()).clone(), db, beats);
         let stop_listener = CancellationToken::new();
         let wakers: HashMap<String, Arc<Notify>> = wakers;
-        let on_event: listener::OnEvent = Arc::new(move |queue: Option<&str>| match queue {
-            Some(q) => {
+        let on_event: listener::OnEvent = Arc::new(move |e: listener::Event<'_>| match e {
+            listener::Event::Notified(q) => {
                 if let Some(w) = wakers.get(q) {
                     w.notify_one();
                 }
             }
-            None => wakers.values().for_each(|w| w.notify_one()),
+            listener::Event::Connected | listener::Event::Lost => {
+                listening.store(
+                    e == listener::Event::Connected,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                wakers.values().for_each(|w| w.notify_one())
+            }
         });
         let lst = tokio::spawn(listener::run(
             self.pool.clone(),
@@ -255,7 +283,7 @@ impl Worker {
             on_event,
             stop_listener.clone(),
         ));
-        info!(queues = ?self.queues, "worker started");
+        info!(queues = %short_list(&self.queues), "worker started");
         while let Some(r) = consumers.join_next().await {
             if let Err(e) = r {
                 error!(error = %e, "a queue consumer ended abnormally");
@@ -267,6 +295,20 @@ impl Worker {
         info!("worker stopped");
         Ok(())
     }
+}
+
+/// Up to ten names, then how many more: a worker may serve hundreds of queues.
+fn short_list(names: &[&str]) -> String {
+    let mut s = names
+        .iter()
+        .take(10)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 10 {
+        s.push_str(&format!(" and {} more", names.len() - 10));
+    }
+    s
 }
 
 pub(crate) struct Consumer {
@@ -284,9 +326,13 @@ pub(crate) struct Consumer {
     /// When the shutdown signal came.
     signalled: Arc<StopBy>,
     suspects: Arc<Semaphore>,
+    /// `worker.max_handlers`: one permit per running handler, all queues together.
+    handler_slots: Arc<Semaphore>,
+    listening: Arc<std::sync::atomic::AtomicBool>,
     ack_batch: usize,
     wake: Arc<Notify>,
     poll_interval: Duration,
+    idle_poll_max: Duration,
     grace: Duration,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -301,9 +347,19 @@ impl Consumer {
         let min_batch = (conc / 8).max(1);
         let mut jobs = JoinSet::new();
         let mut idle = false;
+        // Claims again shortly after a notification's: see [`FOLLOW_UPS`] (when, and
+        // which follow-up comes after it).
+        let mut follow_up: Option<(tokio::time::Instant, usize)> = None;
         let mut db_errors = 0u32;
-        let mut poll = tokio::time::interval(self.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When an idle consumer looks again without a notification.
+        let mut next_poll = tokio::time::Instant::now() + self.poll_interval;
+        // A process-wide handler slot this consumer waited for (all were taken).
+        let mut reserved: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut starved;
+        // A notification woke this consumer since its last idle sleep: the next one is
+        // the short poll (a debounced enqueue may be committing).
+        let mut notified = false;
+        let mut released_at_signal = false;
 
         loop {
             while jobs.try_join_next().is_some() {}
@@ -313,8 +369,36 @@ impl Consumer {
             // Outcomes waiting to be written hold their messages too: past one batch of
             // them (a slow flush), they hold the claims back.
             let settling = self.held.len().saturating_sub(jobs.len());
-            let free = conc.saturating_sub(jobs.len() + settling.saturating_sub(self.ack_batch));
-            if !idle && free > 0 && (free >= min_batch || jobs.is_empty()) {
+            let local_free =
+                conc.saturating_sub(jobs.len() + settling.saturating_sub(self.ack_batch));
+            let want = !idle && local_free > 0 && (local_free >= min_batch || jobs.is_empty());
+            let mut free = 0;
+            // Within the process-wide cap: take the slots before claiming, so two
+            // consumers never claim the same last slot. Unused ones go back right after
+            // the claim. (The process's one suspect may run beside the cap: at most one
+            // handler over it.)
+            let mut slots = reserved.take();
+            if want {
+                let have = slots.as_ref().map_or(0, |p| p.num_permits());
+                let more = local_free
+                    .saturating_sub(have)
+                    .min(self.handler_slots.available_permits());
+                if more > 0
+                    && let Ok(p) = self
+                        .handler_slots
+                        .clone()
+                        .try_acquire_many_owned(more as u32)
+                {
+                    match &mut slots {
+                        Some(s) => s.merge(p),
+                        None => slots = Some(p),
+                    }
+                }
+                free = local_free.min(slots.as_ref().map_or(0, |p| p.num_permits()));
+            }
+            // Room in this queue, none in the process: wait for a handler slot.
+            starved = want && free == 0;
+            if want && free > 0 {
                 let permit = self.suspects.clone().try_acquire_owned().ok();
                 let req = ClaimRequest {
                     limit: free,
@@ -346,6 +430,7 @@ impl Consumer {
                         db_errors = 0;
                         idle = batch.claimed.len() + batch.buried.len() + batch.undecodable.len()
                             < free;
+
                         tracing::debug!(queue = self.queue, free, claimed = batch.claimed.len(),
                             running = jobs.len(), settling, took = ?sent.elapsed(), "claim");
                         for b in &batch.buried {
@@ -367,6 +452,7 @@ impl Consumer {
                         }
                         if shutdown.is_cancelled() {
                             // Granted as the signal came: released, attempt not spent.
+                            released_at_signal = !batch.claimed.is_empty();
                             for msg in batch.claimed {
                                 let _ = settle_tx.send(Settle {
                                     fence: Fence {
@@ -383,15 +469,31 @@ impl Consumer {
                             break;
                         }
                         let mut permit = permit;
+                        let mut slots = slots;
                         for msg in batch.claimed {
-                            let slot = if msg.suspect { permit.take() } else { None };
-                            self.start(&mut jobs, msg, sent, slot, &settle_tx);
+                            let suspect = if msg.suspect { permit.take() } else { None };
+                            let slot = slots
+                                .as_mut()
+                                .and_then(|s| {
+                                    if s.num_permits() > 1 {
+                                        s.split(1)
+                                    } else {
+                                        None
+                                    }
+                                })
+                                .or_else(|| slots.take());
+                            self.start(&mut jobs, msg, sent, suspect, slot, &settle_tx);
+                        }
+                        if idle {
+                            next_poll = self.idle_until(std::mem::take(&mut notified)).await;
                         }
                         continue;
                     }
                     Ok(Err(e)) => self.claim_failed(&e.to_string(), &mut db_errors),
                     Err(_) => self.claim_failed("no answer in time", &mut db_errors),
                 }
+                // Not held through the backoff: other queues may use them.
+                drop(slots);
                 let wait = crate::backoff::delay(
                     db_errors,
                     Duration::from_millis(100),
@@ -406,12 +508,61 @@ impl Consumer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
-                _ = self.wake.notified() => idle = false,
-                _ = poll.tick() => idle = false,
+                _ = self.wake.notified() => {
+                    idle = false;
+                    notified = true;
+                    follow_up = Some((tokio::time::Instant::now() + FOLLOW_UPS[0], 1));
+                }
+                _ = sleep_until_some(follow_up.map(|f| f.0)), if follow_up.is_some() => {
+                    idle = false;
+                    follow_up = follow_up.and_then(|(_, next)| {
+                        FOLLOW_UPS.get(next).map(|d| (tokio::time::Instant::now() + *d, next + 1))
+                    });
+                }
+                p = self.handler_slots.clone().acquire_owned(), if starved => {
+                    reserved = p.ok();
+                }
+                _ = tokio::time::sleep_until(next_poll), if idle => idle = false,
+                _ = tokio::time::sleep(self.poll_interval), if !idle => {}
             }
         }
         self.signalled.set(Instant::now());
-        self.shut_down(jobs, settle_tx, completer, close).await;
+        self.shut_down(jobs, settle_tx, completer, close, released_at_signal)
+            .await;
+    }
+
+    /// When an idle consumer looks again: at its queue's next due message (a delayed
+    /// job, a retry, a lease that ends), at most `idle_poll_max` away, while the listener
+    /// holds; every `poll_interval` when it does not or the answer is not known.
+    async fn idle_until(&self, notified: bool) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let poll = now + self.poll_interval;
+        if notified
+            || self.idle_poll_max <= self.poll_interval
+            || !self.listening.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return poll;
+        }
+        // Spread per queue (80–100% of the cap), so the queues of a process started
+        // together do not all look again in the same moment.
+        let spread = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.queue.hash(&mut h);
+            0.8 + 0.2 * (h.finish() % 1000) as f64 / 1000.0
+        };
+        let cap = self.idle_poll_max.mul_f64(spread).max(self.poll_interval);
+        let due = tokio::time::timeout(self.control_timeout, self.sql.next_due(&self.control));
+        match due.await {
+            Ok(Ok(None)) => now + cap,
+            Ok(Ok(Some(secs))) if secs > 0.0 => {
+                now + Duration::from_secs_f64(secs.min(cap.as_secs_f64()))
+                    .max(Duration::from_millis(10))
+            }
+            // Due now and not claimed (held by this process, or a suspect waiting for
+            // its turn), or no answer: the ordinary poll.
+            _ => poll,
+        }
     }
 
     fn claim_failed(&self, e: &str, db_errors: &mut u32) {
@@ -435,6 +586,7 @@ impl Consumer {
         settle_tx: mpsc::UnboundedSender<Settle>,
         completer: tokio::task::JoinHandle<()>,
         close: CancellationToken,
+        released_at_signal: bool,
     ) {
         let grace_end = self.grace_deadline();
         let stop_by = grace_end + SHUTDOWN_SLACK;
@@ -489,6 +641,9 @@ impl Consumer {
             })
             .collect();
         if rest.is_empty() {
+            if in_flight > 0 || released_at_signal {
+                self.tell_the_fleet(stop_by).await;
+            }
             return;
         }
         // A short floor: reaching here late (a consumer queued behind a blocked thread)
@@ -510,6 +665,21 @@ impl Consumer {
                 "the database did not answer; unfinished jobs come back after their lease"
             ),
         }
+        self.tell_the_fleet(stop_by).await;
+    }
+
+    /// Released jobs are visible now, but a release is an update, which no trigger
+    /// notifies: tell the other processes' consumers, which may be sleeping until their
+    /// next due message (`worker.idle_poll_max`). Best effort, within the deadline.
+    async fn tell_the_fleet(&self, stop_by: Instant) {
+        let left = stop_by
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let notify = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(listener::ENQUEUE)
+            .bind(self.queue)
+            .execute(&self.control);
+        let _ = tokio::time::timeout(left, notify).await;
     }
 
     fn start(
@@ -518,6 +688,7 @@ impl Consumer {
         msg: Claimed,
         sent: Instant,
         suspect: Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
         settle: &mpsc::UnboundedSender<Settle>,
     ) {
         let fence = Fence {
@@ -548,10 +719,14 @@ impl Consumer {
             );
         }
         let span = info_span!("job", queue = self.queue, id = msg.msg_id, attempt);
+        let run = self.clone().execute(msg, claim, settle.clone());
         jobs.spawn(
-            self.clone()
-                .execute(msg, claim, settle.clone())
-                .instrument(span),
+            async move {
+                // The process-wide handler slot is held while the handler runs.
+                let _slot = slot;
+                run.await
+            }
+            .instrument(span),
         );
     }
 }

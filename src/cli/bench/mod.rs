@@ -14,6 +14,7 @@
 //! Scenarios (named only; `--scenario` is another name for `--phases`):
 //! - **delayed**: the drain twice, alone and behind `--delayed-jobs` jobs scheduled for
 //!   tomorrow with lower ids, and the ratio: what invisible rows cost a claim.
+//! - **effects**, **waiters**, **queues**, **soak**: the runtime at scale, see [`scale`].
 //!
 //! Pipeline phases (named only): `ingest`, `aggregate` (billing), `signals` (market) and
 //! `llm` (chat: `llm_call` jobs on the echo simulator with no delay, so the figure is
@@ -38,6 +39,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::app::{self, CliError, CliResult};
+
+mod scale;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -83,6 +86,24 @@ pub struct Args {
     /// llm_call jobs in the llm phase.
     #[arg(long, default_value_t = 5_000)]
     pub llm_calls: usize,
+    /// Jobs per run of the effects scenario.
+    #[arg(long, default_value_t = 20_000)]
+    pub effect_jobs: usize,
+    /// Concurrent long polls in the waiters scenario.
+    #[arg(long, default_value_t = 1_000)]
+    pub waiters: usize,
+    /// Completions per second in the waiters scenario.
+    #[arg(long, default_value_t = 200)]
+    pub completion_rate: u32,
+    /// Registered queues in the queues scenario.
+    #[arg(long, default_value_t = 500)]
+    pub queues: usize,
+    /// Minutes of the soak scenario.
+    #[arg(long, default_value_t = 10)]
+    pub minutes: u32,
+    /// Producer rate of the soak scenario, jobs/s.
+    #[arg(long, default_value_t = 2_000)]
+    pub soak_rate: u32,
 }
 
 #[derive(Default)]
@@ -133,6 +154,15 @@ pub async fn run(args: Args) -> CliResult {
 }
 
 async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, CliError> {
+    fresh_db_sized(cfg, opts, 16).await
+}
+
+/// A fresh `longshore_bench` database, migrated, and a pool of `connections` to it.
+async fn fresh_db_sized(
+    cfg: &Config,
+    opts: &PgConnectOptions,
+    connections: u32,
+) -> Result<PgPool, CliError> {
     let admin = sqlx::PgPool::connect_with(opts.clone().database("postgres")).await?;
     sqlx::query("DROP DATABASE IF EXISTS longshore_bench WITH (FORCE)")
         .execute(&admin)
@@ -142,7 +172,7 @@ async fn fresh_db(cfg: &Config, opts: &PgConnectOptions) -> Result<PgPool, CliEr
         .await?;
     admin.close().await;
     let mut dbcfg = cfg.database.clone();
-    dbcfg.max_connections = 16;
+    dbcfg.max_connections = connections;
     // Filling millions of rows is one long statement; the benchmark's own pool has no
     // statement timeout.
     dbcfg.statement_timeout = Duration::ZERO;
@@ -172,6 +202,10 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             "e2e",
             "idle",
             "delayed",
+            "effects",
+            "waiters",
+            "queues",
+            "soak",
             "ingest",
             "aggregate",
             "signals",
@@ -180,7 +214,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         .contains(&p.as_str())
         {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle, delayed, ingest, aggregate, signals, llm"
+                "unknown phase {p:?}: store, drain, e2e, idle, delayed, effects, waiters, queues, soak, ingest, aggregate, signals, llm"
             )));
         }
     }
@@ -390,6 +424,28 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             behind.1,
             ratio(alone.1, behind.1)
         ));
+    }
+
+    if run("effects") {
+        let f = scale::effects(&cfg, &opts, args.effect_jobs, &say).await?;
+        lines.extend(f.lines);
+        report.insert("effects".into(), f.json);
+    }
+    if run("waiters") {
+        let f = scale::waiters(&cfg, &opts, args.waiters, args.completion_rate, &say).await?;
+        lines.extend(f.lines);
+        report.insert("waiters".into(), f.json);
+    }
+    if run("queues") {
+        let f = scale::queues(&cfg, &opts, args.queues.max(1), &say).await?;
+        lines.extend(f.lines);
+        report.insert("queues".into(), f.json);
+    }
+
+    if run("soak") {
+        let f = scale::soak(&cfg, &opts, args.minutes, args.soak_rate, &say).await?;
+        lines.extend(f.lines);
+        report.insert("soak".into(), f.json);
     }
 
     if run("ingest") {
@@ -768,21 +824,22 @@ async fn store_phase(pool: &PgPool, n: usize, v: StoreVariant) -> Result<f64, Cl
 
 fn latencies(rec: &Recorder, commits: &HashMap<i64, Instant>) -> serde_json::Value {
     let starts = rec.starts.lock().expect("not poisoned");
-    let mut ms: Vec<f64> = commits
+    let mut waits: Vec<Duration> = commits
         .iter()
-        .filter_map(|(id, c)| {
-            starts
-                .get(id)
-                .map(|s| s.saturating_duration_since(*c).as_secs_f64() * 1e3)
-        })
+        .filter_map(|(id, c)| starts.get(id).map(|s| s.saturating_duration_since(*c)))
         .collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
+    percentiles(&mut waits)
+}
+
+/// p50, p90, p99 and max of `d` in milliseconds (to the microsecond), and the count.
+fn percentiles(d: &mut [Duration]) -> serde_json::Value {
+    d.sort_unstable();
     let p = |q: f64| {
-        if ms.is_empty() {
+        if d.is_empty() {
             return 0.0;
         }
-        let i = ((ms.len() as f64 - 1.0) * q).round() as usize;
-        (ms[i] * 1000.0).round() / 1000.0
+        let i = ((d.len() as f64 - 1.0) * q).round() as usize;
+        (d[i].as_secs_f64() * 1e6).round() / 1000.0
     };
-    json!({"p50": p(0.50), "p90": p(0.90), "p99": p(0.99), "max": p(1.0), "samples": ms.len()})
+    json!({"p50": p(0.50), "p90": p(0.90), "p99": p(0.99), "max": p(1.0), "samples": d.len()})
 }
