@@ -5,8 +5,9 @@
 //! `?wait=`.
 //!
 //! The callback hears [`Event::Lost`] when the connection drops (notifications may be
-//! missed from here on) and [`Event::Connected`] once `LISTEN` holds again (anything
-//! sent before it was missed: re-check everything). The listener reconnects with
+//! missed from here on) and [`Event::Connected`] once a new connection has delivered a
+//! notification, its own ping at least (anything sent before was missed: re-check
+//! everything). The listener reconnects with
 //! backoff; it never relies on the driver's silent reconnect, which gives no moment
 //! from which notifications are heard again.
 
@@ -32,7 +33,8 @@ const PING_WAIT: Duration = Duration::from_secs(10);
 /// What the listener hears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// `LISTEN` holds (first connect or reconnect): what was sent before is missed.
+    /// The connection delivers (first connect or reconnect): what was sent before is
+    /// missed.
     Connected,
     /// The connection dropped: notifications are missed until [`Event::Connected`].
     Lost,
@@ -43,6 +45,14 @@ pub enum Event<'a> {
 pub type OnEvent = Arc<dyn Fn(Event<'_>) + Send + Sync>;
 
 pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: CancellationToken) {
+    // A pool of its own (the LISTEN connection and its pings): handlers holding every
+    // connection of the main pool must not make it look deaf, and a connection it drops
+    // must not park one of theirs.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .min_connections(0)
+        .acquire_timeout(PING_WAIT)
+        .connect_lazy_with((*pool.connect_options()).clone());
     let mut failures = 0u32;
     while !stop.is_cancelled() {
         // Raced with `stop`: a server that does not answer must not hold up a shutdown.
@@ -69,21 +79,28 @@ pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: C
                 }
             }
         };
-        debug!(channel, "listening");
-        on_event(Event::Connected);
+        debug!(channel, "listening; waiting for its own ping");
         // The receiving loop runs in a task of its own, never cancelled mid-message; this
         // one watches that the connection still delivers (a half-open TCP connection
         // through a load balancer or NAT never reports its loss): after QUIET_FOR with
         // nothing heard it sends an empty notification of its own on the channel, and a
         // connection that does not deliver it within PING_WAIT is dropped.
+        // Trusted (`Connected`) only once something was heard on it: a LISTEN that
+        // succeeds on a connection that never delivers (a pooler in transaction mode)
+        // must not make consumers sleep long.
         let heard = Arc::new(std::sync::Mutex::new(Instant::now()));
         let mut recv = {
             let (heard, on_event) = (heard.clone(), on_event.clone());
             tokio::spawn(async move {
+                let mut proven = false;
                 loop {
                     match listener.try_recv().await {
                         Ok(Some(n)) => {
                             *heard.lock().expect("not poisoned") = Instant::now();
+                            if !proven {
+                                proven = true;
+                                on_event(Event::Connected);
+                            }
                             if !n.payload().is_empty() {
                                 on_event(Event::Notified(n.payload()));
                             }
@@ -94,8 +111,9 @@ pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: C
                 }
             })
         };
-        let mut pinged: Option<Instant> = None;
-        let mut tick = tokio::time::interval(PING_WAIT);
+        let mut pinged = Some(Instant::now());
+        ping(&pool, channel);
+        let mut tick = tokio::time::interval(PING_WAIT / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -122,11 +140,7 @@ pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: C
                         Some(_) => {}
                         None if last.elapsed() >= QUIET_FOR => {
                             pinged = Some(Instant::now());
-                            let pool = pool.clone();
-                            tokio::spawn(async move {
-                                let ping = sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&pool);
-                                let _ = tokio::time::timeout(PING_WAIT, ping).await;
-                            });
+                            ping(&pool, channel);
                         }
                         None => {}
                     }
@@ -139,6 +153,17 @@ pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: C
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+}
+
+/// An empty notification on `channel` (every listener of it ignores the payload).
+fn ping(pool: &PgPool, channel: &'static str) {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let ping = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(channel)
+            .execute(&pool);
+        let _ = tokio::time::timeout(PING_WAIT, ping).await;
+    });
 }
 
 async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {

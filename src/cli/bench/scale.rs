@@ -25,8 +25,8 @@ use longshore_workers::config::{Config, TokenConfig};
 use longshore_workers::ingress::Ingress;
 use longshore_workers::{EnqueueOptions, Observer, Registry, Worker, db, enqueue, enqueue_many};
 use serde_json::{Value, json};
+use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::super::app::{self, CliError};
@@ -78,16 +78,19 @@ async fn fill_effects(pool: &PgPool, n: usize) -> Result<(), CliError> {
 }
 
 /// One-row insert transactions per second with `clients` connections, by pgbench.
-async fn pgbench_ceiling(pool: &PgPool, url: &str, clients: u32) -> Result<f64, CliError> {
+async fn pgbench_ceiling(opts: &PgConnectOptions, clients: u32) -> Result<f64, CliError> {
+    let pool = PgPool::connect_with(opts.clone().database("longshore_bench")).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_one_row (id bigserial PRIMARY KEY, v int)")
-        .execute(pool)
+        .execute(&pool)
         .await?;
+    pool.close().await;
     let script = std::env::temp_dir().join(format!("longshore-bench-{}.sql", std::process::id()));
     std::fs::write(&script, "INSERT INTO bench_one_row (v) VALUES (1);\n")?;
     let out = tokio::process::Command::new("pgbench")
         .args(["-n", "-T", "8", "-j", "2", "-c", &clients.to_string(), "-f"])
         .arg(&script)
-        .arg(url)
+        .args(["-h", opts.get_host(), "-p", &opts.get_port().to_string()])
+        .args(["-U", opts.get_username(), "longshore_bench"])
         .output()
         .await
         .map_err(|e| {
@@ -118,11 +121,6 @@ pub(super) async fn effects(
     say: &dyn Fn(String),
 ) -> Result<Figures, CliError> {
     let server_max = server_max_connections(opts).await?;
-    let url = opts
-        .clone()
-        .database("longshore_bench")
-        .to_url_lossy()
-        .to_string();
     let mut lines = Vec::new();
     let mut rows = Vec::new();
     for c in [16usize, 64, 256] {
@@ -158,11 +156,11 @@ pub(super) async fn effects(
                     "effects phase: {effects} effects for {n} jobs"
                 )));
             }
-            if !watched {
-                let ceiling = pgbench_ceiling(&pool, &url, conns).await?;
-                rates.push(ceiling);
-            }
+            // The worker's connections are closed before pgbench opens as many.
             pool.close().await;
+            if !watched {
+                rates.push(pgbench_ceiling(opts, conns).await?);
+            }
             rates.push(rate);
         }
         let (ceiling, quiet, watched) = (rates[0], rates[1], rates[2]);

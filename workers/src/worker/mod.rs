@@ -57,9 +57,10 @@ pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(3);
 
 /// Enqueue notifications are debounced per queue (one per millisecond, see the
 /// notify_budget migration): a consumer woken by one claims again this long after it,
-/// and again this long after that, for the jobs whose enqueue ran just after the one
-/// that notified and did not notify itself (their commits may wait for a WAL flush).
-const FOLLOW_UPS: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(45)];
+/// for the jobs whose enqueue ran just after the one that notified and did not notify
+/// itself; and until `poll_interval` after the wake it does not sleep longer than the
+/// short poll (their commits may wait for a WAL flush, or a transaction).
+const FOLLOW_UPS: [Duration; 1] = [Duration::from_millis(5)];
 
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
@@ -250,6 +251,7 @@ impl Worker {
                 signalled: signalled.clone(),
                 suspects: suspects.clone(),
                 handler_slots: handler_slots.clone(),
+                max_handlers: self.config.worker.max_handlers,
                 listening: listening.clone(),
                 ack_batch: w.ack_batch,
                 wake,
@@ -328,6 +330,7 @@ pub(crate) struct Consumer {
     suspects: Arc<Semaphore>,
     /// `worker.max_handlers`: one permit per running handler, all queues together.
     handler_slots: Arc<Semaphore>,
+    max_handlers: usize,
     listening: Arc<std::sync::atomic::AtomicBool>,
     ack_batch: usize,
     wake: Arc<Notify>,
@@ -356,9 +359,11 @@ impl Consumer {
         // A process-wide handler slot this consumer waited for (all were taken).
         let mut reserved: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut starved;
-        // A notification woke this consumer since its last idle sleep: the next one is
-        // the short poll (a debounced enqueue may be committing).
-        let mut notified = false;
+        // When a notification last woke this consumer: within `poll_interval` of it, an
+        // idle sleep is the short poll (a debounced enqueue may still be committing).
+        let mut woken_at: Option<Instant> = None;
+        // The last idle look found a message due and not claimed (see `idle_until`).
+        let mut overdue = false;
         let mut released_at_signal = false;
 
         loop {
@@ -430,6 +435,10 @@ impl Consumer {
                         db_errors = 0;
                         idle = batch.claimed.len() + batch.buried.len() + batch.undecodable.len()
                             < free;
+                        if !batch.claimed.is_empty() {
+                            // Work found: a message due and unclaimed next is not stuck.
+                            overdue = false;
+                        }
 
                         tracing::debug!(queue = self.queue, free, claimed = batch.claimed.len(),
                             running = jobs.len(), settling, took = ?sent.elapsed(), "claim");
@@ -484,8 +493,13 @@ impl Consumer {
                                 .or_else(|| slots.take());
                             self.start(&mut jobs, msg, sent, suspect, slot, &settle_tx);
                         }
+                        // Slots the claim did not use go back before anything else waits.
+                        drop(slots);
                         if idle {
-                            next_poll = self.idle_until(std::mem::take(&mut notified)).await;
+                            let recent = woken_at.is_some_and(|w| {
+                                w.elapsed() < self.poll_interval + Duration::from_millis(100)
+                            });
+                            next_poll = self.idle_until(recent, &mut overdue).await;
                         }
                         continue;
                     }
@@ -510,7 +524,7 @@ impl Consumer {
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
                 _ = self.wake.notified() => {
                     idle = false;
-                    notified = true;
+                    woken_at = Some(Instant::now());
                     follow_up = Some((tokio::time::Instant::now() + FOLLOW_UPS[0], 1));
                 }
                 _ = sleep_until_some(follow_up.map(|f| f.0)), if follow_up.is_some() => {
@@ -519,7 +533,11 @@ impl Consumer {
                         FOLLOW_UPS.get(next).map(|d| (tokio::time::Instant::now() + *d, next + 1))
                     });
                 }
-                p = self.handler_slots.clone().acquire_owned(), if starved => {
+                // As many as a batch, so a consumer at the cap does not claim one row
+                // per completion.
+                p = self.handler_slots.clone().acquire_many_owned(
+                    min_batch.min(local_free).min(self.max_handlers).max(1) as u32
+                ), if starved => {
                     reserved = p.ok();
                 }
                 _ = tokio::time::sleep_until(next_poll), if idle => idle = false,
@@ -534,7 +552,7 @@ impl Consumer {
     /// When an idle consumer looks again: at its queue's next due message (a delayed
     /// job, a retry, a lease that ends), at most `idle_poll_max` away, while the listener
     /// holds; every `poll_interval` when it does not or the answer is not known.
-    async fn idle_until(&self, notified: bool) -> tokio::time::Instant {
+    async fn idle_until(&self, notified: bool, overdue: &mut bool) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
         let poll = now + self.poll_interval;
         if notified
@@ -554,13 +572,22 @@ impl Consumer {
         let cap = self.idle_poll_max.mul_f64(spread).max(self.poll_interval);
         let due = tokio::time::timeout(self.control_timeout, self.sql.next_due(&self.control));
         match due.await {
-            Ok(Ok(None)) => now + cap,
+            Ok(Ok(None)) => {
+                *overdue = false;
+                now + cap
+            }
             Ok(Ok(Some(secs))) if secs > 0.0 => {
+                *overdue = false;
                 now + Duration::from_secs_f64(secs.min(cap.as_secs_f64()))
                     .max(Duration::from_millis(10))
             }
-            // Due now and not claimed (held by this process, or a suspect waiting for
-            // its turn), or no answer: the ordinary poll.
+            // Due already: it became due while this claim ran (jobs due a few ms apart),
+            // so look again at once; if that finds it due and unclaimed too (a suspect
+            // waiting for its turn, rows another claim has locked), the ordinary poll.
+            Ok(Ok(Some(_))) => {
+                let again = std::mem::replace(overdue, true);
+                if again { poll } else { now + Duration::from_millis(10) }
+            }
             _ => poll,
         }
     }
