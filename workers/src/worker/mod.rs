@@ -586,7 +586,11 @@ impl Consumer {
             // waiting for its turn, rows another claim has locked), the ordinary poll.
             Ok(Ok(Some(_))) => {
                 let again = std::mem::replace(overdue, true);
-                if again { poll } else { now + Duration::from_millis(10) }
+                if again {
+                    poll
+                } else {
+                    now + Duration::from_millis(10)
+                }
             }
             _ => poll,
         }
