@@ -1149,3 +1149,83 @@ async fn max_handlers_caps_the_process_across_queues() {
         "the cap is shared, not a queue at a time: {most}"
     );
 }
+
+/// Issue 16 (idle queues): with the listener up, an idle consumer sleeps until its
+/// queue's next due message, capped at `idle_poll_max` (here two minutes). A delayed
+/// job and a retry in backoff must still start about when due, not at the cap: the
+/// sleep is computed from the queue, and a reschedule wakes its consumer to look again.
+#[tokio::test]
+async fn idle_consumers_wake_for_delayed_jobs_and_retries_not_at_the_cap() {
+    let t = db().await;
+    let stop = CancellationToken::new();
+    let w = Worker::new(
+        t.pool.clone(),
+        common::registry(),
+        config(&[
+            ("LONGSHORE__WORKER__POLL_INTERVAL", "1s"),
+            ("LONGSHORE__WORKER__IDLE_POLL_MAX", "120s"),
+            ("LONGSHORE__QUEUES__PROBE__BACKOFF_BASE", "2s"),
+            ("LONGSHORE__QUEUES__PROBE__BACKOFF_CAP", "2s"),
+        ]),
+    )
+    .only(&["probe".into()])
+    .unwrap();
+    let h = tokio::spawn(w.run(stop.clone()));
+    let effects = |n: i64| {
+        let pool = t.pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move { (count(&pool, "SELECT count(*) FROM probe_effects").await == n).then_some(()) }
+        }
+    };
+    // A first job: the worker is up and has heard its listener.
+    enqueue(
+        &t.pool,
+        &Probe {
+            effect: Some(true),
+            ..Probe::new(0)
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(20), "the first job", effects(1)).await;
+    // Past the short poll that follows a notification: the consumer now sleeps long.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    enqueue(
+        &t.pool,
+        &Probe {
+            effect: Some(true),
+            ..Probe::new(1)
+        },
+        EnqueueOptions::default().delay(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    // And a job that fails once, then waits up to 2 s in backoff.
+    enqueue(
+        &t.pool,
+        &Probe {
+            effect: Some(true),
+            fail_times: Some(1),
+            ..Probe::new(2)
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the delayed job and the retry",
+        effects(3),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "{took:?}: the consumer slept towards its 120 s cap instead of until the jobs were due"
+    );
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
