@@ -197,9 +197,12 @@ async fn a_worker_on_the_defaults_starts_without_warnings() {
         l.contains("worker started").then_some(l)
     })
     .await;
+    // The server's own settings are not the binary's defaults: a server without
+    // autovacuum (this development machine's) is rightly warned about.
     let warnings: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .filter(|l| !l.contains("autovacuum is off on this server"))
         .collect();
     assert!(warnings.is_empty(), "{warnings:#?}");
     assert!(logs.contains("connection budget"), "{logs}");
