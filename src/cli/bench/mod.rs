@@ -650,11 +650,22 @@ async fn fill(pool: &PgPool, n: usize) -> Result<(), CliError> {
 
 /// `n` probe jobs in batches of 1,000, each batch enqueued with `opts`.
 async fn fill_with(pool: &PgPool, n: usize, opts: EnqueueOptions) -> Result<(), CliError> {
-    let batch: Vec<Probe> = (0..1000).map(Probe::new).collect();
+    fill_made(pool, n, opts, Probe::new).await
+}
+
+/// `n` probe jobs made by `make` from ids 0..n (distinct: an effect's primary key), in
+/// batches of 1,000 enqueued with `opts`.
+async fn fill_made(
+    pool: &PgPool,
+    n: usize,
+    opts: EnqueueOptions,
+    make: impl Fn(i64) -> Probe,
+) -> Result<(), CliError> {
     let mut sent = 0;
     while sent < n {
-        let k = (n - sent).min(batch.len());
-        enqueue_many(pool, &batch[..k], opts.clone()).await?;
+        let k = (n - sent).min(1000);
+        let batch: Vec<Probe> = (sent..sent + k).map(|i| make(i as i64)).collect();
+        enqueue_many(pool, &batch, opts.clone()).await?;
         sent += k;
     }
     Ok(())

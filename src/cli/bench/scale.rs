@@ -30,7 +30,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::super::app::{self, CliError};
-use super::{drain, fresh_db_sized, percentiles};
+use super::{drain, fill_made, fresh_db_sized, percentiles};
 
 /// What a scenario prints and what it adds to the JSON report.
 pub(super) struct Figures {
@@ -50,31 +50,6 @@ async fn server_max_connections(opts: &PgConnectOptions) -> Result<u32, CliError
     admin.close().await;
     max.parse()
         .map_err(|_| err(format!("max_connections {max:?}")))
-}
-
-/// `n` probe jobs with `effect: true`, in batches of 1,000.
-async fn fill_effects(pool: &PgPool, n: usize) -> Result<(), CliError> {
-    let batch: Vec<Probe> = (0..1000)
-        .map(|i| Probe {
-            effect: Some(true),
-            ..Probe::new(i)
-        })
-        .collect();
-    let mut sent = 0;
-    while sent < n {
-        let k = (n - sent).min(batch.len());
-        // Distinct ids: the effect table's primary key.
-        let b: Vec<Probe> = batch[..k]
-            .iter()
-            .map(|p| Probe {
-                id: p.id + sent as i64,
-                ..p.clone()
-            })
-            .collect();
-        enqueue_many(pool, &b, EnqueueOptions::default()).await?;
-        sent += k;
-    }
-    Ok(())
 }
 
 /// One-row insert transactions per second with `clients` connections, by pgbench.
@@ -145,7 +120,11 @@ pub(super) async fn effects(
                 .execute(&pool)
                 .await?;
             }
-            fill_effects(&pool, n).await?;
+            let effect = |i| Probe {
+                effect: Some(true),
+                ..Probe::new(i)
+            };
+            fill_made(&pool, n, EnqueueOptions::default(), effect).await?;
             sqlx::query("ANALYZE pgmq.q_probe").execute(&pool).await?;
             let (rate, _) = drain(&pool, &ccfg, n, "effects phase").await?;
             let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_effects")

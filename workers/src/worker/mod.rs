@@ -60,7 +60,28 @@ pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(3);
 /// for the jobs whose enqueue ran just after the one that notified and did not notify
 /// itself; and until `poll_interval` after the wake it does not sleep longer than the
 /// short poll (their commits may wait for a WAL flush, or a transaction).
-const FOLLOW_UPS: [Duration; 1] = [Duration::from_millis(5)];
+const FOLLOW_UP: Duration = Duration::from_millis(5);
+
+/// One permit off `slots` (the last one takes the whole).
+fn take_one(
+    slots: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match slots {
+        Some(s) if s.num_permits() > 1 => s.split(1),
+        _ => slots.take(),
+    }
+}
+
+/// An idle consumer's longest sleep: `idle_poll_max` spread per queue (80–100%), so the
+/// queues of a process started together do not all look again in the same moment;
+/// never below `poll_interval`.
+fn idle_cap(queue: &str, idle_poll_max: Duration, poll_interval: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    queue.hash(&mut h);
+    let spread = 0.8 + 0.2 * (h.finish() % 1000) as f64 / 1000.0;
+    idle_poll_max.mul_f64(spread).max(poll_interval)
+}
 
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
@@ -270,7 +291,7 @@ impl Worker {
                 ack_batch: w.ack_batch,
                 wake,
                 poll_interval: w.poll_interval,
-                idle_poll_max: w.idle_poll_max,
+                idle_cap: idle_cap(kind, w.idle_poll_max, w.poll_interval),
                 grace: w.shutdown_grace,
                 observer: self.observer.clone(),
             };
@@ -349,7 +370,8 @@ pub(crate) struct Consumer {
     ack_batch: usize,
     wake: Arc<Notify>,
     poll_interval: Duration,
-    idle_poll_max: Duration,
+    /// See [`idle_cap`].
+    idle_cap: Duration,
     grace: Duration,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -364,9 +386,8 @@ impl Consumer {
         let min_batch = (conc / 8).max(1);
         let mut jobs = JoinSet::new();
         let mut idle = false;
-        // Claims again shortly after a notification's: see [`FOLLOW_UPS`] (when, and
-        // which follow-up comes after it).
-        let mut follow_up: Option<(tokio::time::Instant, usize)> = None;
+        // A claim again shortly after a notification's: see [`FOLLOW_UP`].
+        let mut follow_up: Option<tokio::time::Instant> = None;
         let mut db_errors = 0u32;
         // When an idle consumer looks again without a notification.
         let mut next_poll = tokio::time::Instant::now() + self.poll_interval;
@@ -495,16 +516,7 @@ impl Consumer {
                         let mut slots = slots;
                         for msg in batch.claimed {
                             let suspect = if msg.suspect { permit.take() } else { None };
-                            let slot = slots
-                                .as_mut()
-                                .and_then(|s| {
-                                    if s.num_permits() > 1 {
-                                        s.split(1)
-                                    } else {
-                                        None
-                                    }
-                                })
-                                .or_else(|| slots.take());
+                            let slot = take_one(&mut slots);
                             self.start(&mut jobs, msg, sent, suspect, slot, &settle_tx);
                         }
                         // Slots the claim did not use go back before anything else waits.
@@ -539,13 +551,11 @@ impl Consumer {
                 _ = self.wake.notified() => {
                     idle = false;
                     woken_at = Some(Instant::now());
-                    follow_up = Some((tokio::time::Instant::now() + FOLLOW_UPS[0], 1));
+                    follow_up = Some(tokio::time::Instant::now() + FOLLOW_UP);
                 }
-                _ = sleep_until_some(follow_up.map(|f| f.0)), if follow_up.is_some() => {
+                _ = sleep_until_some(follow_up), if follow_up.is_some() => {
                     idle = false;
-                    follow_up = follow_up.and_then(|(_, next)| {
-                        FOLLOW_UPS.get(next).map(|d| (tokio::time::Instant::now() + *d, next + 1))
-                    });
+                    follow_up = None;
                 }
                 // As many as a batch, so a consumer at the cap does not claim one row
                 // per completion.
@@ -570,20 +580,12 @@ impl Consumer {
         let now = tokio::time::Instant::now();
         let poll = now + self.poll_interval;
         if notified
-            || self.idle_poll_max <= self.poll_interval
+            || self.idle_cap <= self.poll_interval
             || !self.listening.load(std::sync::atomic::Ordering::Relaxed)
         {
             return poll;
         }
-        // Spread per queue (80–100% of the cap), so the queues of a process started
-        // together do not all look again in the same moment.
-        let spread = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            self.queue.hash(&mut h);
-            0.8 + 0.2 * (h.finish() % 1000) as f64 / 1000.0
-        };
-        let cap = self.idle_poll_max.mul_f64(spread).max(self.poll_interval);
+        let cap = self.idle_cap;
         let due = tokio::time::timeout(self.control_timeout, self.sql.next_due(&self.control));
         match due.await {
             Ok(Ok(None)) => {
