@@ -74,13 +74,17 @@ fn take_one(
 
 /// An idle consumer's longest sleep: `idle_poll_max` spread per queue (80–100%), so the
 /// queues of a process started together do not all look again in the same moment;
-/// never below `poll_interval`.
-fn idle_cap(queue: &str, idle_poll_max: Duration, poll_interval: Duration) -> Duration {
+/// never below `poll_interval`. `None` when `idle_poll_max` is not above
+/// `poll_interval`: then an idle consumer simply polls.
+fn idle_cap(queue: &str, idle_poll_max: Duration, poll_interval: Duration) -> Option<Duration> {
     use std::hash::{Hash, Hasher};
+    if idle_poll_max <= poll_interval {
+        return None;
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     queue.hash(&mut h);
     let spread = 0.8 + 0.2 * (h.finish() % 1000) as f64 / 1000.0;
-    idle_poll_max.mul_f64(spread).max(poll_interval)
+    Some(idle_poll_max.mul_f64(spread).max(poll_interval))
 }
 
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
@@ -371,7 +375,7 @@ pub(crate) struct Consumer {
     wake: Arc<Notify>,
     poll_interval: Duration,
     /// See [`idle_cap`].
-    idle_cap: Duration,
+    idle_cap: Option<Duration>,
     grace: Duration,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -579,13 +583,12 @@ impl Consumer {
     async fn idle_until(&self, notified: bool, overdue: &mut bool) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
         let poll = now + self.poll_interval;
-        if notified
-            || self.idle_cap <= self.poll_interval
-            || !self.listening.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        let Some(cap) = self.idle_cap else {
+            return poll;
+        };
+        if notified || !self.listening.load(std::sync::atomic::Ordering::Relaxed) {
             return poll;
         }
-        let cap = self.idle_cap;
         let due = tokio::time::timeout(self.control_timeout, self.sql.next_due(&self.control));
         match due.await {
             Ok(Ok(None)) => {
