@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{PrivatePg, Proc, config_dir, count, db, eventually};
+use common::{PgBouncer, PrivatePg, Proc, config_dir, count, db, eventually};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
@@ -280,4 +280,285 @@ async fn row11_terminated_backends_roll_back_and_jobs_retry() {
     })
     .await;
     common::assert_probes_done_exactly_once(&t.pool, 3000).await;
+}
+
+fn pooler_config() -> String {
+    format!(
+        r#"
+[ingress]
+listen = "127.0.0.1:0"
+db_timeout = "2s"
+
+[[ingress.tokens]]
+name = "t"
+sha256 = "{}"
+queues = ["*"]
+rate_per_second = 100000
+burst = 100000
+
+[worker]
+poll_interval = "200ms"
+
+[queues.probe]
+max_attempts = 3
+backoff_base = "50ms"
+backoff_cap = "200ms"
+# Short, so a job of 2.5 s lives on heartbeats.
+lease = "1s"
+
+[[schedules]]
+name = "tick"
+cron = "* * * * * *"
+queue = "maintenance"
+args = {{ task = "expire_idempotency_keys" }}
+"#,
+        hex::encode(Sha256::digest(b"tok"))
+    )
+}
+
+async fn post_body(http: &reqwest::Client, base: &str, body: &str, key: Option<&str>) -> i64 {
+    let mut r = http
+        .post(format!("{base}/v1/queues/probe/jobs"))
+        .bearer_auth("tok")
+        .body(body.to_string())
+        .timeout(Duration::from_secs(10));
+    if let Some(k) = key {
+        r = r.header("Idempotency-Key", k);
+    }
+    let r = r.send().await.expect("ingress answers");
+    assert_eq!(r.status(), 202, "{body}: {}", r.text().await.unwrap());
+    r.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
+}
+
+/// Issue 16: the runtime's core through a real PgBouncer in transaction mode, two
+/// server connections shared by an ingress, a scheduler, two workers and the CLI:
+/// enqueue (plain, keyed, CLI), claim, acknowledgement with effects, retry, dead
+/// letter, scheduled fires, `?wait` (polling: no LISTEN through the pooler). The
+/// pooler wipes a backend after every transaction, so any statement the runtime ran
+/// outside a transaction fails here (the next test shows that it would).
+#[tokio::test]
+async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
+    let t = db().await;
+    let pgb = PgBouncer::start(2).await;
+    let url = pgb.url(&t.url);
+    let dir = config_dir(&pooler_config());
+    let env = [
+        ("LONGSHORE_ENV", "test"),
+        ("LONGSHORE__DATABASE__POOLER", "transaction"),
+    ];
+    // The CLI on the binary's defaults, but through the pooler as well.
+    let cli_env = [("LONGSHORE__DATABASE__POOLER", "transaction")];
+    let ingress = Proc::spawn_in(Some(&dir), &url, &["ingress"], &env);
+    let sched = Proc::spawn_in(Some(&dir), &url, &["scheduler"], &env);
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| Proc::spawn_in(Some(&dir), &url, &["worker", "--concurrency", "8"], &env))
+        .collect();
+    let base = format!("http://{}", ingress.ingress_addr().await);
+    let http = reqwest::Client::new();
+
+    for i in 0..150 {
+        post_body(
+            &http,
+            &base,
+            &format!(r#"{{"id":{i},"effect":true}}"#),
+            None,
+        )
+        .await;
+    }
+    for i in 1000..1020 {
+        let b = format!(r#"{{"id":{i},"effect":true,"fail_times":1}}"#);
+        post_body(&http, &base, &b, None).await;
+    }
+    for i in 2000..2005 {
+        post_body(
+            &http,
+            &base,
+            &format!(r#"{{"id":{i},"fail_times":10}}"#),
+            None,
+        )
+        .await;
+    }
+    let keyed = r#"{"id":3000,"effect":true}"#;
+    let first = post_body(&http, &base, keyed, Some("k-3000")).await;
+    assert_eq!(post_body(&http, &base, keyed, Some("k-3000")).await, first);
+    let (code, out, err) = common::run_cli(
+        &url,
+        &["enqueue", "probe", r#"{"id":4000,"effect":true}"#],
+        &cli_env,
+    );
+    assert_eq!(code, 0, "CLI enqueue through the pooler: {out}{err}");
+    // `?wait` without LISTEN: answered by re-reading, well before its deadline.
+    let waited = post_body(
+        &http,
+        &base,
+        r#"{"id":5000,"effect":true,"sleep_ms":300}"#,
+        None,
+    )
+    .await;
+    let asked = Instant::now();
+    let s: Value = http
+        .get(format!("{base}/v1/jobs/probe/{waited}?wait=20"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["state"], "done", "{s}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Outlives its lease five times over: only heartbeats keep it from a second run.
+    post_body(
+        &http,
+        &base,
+        r#"{"id":6000,"effect":true,"sleep_ms":2500}"#,
+        None,
+    )
+    .await;
+
+    let effects = 150 + 20 + 4;
+    let pool = &t.pool;
+    eventually(
+        Duration::from_secs(60),
+        "every job done or dead",
+        || async {
+            let done = count(pool, "SELECT count(*) FROM probe_effects").await;
+            let dead = count(
+                pool,
+                "SELECT count(*) FROM longshore.dead_letters WHERE queue = 'probe'",
+            )
+            .await;
+            let left = count(pool, "SELECT count(*) FROM pgmq.q_probe").await;
+            (done == effects && dead == 5 && left == 0).then_some(())
+        },
+    )
+    .await;
+    // Each effect once, each retried job run twice, the dead ones three times.
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM pgmq.a_probe").await,
+        effects
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM pgmq.a_probe WHERE (headers->'result'->>'duplicate')::bool"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM probe_effects WHERE id >= 1000 AND id < 1020 AND attempt = 2"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM longshore.dead_letters WHERE queue = 'probe' AND attempts = 3"
+        )
+        .await,
+        5
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM probe_effects WHERE id = 6000 AND attempt = 1"
+        )
+        .await,
+        1,
+        "the long job ran once, on heartbeats"
+    );
+    eventually(Duration::from_secs(10), "scheduled fires", || async {
+        (count(pool, "SELECT count(*) FROM longshore.schedule_fires").await >= 2).then_some(())
+    })
+    .await;
+    let (code, out, err) = common::run_cli(&url, &["queues", "--json"], &cli_env);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(r#""queue":"probe""#), "{out}");
+    // Migrations need a session of their own: refused with a code, nothing half done.
+    let (code, out, err) = common::run_cli(&url, &["migrate"], &cli_env);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("E_MIGRATE_POOLER"), "{err}");
+
+    // It all went through the pooler's two server connections.
+    let db_name = t.name.as_str();
+    let servers = pgb
+        .show("SERVERS")
+        .lines()
+        .filter(|l| l.split('|').nth(2) == Some(db_name))
+        .count();
+    assert!((1..=2).contains(&servers), "{}", pgb.show("SERVERS"));
+    let clients = pgb
+        .show("CLIENTS")
+        .lines()
+        .filter(|l| l.split('|').nth(2) == Some(db_name))
+        .count();
+    assert!(clients >= 4, "{}", pgb.show("CLIENTS"));
+    let procs = [("ingress", &ingress), ("scheduler", &sched)]
+        .into_iter()
+        .chain(workers.iter().map(|w| ("worker", w)));
+    for (name, p) in procs {
+        let logs = p.logs();
+        for bad in [
+            "prepared statement",
+            "unsupported startup parameter",
+            "ERROR",
+        ] {
+            assert!(!logs.contains(bad), "{name} logged {bad:?}:\n{logs}");
+        }
+        if name == "worker" {
+            assert!(logs.contains("no LISTEN, consumers poll"), "{logs}");
+        }
+    }
+}
+
+/// The pooler above is hostile enough to catch a statement run outside a transaction:
+/// parsed on one backend, wiped when that transaction-less round trip ends, its bind
+/// finds nothing. Inside a transaction the same statement works. And a process left on
+/// `database.pooler = "none"` cannot even connect (its startup options are refused).
+#[tokio::test]
+async fn pgbouncer_in_transaction_mode_refuses_what_the_pooler_mode_avoids() {
+    let t = db().await;
+    let pgb = PgBouncer::start(2).await;
+    let url = pgb.url(&t.url);
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.statement_cache_capacity(0).extra_float_digits(None))
+        .await
+        .unwrap();
+    let outside = sqlx::query_scalar::<_, i32>("SELECT $1::int4")
+        .bind(7)
+        .fetch_one(&pool)
+        .await;
+    let e = outside
+        .expect_err("a bind after the backend was reset")
+        .to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    let mut tx = pool.begin().await.unwrap();
+    let inside: i32 = sqlx::query_scalar("SELECT $1::int4")
+        .bind(7)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(inside, 7);
+    tx.commit().await.unwrap();
+
+    let dir = config_dir(&pooler_config());
+    let mut w = Proc::spawn_in(Some(&dir), &url, &["worker"], &[("LONGSHORE_ENV", "test")]);
+    let code = w.wait_exit(Duration::from_secs(20)).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        w.logs().contains("unsupported startup parameter"),
+        "{}",
+        w.logs()
+    );
 }

@@ -2,6 +2,7 @@
 
 use anyhow::anyhow;
 use longshore_workers::QueueName;
+use longshore_workers::db;
 use longshore_workers::store::{self, QueueSql, Selection};
 
 use super::app::{self, CliError, CliResult};
@@ -40,7 +41,11 @@ pub async fn run(args: Args) -> CliResult {
     match args.action {
         Action::List { queue, ids, limit } => {
             let q = parse(&queue)?;
-            for d in store::dead_letters(&pool, &q, &ids, limit).await? {
+            let found = db::run(&pool, db::Deadline::Statement, async |c| {
+                store::dead_letters(c, &q, &ids, limit).await
+            })
+            .await?;
+            for d in found {
                 println!("{}", serde_json::to_string(&d)?);
             }
         }
@@ -60,7 +65,7 @@ pub async fn run(args: Args) -> CliResult {
             };
             let mut total = 0;
             if !ids.is_empty() {
-                let mut tx = pool.begin().await?;
+                let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
                 let moved = store::retry_dead_letters(&mut tx, &sql, Selection::Ids(&ids)).await?;
                 tx.commit().await?;
                 print(&moved);
@@ -68,9 +73,12 @@ pub async fn run(args: Args) -> CliResult {
             } else {
                 // Bounded batches, each its own transaction, up to the newest dead letter
                 // there was when we started (jobs that die again meanwhile stay dead).
-                let up_to = store::newest_dead_letter(&pool, &q).await?;
+                let up_to = db::run(&pool, db::Deadline::Statement, async |c| {
+                    store::newest_dead_letter(c, &q).await
+                })
+                .await?;
                 loop {
-                    let mut tx = pool.begin().await?;
+                    let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
                     let moved = store::retry_dead_letters(
                         &mut tx,
                         &sql,
@@ -93,7 +101,10 @@ pub async fn run(args: Args) -> CliResult {
         }
         Action::Purge { queue, ids } => {
             let q = parse(&queue)?;
-            let n = store::purge_dead_letters(&pool, &q, &ids).await?;
+            let n = db::run(&pool, db::Deadline::Statement, async |c| {
+                store::purge_dead_letters(c, &q, &ids).await
+            })
+            .await?;
             eprintln!("purged {n} dead letter(s) from {q}");
         }
     }

@@ -1,6 +1,7 @@
 //! `longshore queues [--json]`: a row per queue.
 
 use longshore_workers::QueueName;
+use longshore_workers::db;
 use longshore_workers::store::{self, QueueSql, QueueStats};
 
 use super::app::{self, CliResult};
@@ -15,13 +16,16 @@ pub struct Args {
 pub async fn run(args: Args) -> CliResult {
     let cfg = app::config()?;
     let pool = app::pool(&cfg, "longshore-cli").await?;
+    // One session (a transaction through a pooler: `longshore_workers::db::Session`).
+    let mut s = db::Session::open(&pool, db::Deadline::Statement).await?;
     let mut rows = Vec::new();
-    for name in store::existing_queues(&pool).await? {
+    for name in store::existing_queues(&mut *s).await? {
         let Ok(q) = QueueName::parse(&name) else {
             continue;
         };
-        rows.push(QueueSql::new(q).stats(&pool).await?);
+        rows.push(QueueSql::new(q).stats(&mut *s).await?);
     }
+    s.finish().await?;
     if args.json {
         for r in &rows {
             println!(

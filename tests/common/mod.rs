@@ -390,3 +390,119 @@ impl Drop for RunTrace {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real PgBouncer (Debian's `pgbouncer`) in transaction mode in front of the shared
+/// test server, on a port of its own; stopped when dropped.
+///
+/// As hostile as a busy production pooler: `pool_size` server connections shared by
+/// every client (so transactions of different processes interleave on one backend),
+/// and `server_reset_query_always`, so a backend is wiped (`DISCARD ALL`) each time a
+/// transaction ends and a statement parsed outside a transaction is gone, always,
+/// when its bind arrives. The reset is also what the runtime asks of a PgBouncer older
+/// than 1.21 (docs/poolers.md).
+pub struct PgBouncer {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    pub async fn start(pool_size: u32) -> PgBouncer {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("longshore-pgbouncer-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").expect("auth file");
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host=127.0.0.1 port=5432\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {d}/users.txt\npool_mode = transaction\n\
+                 default_pool_size = {pool_size}\nmax_client_conn = 1000\n\
+                 server_reset_query = DISCARD ALL\nserver_reset_query_always = 1\n\
+                 admin_users = postgres\nlogfile = {d}/pgbouncer.log\n",
+                d = dir.display()
+            ),
+        )
+        .expect("pgbouncer.ini");
+        let ini = dir.join("pgbouncer.ini");
+        // PgBouncer refuses to run as root: drop to the postgres user (setpriv execs,
+        // so the child is PgBouncer itself and a kill reaches it).
+        let root = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+        };
+        let mut c = if root {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres", &dir.display().to_string()])
+                .status();
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", bin]);
+            c
+        } else {
+            Command::new(bin)
+        };
+        let child = c
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pgbouncer");
+        let b = PgBouncer { port, child, dir };
+        eventually(Duration::from_secs(10), "pgbouncer listening", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        b
+    }
+
+    /// `url` (a database on the shared test server) through this PgBouncer.
+    pub fn url(&self, url: &str) -> String {
+        url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+    }
+
+    /// A `SHOW …` of PgBouncer's admin console, as psql prints it unaligned.
+    pub fn show(&self, what: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-At",
+                "-F",
+                "|",
+                "pgbouncer",
+                "-c",
+                &format!("SHOW {what}"),
+            ])
+            .output()
+            .expect("psql");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -366,6 +366,25 @@ pub struct DatabaseConfig {
     /// Server-side `lock_timeout` of control connections.
     #[serde(with = "humantime_serde")]
     pub control_lock_timeout: Duration,
+    /// What sits between the fleet and PostgreSQL; see [`Pooler`].
+    #[serde(default)]
+    pub pooler: Pooler,
+}
+
+/// What sits between the fleet and PostgreSQL (`database.pooler`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// The server itself, or a pooler in session mode: sessions are the fleet's own
+    /// (startup options, prepared statements, LISTEN).
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer's `pool_mode = transaction`, as most
+    /// managed PostgreSQL offer): a session lasts one transaction. The fleet then sends
+    /// no startup options, sets its timeouts at the start of each transaction, runs
+    /// every statement inside one, keeps no prepared statements and does not LISTEN
+    /// (it polls). `docs/poolers.md` has the pooler's side.
+    Transaction,
 }
 
 fn ser_secret<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {

@@ -1,14 +1,17 @@
 //! Connection pools and migrations.
 
+use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, PgConnection, PgPool, Postgres, Transaction};
 use tracing::info;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Pooler};
 use crate::queue_name::QueueName;
 use crate::registry::Registry;
 use crate::store;
@@ -26,11 +29,171 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("pgmq install failed: {0}")]
     Pgmq(String),
+    /// Migrations hold a session-level advisory lock across many transactions, which a
+    /// transaction-mode pooler cannot give.
+    #[error(
+        "E_MIGRATE_POOLER: migrations need a session of their own; run `longshore migrate` against the server directly (a DATABASE_URL without the pooler, database.pooler = \"none\")"
+    )]
+    MigrateThroughPooler,
+}
+
+/// How this process reaches its database, set by the first pool made from the
+/// configuration ([`connect`], [`connect_lazy`]): a process talks to its database one
+/// way, and the code that opens sessions and transactions (claims, acknowledgements,
+/// `ctx.tx()`, enqueues) asks here rather than carry the setting through every layer.
+/// Unset (pools made by hand, tests) means straight to the server.
+static POOLED: OnceLock<Option<Pooled>> = OnceLock::new();
+
+/// Through a transaction-mode pooler: the statements that open a transaction, with
+/// this process's timeouts (a pooler cannot carry them as startup options).
+#[derive(Debug)]
+struct Pooled {
+    statement: String,
+    control: String,
+}
+
+fn note_pooler(cfg: &DatabaseConfig) {
+    let _ = POOLED.set(match cfg.pooler {
+        Pooler::None => None,
+        Pooler::Transaction => {
+            let ms = |d: Duration| d.as_millis();
+            Some(Pooled {
+                // 0 disables the timeout, as on a direct connection.
+                statement: format!(
+                    "BEGIN; SET LOCAL statement_timeout = {}",
+                    ms(cfg.statement_timeout)
+                ),
+                control: format!(
+                    "BEGIN; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+                    ms(cfg.control_timeout),
+                    ms(cfg.control_lock_timeout)
+                ),
+            })
+        }
+    });
+}
+
+/// True when this process reaches PostgreSQL through a transaction-mode pooler: no
+/// LISTEN (consumers and `?wait` poll), every statement inside a transaction.
+pub fn pooled() -> bool {
+    matches!(POOLED.get(), Some(Some(_)))
+}
+
+/// Which timeouts a session or transaction gets through a pooler (on a direct
+/// connection the pool's startup options set them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// `database.statement_timeout`: handlers, enqueues, the ingress, the scheduler.
+    Statement,
+    /// `database.control_timeout` and `control_lock_timeout`: claims, outcome writes,
+    /// heartbeats.
+    Control,
+}
+
+fn pooled_begin(d: Deadline) -> Option<&'static str> {
+    let p = POOLED.get()?.as_ref()?;
+    Some(match d {
+        Deadline::Statement => &p.statement,
+        Deadline::Control => &p.control,
+    })
+}
+
+/// Opens a transaction on `pool`. Through a pooler it begins with this process's
+/// timeouts (one round trip: `BEGIN; SET LOCAL …`).
+pub async fn begin(
+    pool: &PgPool,
+    d: Deadline,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    match pooled_begin(d) {
+        None => pool.begin().await,
+        Some(stmt) => pool.begin_with(stmt).await,
+    }
+}
+
+/// [`begin`] on a connection already held.
+pub async fn begin_on(
+    conn: &mut PgConnection,
+    d: Deadline,
+) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
+    use sqlx::Connection;
+    match pooled_begin(d) {
+        None => conn.begin().await,
+        Some(stmt) => conn.begin_with(stmt).await,
+    }
+}
+
+/// Where statements that need no transaction of their own run: a pooled connection
+/// straight to the server; through a transaction-mode pooler, a transaction.
+///
+/// sqlx parses a statement and binds it in two round trips; a pooler in transaction
+/// mode may hand a server back to its pool between them when no transaction is open,
+/// and the bind then meets another server (where the statement does not exist, or,
+/// worse, another client's statement of the same name does). Inside a transaction
+/// both reach the same server. End with [`Session::finish`]: dropped, a pooled
+/// session rolls back.
+pub struct Session(SessionConn);
+
+enum SessionConn {
+    Direct(PoolConnection<Postgres>),
+    Pooled(Transaction<'static, Postgres>),
+}
+
+impl Session {
+    pub async fn open(pool: &PgPool, d: Deadline) -> Result<Session, sqlx::Error> {
+        Ok(Session(match pooled_begin(d) {
+            None => SessionConn::Direct(pool.acquire().await?),
+            Some(stmt) => SessionConn::Pooled(pool.begin_with(stmt).await?),
+        }))
+    }
+
+    /// Commits a pooled session; a direct one goes back to its pool.
+    pub async fn finish(self) -> Result<(), sqlx::Error> {
+        match self.0 {
+            SessionConn::Direct(_) => Ok(()),
+            SessionConn::Pooled(tx) => tx.commit().await,
+        }
+    }
+}
+
+impl Deref for Session {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        match &self.0 {
+            SessionConn::Direct(c) => c,
+            SessionConn::Pooled(t) => t,
+        }
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match &mut self.0 {
+            SessionConn::Direct(c) => c,
+            SessionConn::Pooled(t) => t,
+        }
+    }
+}
+
+/// Runs `f` in a [`Session`] on `pool` and finishes it: the way the runtime runs a
+/// statement (or a few that need no transaction) on a pool.
+pub async fn run<T, E>(
+    pool: &PgPool,
+    d: Deadline,
+    f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<sqlx::Error>,
+{
+    let mut s = Session::open(pool, d).await?;
+    let out = f(&mut s).await?;
+    s.finish().await?;
+    Ok(out)
 }
 
 /// Opens a pool: bounded acquire wait (never hangs), server-side statement timeout,
 /// an application name so operators can tell our connections apart.
 pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
+    note_pooler(cfg);
     pool_options(cfg)
         .connect_with(connect_options(url, cfg, app)?)
         .await
@@ -40,6 +203,7 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPoo
 /// Like [`connect`], but opens connections on first use: a process that must start
 /// while the database is down (the ingress answers 503 meanwhile).
 pub fn connect_lazy(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
+    note_pooler(cfg);
     Ok(pool_options(cfg).connect_lazy_with(connect_options(url, cfg, app)?))
 }
 
@@ -61,6 +225,16 @@ fn connect_options(
         .application_name(app)
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+    if cfg.pooler == Pooler::Transaction {
+        // A transaction-mode pooler refuses startup options (PgBouncer: "unsupported
+        // startup parameter: options") and cannot keep a prepared statement past the
+        // transaction that made it. Without the cache each statement is parsed where it
+        // runs and planned for its parameters (a custom plan), which is what
+        // `plan_cache_mode` asks for below; timeouts come with each transaction.
+        // Nor `extra_float_digits` (PgBouncer refuses it unless told to ignore it;
+        // results come in binary anyway).
+        return Ok(opts.statement_cache_capacity(0).extra_float_digits(None));
+    }
     // Queue tables swing from empty to millions of rows. A generic plan cached while a
     // table was small (a hash join over a sequential scan) makes every later claim
     // O(table); custom plans are made against the table as it is now, for tens of
@@ -114,10 +288,14 @@ pub fn lease_pool(opts: PgConnectOptions, cfg: &DatabaseConfig) -> PgPool {
 
 fn control_like(opts: PgConnectOptions, cfg: &DatabaseConfig, size: u32) -> PgPool {
     let ms = |d: Duration| d.as_millis().to_string();
-    let opts = opts.options([
-        ("statement_timeout", ms(cfg.control_timeout)),
-        ("lock_timeout", ms(cfg.control_lock_timeout)),
-    ]);
+    let opts = if cfg.pooler == Pooler::Transaction {
+        opts // Set per transaction ([`Deadline::Control`]).
+    } else {
+        opts.options([
+            ("statement_timeout", ms(cfg.control_timeout)),
+            ("lock_timeout", ms(cfg.control_lock_timeout)),
+        ])
+    };
     PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
@@ -134,6 +312,9 @@ pub async fn migrate(
     migrator: &Migrator,
     registry: &Registry,
 ) -> Result<(), DbError> {
+    if pooled() {
+        return Err(DbError::MigrateThroughPooler);
+    }
     let mut conn = pool.acquire().await.map_err(DbError::Connect)?;
     sqlx::query("SELECT pg_advisory_lock(7254001)")
         .execute(&mut *conn)

@@ -193,6 +193,34 @@ pub async fn enqueue_batch(
     bodies: Vec<Value>,
     opts: EnqueueOptions,
 ) -> Result<BatchEnqueued, EnqueueError> {
+    if let Some(mut tx) = pooled_tx(conn).await? {
+        let out = enqueue_batch_in(&mut tx, queue, bodies, opts).await?;
+        tx.commit().await.map_err(EnqueueError::Database)?;
+        return Ok(out);
+    }
+    enqueue_batch_in(conn, queue, bodies, opts).await
+}
+
+/// Through a transaction-mode pooler, an enqueue on a connection outside a transaction
+/// gets one of its own ([`crate::db::Session`] says why).
+async fn pooled_tx(
+    conn: &mut PgConnection,
+) -> Result<Option<sqlx::Transaction<'_, Postgres>>, EnqueueError> {
+    if !crate::db::pooled() || sqlx::Connection::is_in_transaction(conn) {
+        return Ok(None);
+    }
+    crate::db::begin_on(conn, crate::db::Deadline::Statement)
+        .await
+        .map(Some)
+        .map_err(EnqueueError::Database)
+}
+
+async fn enqueue_batch_in(
+    conn: &mut PgConnection,
+    queue: &QueueName,
+    bodies: Vec<Value>,
+    opts: EnqueueOptions,
+) -> Result<BatchEnqueued, EnqueueError> {
     let Some(key) = opts.idempotency_key.clone() else {
         let jobs = bodies.into_iter().map(|b| (b, opts.clone())).collect();
         let ids = enqueue_conn(conn, queue, jobs)
@@ -309,6 +337,19 @@ pub async fn enqueue_json_many<'c>(
 /// [`enqueue_json_many`] on a concrete connection; inside an open transaction the
 /// keyed path uses a savepoint.
 pub async fn enqueue_conn(
+    conn: &mut PgConnection,
+    queue: &QueueName,
+    jobs: Vec<(Value, EnqueueOptions)>,
+) -> Result<Vec<Enqueued>, EnqueueError> {
+    if let Some(mut tx) = pooled_tx(conn).await? {
+        let out = enqueue_conn_in(&mut tx, queue, jobs).await?;
+        tx.commit().await.map_err(EnqueueError::Database)?;
+        return Ok(out);
+    }
+    enqueue_conn_in(conn, queue, jobs).await
+}
+
+async fn enqueue_conn_in(
     conn: &mut PgConnection,
     queue: &QueueName,
     jobs: Vec<(Value, EnqueueOptions)>,

@@ -196,12 +196,16 @@ impl JobContext {
     /// lost lease). Begun on first use.
     pub async fn tx(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
         if self.tx.is_none() {
-            self.tx = Some(self.pool.begin().await?);
+            self.tx = Some(crate::db::begin(&self.pool, crate::db::Deadline::Statement).await?);
         }
         Ok(self.tx.as_mut().expect("just set"))
     }
 
     /// A pool for reads or for writes that must stand even if the job is retried.
+    ///
+    /// Through a transaction-mode pooler (`database.pooler = "transaction"`) run
+    /// statements on it inside a transaction ([`crate::db::begin`], [`crate::db::run`]):
+    /// outside one, the pooler may parse a statement on one server and bind it on another.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -104,7 +104,9 @@ async fn run_one(pool: PgPool, s: Schedule, stop: CancellationToken) {
         let last = loop {
             let read = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = store::last_fire(&pool, &s.name) => r,
+                r = crate::db::run(&pool, crate::db::Deadline::Statement, async |c| {
+                    store::last_fire(c, &s.name).await
+                }) => r,
             };
             match read {
                 Ok(l) => break l,
@@ -170,7 +172,7 @@ async fn fire(pool: &PgPool, s: &Schedule, at: DateTime<Utc>, stop: &Cancellatio
     let mut tries = 0;
     loop {
         let attempt = async {
-            let mut tx = pool.begin().await?;
+            let mut tx = crate::db::begin(pool, crate::db::Deadline::Statement).await?;
             let id = store::fire_schedule(&mut tx, &sql, &s.name, at, &s.args).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(id)

@@ -56,6 +56,15 @@ pub async fn sample_queues(pool: PgPool, every: Duration, stop: CancellationToke
     }
 }
 
+/// One statement of the sampler, in its own session (its own transaction through a
+/// pooler: the election must commit before the count starts).
+async fn run<T>(
+    pool: &PgPool,
+    f: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    crate::db::run(pool, crate::db::Deadline::Statement, f).await
+}
+
 /// What [`sample_once`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -81,22 +90,26 @@ pub struct Sample {
 /// while the others are counted. A count that dies with its process loses one interval.
 pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx::Error> {
     // Due a little early: a sampler whose sleeps drift keeps the interval.
-    let counted = sqlx::query_scalar::<_, bool>(
-        "UPDATE longshore.queue_sampler SET sampled_at = now() \
-          WHERE id AND sampled_at <= now() - make_interval(secs => $1) RETURNING true",
-    )
-    .bind(every.as_secs_f64() * 0.9)
-    .fetch_optional(pool)
+    let counted = run(pool, async |c| {
+        sqlx::query_scalar::<_, bool>(
+            "UPDATE longshore.queue_sampler SET sampled_at = now() \
+              WHERE id AND sampled_at <= now() - make_interval(secs => $1) RETURNING true",
+        )
+        .bind(every.as_secs_f64() * 0.9)
+        .fetch_optional(c)
+        .await
+    })
     .await?
     .is_some();
     let mut failed = Vec::new();
     if counted {
-        let names = crate::store::existing_queues(pool).await?;
+        let names = run(pool, async |c| crate::store::existing_queues(c).await).await?;
         for q in &names {
             let Ok(name) = crate::queue_name::QueueName::parse(q) else {
                 continue;
             };
-            let r = match crate::enqueue::queue_sql(&name).gauges(pool).await {
+            let sql = crate::enqueue::queue_sql(&name);
+            let r = match run(pool, async |c| sql.gauges(c).await).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(queue = q, error = %e, "queue count failed; its gauges keep their last figures");
@@ -104,7 +117,7 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
                     continue;
                 }
             };
-            sqlx::query(
+            let write = sqlx::query(
                 "INSERT INTO longshore.queue_samples AS s \
                    (queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, sampled_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, now()) \
@@ -117,21 +130,26 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
             .bind(r.in_flight)
             .bind(r.delayed)
             .bind(r.oldest_age_seconds)
-            .bind(r.dead_letters)
-            .execute(pool)
-            .await?;
+            .bind(r.dead_letters);
+            run(pool, async |c| write.execute(c).await).await?;
         }
-        sqlx::query("DELETE FROM longshore.queue_samples WHERE queue <> ALL ($1)")
-            .bind(&names)
-            .execute(pool)
-            .await?;
+        run(pool, async |c| {
+            sqlx::query("DELETE FROM longshore.queue_samples WHERE queue <> ALL ($1)")
+                .bind(&names)
+                .execute(c)
+                .await
+        })
+        .await?;
     }
-    let rows = sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64)>(
-        "SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, \
-                extract(epoch FROM now() - sampled_at)::float8 \
-           FROM longshore.queue_samples ORDER BY queue",
-    )
-    .fetch_all(pool)
+    let rows = run(pool, async |c| {
+        sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64)>(
+            "SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, \
+                    extract(epoch FROM now() - sampled_at)::float8 \
+               FROM longshore.queue_samples ORDER BY queue",
+        )
+        .fetch_all(c)
+        .await
+    })
     .await?;
     let age_seconds = rows.iter().map(|r| r.6).fold(0.0, f64::max);
     let queues = rows

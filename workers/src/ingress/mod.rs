@@ -189,12 +189,15 @@ impl Ingress {
     ) -> std::io::Result<()> {
         let waiters = self.waiters.clone();
         let on_done: listener::OnEvent = Arc::new(move |e| waiters.on_event(e));
-        let lst = tokio::spawn(listener::run(
-            self.pool.clone(),
-            listener::DONE,
-            on_done,
-            stop.clone(),
-        ));
+        // No LISTEN through a transaction-mode pooler: `?wait` re-checks every second.
+        let lst = (!crate::db::pooled()).then(|| {
+            tokio::spawn(listener::run(
+                self.pool.clone(),
+                listener::DONE,
+                on_done,
+                stop.clone(),
+            ))
+        });
         let renew = {
             let (waiters, pool, stop) = (self.waiters.clone(), self.pool.clone(), stop.clone());
             let limit = self.cfg.ingress.db_timeout;
@@ -239,7 +242,9 @@ impl Ingress {
         if let Some(a) = admin {
             let _ = a.await;
         }
-        let _ = lst.await;
+        if let Some(l) = lst {
+            let _ = l.await;
+        }
         let _ = renew.await;
         r
     }

@@ -503,9 +503,11 @@ pub(super) async fn job_status(
         st.status_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let status = bounded(&st, async {
-            sql.status(&st.pool, id)
-                .await
-                .map_err(|e| ApiError::database(&e))
+            crate::db::run(&st.pool, crate::db::Deadline::Statement, async |c| {
+                sql.status(c, id).await
+            })
+            .await
+            .map_err(|e| ApiError::database(&e))
         })
         .await?;
         // A job is answered to the principal that enqueued it, or to a token that may
@@ -622,9 +624,11 @@ pub(super) async fn readyz(
     // It touches the database: an unauthenticated caller gets its budget, no more.
     st.anonymous.check(st.client(peer, &headers))?;
     bounded(&st, async {
-        store::ping(&st.pool)
-            .await
-            .map_err(|e| ApiError::database(&e))
+        crate::db::run(&st.pool, crate::db::Deadline::Statement, async |c| {
+            store::ping(c).await
+        })
+        .await
+        .map_err(|e| ApiError::database(&e))
     })
     .await?;
     Ok(Json(json!({"status": "ready"})))

@@ -144,6 +144,11 @@ impl Waiters {
     /// `true` if the watch did not hold when the caller came (a completion decided just
     /// before it became visible did not notify: re-check soon), `false` if it did.
     pub(super) async fn watch(&self, pool: &PgPool, queue: &str) -> Result<bool, sqlx::Error> {
+        if crate::db::pooled() {
+            // No LISTEN through a transaction-mode pooler: nobody would hear the
+            // notifications a watch turns on. Waiters re-check every second.
+            return Ok(false);
+        }
         let came = Instant::now();
         let (writing, until) = {
             let mut m = self.0.queues.lock().expect("not poisoned");
@@ -179,6 +184,9 @@ impl Waiters {
     }
 
     async fn write(&self, pool: &PgPool, queues: &[String]) -> Result<(), sqlx::Error> {
+        if crate::db::pooled() {
+            return Ok(());
+        }
         let sent = Instant::now();
         sqlx::query(UPSERT)
             .bind(queues)

@@ -5,6 +5,7 @@ use std::time::Duration;
 use sqlx::PgExecutor;
 
 use super::existing_queues;
+use crate::db::{self, Deadline};
 use crate::queue_name::QueueName;
 
 /// Rows one retention statement deletes at most: each is its own short transaction, so
@@ -25,13 +26,17 @@ pub async fn prune_archives(
     older_than: Duration,
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT now() - make_interval(secs => $1)")
-            .bind(older_than.as_secs_f64())
-            .fetch_one(pool)
-            .await?;
+    let (cutoff, queues) = db::run(pool, Deadline::Statement, async |c| {
+        let cutoff: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT now() - make_interval(secs => $1)")
+                .bind(older_than.as_secs_f64())
+                .fetch_one(&mut *c)
+                .await?;
+        Ok::<_, sqlx::Error>((cutoff, existing_queues(c).await?))
+    })
+    .await?;
     let mut statements = Vec::new();
-    for q in existing_queues(pool).await? {
+    for q in queues {
         let Ok(name) = QueueName::parse(&q) else {
             continue;
         };
@@ -59,12 +64,15 @@ pub async fn prune_archives(
         // Until a batch finds nothing: a short batch may only mean another pass holds
         // the rest.
         loop {
-            let deleted = sqlx::query(sql)
-                .bind(cutoff)
-                .bind(batch.max(1))
-                .execute(pool)
-                .await?
-                .rows_affected();
+            let deleted = db::run(pool, Deadline::Statement, async |c| {
+                sqlx::query(sql)
+                    .bind(cutoff)
+                    .bind(batch.max(1))
+                    .execute(c)
+                    .await
+            })
+            .await?
+            .rows_affected();
             n += deleted;
             if deleted == 0 {
                 break;

@@ -352,7 +352,21 @@ impl Completer {
     }
 
     async fn statement(&self, items: &[Item]) -> Result<Vec<i64>, sqlx::Error> {
-        let pool = &self.control;
+        let r = crate::db::run(&self.control, crate::db::Deadline::Control, async |c| {
+            self.write(c, items).await
+        })
+        .await;
+        if matches!(items[0], Item::Resched(_)) {
+            self.wake.notify_one();
+        }
+        r
+    }
+
+    async fn write(
+        &self,
+        pool: &mut sqlx::PgConnection,
+        items: &[Item],
+    ) -> Result<Vec<i64>, sqlx::Error> {
         match &items[0] {
             Item::Archive(..) => {
                 let v: Vec<(Fence, Option<Value>)> = items
@@ -362,11 +376,11 @@ impl Completer {
                         _ => None,
                     })
                     .collect();
-                self.sql.ack_archive(pool, &v).await
+                self.sql.ack_archive(&mut *pool, &v).await
             }
             Item::Delete(_) => {
                 let v: Vec<Fence> = items.iter().map(Item::fence).collect();
-                self.sql.ack_delete(pool, &v).await
+                self.sql.ack_delete(&mut *pool, &v).await
             }
             Item::Resched(_) => {
                 let v: Vec<Reschedule> = items
@@ -376,9 +390,7 @@ impl Completer {
                         _ => None,
                     })
                     .collect();
-                let r = self.sql.reschedule(pool, &v).await;
-                self.wake.notify_one();
-                r
+                self.sql.reschedule(&mut *pool, &v).await
             }
             Item::Bury(_) => {
                 let v: Vec<Bury> = items
@@ -388,7 +400,7 @@ impl Completer {
                         _ => None,
                     })
                     .collect();
-                self.sql.bury(pool, &v).await
+                self.sql.bury(&mut *pool, &v).await
             }
         }
     }

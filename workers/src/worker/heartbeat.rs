@@ -160,14 +160,14 @@ impl Heartbeat {
                     let (sql, pool, lease) = (self.sql.clone(), pool.clone(), self.lease);
                     in_flight = Some(Box::pin(async move {
                         let sent = Instant::now();
-                        let r =
-                            match tokio::time::timeout(limit, sql.heartbeat(&pool, &fences, lease))
-                                .await
-                            {
-                                Ok(Ok(b)) => Ok(b),
-                                Ok(Err(e)) => Err(e.to_string()),
-                                Err(_) => Err(format!("no answer within {limit:?}")),
-                            };
+                        let beat = crate::db::run(&pool, crate::db::Deadline::Control, async |c| {
+                            sql.heartbeat(c, &fences, lease).await
+                        });
+                        let r = match tokio::time::timeout(limit, beat).await {
+                            Ok(Ok(b)) => Ok(b),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!("no answer within {limit:?}")),
+                        };
                         (sent, r)
                     }));
                 }

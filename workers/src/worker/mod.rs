@@ -43,6 +43,7 @@ use self::completer::{Completer, Settle, StopBy};
 use self::heartbeat::{Heartbeat, Keeper};
 use self::held::Held;
 use crate::config::{Config, QueueSettings};
+use crate::db::{self, Deadline};
 use crate::enqueue::queue_sql;
 use crate::listener;
 use crate::outcome::Action;
@@ -215,7 +216,11 @@ impl Worker {
         {
             let pool = self.pool.clone();
             tokio::spawn(async move {
-                let show = sqlx::query_scalar::<_, String>("SHOW autovacuum").fetch_one(&pool);
+                let show = db::run(&pool, Deadline::Statement, async |c| {
+                    sqlx::query_scalar::<_, String>("SHOW autovacuum")
+                        .fetch_one(c)
+                        .await
+                });
                 if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(5), show).await
                     && v != "on"
                 {
@@ -318,12 +323,22 @@ impl Worker {
                 wakers.values().for_each(|w| w.notify_one())
             }
         });
-        let lst = tokio::spawn(listener::run(
-            self.pool.clone(),
-            listener::ENQUEUE,
-            on_event,
-            stop_listener.clone(),
-        ));
+        // A transaction-mode pooler cannot hold a LISTEN (the session ends with each
+        // transaction): without one, consumers poll every `worker.poll_interval`.
+        let lst = if db::pooled() {
+            info!(
+                poll_interval = ?self.config.worker.poll_interval,
+                "through a transaction-mode pooler (database.pooler): no LISTEN, consumers poll"
+            );
+            None
+        } else {
+            Some(tokio::spawn(listener::run(
+                self.pool.clone(),
+                listener::ENQUEUE,
+                on_event,
+                stop_listener.clone(),
+            )))
+        };
         info!(queues = %short_list(&self.queues), "worker started");
         while let Some(r) = consumers.join_next().await {
             if let Err(e) = r {
@@ -332,7 +347,9 @@ impl Worker {
         }
         keeper.stop().await;
         stop_listener.cancel();
-        let _ = lst.await;
+        if let Some(l) = lst {
+            let _ = l.await;
+        }
         info!("worker stopped");
         Ok(())
     }
@@ -454,7 +471,9 @@ impl Consumer {
                 let held = self.held.ids();
                 let claim = tokio::time::timeout(
                     self.control_timeout,
-                    self.sql.claim_batch(&self.control, &req, &held),
+                    db::run(&self.control, Deadline::Control, async |c| {
+                        self.sql.claim_batch(c, &req, &held).await
+                    }),
                 );
                 tokio::pin!(claim);
                 // A claim in flight when the signal comes may still be granted: wait for
@@ -589,7 +608,12 @@ impl Consumer {
         if notified || !self.listening.load(std::sync::atomic::Ordering::Relaxed) {
             return poll;
         }
-        let due = tokio::time::timeout(self.control_timeout, self.sql.next_due(&self.control));
+        let due = tokio::time::timeout(
+            self.control_timeout,
+            db::run(&self.control, Deadline::Control, async |c| {
+                self.sql.next_due(c).await
+            }),
+        );
         match due.await {
             Ok(Ok(None)) => {
                 *overdue = false;
@@ -701,7 +725,10 @@ impl Consumer {
         let left = stop_by
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(250));
-        match tokio::time::timeout(left, self.sql.reschedule(&self.control, &rest)).await {
+        let release = db::run(&self.control, Deadline::Control, async |c| {
+            self.sql.reschedule(c, &rest).await
+        });
+        match tokio::time::timeout(left, release).await {
             Ok(Ok(ids)) => info!(
                 queue = self.queue,
                 released = ids.len(),
@@ -725,10 +752,13 @@ impl Consumer {
         let left = stop_by
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
-        let notify = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(listener::ENQUEUE)
-            .bind(self.queue)
-            .execute(&self.control);
+        let notify = db::run(&self.control, Deadline::Control, async |c| {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(listener::ENQUEUE)
+                .bind(self.queue)
+                .execute(c)
+                .await
+        });
         let _ = tokio::time::timeout(left, notify).await;
     }
 
