@@ -287,7 +287,7 @@ fn pooler_config() -> String {
         r#"
 [ingress]
 listen = "127.0.0.1:0"
-db_timeout = "2s"
+db_timeout = "5s"
 
 [[ingress.tokens]]
 name = "t"
@@ -296,15 +296,12 @@ queues = ["*"]
 rate_per_second = 100000
 burst = 100000
 
-[worker]
-poll_interval = "200ms"
-
 [queues.probe]
 max_attempts = 3
 backoff_base = "50ms"
 backoff_cap = "200ms"
-# Short, so a job of 2.5 s lives on heartbeats.
-lease = "1s"
+# Short, so a job of 7 s lives on heartbeats.
+lease = "3s"
 
 [[schedules]]
 name = "tick"
@@ -339,19 +336,30 @@ async fn post_body(http: &reqwest::Client, base: &str, body: &str, key: Option<&
 #[tokio::test]
 async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
     let t = db().await;
-    let pgb = PgBouncer::start(2).await;
+    let pgb = PgBouncer::start(&t.url, 2).await;
     let url = pgb.url(&t.url);
     let dir = config_dir(&pooler_config());
     let env = [
         ("LONGSHORE_ENV", "test"),
         ("LONGSHORE__DATABASE__POOLER", "transaction"),
+        // Not a default, so the test sees the setting arrive with each transaction.
+        ("LONGSHORE__DATABASE__CONTROL_LOCK_TIMEOUT", "1500ms"),
     ];
     // The CLI on the binary's defaults, but through the pooler as well.
     let cli_env = [("LONGSHORE__DATABASE__POOLER", "transaction")];
     let ingress = Proc::spawn_in(Some(&dir), &url, &["ingress"], &env);
     let sched = Proc::spawn_in(Some(&dir), &url, &["scheduler"], &env);
     let workers: Vec<Proc> = (0..2)
-        .map(|_| Proc::spawn_in(Some(&dir), &url, &["worker", "--concurrency", "8"], &env))
+        .map(|_| {
+            let args = [
+                "worker",
+                "--concurrency",
+                "8",
+                "--queues",
+                "probe,maintenance",
+            ];
+            Proc::spawn_in(Some(&dir), &url, &args, &env)
+        })
         .collect();
     let base = format!("http://{}", ingress.ingress_addr().await);
     let http = reqwest::Client::new();
@@ -406,17 +414,18 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
         .await
         .unwrap();
     assert_eq!(s["state"], "done", "{s}");
+    // Re-read every second (not the 10 s safety re-check of a trusted waiter).
     assert!(
-        asked.elapsed() < Duration::from_secs(15),
+        asked.elapsed() < Duration::from_secs(4),
         "{:?}",
         asked.elapsed()
     );
 
-    // Outlives its lease five times over: only heartbeats keep it from a second run.
+    // Outlives its lease twice over: only heartbeats keep it from a second run.
     post_body(
         &http,
         &base,
-        r#"{"id":6000,"effect":true,"sleep_ms":2500}"#,
+        r#"{"id":6000,"effect":true,"sleep_ms":7000}"#,
         None,
     )
     .await;
@@ -488,14 +497,28 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("E_MIGRATE_POOLER"), "{err}");
 
-    // It all went through the pooler's two server connections.
+    // It all went through the pooler: every backend of our processes is one of its
+    // (at most two) server connections.
     let db_name = t.name.as_str();
-    let servers = pgb
+    let servers: Vec<i32> = pgb
         .show("SERVERS")
         .lines()
-        .filter(|l| l.split('|').nth(2) == Some(db_name))
-        .count();
-    assert!((1..=2).contains(&servers), "{}", pgb.show("SERVERS"));
+        .map(|l| l.split('|').collect::<Vec<_>>())
+        .filter(|f| f.get(2) == Some(&db_name))
+        .filter_map(|f| f.get(15).and_then(|p| p.parse().ok()))
+        .collect();
+    assert!((1..=2).contains(&servers.len()), "{}", pgb.show("SERVERS"));
+    let ours: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+          AND application_name LIKE 'longshore-%'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        ours.iter().all(|p| servers.contains(p)),
+        "backends {ours:?} outside the pooler's {servers:?}"
+    );
     let clients = pgb
         .show("CLIENTS")
         .lines()
@@ -516,6 +539,14 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
         }
         if name == "worker" {
             assert!(logs.contains("no LISTEN, consumers poll"), "{logs}");
+            // What a control transaction ran with, as the server reports it.
+            for setting in [
+                "statement_timeout=5s",
+                "lock_timeout=1500ms",
+                "plan_cache_mode=force_custom_plan",
+            ] {
+                assert!(logs.contains(setting), "{setting}:\n{logs}");
+            }
         }
     }
 }
@@ -527,7 +558,7 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
 #[tokio::test]
 async fn pgbouncer_in_transaction_mode_refuses_what_the_pooler_mode_avoids() {
     let t = db().await;
-    let pgb = PgBouncer::start(2).await;
+    let pgb = PgBouncer::start(&t.url, 2).await;
     let url = pgb.url(&t.url);
     let opts: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()

@@ -169,6 +169,7 @@ fn append(dir: &Path, file: &str, line: &str) {
 
 impl Handler for ProbeHandler {
     type Args = Probe;
+    const POOLER_SAFE: bool = true;
 
     fn check(&self, a: &Probe) -> Result<(), String> {
         if self.fault_knobs {

@@ -16,16 +16,17 @@ pub struct Args {
 pub async fn run(args: Args) -> CliResult {
     let cfg = app::config()?;
     let pool = app::pool(&cfg, "longshore-cli").await?;
-    // One session (a transaction through a pooler: `longshore_workers::db::Session`).
-    let mut s = db::Session::open(&pool, db::Deadline::Statement).await?;
+    // A session per statement (a short transaction each through a pooler; see
+    // `longshore_workers::db::Session`).
+    let st = db::Deadline::Statement;
     let mut rows = Vec::new();
-    for name in store::existing_queues(&mut *s).await? {
+    for name in db::run(&pool, st, async |c| store::existing_queues(c).await).await? {
         let Ok(q) = QueueName::parse(&name) else {
             continue;
         };
-        rows.push(QueueSql::new(q).stats(&mut *s).await?);
+        let sql = QueueSql::new(q);
+        rows.push(db::run(&pool, st, async |c| sql.stats(c).await).await?);
     }
-    s.finish().await?;
     if args.json {
         for r in &rows {
             println!(

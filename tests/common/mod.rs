@@ -407,11 +407,34 @@ pub struct PgBouncer {
 }
 
 impl PgBouncer {
-    pub async fn start(pool_size: u32) -> PgBouncer {
+    /// In front of the server that `url` (any database on it) names.
+    pub async fn start(url: &str, pool_size: u32) -> PgBouncer {
+        use std::str::FromStr;
+        let server = sqlx::postgres::PgConnectOptions::from_str(url).expect("a database URL");
         let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)");
+        // From 1.21 PgBouncer can keep prepared statements itself (and from 1.24 does by
+        // default), which would make a statement outside a transaction succeed here:
+        // off, as on the 1.18 these tests are written against.
+        let version = Command::new(bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let minor: u32 = version
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.strip_prefix("1."))
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let keep_none = if minor >= 21 {
+            "max_prepared_statements = 0\n"
+        } else {
+            ""
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -423,29 +446,39 @@ impl PgBouncer {
         std::fs::write(
             dir.join("pgbouncer.ini"),
             format!(
-                "[databases]\n* = host=127.0.0.1 port=5432\n\
+                "[databases]\n* = host={host} port={sport}\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = trust\nauth_file = {d}/users.txt\npool_mode = transaction\n\
                  default_pool_size = {pool_size}\nmax_client_conn = 1000\n\
-                 server_reset_query = DISCARD ALL\nserver_reset_query_always = 1\n\
+                 server_reset_query = DISCARD ALL\nserver_reset_query_always = 1\n{keep_none}\
                  admin_users = postgres\nlogfile = {d}/pgbouncer.log\n",
+                host = server.get_host(),
+                sport = server.get_port(),
                 d = dir.display()
             ),
         )
         .expect("pgbouncer.ini");
         let ini = dir.join("pgbouncer.ini");
-        // PgBouncer refuses to run as root: drop to the postgres user (setpriv execs,
-        // so the child is PgBouncer itself and a kill reaches it).
         let root = {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
         };
+        // PgBouncer refuses to run as root: drop to the postgres user. setpriv execs (the
+        // child is PgBouncer itself, so a kill reaches it) and has it killed with the
+        // test process, so a test that dies leaves no PgBouncer behind.
         let mut c = if root {
             let _ = Command::new("chown")
                 .args(["-R", "postgres", &dir.display().to_string()])
                 .status();
             let mut c = Command::new("setpriv");
-            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", bin]);
+            c.args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--pdeathsig",
+                "KILL",
+                bin,
+            ]);
             c
         } else {
             Command::new(bin)
@@ -456,20 +489,34 @@ impl PgBouncer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn pgbouncer");
-        let b = PgBouncer { port, child, dir };
-        eventually(Duration::from_secs(10), "pgbouncer listening", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
+        let mut b = PgBouncer { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Ready when its own log says it listens on our port (not merely when something
+        // answers there).
+        while !b.log().contains(&format!("listening on 127.0.0.1:{port}")) {
+            if let Ok(Some(st)) = b.child.try_wait() {
+                panic!("pgbouncer exited ({st}):\n{}", b.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer not listening after 10 s:\n{}",
+                b.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         b
     }
 
-    /// `url` (a database on the shared test server) through this PgBouncer.
+    /// `url` (a database on the server behind this PgBouncer) through this PgBouncer.
     pub fn url(&self, url: &str) -> String {
-        url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+        use sqlx::ConnectOptions;
+        use std::str::FromStr;
+        sqlx::postgres::PgConnectOptions::from_str(url)
+            .expect("a database URL")
+            .host("127.0.0.1")
+            .port(self.port)
+            .to_url_lossy()
+            .to_string()
     }
 
     /// A `SHOW …` of PgBouncer's admin console, as psql prints it unaligned.
@@ -491,6 +538,11 @@ impl PgBouncer {
             ])
             .output()
             .expect("psql");
+        assert!(
+            out.status.success(),
+            "SHOW {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -382,7 +382,7 @@ pub enum Pooler {
     /// A pooler in transaction mode (PgBouncer's `pool_mode = transaction`, as most
     /// managed PostgreSQL offer): a session lasts one transaction. The fleet then sends
     /// no startup options, sets its timeouts at the start of each transaction, runs
-    /// every statement inside one, keeps no prepared statements and does not LISTEN
+    /// every statement inside one, keeps no statement cache and does not LISTEN
     /// (it polls). `docs/poolers.md` has the pooler's side.
     Transaction,
 }
@@ -657,6 +657,25 @@ impl Config {
                 "database.control_lock_timeout",
                 "must be positive",
             ));
+        }
+        // PostgreSQL takes these in whole milliseconds up to i32::MAX (about 24.8 days):
+        // past that a direct connection is refused at start, and a `SET LOCAL` through
+        // a pooler would fail inside every transaction.
+        let max_ms = Duration::from_millis(i32::MAX as u64);
+        for (key, v) in [
+            ("database.statement_timeout", d.statement_timeout),
+            ("database.control_timeout", d.control_timeout),
+            ("database.control_lock_timeout", d.control_lock_timeout),
+        ] {
+            if v > max_ms {
+                return Err(ConfigError::invalid(key, "must be at most 24 days"));
+            }
+            if !v.is_zero() && v < Duration::from_millis(1) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be 0 or at least 1ms (PostgreSQL counts whole milliseconds)",
+                ));
+            }
         }
         let w = &self.worker;
         if w.concurrency == 0 || w.concurrency > 10_000 {

@@ -35,6 +35,16 @@ pub enum DbError {
         "E_MIGRATE_POOLER: migrations need a session of their own; run `longshore migrate` against the server directly (a DATABASE_URL without the pooler, database.pooler = \"none\")"
     )]
     MigrateThroughPooler,
+    #[error(
+        "E_POOLER_CONFLICT: this process already connected with another database.pooler; one process reaches its database one way"
+    )]
+    PoolerConflict,
+    /// Startup options from the URL (`?options=`) or `PGOPTIONS`, which a
+    /// transaction-mode pooler refuses.
+    #[error(
+        "E_POOLER_OPTIONS: startup options (the URL's options= or PGOPTIONS) cannot pass a transaction-mode pooler; remove them (the fleet sets its timeouts per transaction)"
+    )]
+    PoolerOptions,
 }
 
 /// How this process reaches its database, set by the first pool made from the
@@ -52,25 +62,44 @@ struct Pooled {
     control: String,
 }
 
-fn note_pooler(cfg: &DatabaseConfig) {
-    let _ = POOLED.set(match cfg.pooler {
+fn note_pooler(cfg: &DatabaseConfig) -> Result<(), DbError> {
+    let want = match cfg.pooler {
         Pooler::None => None,
         Pooler::Transaction => {
             let ms = |d: Duration| d.as_millis();
-            Some(Pooled {
-                // 0 disables the timeout, as on a direct connection.
-                statement: format!(
-                    "BEGIN; SET LOCAL statement_timeout = {}",
+            // Custom plans, as the startup option asks on a direct connection: behind a
+            // pooler that keeps prepared statements (PgBouncer >= 1.21 with
+            // `max_prepared_statements`) one statement serves every client, and a
+            // generic plan made while a queue was small would walk it once it is big.
+            let head = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
+            // A zero statement timeout is left to the role's default, as on a direct
+            // connection (where 0 sends no option).
+            let statement = if cfg.statement_timeout.is_zero() {
+                head.to_string()
+            } else {
+                format!(
+                    "{head}; SET LOCAL statement_timeout = {}",
                     ms(cfg.statement_timeout)
-                ),
+                )
+            };
+            Some(Pooled {
+                statement,
                 control: format!(
-                    "BEGIN; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+                    "{head}; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
                     ms(cfg.control_timeout),
                     ms(cfg.control_lock_timeout)
                 ),
             })
         }
-    });
+    };
+    let pooled = want.is_some();
+    let had = POOLED.get_or_init(|| want);
+    // One process, one way to its database: sessions and transactions ask the mode
+    // here, so a second pool made another way would be driven wrongly.
+    if had.is_some() != pooled {
+        return Err(DbError::PoolerConflict);
+    }
+    Ok(())
 }
 
 /// True when this process reaches PostgreSQL through a transaction-mode pooler: no
@@ -106,8 +135,25 @@ pub async fn begin(
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     match pooled_begin(d) {
         None => pool.begin().await,
-        Some(stmt) => pool.begin_with(stmt).await,
+        Some(stmt) => begin_pooled(pool, stmt).await,
     }
+}
+
+/// `pool.begin_with(stmt)` on a task of its own, so that a caller's timeout cannot cut
+/// it short. sqlx counts a transaction as begun only once the server has answered the
+/// BEGIN; dropped while waiting, it queues no ROLLBACK, and the connection goes back to
+/// its pool inside a transaction, which a transaction-mode pooler then keeps tied to
+/// that idle client (one server fewer for everybody, at the moment the pooler is
+/// already slow). On its own task the begin finishes; a transaction nobody awaits any
+/// more is dropped there and rolls back properly.
+async fn begin_pooled(
+    pool: &PgPool,
+    stmt: &'static str,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin_with(stmt).await })
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e.to_string())))?
 }
 
 /// [`begin`] on a connection already held.
@@ -117,8 +163,9 @@ pub async fn begin_on(
 ) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
     use sqlx::Connection;
     match pooled_begin(d) {
-        None => conn.begin().await,
-        Some(stmt) => conn.begin_with(stmt).await,
+        // Inside a transaction already: a savepoint (sqlx refuses a custom BEGIN there).
+        Some(stmt) if !conn.is_in_transaction() => conn.begin_with(stmt).await,
+        _ => conn.begin().await,
     }
 }
 
@@ -131,6 +178,7 @@ pub async fn begin_on(
 /// worse, another client's statement of the same name does). Inside a transaction
 /// both reach the same server. End with [`Session::finish`]: dropped, a pooled
 /// session rolls back.
+#[must_use = "finish a session: dropped, a pooled one rolls back"]
 pub struct Session(SessionConn);
 
 enum SessionConn {
@@ -142,7 +190,7 @@ impl Session {
     pub async fn open(pool: &PgPool, d: Deadline) -> Result<Session, sqlx::Error> {
         Ok(Session(match pooled_begin(d) {
             None => SessionConn::Direct(pool.acquire().await?),
-            Some(stmt) => SessionConn::Pooled(pool.begin_with(stmt).await?),
+            Some(stmt) => SessionConn::Pooled(begin_pooled(pool, stmt).await?),
         }))
     }
 
@@ -193,7 +241,7 @@ where
 /// Opens a pool: bounded acquire wait (never hangs), server-side statement timeout,
 /// an application name so operators can tell our connections apart.
 pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
-    note_pooler(cfg);
+    note_pooler(cfg)?;
     pool_options(cfg)
         .connect_with(connect_options(url, cfg, app)?)
         .await
@@ -203,7 +251,7 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPoo
 /// Like [`connect`], but opens connections on first use: a process that must start
 /// while the database is down (the ingress answers 503 meanwhile).
 pub fn connect_lazy(url: &str, cfg: &DatabaseConfig, app: &str) -> Result<PgPool, DbError> {
-    note_pooler(cfg);
+    note_pooler(cfg)?;
     Ok(pool_options(cfg).connect_lazy_with(connect_options(url, cfg, app)?))
 }
 
@@ -233,6 +281,9 @@ fn connect_options(
         // `plan_cache_mode` asks for below; timeouts come with each transaction.
         // Nor `extra_float_digits` (PgBouncer refuses it unless told to ignore it;
         // results come in binary anyway).
+        if opts.get_options().is_some() {
+            return Err(DbError::PoolerOptions);
+        }
         return Ok(opts.statement_cache_capacity(0).extra_float_digits(None));
     }
     // Queue tables swing from empty to millions of rows. A generic plan cached while a

@@ -94,6 +94,12 @@ pub enum EnqueueError {
     Database(#[source] sqlx::Error),
 }
 
+impl From<sqlx::Error> for EnqueueError {
+    fn from(e: sqlx::Error) -> Self {
+        EnqueueError::Database(e)
+    }
+}
+
 impl EnqueueError {
     /// As an `sqlx::Error`, for code whose errors are database errors (a bad queue
     /// name or unserialisable args become an encode error).

@@ -54,6 +54,12 @@ pub trait Handler: Send + Sync + 'static {
     fn check(&self, _args: &Self::Args) -> Result<(), String> {
         Ok(())
     }
+
+    /// True when every statement this handler runs is inside a transaction
+    /// (`ctx.tx()`, [`crate::db::begin`], [`crate::db::run`]), so it works through a
+    /// transaction-mode pooler (`database.pooler = "transaction"`). A worker on a pooler
+    /// warns at start about the kinds it serves that do not say so (docs/poolers.md).
+    const POOLER_SAFE: bool = false;
 }
 
 /// What became of one run of a job.

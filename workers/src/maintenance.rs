@@ -40,6 +40,7 @@ pub struct MaintenanceHandler;
 
 impl Handler for MaintenanceHandler {
     type Args = Maintenance;
+    const POOLER_SAFE: bool = true;
 
     async fn handle(&self, a: Maintenance, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let age = || {

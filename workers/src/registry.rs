@@ -15,6 +15,7 @@ pub(crate) trait ErasedHandler: Send + Sync {
     fn call<'a>(&'a self, args: Value, ctx: &'a mut JobContext) -> BoxFuture<'a, Outcome>;
     fn validate(&self, args: &Value) -> Result<(), String>;
     fn public(&self) -> bool;
+    fn pooler_safe(&self) -> bool;
 }
 
 struct Typed<H> {
@@ -98,6 +99,10 @@ impl<H: Handler> ErasedHandler for Typed<H> {
     fn public(&self) -> bool {
         H::Args::PUBLIC
     }
+
+    fn pooler_safe(&self) -> bool {
+        H::POOLER_SAFE
+    }
 }
 
 /// Every job kind the process knows, by queue name.
@@ -148,6 +153,12 @@ impl Registry {
     /// Whether `kind` is registered and may be enqueued and read over HTTP.
     pub fn is_public(&self, kind: &str) -> bool {
         self.kinds.get(kind).is_some_and(|h| h.public())
+    }
+
+    /// Whether `kind`'s handler says it runs every statement in a transaction
+    /// ([`crate::Handler::POOLER_SAFE`]).
+    pub fn pooler_safe(&self, kind: &str) -> bool {
+        self.kinds.get(kind).is_some_and(|h| h.pooler_safe())
     }
 
     /// Checks JSON args against the kind's args type without enqueuing.

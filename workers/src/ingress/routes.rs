@@ -19,7 +19,7 @@ use tracing::warn;
 use super::auth::Token;
 use super::{ApiError, CallerSlot, Ingress, Peer, auth, clamp_wait, waiters};
 use crate::clean;
-use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, enqueue_json_many, queue_sql};
+use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, queue_sql};
 use crate::queue_name::QueueName;
 use crate::store;
 
@@ -238,9 +238,13 @@ async fn enqueue_single(
     opts: EnqueueOptions,
 ) -> ApiResult<Enqueued> {
     let mut out = bounded(st, async {
-        enqueue_json_many(&st.pool, queue, vec![(args, opts)])
-            .await
-            .map_err(enqueue_error)
+        // In a session: through a pooler, a transaction begun where a timeout cannot
+        // cut the BEGIN short (`db::begin`); straight to the server, a connection.
+        crate::db::run(&st.pool, crate::db::Deadline::Statement, async |c| {
+            crate::enqueue::enqueue_conn(c, queue, vec![(args, opts)]).await
+        })
+        .await
+        .map_err(enqueue_error)
     })
     .await?;
     Ok(out.remove(0))
@@ -403,14 +407,11 @@ pub(super) async fn enqueue_batch(
         })?;
     }
     let b = bounded(&st, async {
-        let mut conn = st
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| ApiError::database(&e))?;
-        crate::enqueue::enqueue_batch(&mut conn, &queue, items, opts)
-            .await
-            .map_err(enqueue_error)
+        crate::db::run(&st.pool, crate::db::Deadline::Statement, async |c| {
+            crate::enqueue::enqueue_batch(c, &queue, items, opts).await
+        })
+        .await
+        .map_err(enqueue_error)
     })
     .await?;
     if b.duplicate && !b.same_body {

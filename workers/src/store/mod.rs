@@ -619,7 +619,8 @@ impl QueueSql {
                 });
                 continue;
             }
-            // Decoded row by row: the claim has committed, so one row that cannot be
+            // Decoded row by row: the claim has been made (committed, or about to be in
+            // its session's transaction through a pooler), so one row that cannot be
             // decoded must not lose the others.
             let decoded = (|| {
                 Ok::<_, sqlx::Error>((

@@ -195,8 +195,48 @@ impl Worker {
             handler_connections = pool_size,
             control_connections = control.options().get_max_connections(),
             lease_connections = 2,
-            "connection budget: handlers share the handler pool (ctx.tx() waits for a connection when all are busy); claims and acknowledgements use the control pool, heartbeats the lease keeper's two; one more for LISTEN"
+            listen_connections = u8::from(!db::pooled()),
+            "connection budget: handlers share the handler pool (ctx.tx() waits for a connection when all are busy); claims and acknowledgements use the control pool, heartbeats the lease keeper's two; one more for LISTEN unless through a pooler"
         );
+        if db::pooled() {
+            let unsafe_kinds: Vec<&str> = self
+                .queues
+                .iter()
+                .copied()
+                .filter(|q| !self.registry.pooler_safe(q))
+                .collect();
+            if !unsafe_kinds.is_empty() {
+                warn!(
+                    queues = %short_list(&unsafe_kinds),
+                    "through a transaction-mode pooler: these kinds' handlers are not known to run every statement in a transaction and may fail with `prepared statement … does not exist`; serve them from workers with a direct connection (--queues, docs/poolers.md)"
+                );
+            }
+            // Through a pooler the timeouts ride on each transaction: show what a control
+            // transaction really runs with (a pooler that dropped the SET LOCALs would
+            // leave the server's defaults).
+            let got = db::run(&control, Deadline::Control, async |c| {
+                sqlx::query_as::<_, (String, String, String)>(
+                    "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), \
+                            current_setting('plan_cache_mode')",
+                )
+                .fetch_one(c)
+                .await
+            });
+            match tokio::time::timeout(self.config.database.control_timeout, got).await {
+                Ok(Ok((st, lt, plans))) => info!(
+                    statement_timeout = %st,
+                    lock_timeout = %lt,
+                    plan_cache_mode = %plans,
+                    "through a transaction-mode pooler: control transactions run with"
+                ),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "through a transaction-mode pooler: cannot read a control transaction's settings")
+                }
+                Err(_) => warn!(
+                    "through a transaction-mode pooler: no answer reading a control transaction's settings"
+                ),
+            }
+        }
         let over: Vec<&str> = self
             .queues
             .iter()
