@@ -207,10 +207,15 @@ async fn maintenance_prunes_what_is_past_retention() {
         (Task::ExpireIdempotencyKeys, None),
         (Task::PruneDeadLetters, days(30)),
         (Task::PruneScheduleFires, days(7)),
+        (Task::VacuumQueues, None),
     ] {
         enqueue(
             &t.pool,
-            &Maintenance { task, older_than },
+            &Maintenance {
+                task,
+                older_than,
+                min_dead_tuples: None,
+            },
             Default::default(),
         )
         .await
@@ -218,7 +223,7 @@ async fn maintenance_prunes_what_is_past_retention() {
     }
     eventually(Duration::from_secs(10), "maintenance done", || {
         let pool = pool.clone();
-        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_maintenance").await == 4).then_some(()) }
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_maintenance").await == 5).then_some(()) }
     })
     .await;
     w.signal("TERM");
@@ -381,4 +386,81 @@ async fn retention_deletes_in_committed_batches_under_the_statement_timeout() {
         count(&t.pool, "SELECT count(*) FROM longshore.completions").await,
         1
     );
+}
+
+/// Issue 16 (bloat): a queue table past the dead-tuple threshold is vacuumed, one below
+/// it is left alone, and queue tables carry autovacuum settings for their churn (a
+/// fixed threshold, not a fraction of a table that is mostly dead).
+#[tokio::test]
+async fn vacuum_queues_reclaims_the_bloated_queue_tables_only() {
+    let t = db().await;
+    common::send_probes(&t.pool, 2_000, serde_json::json!({})).await;
+    let mut c = t.pool.acquire().await.unwrap();
+    for _ in 0..3 {
+        sqlx::query("UPDATE pgmq.q_probe SET vt = vt")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+    }
+    sqlx::query("SELECT pgmq.send('maintenance', '{\"task\":\"expire_idempotency_keys\"}')")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE pgmq.q_maintenance SET vt = vt")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    drop(c);
+    let dead = |table: &'static str| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = 'pgmq' AND relname = $1",
+            )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    eventually(Duration::from_secs(10), "dead tuples counted", || async {
+        (dead("q_probe").await >= 6_000 && dead("q_maintenance").await >= 1).then_some(())
+    })
+    .await;
+    let done = longshore_workers::store::vacuum_queues(&t.pool, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(done, vec!["probe".to_string()]);
+    assert!(dead("q_probe").await < 100, "{}", dead("q_probe").await);
+    assert!(dead("q_maintenance").await >= 1);
+    let vacuumed: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_stat_user_tables WHERE schemaname = 'pgmq' \
+          AND relname LIKE 'q\\_%' AND last_vacuum IS NOT NULL",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(vacuumed, vec!["q_probe".to_string()]);
+    // Nothing left worth it: nothing vacuumed.
+    let again = longshore_workers::store::vacuum_queues(&t.pool, 1_000)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    let opts: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(reloptions) FROM pg_class WHERE oid = 'pgmq.q_probe'::regclass",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    for o in [
+        "autovacuum_vacuum_scale_factor=0",
+        "autovacuum_vacuum_threshold=1000",
+        "autovacuum_vacuum_cost_delay=0",
+    ] {
+        assert!(opts.iter().any(|x| x == o), "{o} not in {opts:?}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Maintenance as ordinary scheduled jobs (config `[[schedules]]` on queue
 //! `maintenance`): archive retention, dead-letter retention, idempotency-key expiry and
-//! scheduler-fire retention. Retention periods are the jobs' args, so each schedule
+//! scheduler-fire retention, and vacuuming bloated queue tables. Retention periods are
+//! the jobs' args, so each schedule
 //! carries its own.
 
 use std::time::Duration;
@@ -21,6 +22,9 @@ pub struct Maintenance {
         skip_serializing_if = "Option::is_none"
     )]
     pub older_than: Option<Duration>,
+    /// `vacuum_queues`: the dead tuples that make a queue table worth a vacuum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_dead_tuples: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +34,9 @@ pub enum Task {
     PruneDeadLetters,
     ExpireIdempotencyKeys,
     PruneScheduleFires,
+    /// `VACUUM (ANALYZE)` of the queue tables with at least `min_dead_tuples` dead
+    /// tuples (default 10,000): the fallback where autovacuum is off or behind.
+    VacuumQueues,
 }
 
 impl JobArgs for Maintenance {
@@ -57,6 +64,15 @@ impl Handler for MaintenanceHandler {
             Task::ExpireIdempotencyKeys => store::expire_idempotency_keys(ctx.tx().await?).await?,
             Task::PruneScheduleFires => {
                 store::prune_schedule_fires(ctx.tx().await?, age()?).await?
+            }
+            Task::VacuumQueues => {
+                // Outside the job's transaction: VACUUM cannot run in one.
+                let min = a.min_dead_tuples.unwrap_or(10_000).max(1);
+                let done = store::vacuum_queues(ctx.pool(), min).await?;
+                if !done.is_empty() {
+                    tracing::info!(queues = ?done, "vacuumed queue tables");
+                }
+                return Outcome::done_with(json!({"task": a.task, "vacuumed": done}));
             }
         };
         tracing::info!(task = ?a.task, deleted, "maintenance");

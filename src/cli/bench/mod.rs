@@ -14,7 +14,8 @@
 //! Scenarios (named only; `--scenario` is another name for `--phases`):
 //! - **delayed**: the drain twice, alone and behind `--delayed-jobs` jobs scheduled for
 //!   tomorrow with lower ids, and the ratio: what invisible rows cost a claim.
-//! - **effects**, **waiters**, **queues**, **soak**: the runtime at scale, see [`scale`].
+//! - **effects**, **waiters**, **queues**, **soak**, **sampler**: the runtime at scale,
+//!   see [`scale`].
 //!
 //! Pipeline phases (named only): `ingest`, `aggregate` (billing), `signals` (market) and
 //! `llm` (chat: `llm_call` jobs on the echo simulator with no delay, so the figure is
@@ -104,6 +105,16 @@ pub struct Args {
     /// Producer rate of the soak scenario, jobs/s.
     #[arg(long, default_value_t = 2_000)]
     pub soak_rate: u32,
+    /// Soak: every 10 s, prune archived jobs older than this and vacuum the queue
+    /// tables past 10,000 dead tuples, as the default schedules do (0s: neither).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub soak_retention: Duration,
+    /// Archived rows the sampler scenario fills in.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub archived_rows: i64,
+    /// Samplers started at once in the sampler scenario (processes serving /metrics).
+    #[arg(long, default_value_t = 24)]
+    pub replicas: usize,
 }
 
 #[derive(Default)]
@@ -206,6 +217,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             "waiters",
             "queues",
             "soak",
+            "sampler",
             "ingest",
             "aggregate",
             "signals",
@@ -214,7 +226,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         .contains(&p.as_str())
         {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle, delayed, effects, waiters, queues, soak, ingest, aggregate, signals, llm"
+                "unknown phase {p:?}: store, drain, e2e, idle, delayed, effects, waiters, queues, soak, sampler, ingest, aggregate, signals, llm"
             )));
         }
     }
@@ -442,8 +454,29 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         report.insert("queues".into(), f.json);
     }
 
+    if run("sampler") {
+        let f = scale::sampler(
+            &cfg,
+            &opts,
+            args.archived_rows.max(0),
+            args.replicas.max(1),
+            &say,
+        )
+        .await?;
+        lines.extend(f.lines);
+        report.insert("sampler".into(), f.json);
+    }
+
     if run("soak") {
-        let f = scale::soak(&cfg, &opts, args.minutes, args.soak_rate, &say).await?;
+        let f = scale::soak(
+            &cfg,
+            &opts,
+            args.minutes,
+            args.soak_rate,
+            args.soak_retention,
+            &say,
+        )
+        .await?;
         lines.extend(f.lines);
         report.insert("soak".into(), f.json);
     }

@@ -14,7 +14,11 @@
 //!   at a time on queues in turn: enqueue → start percentiles.
 //! - **soak**: a producer at `--soak-rate` and a worker for `--minutes`: jobs/s done
 //!   per minute, and the queue table's size and dead tuples (bloat under claim,
-//!   heartbeat and acknowledgement updates, none of which is HOT).
+//!   heartbeat and acknowledgement updates, none of which is HOT) and the archive's rows,
+//!   with the default schedules' retention and vacuum on a short clock
+//!   (`--soak-retention`; `0s` for neither).
+//! - **sampler**: `--archived-rows` archived jobs, then the queue sampler: the cost of
+//!   one counting sample, and how many of `--replicas` samplers started at once count.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +27,9 @@ use std::time::{Duration, Instant};
 use longshore_jobs::probe::{Probe, ProbeHandler};
 use longshore_workers::config::{Config, TokenConfig};
 use longshore_workers::ingress::Ingress;
-use longshore_workers::{EnqueueOptions, Observer, Registry, Worker, db, enqueue, enqueue_many};
+use longshore_workers::{
+    EnqueueOptions, Observer, Registry, Worker, db, enqueue, enqueue_many, store,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
@@ -427,9 +433,10 @@ pub(super) async fn queues(
 }
 
 /// Size and dead tuples of the probe queue table (with its indexes and TOAST).
-async fn queue_table(pool: &PgPool) -> Result<(i64, i64, i64), CliError> {
+async fn queue_table(pool: &PgPool) -> Result<(i64, i64, i64, i64), CliError> {
     Ok(sqlx::query_as(
-        "SELECT pg_total_relation_size('pgmq.q_probe'), coalesce(n_dead_tup, 0), coalesce(n_live_tup, 0)
+        "SELECT pg_total_relation_size('pgmq.q_probe'), coalesce(n_dead_tup, 0), coalesce(n_live_tup, 0),
+                (SELECT count(*) FROM pgmq.a_probe)
            FROM pg_stat_user_tables WHERE relid = 'pgmq.q_probe'::regclass",
     )
     .fetch_one(pool)
@@ -441,10 +448,19 @@ pub(super) async fn soak(
     opts: &PgConnectOptions,
     minutes: u32,
     rate: u32,
+    retention: Duration,
     say: &dyn Fn(String),
 ) -> Result<Figures, CliError> {
     say(format!(
-        "soak: a producer at {rate} jobs/s and a worker (concurrency 64) for {minutes} min; per minute: jobs/s done, the queue table's size and dead tuples"
+        "soak: a producer at {rate} jobs/s and a worker (concurrency 64) for {minutes} min; per minute: jobs/s done, the queue table's size and dead tuples, archived rows{}",
+        if retention.is_zero() {
+            String::from(" (no retention, no vacuum)")
+        } else {
+            format!(
+                " (every 10 s: archives older than {} pruned, queue tables past 10,000 dead tuples vacuumed)",
+                humantime::format_duration(retention)
+            )
+        }
     ));
     let mut scfg = cfg.clone();
     scfg.worker.concurrency = 64;
@@ -475,6 +491,30 @@ pub(super) async fn soak(
             sent
         })
     };
+    // What the default schedules do, on a short clock: retention that keeps the
+    // archive at about rate × retention rows, and the fallback vacuum.
+    let upkeep = (!retention.is_zero()).then(|| {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let (mut pruned, mut vacuums) = (0u64, 0usize);
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                match store::prune_archives(&pool, retention, store::PRUNE_BATCH).await {
+                    Ok(n) => pruned += n,
+                    Err(e) => tracing::warn!(error = %e, "soak: prune failed"),
+                }
+                match store::vacuum_queues(&pool, 10_000).await {
+                    Ok(v) => vacuums += v.len(),
+                    Err(e) => tracing::warn!(error = %e, "soak: vacuum failed"),
+                }
+            }
+            (pruned, vacuums)
+        })
+    });
     let mut lines = Vec::new();
     let mut rows = Vec::new();
     let mut last = 0usize;
@@ -483,17 +523,23 @@ pub(super) async fn soak(
         let done = rec.done.load(std::sync::atomic::Ordering::Relaxed);
         let per_s = (done - last) as f64 / 60.0;
         last = done;
-        let (size, dead, live) = queue_table(&pool).await?;
+        let (size, dead, live, archived) = queue_table(&pool).await?;
         let line = format!(
-            "soak minute {m:>2}: {per_s:>6.0} jobs/s done, queue table {:>6.1} MB, {dead:>7} dead tuples, {live:>6} live",
+            "soak minute {m:>2}: {per_s:>6.0} jobs/s done, queue table {:>6.1} MB, {dead:>7} dead tuples, {live:>6} live, {archived:>8} archived",
             size as f64 / 1e6
         );
         say(line.clone());
         lines.push(line);
-        rows.push(json!({"minute": m, "jobs_per_s": per_s.round(), "table_bytes": size, "dead_tuples": dead, "live_tuples": live}));
+        rows.push(json!({"minute": m, "jobs_per_s": per_s.round(), "table_bytes": size, "dead_tuples": dead, "live_tuples": live, "archived": archived}));
     }
     stop.cancel();
     let sent = producer.await.map_err(|e| err(e.to_string()))?;
+    if let Some(u) = upkeep {
+        let (pruned, vacuums) = u.await.map_err(|e| err(e.to_string()))?;
+        lines.push(format!(
+            "soak upkeep: {pruned} archived rows pruned, {vacuums} vacuums of the queue table"
+        ));
+    }
     fleet.stop().await;
     pool.close().await;
     let first = rows
@@ -515,5 +561,99 @@ pub(super) async fn soak(
     Ok(Figures {
         lines,
         json: json!({"minutes": rows, "enqueued": sent, "last_over_first": ratio}),
+    })
+}
+
+/// `--scenario sampler`: the queue sampler (`telemetry::sample_once`) with
+/// `archived_rows` archived jobs: the cost of one counting sample, and how many of
+/// `replicas` samplers started together count (one per interval should).
+pub(super) async fn sampler(
+    cfg: &Config,
+    opts: &PgConnectOptions,
+    archived_rows: i64,
+    replicas: usize,
+    say: &dyn Fn(String),
+) -> Result<Figures, CliError> {
+    use longshore_workers::telemetry::sample_once;
+    say(format!(
+        "sampler: {archived_rows} archived jobs; one counting sample (20 runs), then {replicas} samplers at once"
+    ));
+    let pool = fresh_db_sized(cfg, opts, (replicas as u32 + 2).max(4)).await?;
+    let t0 = Instant::now();
+    // In slices, so no single statement runs for minutes.
+    let slice = 1_000_000i64;
+    let mut filled = 0i64;
+    while filled < archived_rows {
+        let n = slice.min(archived_rows - filled);
+        sqlx::query(
+            "INSERT INTO pgmq.a_probe (msg_id, read_ct, enqueued_at, archived_at, vt, message, headers) \
+             SELECT i, 1, now() - interval '1 day', now() - (i % 86400) * interval '1 second', now(), \
+                    jsonb_build_object('id', i), NULL \
+               FROM generate_series($1::bigint, $2::bigint) i",
+        )
+        .bind(filled + 1)
+        .bind(filled + n)
+        .execute(&pool)
+        .await?;
+        filled += n;
+    }
+    sqlx::raw_sql("VACUUM ANALYZE pgmq.a_probe")
+        .execute(&pool)
+        .await?;
+    say(format!(
+        "sampler: filled {archived_rows} archived rows in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    ));
+    // `every` of zero: each call is due, so each one counts.
+    let mut runs = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let s = sample_once(&pool, Duration::ZERO)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if !s.counted {
+            return Err(err("a due sample did not count".into()));
+        }
+        runs.push(t.elapsed());
+    }
+    let cost = percentiles(&mut runs);
+    // Replicas started together, as after a rollout: one counts, the rest read.
+    sqlx::query("UPDATE longshore.queue_sampler SET sampled_at = now() - interval '1 hour'")
+        .execute(&pool)
+        .await?;
+    let every = Duration::from_secs(5);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..replicas {
+        let pool = pool.clone();
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = sample_once(&pool, every).await;
+            (r.map(|s| s.counted), t.elapsed())
+        });
+    }
+    let (mut counted, mut reads) = (0usize, Vec::new());
+    while let Some(r) = set.join_next().await {
+        let (c, took) = r.map_err(|e| err(e.to_string()))?;
+        if c.map_err(|e| err(e.to_string()))? {
+            counted += 1;
+        } else {
+            reads.push(took);
+        }
+    }
+    let read = percentiles(&mut reads);
+    pool.close().await;
+    let lines = vec![
+        format!(
+            "sampler: one counting sample at {archived_rows} archived rows: p50 {} ms, p99 {} ms",
+            cost["p50"], cost["p99"]
+        ),
+        format!(
+            "sampler: {replicas} samplers at once: {counted} counted; the others read the figures in p50 {} ms",
+            read["p50"]
+        ),
+    ];
+    Ok(Figures {
+        lines,
+        json: json!({"archived_rows": archived_rows, "counting_sample_ms": cost, "replicas": replicas, "counted": counted, "reading_sample_ms": read}),
     })
 }

@@ -124,3 +124,44 @@ DELETE FROM longshore.schedule_fires f
     .await?
     .rows_affected())
 }
+
+/// Vacuums (and analyses) the queue tables carrying at least `min_dead` dead tuples,
+/// the most bloated first; returns the tables vacuumed.
+///
+/// Every claim, heartbeat and acknowledgement leaves a dead tuple in its queue table
+/// (none is a HOT update: `vt` is indexed), thousands a second on a busy queue.
+/// Autovacuum reclaims them where it runs (queue tables get aggressive per-table
+/// settings, see `create_queue`); on a server where it is off, or falls behind, this
+/// scheduled task does. Where autovacuum keeps up it finds nothing to do: one read of
+/// the statistics view.
+///
+/// Each `VACUUM` is its own statement, sent as a simple query: it cannot run inside a
+/// transaction, and a simple query has no separate bind for a pooler to misroute.
+pub async fn vacuum_queues(pool: &sqlx::PgPool, min_dead: i64) -> Result<Vec<String>, sqlx::Error> {
+    let bloated: Vec<String> = db::run(pool, Deadline::Statement, async |c| {
+        sqlx::query_scalar(
+            "SELECT relname::text FROM pg_stat_user_tables \
+              WHERE schemaname = 'pgmq' AND relname LIKE 'q\\_%' AND n_dead_tup >= $1 \
+              ORDER BY n_dead_tup DESC",
+        )
+        .bind(min_dead)
+        .fetch_all(c)
+        .await
+    })
+    .await?;
+    let mut done = Vec::with_capacity(bloated.len());
+    for table in bloated {
+        // Only names pgmq made (validated queue names after `q_`), quoted anyway.
+        let Some(q) = table.strip_prefix("q_") else {
+            continue;
+        };
+        if QueueName::parse(q).is_err() {
+            continue;
+        }
+        sqlx::raw_sql(&format!("VACUUM (ANALYZE) pgmq.\"{table}\""))
+            .execute(pool)
+            .await?;
+        done.push(q.to_string());
+    }
+    Ok(done)
+}

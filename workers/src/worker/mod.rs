@@ -264,7 +264,7 @@ impl Worker {
                 if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(5), show).await
                     && v != "on"
                 {
-                    warn!(autovacuum = %v, "autovacuum is off on this server: queue tables bloat with every job until someone vacuums them (docs/scale.md)");
+                    warn!(autovacuum = %v, "autovacuum is off on this server: queue tables bloat with every job; the vacuum_queues schedule (default: every minute) vacuums them past 10,000 dead tuples (docs/scale.md)");
                 }
             });
         }
