@@ -308,6 +308,13 @@ name = "tick"
 cron = "* * * * * *"
 queue = "maintenance"
 args = {{ task = "expire_idempotency_keys" }}
+
+# VACUUM cannot run in a transaction: a simple query, through the pooler too.
+[[schedules]]
+name = "vacuum"
+cron = "*/2 * * * * *"
+queue = "maintenance"
+args = {{ task = "vacuum_queues", min_dead_tuples = 1 }}
 "#,
         hex::encode(Sha256::digest(b"tok"))
     )
@@ -488,6 +495,21 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
     eventually(Duration::from_secs(10), "scheduled fires", || async {
         (count(pool, "SELECT count(*) FROM longshore.schedule_fires").await >= 2).then_some(())
     })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "a vacuum through the pooler",
+        || async {
+            let n = count(
+                pool,
+                "SELECT count(*) FROM pgmq.a_maintenance \
+              WHERE jsonb_array_length(headers->'result'->'vacuumed') > 0 \
+                AND jsonb_array_length(headers->'result'->'failed') = 0",
+            )
+            .await;
+            (n > 0).then_some(())
+        },
+    )
     .await;
     let (code, out, err) = common::run_cli(&url, &["queues", "--json"], &cli_env);
     assert_eq!(code, 0, "{out}{err}");

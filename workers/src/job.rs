@@ -56,7 +56,9 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// True when every statement this handler runs is inside a transaction
-    /// (`ctx.tx()`, [`crate::db::begin`], [`crate::db::run`]), so it works through a
+    /// (`ctx.tx()`, [`crate::db::begin`], [`crate::db::run`]) or is a simple query with
+    /// no parameters (what cannot run in a transaction, such as `VACUUM`: one round trip,
+    /// nothing for a pooler to misroute), so it works through a
     /// transaction-mode pooler (`database.pooler = "transaction"`). A worker on a pooler
     /// warns at start about the kinds it serves that do not say so (docs/poolers.md).
     const POOLER_SAFE: bool = false;

@@ -69,10 +69,14 @@ impl Handler for MaintenanceHandler {
                 // Outside the job's transaction: VACUUM cannot run in one.
                 let min = a.min_dead_tuples.unwrap_or(10_000).max(1);
                 let done = store::vacuum_queues(ctx.pool(), min).await?;
-                if !done.is_empty() {
-                    tracing::info!(queues = ?done, "vacuumed queue tables");
+                if !done.vacuumed.is_empty() {
+                    tracing::info!(tables = ?done.vacuumed, "vacuumed pgmq tables");
                 }
-                return Outcome::done_with(json!({"task": a.task, "vacuumed": done}));
+                // A table that failed is tried again at the next fire (every minute by
+                // default), not by retrying this job.
+                return Outcome::done_with(
+                    json!({"task": a.task, "vacuumed": done.vacuumed, "failed": done.failed}),
+                );
             }
         };
         tracing::info!(task = ?a.task, deleted, "maintenance");

@@ -109,6 +109,9 @@ pub struct Args {
     /// tables past 10,000 dead tuples, as the default schedules do (0s: neither).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub soak_retention: Duration,
+    /// Soak: how often the retention and vacuum run (the default schedules: 1m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub soak_upkeep: Duration,
     /// Archived rows the sampler scenario fills in.
     #[arg(long, default_value_t = 10_000_000)]
     pub archived_rows: i64,
@@ -474,6 +477,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             args.minutes,
             args.soak_rate,
             args.soak_retention,
+            args.soak_upkeep,
             &say,
         )
         .await?;

@@ -433,10 +433,11 @@ pub(super) async fn queues(
 }
 
 /// Size and dead tuples of the probe queue table (with its indexes and TOAST).
-async fn queue_table(pool: &PgPool) -> Result<(i64, i64, i64, i64), CliError> {
+/// The queue table's size, dead and live tuples; the archive's size and rows.
+async fn queue_table(pool: &PgPool) -> Result<(i64, i64, i64, i64, i64), CliError> {
     Ok(sqlx::query_as(
         "SELECT pg_total_relation_size('pgmq.q_probe'), coalesce(n_dead_tup, 0), coalesce(n_live_tup, 0),
-                (SELECT count(*) FROM pgmq.a_probe)
+                pg_total_relation_size('pgmq.a_probe'), (SELECT count(*) FROM pgmq.a_probe)
            FROM pg_stat_user_tables WHERE relid = 'pgmq.q_probe'::regclass",
     )
     .fetch_one(pool)
@@ -449,6 +450,7 @@ pub(super) async fn soak(
     minutes: u32,
     rate: u32,
     retention: Duration,
+    upkeep_every: Duration,
     say: &dyn Fn(String),
 ) -> Result<Figures, CliError> {
     say(format!(
@@ -457,7 +459,8 @@ pub(super) async fn soak(
             String::from(" (no retention, no vacuum)")
         } else {
             format!(
-                " (every 10 s: archives older than {} pruned, queue tables past 10,000 dead tuples vacuumed)",
+                " (every {}: archives older than {} pruned, then the pgmq tables past 10,000 dead tuples vacuumed, as the default schedules do)",
+                humantime::format_duration(upkeep_every),
                 humantime::format_duration(retention)
             )
         }
@@ -496,7 +499,7 @@ pub(super) async fn soak(
     let upkeep = (!retention.is_zero()).then(|| {
         let (pool, stop) = (pool.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut tick = tokio::time::interval(upkeep_every.max(Duration::from_secs(1)));
             let (mut pruned, mut vacuums) = (0u64, 0usize);
             while !stop.is_cancelled() {
                 tokio::select! {
@@ -508,7 +511,7 @@ pub(super) async fn soak(
                     Err(e) => tracing::warn!(error = %e, "soak: prune failed"),
                 }
                 match store::vacuum_queues(&pool, 10_000).await {
-                    Ok(v) => vacuums += v.len(),
+                    Ok(v) => vacuums += v.vacuumed.len(),
                     Err(e) => tracing::warn!(error = %e, "soak: vacuum failed"),
                 }
             }
@@ -519,25 +522,35 @@ pub(super) async fn soak(
     let mut rows = Vec::new();
     let mut last = 0usize;
     for m in 1..=minutes.max(1) {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        // Read every second, the minute's highest figures kept: a reading once a
+        // minute would only show where the vacuum cycle happened to be.
+        let (mut size, mut dead, mut asize, mut archived) = (0i64, 0i64, 0i64, 0i64);
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (s, d, _, a, n) = queue_table(&pool).await?;
+            size = size.max(s);
+            dead = dead.max(d);
+            asize = asize.max(a);
+            archived = archived.max(n);
+        }
         let done = rec.done.load(std::sync::atomic::Ordering::Relaxed);
         let per_s = (done - last) as f64 / 60.0;
         last = done;
-        let (size, dead, live, archived) = queue_table(&pool).await?;
         let line = format!(
-            "soak minute {m:>2}: {per_s:>6.0} jobs/s done, queue table {:>6.1} MB, {dead:>7} dead tuples, {live:>6} live, {archived:>8} archived",
-            size as f64 / 1e6
+            "soak minute {m:>2}: {per_s:>6.0} jobs/s done; highest: queue table {:>5.1} MB, {dead:>7} dead tuples; archive {:>6.1} MB, {archived:>8} rows",
+            size as f64 / 1e6,
+            asize as f64 / 1e6
         );
         say(line.clone());
         lines.push(line);
-        rows.push(json!({"minute": m, "jobs_per_s": per_s.round(), "table_bytes": size, "dead_tuples": dead, "live_tuples": live, "archived": archived}));
+        rows.push(json!({"minute": m, "jobs_per_s": per_s.round(), "max_table_bytes": size, "max_dead_tuples": dead, "max_archive_bytes": asize, "max_archived": archived}));
     }
     stop.cancel();
     let sent = producer.await.map_err(|e| err(e.to_string()))?;
     if let Some(u) = upkeep {
         let (pruned, vacuums) = u.await.map_err(|e| err(e.to_string()))?;
         lines.push(format!(
-            "soak upkeep: {pruned} archived rows pruned, {vacuums} vacuums of the queue table"
+            "soak upkeep: {pruned} archived rows pruned, {vacuums} table vacuums (queue table and archive)"
         ));
     }
     fleet.stop().await;

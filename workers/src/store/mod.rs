@@ -38,8 +38,8 @@ pub use self::dead_letters::{
 };
 pub use self::idempotency::{KeyEntry, idempotency_lookup, idempotency_record};
 pub use self::retention::{
-    PRUNE_BATCH, expire_idempotency_keys, prune_archives, prune_dead_letters, prune_schedule_fires,
-    vacuum_queues,
+    PRUNE_BATCH, VACUUM_BUDGET, Vacuumed, expire_idempotency_keys, prune_archives,
+    prune_dead_letters, prune_schedule_fires, vacuum_queues,
 };
 pub use self::schedule::{fire_schedule, last_fire};
 use crate::clean;
@@ -47,7 +47,7 @@ use crate::queue_name::QueueName;
 
 /// Bumped whenever the per-queue objects [`create_queue`] makes change, so test
 /// templates built by an older runtime are not reused.
-pub const QUEUE_OBJECTS_VERSION: u32 = 5;
+pub const QUEUE_OBJECTS_VERSION: u32 = 6;
 
 /// A message as claimed by a worker.
 #[derive(Debug, Clone)]
@@ -844,14 +844,27 @@ pub async fn create_queue(
         // The enqueue notification's debounce clock (see the notify_budget migration).
         "CREATE UNLOGGED SEQUENCE IF NOT EXISTS longshore.enq_{name}",
         "CREATE INDEX IF NOT EXISTS q_{name}_read_idx ON {q} (msg_id) WHERE last_read_at IS NOT NULL",
-        // A queue table holds few live rows and makes dead ones by the thousand a
-        // second (no update of it is HOT): vacuum it after a fixed number of dead
-        // tuples, not a fraction of its size, unthrottled (it is small), and keep its
-        // statistics fresh, since claims are planned for the table as it is now.
-        "ALTER TABLE {q} SET (autovacuum_vacuum_scale_factor = 0, \
-           autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0, \
-           autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000)",
     ] {
+        sqlx::query(&render(ddl, name)).execute(&mut *ex).await?;
+    }
+    // A queue table makes dead tuples by the thousand a second (no update of it is
+    // HOT) while it holds few live rows: vacuum it after 1,000 dead tuples plus 2% of
+    // its rows, not the default 20% of a table that is mostly dead, and keep its
+    // statistics as fresh, since claims are planned for the table as it is now. Set
+    // once, when the table has no autovacuum settings yet: an operator's own tuning
+    // stays, and a migrate takes no lock for it.
+    let tuned: bool = sqlx::query_scalar(
+        "SELECT coalesce(bool_or(o LIKE 'autovacuum\\_%'), false) \
+           FROM pg_class c LEFT JOIN LATERAL unnest(c.reloptions) o ON true \
+          WHERE c.oid = $1::regclass",
+    )
+    .bind(format!("pgmq.q_{name}"))
+    .fetch_one(&mut *ex)
+    .await?;
+    if !tuned {
+        let ddl = "ALTER TABLE {q} SET (autovacuum_vacuum_scale_factor = 0.02, \
+                     autovacuum_vacuum_threshold = 1000, \
+                     autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 1000)";
         sqlx::query(&render(ddl, name)).execute(&mut *ex).await?;
     }
     Ok(())

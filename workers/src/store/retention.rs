@@ -125,23 +125,45 @@ DELETE FROM longshore.schedule_fires f
     .rows_affected())
 }
 
-/// Vacuums (and analyses) the queue tables carrying at least `min_dead` dead tuples,
-/// the most bloated first; returns the tables vacuumed.
+/// Longest a `VACUUM` of one table may run (on a direct connection; through a pooler
+/// the pooler's own query timeout applies): a table bloated enough to need this
+/// fallback takes longer than the 30 s statement timeout, and a cancelled vacuum keeps
+/// none of its work.
+pub const VACUUM_BUDGET: Duration = Duration::from_secs(600);
+
+/// What [`vacuum_queues`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Vacuumed {
+    /// Tables vacuumed (`q_…` queue tables, `a_…` archives), most dead tuples first.
+    pub vacuumed: Vec<String>,
+    /// Tables whose vacuum failed, with the error (the others were still tried).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Vacuums (and analyses) the pgmq tables carrying at least `min_dead` dead tuples,
+/// the most bloated first: queue tables, and archives (whose pruned rows are dead
+/// tuples too, and whose space only a vacuum lets inserts reuse).
 ///
 /// Every claim, heartbeat and acknowledgement leaves a dead tuple in its queue table
 /// (none is a HOT update: `vt` is indexed), thousands a second on a busy queue.
-/// Autovacuum reclaims them where it runs (queue tables get aggressive per-table
-/// settings, see `create_queue`); on a server where it is off, or falls behind, this
-/// scheduled task does. Where autovacuum keeps up it finds nothing to do: one read of
-/// the statistics view.
+/// Autovacuum reclaims them where it runs (queue tables get per-table settings, see
+/// `create_queue`); on a server where it is off, or falls behind, this scheduled task
+/// does. With autovacuum on and keeping up, it mostly finds nothing to do.
 ///
-/// Each `VACUUM` is its own statement, sent as a simple query: it cannot run inside a
-/// transaction, and a simple query has no separate bind for a pooler to misroute.
-pub async fn vacuum_queues(pool: &sqlx::PgPool, min_dead: i64) -> Result<Vec<String>, sqlx::Error> {
-    let bloated: Vec<String> = db::run(pool, Deadline::Statement, async |c| {
-        sqlx::query_scalar(
-            "SELECT relname::text FROM pg_stat_user_tables \
-              WHERE schemaname = 'pgmq' AND relname LIKE 'q\\_%' AND n_dead_tup >= $1 \
+/// `SKIP_LOCKED`: a table another vacuum holds (autovacuum, or this task's previous run)
+/// is skipped rather than waited for, so no handler connection queues behind it and no
+/// autovacuum is cancelled for it. One failing table (a timeout, a queue dropped
+/// meanwhile) does not stop the others. Runs on a connection of its own, closed after
+/// (its session carries [`VACUUM_BUDGET`]); each `VACUUM` is a simple query (it cannot
+/// run inside a transaction, and a simple query has no separate bind for a pooler to
+/// misroute).
+pub async fn vacuum_queues(pool: &sqlx::PgPool, min_dead: i64) -> Result<Vacuumed, sqlx::Error> {
+    let bloated: Vec<(String, i64)> = db::run(pool, Deadline::Statement, async |c| {
+        sqlx::query_as(
+            "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables \
+              WHERE schemaname = 'pgmq' \
+                AND (starts_with(relname, 'q_') OR starts_with(relname, 'a_')) \
+                AND n_dead_tup >= $1 \
               ORDER BY n_dead_tup DESC",
         )
         .bind(min_dead)
@@ -149,19 +171,56 @@ pub async fn vacuum_queues(pool: &sqlx::PgPool, min_dead: i64) -> Result<Vec<Str
         .await
     })
     .await?;
-    let mut done = Vec::with_capacity(bloated.len());
-    for table in bloated {
-        // Only names pgmq made (validated queue names after `q_`), quoted anyway.
-        let Some(q) = table.strip_prefix("q_") else {
+    let mut out = Vacuumed::default();
+    if bloated.is_empty() {
+        return Ok(out);
+    }
+    let mut conn = pool.acquire().await?;
+    // Never back to the pool: its session's timeout is not the pool's.
+    conn.close_on_drop();
+    if !db::pooled() {
+        simple(
+            &mut conn,
+            format!("SET statement_timeout = {}", VACUUM_BUDGET.as_millis()),
+        )
+        .await?;
+    }
+    for (table, _) in bloated {
+        // Only tables of validated queue names, named from the parsed name.
+        let Some(name) = table
+            .strip_prefix("q_")
+            .or_else(|| table.strip_prefix("a_"))
+            .and_then(|q| QueueName::parse(q).ok())
+        else {
             continue;
         };
-        if QueueName::parse(q).is_err() {
-            continue;
+        let kind = &table[..2];
+        let r = simple(
+            &mut conn,
+            format!("VACUUM (ANALYZE, SKIP_LOCKED) pgmq.{kind}{name}"),
+        )
+        .await;
+        match r {
+            Ok(_) => out.vacuumed.push(table),
+            Err(e) => {
+                tracing::warn!(table, error = %e, "vacuum failed; the other tables are still vacuumed");
+                out.failed.push((table, e.to_string()));
+            }
         }
-        sqlx::raw_sql(&format!("VACUUM (ANALYZE) pgmq.\"{table}\""))
-            .execute(pool)
-            .await?;
-        done.push(q.to_string());
     }
-    Ok(done)
+    Ok(out)
+}
+
+/// One simple query on a connection. Boxed and non-generic over the executor, which
+/// keeps handler futures `Send` (the generic form trips the compiler's higher-ranked
+/// lifetime check, as `enqueue_on` notes).
+fn simple(
+    conn: &mut sqlx::PgConnection,
+    sql: String,
+) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        // A `&str` carries no arguments: sqlx sends it as a simple query.
+        sqlx::Executor::execute(conn, sql.as_str()).await?;
+        Ok(())
+    })
 }
