@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::config::Market;
 use super::ingest_indicators::IndicatorRow;
-use super::strategy::{Clusters, Direction, Position, Previous, doubling, evaluate};
+use super::strategy::{Clusters, Direction, Position, Previous, doubling, evaluate, round6};
 use super::types::{Cluster, Symbol, Timeframe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,11 +31,6 @@ impl JobArgs for ComputeSignals {
 }
 
 pub struct ComputeSignalsHandler(pub Arc<Market>);
-
-/// Six decimals are plenty for a score and keep stored numbers readable.
-fn round6(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
-}
 
 type Row = (DateTime<Utc>, Value, Option<Value>, Option<Value>);
 

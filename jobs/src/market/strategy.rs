@@ -175,6 +175,15 @@ fn rule(name: &str, contribution: f64, value: Value) -> Value {
 }
 
 /// Strategy v1.
+/// Scores and their differences are compared with thresholds at six decimals: binary
+/// floating point would otherwise decide exact boundaries by its rounding (0.75 × 0.8 =
+/// 0.6000000000000001, which is above a 0.6 threshold; 0.8 − 0.7 = 0.10000000000000009,
+/// above a 0.1 delta, while 0.75 − 0.65 falls below it). Six decimals is also what a
+/// signal's stored score keeps.
+pub fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
 pub fn evaluate(cfg: &StrategyConfig, x: &Inputs) -> Evaluation {
     let w = &cfg.weights;
     let mut score = 0.0;
@@ -289,7 +298,7 @@ pub fn evaluate(cfg: &StrategyConfig, x: &Inputs) -> Evaluation {
         Clusters::Unavailable => reasons.push(json!({"note": "liquidation_clusters_unavailable"})),
     }
 
-    let score = score.clamp(-1.0, 1.0);
+    let score = round6(score.clamp(-1.0, 1.0));
     let direction = if score > cfg.long_threshold {
         Direction::Long
     } else if score < cfg.short_threshold {
@@ -378,7 +387,7 @@ pub fn doubling(
     };
 
     let prev = previous.map_or(0.0, |p| p.score);
-    let delta = score - prev;
+    let delta = round6(score - prev);
     check(
         "score_delta",
         delta > cfg.score_delta_threshold,
@@ -942,5 +951,123 @@ mod tests {
         let flat = doubling(&guard(), Direction::Flat, 0.3, Some(0.01), None, None, now);
         assert_eq!(flat["applies"], json!(false));
         assert_eq!(flat["allowed"], json!(false));
+    }
+
+    /// Item 3 of issue 17: every combination of rules and multipliers, in both
+    /// directions, decided as exact decimal arithmetic decides it, so the ones that land
+    /// on ±0.6 (0.75 × 0.8, 0.25 + 0.20 + 0.15, …) are flat, as "> 0.6 is long" says.
+    #[test]
+    fn boundaries_are_decided_as_decimals_decide_them() {
+        use rust_decimal::Decimal;
+        use std::str::FromStr;
+        let cfg = v1();
+        let d = |x: f64| Decimal::from_str(&x.to_string()).unwrap();
+        let w = &cfg.weights;
+        let weights = [w.rsi, w.macd, w.ema_cross, w.trend, w.ls_ratio, w.volume];
+        let (mut on_boundary, mut total) = (0, 0);
+        for bull in [true, false] {
+            for set in 0u32..64 {
+                for (hot, near) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let fires = |i: u32| set & (1 << i) != 0;
+                    let mut x = neutral();
+                    x.ema50 = Some(100.0);
+                    let s = if bull { 1.0 } else { -1.0 };
+                    if fires(0) {
+                        x.rsi = Some(if bull { 25.0 } else { 75.0 });
+                    }
+                    if fires(1) {
+                        x.macd = macd(1.0 + s, 1.0);
+                    }
+                    x.ema20 = Some(if fires(2) { 100.0 + s } else { 100.0 });
+                    x.close = if fires(3) { 100.0 + s } else { 100.0 };
+                    if fires(4) {
+                        x.ls_ratio = Some(if bull { 0.5 } else { 2.0 });
+                    }
+                    if fires(5) {
+                        x.volume = 100.0;
+                        x.open = x.close - s;
+                    } else {
+                        x.open = x.close;
+                    }
+                    if hot {
+                        x.volatility = Some(0.06);
+                    }
+                    if near {
+                        x.clusters = Clusters::Known(vec![Cluster {
+                            price: x.close * 1.01,
+                            volume: 1.0,
+                            side: "long".into(),
+                        }]);
+                    }
+                    let mut exact: Decimal = (0..6)
+                        .filter(|i| fires(*i))
+                        .map(|i| d(weights[i as usize]))
+                        .sum();
+                    if hot {
+                        exact *= d(cfg.high_volatility_multiplier);
+                    }
+                    if near {
+                        exact *= d(cfg.liquidation_multiplier);
+                    }
+                    if !bull {
+                        exact = -exact;
+                    }
+                    let want = if exact > d(cfg.long_threshold) {
+                        Direction::Long
+                    } else if exact < d(cfg.short_threshold) {
+                        Direction::Short
+                    } else {
+                        Direction::Flat
+                    };
+                    if exact.abs() == d(cfg.long_threshold) {
+                        on_boundary += 1;
+                    }
+                    total += 1;
+                    let e = evaluate(&cfg, &x);
+                    assert_eq!(
+                        e.direction, want,
+                        "set {set:06b} bull {bull} hot {hot} near {near}: exact {exact}, score {}",
+                        e.score
+                    );
+                }
+            }
+        }
+        assert_eq!(total, 512);
+        // The table does reach the boundary (else it would prove nothing about it).
+        assert!(on_boundary >= 4, "{on_boundary} combinations on ±0.6");
+    }
+
+    /// The score delta is compared at six decimals too: 0.8 − 0.7 and 0.75 − 0.65 are
+    /// both exactly 0.1, neither above a 0.1 threshold.
+    #[test]
+    fn the_score_delta_is_decided_as_decimals_decide_it() {
+        let g = guard();
+        let now = Utc::now();
+        let pos = Position {
+            size: 0.0,
+            portfolio_value: 100.0,
+            last_increase_at: None,
+        };
+        let failed = |score: f64, prev: f64| {
+            let v = doubling(
+                &g,
+                Direction::Long,
+                score,
+                Some(0.01),
+                Some(&Previous { id: 1, score: prev }),
+                Some(&pos),
+                now,
+            );
+            v["failed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "score_delta")
+        };
+        assert!(failed(0.8, 0.7));
+        assert!(failed(0.75, 0.65));
+        assert!(failed(0.65, 0.55));
+        assert!(!failed(0.800001, 0.7));
+        assert!(!failed(0.76, 0.65));
     }
 }
