@@ -18,6 +18,7 @@ use common::{Proc, config, config_dir, count, db, eventually, run_cli};
 use hmac::{Hmac, Mac};
 use longshore_jobs::clients::cryptometer::{Cryptometer, CryptometerConfig};
 use longshore_jobs::clients::market::{MarketSource, SourceError};
+use longshore_jobs::market::compute_signals::ComputeSignals;
 use longshore_jobs::market::compute_winrate::ComputeWinrate;
 use longshore_jobs::market::config::Market;
 use longshore_jobs::market::ingest_indicators::IngestIndicators;
@@ -1258,4 +1259,138 @@ allow_replay = true
         worker.logs().contains("cryptometer at http://127.0.0.1"),
         "the worker names its source"
     );
+}
+
+/// Issue 17, item 1: an allowed doubling is recorded, so the cooldown applies to the next
+/// signal: long 0.65, then long 0.80 five minutes later with a 3,600 s cooldown → the
+/// second is refused for `cooldown` (and only for it). Before, the doubling was never
+/// recorded and the second passed.
+#[tokio::test]
+async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
+    let t = db().await;
+    sqlx::query(
+        "INSERT INTO positions (symbol, size, portfolio_value) VALUES ('BTC/USDT', 0, 100000)",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    // RSI oversold, MACD above its signal, EMA20 above EMA50: 0.25 + 0.20 + 0.20 = 0.65;
+    // the second candle also closes above EMA50: + 0.15 = 0.80.
+    let row = |close: f64| {
+        json!({"open": 100.0, "close": close, "volume": 10.0, "rsi14": 25.0,
+               "macd": {"line": 2.0, "signal": 1.0, "histogram": 1.0},
+               "ema20": 101.0, "ema50": 100.0, "atr14": 1.0, "volatility": 0.01, "volume_avg": 10.0})
+    };
+    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
+    let t2 = t1 + chrono::Duration::minutes(5);
+    let env = market_env(&FakeCryptometer::start().await, true);
+    for (n, (at, close)) in [(t1, 100.0), (t2, 101.0)].into_iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
+        )
+        .bind(at)
+        .bind(row(close))
+        .execute(&t.pool)
+        .await
+        .unwrap();
+        let args = ComputeSignals {
+            symbol: btc(),
+            timeframe: Timeframe::H1,
+            since: None,
+        };
+        enqueue(&t.pool, &args, EnqueueOptions::default())
+            .await
+            .unwrap();
+        work(&t.pool, &env, "the signal", || async {
+            (archived(&t.pool, "compute_signals").await == n as i64 + 1).then_some(())
+        })
+        .await;
+    }
+    let signals: Vec<(f64, Value)> = sqlx::query_as(
+        "SELECT score::float8, metadata->'guardrails' FROM signals WHERE direction = 'long' ORDER BY at",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(signals.len(), 2, "{signals:?}");
+    assert_eq!(signals[0].0, 0.65);
+    assert_eq!(signals[0].1["allowed"], true, "{}", signals[0].1);
+    assert_eq!(signals[1].0, 0.8);
+    assert_eq!(signals[1].1["allowed"], false, "{}", signals[1].1);
+    assert_eq!(
+        signals[1].1["failed"],
+        json!(["cooldown"]),
+        "{}",
+        signals[1].1
+    );
+    let last: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT last_increase_at FROM positions WHERE symbol = 'BTC/USDT'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        last,
+        Some(t1),
+        "the allowed doubling is recorded at its candle"
+    );
+}
+
+/// Issue 17, item 1: "the previous signal" is the previous one of the same timeframe and
+/// direction. A short at 0.65 on this timeframe and a long at 0.75 on another, both just
+/// before, are not what a long at 0.80 rose from: it rose from nothing (delta 0.80).
+#[tokio::test]
+async fn the_previous_signal_is_of_the_same_timeframe_and_direction() {
+    let t = db().await;
+    sqlx::query(
+        "INSERT INTO positions (symbol, size, portfolio_value) VALUES ('BTC/USDT', 0, 100000)",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
+    let before = t1 - chrono::Duration::minutes(1);
+    sqlx::query(
+        "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons) VALUES \
+         ('BTC/USDT', '1h', $1, 'short', 0.65, 100, 0.65, '[]'), \
+         ('BTC/USDT', '4h', $1, 'long', 0.75, 100, 0.75, '[]')",
+    )
+    .bind(before)
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let data = json!({"open": 100.0, "close": 101.0, "volume": 10.0, "rsi14": 25.0,
+        "macd": {"line": 2.0, "signal": 1.0, "histogram": 1.0},
+        "ema20": 101.0, "ema50": 100.0, "atr14": 1.0, "volatility": 0.01, "volume_avg": 10.0});
+    sqlx::query(
+        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
+    )
+    .bind(t1)
+    .bind(data)
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let args = ComputeSignals {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        since: None,
+    };
+    enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    let env = market_env(&FakeCryptometer::start().await, true);
+    work(&t.pool, &env, "the signal", || async {
+        (archived(&t.pool, "compute_signals").await == 1).then_some(())
+    })
+    .await;
+    let g: Value = sqlx::query_scalar(
+        "SELECT metadata->'guardrails' FROM signals WHERE at = $1 AND timeframe = '1h'",
+    )
+    .bind(t1)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    let delta = &g["checks"][0]["detail"];
+    assert_eq!(delta["previous_signal_id"], Value::Null, "{g}");
+    assert_eq!(delta["delta"], 0.8, "{g}");
+    assert_eq!(g["allowed"], true, "{g}");
 }

@@ -69,12 +69,11 @@ impl Handler for ComputeSignalsHandler {
         .bind(&sym)
         .fetch_optional(&mut *tx)
         .await?;
-        let position = position.map(|(size, portfolio_value, last_increase_at)| Position {
+        let mut position = position.map(|(size, portfolio_value, last_increase_at)| Position {
             size,
             portfolio_value,
             last_increase_at,
         });
-        let now = Utc::now();
         let mut counts = json!({"long": 0, "short": 0, "flat": 0});
         for (at, data, market, clusters) in rows {
             let ind: IndicatorRow = serde_json::from_value(data)
@@ -91,13 +90,18 @@ impl Handler for ComputeSignalsHandler {
             let inputs = ind.inputs(market.get("ls_ratio").and_then(Value::as_f64), clusters);
             let e = evaluate(strategy, &inputs);
             let score = round6(e.score.abs());
+            // The previous signal of this timeframe and direction: a long after a short
+            // is a new position, and another timeframe's signal another view.
             let previous: Option<(i64, f64)> = sqlx::query_as(
                 "SELECT id, score::float8 FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
+                   AND timeframe = $4 AND direction = $5 \
                  ORDER BY at DESC, id DESC LIMIT 1",
             )
             .bind(&sym)
             .bind(&strategy.version)
             .bind(at)
+            .bind(tf)
+            .bind(e.direction.as_str())
             .fetch_optional(&mut *tx)
             .await?;
             let previous = previous.map(|(id, score)| Previous { id, score });
@@ -108,8 +112,24 @@ impl Handler for ComputeSignalsHandler {
                 inputs.volatility,
                 previous.as_ref(),
                 position.as_ref(),
-                now,
+                // The candle's time, not the clock's: a backfill judges each candle
+                // against the doublings before it, and records its own at its time.
+                at,
             );
+            // An allowed doubling is recorded, so the cooldown starts from it (for the
+            // candles after it in this job too).
+            if guardrails["allowed"] == Value::Bool(true) {
+                sqlx::query(
+                    "UPDATE positions SET last_increase_at = greatest(last_increase_at, $2) WHERE symbol = $1",
+                )
+                .bind(&sym)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(p) = position.as_mut() {
+                    p.last_increase_at = Some(p.last_increase_at.map_or(at, |l| l.max(at)));
+                }
+            }
             let metadata = json!({
                 "signed_score": round6(e.score),
                 "guardrails": guardrails,

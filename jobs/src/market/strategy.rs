@@ -348,7 +348,8 @@ pub struct GuardrailConfig {
     pub volatility_threshold: f64,
 }
 
-/// The previous signal for the symbol (same strategy version).
+/// The previous signal for the symbol of the same timeframe and direction (same
+/// strategy version): a long after a short is a new position, not an increase.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Previous {
     pub id: i64,
@@ -393,18 +394,20 @@ pub fn doubling(
         delta > cfg.score_delta_threshold,
         json!({"delta": delta, "previous_score": prev, "previous_signal_id": previous.map(|p| p.id), "threshold": cfg.score_delta_threshold}),
     );
-    let pct = position.map_or(0.0, |p| p.size.abs() / p.portfolio_value);
+    // Unknown inputs fail closed: without a `positions` row neither the position's size
+    // nor its last increase is known, as without volatility its level is not.
+    let pct = position.map(|p| p.size.abs() / p.portfolio_value);
     check(
         "max_position_pct",
-        pct < cfg.max_position_pct,
-        json!({"position_pct": pct, "max": cfg.max_position_pct}),
+        pct.is_some_and(|p| p < cfg.max_position_pct),
+        json!({"position_pct": pct, "max": cfg.max_position_pct, "position": if position.is_some() { "known" } else { "unknown" }}),
     );
     let last = position.and_then(|p| p.last_increase_at);
     let since = last.map(|t| (now - t).num_seconds());
     check(
         "cooldown",
-        since.is_none_or(|s| s > cfg.cooldown_seconds),
-        json!({"last_increase_at": last, "seconds_since": since, "cooldown_seconds": cfg.cooldown_seconds}),
+        position.is_some() && since.is_none_or(|s| s > cfg.cooldown_seconds),
+        json!({"last_increase_at": last, "seconds_since": since, "cooldown_seconds": cfg.cooldown_seconds, "position": if position.is_some() { "known" } else { "unknown" }}),
     );
     check(
         "volatility",
@@ -828,12 +831,14 @@ mod tests {
                 vec![],
             ),
             (
+                // Unknown inputs fail closed (issue 17): no `positions` row, so neither
+                // the size nor the last increase is known.
                 "no history, no position",
                 0.7,
                 Some(0.01),
                 None,
                 None,
-                vec![],
+                vec!["max_position_pct", "cooldown"],
             ),
             (
                 "score rose by only 0.08",
