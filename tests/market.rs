@@ -1330,8 +1330,8 @@ async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
             .unwrap();
     assert_eq!(
         last,
-        Some(t1),
-        "the allowed doubling is recorded at its candle"
+        Some(t1 + chrono::Duration::hours(1)),
+        "the allowed doubling is recorded at its candle's close"
     );
 }
 

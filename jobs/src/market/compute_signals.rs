@@ -90,21 +90,27 @@ impl Handler for ComputeSignalsHandler {
             let inputs = ind.inputs(market.get("ls_ratio").and_then(Value::as_f64), clusters);
             let e = evaluate(strategy, &inputs);
             let score = round6(e.score.abs());
-            // The previous signal of this timeframe and direction: a long after a short
-            // is a new position, and another timeframe's signal another view.
-            let previous: Option<(i64, f64)> = sqlx::query_as(
-                "SELECT id, score::float8 FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
-                   AND timeframe = $4 AND direction = $5 \
+            // The previous signal of this timeframe (another timeframe's is another
+            // view), counted only if it points the same way: a long after a short or a
+            // flat is a new position, which rose from nothing.
+            let previous: Option<(i64, f64, String)> = sqlx::query_as(
+                "SELECT id, score::float8, direction FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
+                   AND timeframe = $4 \
                  ORDER BY at DESC, id DESC LIMIT 1",
             )
             .bind(&sym)
             .bind(&strategy.version)
             .bind(at)
             .bind(tf)
-            .bind(e.direction.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-            let previous = previous.map(|(id, score)| Previous { id, score });
+            let previous = previous
+                .filter(|(_, _, d)| d == e.direction.as_str())
+                .map(|(id, score, _)| Previous { id, score });
+            // A candle's signal is known when the candle closes: the cooldown is counted
+            // between close times, which order the timeframes of one position rightly
+            // (a day's candle opens a day before its signal exists).
+            let closed_at = at + a.timeframe.duration();
             let guardrails = doubling(
                 guard,
                 e.direction,
@@ -112,31 +118,18 @@ impl Handler for ComputeSignalsHandler {
                 inputs.volatility,
                 previous.as_ref(),
                 position.as_ref(),
-                // The candle's time, not the clock's: a backfill judges each candle
-                // against the doublings before it, and records its own at its time.
-                at,
+                // The candle's close, not the clock: a backfill judges each candle
+                // against the doublings before it.
+                closed_at,
             );
-            // An allowed doubling is recorded, so the cooldown starts from it (for the
-            // candles after it in this job too).
-            if guardrails["allowed"] == Value::Bool(true) {
-                sqlx::query(
-                    "UPDATE positions SET last_increase_at = greatest(last_increase_at, $2) WHERE symbol = $1",
-                )
-                .bind(&sym)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-                if let Some(p) = position.as_mut() {
-                    p.last_increase_at = Some(p.last_increase_at.map_or(at, |l| l.max(at)));
-                }
-            }
+            let allowed = guardrails["allowed"] == Value::Bool(true);
             let metadata = json!({
                 "signed_score": round6(e.score),
                 "guardrails": guardrails,
                 "missing": e.missing,
                 "simulated": market.get("simulated").cloned().unwrap_or(Value::Bool(false)),
             });
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, stop_loss, take_profit, \
                    confidence, reasons, strategy_version, metadata) \
                  VALUES ($1, $2, $3, $4, $5::float8, $6::float8, $7::float8, $8::float8[]::numeric[], $5::float8, $9, $10, $11) \
@@ -154,7 +147,26 @@ impl Handler for ComputeSignalsHandler {
             .bind(&strategy.version)
             .bind(&metadata)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            // An allowed doubling of a signal just written starts the cooldown (for the
+            // candles after it in this job too). A backfill's doublings are history: they
+            // count within the job, never in the live position.
+            if allowed && inserted == 1 {
+                if a.since.is_none() {
+                    sqlx::query(
+                        "UPDATE positions SET last_increase_at = greatest(last_increase_at, $2) WHERE symbol = $1",
+                    )
+                    .bind(&sym)
+                    .bind(closed_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if let Some(p) = position.as_mut() {
+                    p.last_increase_at =
+                        Some(p.last_increase_at.map_or(closed_at, |l| l.max(closed_at)));
+                }
+            }
             let k = e.direction.as_str();
             counts[k] = json!(counts[k].as_i64().unwrap_or(0) + 1);
             if e.direction != Direction::Flat && a.since.is_none() {
