@@ -1261,6 +1261,56 @@ allow_replay = true
     );
 }
 
+/// A flat position on BTC/USDT: the guardrails know its size and last increase.
+async fn flat_position(pool: &PgPool) {
+    sqlx::query(
+        "INSERT INTO positions (symbol, size, portfolio_value) VALUES ('BTC/USDT', 0, 100000)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A 1h indicator row scoring long: RSI oversold, MACD above its signal, EMA20 above
+/// EMA50 (0.25 + 0.20 + 0.20 = 0.65), plus 0.15 when it closes above EMA50 (`close`
+/// 101: 0.80); calm volatility, ordinary volume.
+fn long_row(close: f64) -> Value {
+    json!({"open": 100.0, "close": close, "volume": 10.0, "rsi14": 25.0,
+           "macd": {"line": 2.0, "signal": 1.0, "histogram": 1.0},
+           "ema20": 101.0, "ema50": 100.0, "atr14": 1.0, "volatility": 0.01, "volume_avg": 10.0})
+}
+
+/// Stores `data` as BTC/USDT's 1h indicators at `at`, then runs one `compute_signals`
+/// for the newest candle through a worker, until `done_before + 1` have run.
+async fn signal_at(
+    pool: &PgPool,
+    env: &[(&'static str, String)],
+    at: DateTime<Utc>,
+    data: Value,
+    done_before: i64,
+) {
+    sqlx::query(
+        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
+    )
+    .bind(at)
+    .bind(data)
+    .execute(pool)
+    .await
+    .unwrap();
+    let args = ComputeSignals {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        since: None,
+    };
+    enqueue(pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(pool, env, "the signal", || async {
+        (archived(pool, "compute_signals").await == done_before + 1).then_some(())
+    })
+    .await;
+}
+
 /// Issue 17, item 1: an allowed doubling is recorded, so the cooldown applies to the next
 /// signal: long 0.65, then long 0.80 five minutes later with a 3,600 s cooldown → the
 /// second is refused for `cooldown` (and only for it). Before, the doubling was never
@@ -1268,44 +1318,12 @@ allow_replay = true
 #[tokio::test]
 async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
     let t = db().await;
-    sqlx::query(
-        "INSERT INTO positions (symbol, size, portfolio_value) VALUES ('BTC/USDT', 0, 100000)",
-    )
-    .execute(&t.pool)
-    .await
-    .unwrap();
-    // RSI oversold, MACD above its signal, EMA20 above EMA50: 0.25 + 0.20 + 0.20 = 0.65;
-    // the second candle also closes above EMA50: + 0.15 = 0.80.
-    let row = |close: f64| {
-        json!({"open": 100.0, "close": close, "volume": 10.0, "rsi14": 25.0,
-               "macd": {"line": 2.0, "signal": 1.0, "histogram": 1.0},
-               "ema20": 101.0, "ema50": 100.0, "atr14": 1.0, "volatility": 0.01, "volume_avg": 10.0})
-    };
+    flat_position(&t.pool).await;
     let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
     let t2 = t1 + chrono::Duration::minutes(5);
     let env = market_env(&FakeCryptometer::start().await, true);
-    for (n, (at, close)) in [(t1, 100.0), (t2, 101.0)].into_iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
-        )
-        .bind(at)
-        .bind(row(close))
-        .execute(&t.pool)
-        .await
-        .unwrap();
-        let args = ComputeSignals {
-            symbol: btc(),
-            timeframe: Timeframe::H1,
-            since: None,
-        };
-        enqueue(&t.pool, &args, EnqueueOptions::default())
-            .await
-            .unwrap();
-        work(&t.pool, &env, "the signal", || async {
-            (archived(&t.pool, "compute_signals").await == n as i64 + 1).then_some(())
-        })
-        .await;
-    }
+    signal_at(&t.pool, &env, t1, long_row(100.0), 0).await;
+    signal_at(&t.pool, &env, t2, long_row(101.0), 1).await;
     let signals: Vec<(f64, Value)> = sqlx::query_as(
         "SELECT score::float8, metadata->'guardrails' FROM signals WHERE direction = 'long' ORDER BY at",
     )
@@ -1341,12 +1359,7 @@ async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
 #[tokio::test]
 async fn the_previous_signal_is_of_the_same_timeframe_and_direction() {
     let t = db().await;
-    sqlx::query(
-        "INSERT INTO positions (symbol, size, portfolio_value) VALUES ('BTC/USDT', 0, 100000)",
-    )
-    .execute(&t.pool)
-    .await
-    .unwrap();
+    flat_position(&t.pool).await;
     let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
     let before = t1 - chrono::Duration::minutes(1);
     sqlx::query(
@@ -1358,30 +1371,8 @@ async fn the_previous_signal_is_of_the_same_timeframe_and_direction() {
     .execute(&t.pool)
     .await
     .unwrap();
-    let data = json!({"open": 100.0, "close": 101.0, "volume": 10.0, "rsi14": 25.0,
-        "macd": {"line": 2.0, "signal": 1.0, "histogram": 1.0},
-        "ema20": 101.0, "ema50": 100.0, "atr14": 1.0, "volatility": 0.01, "volume_avg": 10.0});
-    sqlx::query(
-        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
-    )
-    .bind(t1)
-    .bind(data)
-    .execute(&t.pool)
-    .await
-    .unwrap();
-    let args = ComputeSignals {
-        symbol: btc(),
-        timeframe: Timeframe::H1,
-        since: None,
-    };
-    enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
     let env = market_env(&FakeCryptometer::start().await, true);
-    work(&t.pool, &env, "the signal", || async {
-        (archived(&t.pool, "compute_signals").await == 1).then_some(())
-    })
-    .await;
+    signal_at(&t.pool, &env, t1, long_row(101.0), 0).await;
     let g: Value = sqlx::query_scalar(
         "SELECT metadata->'guardrails' FROM signals WHERE at = $1 AND timeframe = '1h'",
     )
