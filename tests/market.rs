@@ -227,7 +227,7 @@ async fn the_client_speaks_the_envelope_and_never_shows_the_key() {
     assert!(!format!("{cm:?}").contains(KEY));
     assert!(!cm.describe().contains(KEY));
 
-    let c = cm.candles(&btc(), Timeframe::H1).await.unwrap();
+    let c = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap();
     assert_eq!(
         c.len(),
         201,
@@ -261,7 +261,7 @@ async fn the_client_speaks_the_envelope_and_never_shows_the_key() {
         )],
     );
     let before = fake.seen("ohlcv").len();
-    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    let e = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap_err();
     assert!(
         matches!(&e, SourceError::Rejected(m) if m.contains("success is false: Pair not found")),
         "{e}"
@@ -273,13 +273,13 @@ async fn the_client_speaks_the_envelope_and_never_shows_the_key() {
         "ohlcv",
         &[Reply::Raw(200, "{\"success\": \"true\", \"data\": [")],
     );
-    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    let e = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap_err();
     assert!(
         matches!(&e, SourceError::Rejected(m) if m.contains("malformed JSON")),
         "{e}"
     );
     fake.script("ohlcv", &[Reply::Json(403, json!({"error": "Forbidden"}))]);
-    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    let e = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap_err();
     assert!(
         matches!(&e, SourceError::Rejected(m) if m.contains("HTTP 403") && m.contains("Forbidden")),
         "{e}"
@@ -291,7 +291,7 @@ async fn the_client_speaks_the_envelope_and_never_shows_the_key() {
     bad.api_key = Some("wrong".to_string().into());
     let e = Cryptometer::new(&bad)
         .unwrap()
-        .candles(&btc(), Timeframe::H1)
+        .candles(&btc(), Timeframe::H1, 500)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("Invalid API key"), "{e}");
@@ -304,7 +304,7 @@ async fn the_client_speaks_the_envelope_and_never_shows_the_key() {
         .unwrap();
     let e = Cryptometer::new(&client_cfg(&format!("http://{closed}")))
         .unwrap()
-        .candles(&btc(), Timeframe::H1)
+        .candles(&btc(), Timeframe::H1, 500)
         .await
         .unwrap_err();
     assert!(matches!(e, SourceError::Transient { .. }), "{e}");
@@ -329,7 +329,10 @@ async fn the_client_retries_429_5xx_and_timeouts_within_its_bounds() {
         "ohlcv",
         &[Reply::Raw(500, "oops"), Reply::Raw(502, "bad gateway")],
     );
-    assert_eq!(cm.candles(&btc(), Timeframe::H1).await.unwrap().len(), 201);
+    assert_eq!(
+        cm.candles(&btc(), Timeframe::H1, 500).await.unwrap().len(),
+        201
+    );
     assert_eq!(n(), 3, "two failures, then the answer");
 
     // Always failing: 1 + max_retries attempts, then a transient error.
@@ -342,7 +345,7 @@ async fn the_client_retries_429_5xx_and_timeouts_within_its_bounds() {
             Reply::Raw(503, ""),
         ],
     );
-    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    let e = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap_err();
     assert!(
         matches!(&e, SourceError::Transient { message, .. } if message.contains("503")),
         "{e}"
@@ -353,7 +356,7 @@ async fn the_client_retries_429_5xx_and_timeouts_within_its_bounds() {
     // 429 with a short Retry-After: waited out in-process.
     fake.script("ohlcv", &[Reply::RetryAfter(429, 1)]);
     let t = Instant::now();
-    cm.candles(&btc(), Timeframe::H1).await.unwrap();
+    cm.candles(&btc(), Timeframe::H1, 500).await.unwrap();
     assert!(
         t.elapsed() >= Duration::from_secs(1),
         "Retry-After was honoured"
@@ -362,7 +365,7 @@ async fn the_client_retries_429_5xx_and_timeouts_within_its_bounds() {
 
     // 429 asking for longer than max_retry_after: handed to the job (it snoozes).
     fake.script("ohlcv", &[Reply::RetryAfter(429, 120)]);
-    let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+    let e = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap_err();
     assert_eq!(
         e,
         SourceError::Transient {
@@ -374,7 +377,7 @@ async fn the_client_retries_429_5xx_and_timeouts_within_its_bounds() {
 
     // A hung answer times out and is retried.
     fake.script("ohlcv", &[Reply::Hang(Duration::from_secs(3))]);
-    cm.candles(&btc(), Timeframe::H1).await.unwrap();
+    cm.candles(&btc(), Timeframe::H1, 500).await.unwrap();
     assert_eq!(n(), 11);
 }
 
@@ -425,7 +428,7 @@ async fn bad_candles_are_refused_whole_with_the_reason() {
     ];
     for (body, want) in cases {
         fake.script("ohlcv", &[Reply::Json(200, body)]);
-        let e = cm.candles(&btc(), Timeframe::H1).await.unwrap_err();
+        let e = cm.candles(&btc(), Timeframe::H1, 500).await.unwrap_err();
         assert!(
             matches!(&e, SourceError::Rejected(m) if m.contains(want)),
             "want {want:?}: {e}"
@@ -506,6 +509,7 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
         symbol: btc(),
         timeframe: Timeframe::H1,
         backfill: None,
+        candle: None,
     };
     enqueue(&t.pool, &args, EnqueueOptions::default())
         .await
@@ -625,30 +629,27 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
         "ohlcv",
         &[
             Reply::Json(200, envelope(Value::Array(nan))),
-            Reply::Json(
-                200,
-                json!({"success": "false", "error": "Rate plan exceeded"}),
-            ),
             Reply::Json(200, envelope(Value::Array(unordered))),
         ],
     );
-    for s in ["BTC/USDT", "ETH/USDT", "SOL/USDT"] {
+    for s in ["BTC/USDT", "ETH/USDT"] {
         let args = IngestIndicators {
             symbol: s.parse().unwrap(),
             timeframe: Timeframe::H1,
             backfill: None,
+            candle: None,
         };
         enqueue(&t.pool, &args, EnqueueOptions::default())
             .await
             .unwrap();
     }
-    work(&t.pool, &env, "three dead letters", || async {
+    work(&t.pool, &env, "two dead letters", || async {
         (count(
             &t.pool,
             "SELECT count(*) FROM longshore.dead_letters WHERE queue = 'ingest_indicators'",
         )
         .await
-            == 3)
+            == 2)
             .then_some(())
     })
     .await;
@@ -659,10 +660,6 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
             .unwrap();
     let all = errors.join("\n");
     assert!(all.contains("close is NaN"), "{all}");
-    assert!(
-        all.contains("success is false: Rate plan exceeded"),
-        "{all}"
-    );
     assert!(all.contains("out of order"), "{all}");
     assert!(!all.contains(KEY));
     for table in ["candles", "indicators", "risk_metric", "signals"] {
@@ -683,6 +680,7 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
         symbol: btc(),
         timeframe: Timeframe::H4,
         backfill: None,
+        candle: None,
     };
     let id = enqueue(&t.pool, &args, EnqueueOptions::default())
         .await
@@ -697,7 +695,161 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
         (n == 1).then_some(())
     })
     .await;
-    assert_eq!(fake.seen("ohlcv").len(), 4);
+    assert_eq!(fake.seen("ohlcv").len(), 3);
+}
+
+/// Issue 17, item 5: a quota answer ("Rate plan exceeded") is retried on the job's
+/// backoff (one request per attempt, none in-process), and its candle is not lost; a
+/// tick's ingest that is dead-lettered does not block the next tick's for the same
+/// candle. Before, the quota answer was dead-lettered and the 24 h key held.
+#[tokio::test]
+async fn a_quota_answer_is_retried_and_a_dead_ingest_does_not_block_the_next_tick() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    let quota = json!({"success": "false", "error": "Rate plan exceeded"});
+    fake.script("ohlcv", &[Reply::Json(200, quota)]);
+    let args = IngestIndicators {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        backfill: None,
+        candle: None,
+    };
+    enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the retried ingest", || async {
+        (archived(&t.pool, "ingest_indicators").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        fake.seen("ohlcv").len(),
+        2,
+        "one refused request, one retry"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM indicators WHERE source = 'internal'"
+        )
+        .await,
+        1
+    );
+
+    // A tick for the pair whose ingest is refused for good: dead-lettered after one
+    // attempt; a second tick for the same candle enqueues a new ingest, which lands.
+    sqlx::query("INSERT INTO watchers (id, user_id, symbol, timeframe) VALUES ($1::uuid, $2::uuid, 'ETH/USDT', '1h')")
+        .bind(W1)
+        .bind(U1)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let no_data = json!({"success": "false", "error": "No Data"});
+    fake.script("ohlcv", &[Reply::Json(200, no_data)]);
+    enqueue(&t.pool, &MarketTick::default(), EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the dead ingest", || async {
+        (count(
+            &t.pool,
+            "SELECT count(*) FROM longshore.dead_letters WHERE queue = 'ingest_indicators'",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    enqueue(&t.pool, &MarketTick::default(), EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the next tick's ingest", || async {
+        (count(
+            &t.pool,
+            "SELECT count(*) FROM indicators WHERE symbol = 'ETH/USDT' AND source = 'internal'",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    // A third tick for the same candle: the landed ingest's key holds.
+    enqueue(&t.pool, &MarketTick::default(), EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the third tick", || async {
+        (archived(&t.pool, "market_tick").await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        archived(&t.pool, "ingest_indicators").await,
+        2,
+        "the first ingest and the second tick's"
+    );
+}
+
+/// Issue 17, item 4: a delayed ingest stores indicators, and signals, for every closed
+/// candle since the last one stored, not only the newest. Before, the four candles
+/// between were skipped for good.
+#[tokio::test]
+async fn a_late_ingest_catches_up_every_candle_since_the_last_stored() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    let mut args = IngestIndicators {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        backfill: Some(10),
+        candle: None,
+    };
+    enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the first signals", || async {
+        (count(&t.pool, "SELECT count(*) FROM signals").await == 10).then_some(())
+    })
+    .await;
+    // The newest four were never ingested (the fleet was down for four hours).
+    for table in ["signals", "indicators"] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE at > (SELECT max(at) FROM indicators) - interval '4 hours'"
+        ))
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 6);
+    args.backfill = None;
+    args.candle = Some(Timeframe::H1.last_closed(Utc::now()));
+    enqueue(&t.pool, &args, EnqueueOptions::default())
+        .await
+        .unwrap();
+    work(&t.pool, &env, "the caught-up signals", || async {
+        (count(&t.pool, "SELECT count(*) FROM signals").await == 10).then_some(())
+    })
+    .await;
+    let quality: Vec<String> =
+        sqlx::query_scalar("SELECT metadata->>'quality' FROM signals ORDER BY at DESC LIMIT 4")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        quality,
+        vec!["ok"; 4],
+        "the source was asked for the warm-up history"
+    );
+    let horizon: String = sqlx::query_scalar(
+        "SELECT metadata->'volatility'->>'horizon' FROM signals ORDER BY at DESC LIMIT 1",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(horizon, "1d");
 }
 
 fn delivery(
@@ -1046,7 +1198,8 @@ async fn the_win_rate_counts_directional_signals_with_known_outcomes() {
         (params["long_wins"].clone(), params["short_wins"].clone()),
         (json!(1), json!(1))
     );
-    assert_eq!(params["horizon_seconds"], json!(14400.0));
+    assert_eq!(params["horizon_seconds"], json!(14400));
+    assert_eq!(params["horizon_candles"], json!(4));
 
     // Hourly recomputation upserts the same row.
     enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
@@ -1076,7 +1229,7 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
     enqueue(
         p,
         &PruneMarket {
-            older_than: Duration::from_secs(90 * 86_400),
+            older_than: Some(Duration::from_secs(90 * 86_400)),
         },
         EnqueueOptions::default(),
     )
@@ -1085,7 +1238,7 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
     enqueue(
         p,
         &PruneMarket {
-            older_than: Duration::from_secs(60),
+            older_than: Some(Duration::from_secs(60)),
         },
         EnqueueOptions::default(),
     )
@@ -1213,12 +1366,14 @@ allow_replay = true
         || async { (count(&t.pool, "SELECT count(*) FROM signals").await == 150).then_some(()) },
     )
     .await;
-    // A tick: the newest candle already has its signal, so nothing is doubled.
+    // A tick: the newest candle already has its indicators and signal, so the ingest
+    // finds nothing new and enqueues no evaluation (and nothing is doubled).
     tick_from_the_cli(&t.url, r#"{"task":"ingest_indicators"}"#).await;
     eventually(Duration::from_secs(30), "the tick's ingest", || async {
-        (archived(&t.pool, "compute_signals").await == 2).then_some(())
+        (archived(&t.pool, "ingest_indicators").await == 2).then_some(())
     })
     .await;
+    assert_eq!(archived(&t.pool, "compute_signals").await, 1);
     assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 150);
     let reasons: Value = sqlx::query_scalar("SELECT reasons FROM signals ORDER BY at DESC LIMIT 1")
         .fetch_one(&t.pool)
@@ -1301,6 +1456,8 @@ async fn signal_at(
         symbol: btc(),
         timeframe: Timeframe::H1,
         since: None,
+        at: Some(at),
+        backfill: false,
     };
     enqueue(pool, &args, EnqueueOptions::default())
         .await

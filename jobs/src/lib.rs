@@ -69,8 +69,10 @@ fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
         .register(market::compute_signals::ComputeSignalsHandler(
             market.clone(),
         ))
-        .register(market::compute_winrate::ComputeWinrateHandler(market))
-        .register(market::prune_market::PruneMarketHandler)
+        .register(market::compute_winrate::ComputeWinrateHandler(
+            market.clone(),
+        ))
+        .register(market::prune_market::PruneMarketHandler(market))
         .register(chat::llm_call::LlmCallHandler(chat))
         .register(chat::prune_llm::PruneLlmHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use longshore_workers::JobError;
 use serde_json::{Map, Value, json};
-use sqlx::PgConnection;
+use sqlx::PgPool;
 
 /// `now - older_than`; anything under a day is refused (a guard against `"90"` meaning
 /// 90 seconds).
@@ -20,21 +20,38 @@ pub fn cutoff(older_than: Duration) -> Result<DateTime<Utc>, JobError> {
     Ok(Utc::now() - chrono::Duration::from_std(older_than).map_err(JobError::fail)?)
 }
 
-/// Deletes rows of each `(table, column)` whose column is before `cutoff`; returns the
-/// count per table. The names are the caller's constants, never input.
+/// Rows one prune statement deletes at most: each batch is its own short transaction
+/// (an index range scan on the pruned column), so no statement holds locks or bloats
+/// the table for long however much is due.
+pub const BATCH: i64 = 5_000;
+
+/// Deletes rows of each `(table, column)` whose column is before `cutoff`, in batches
+/// of [`BATCH`] committed one by one (a rerun after a crash finishes the rest); returns
+/// the count per table. The names are the caller's constants, never input.
 pub async fn delete_before(
-    tx: &mut PgConnection,
+    pool: &PgPool,
     cutoff: DateTime<Utc>,
     tables: &[(&'static str, &'static str)],
 ) -> Result<Map<String, Value>, sqlx::Error> {
     let mut out = Map::new();
     for (table, column) in tables {
-        let n = sqlx::query(&format!("DELETE FROM {table} WHERE {column} < $1"))
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        out.insert((*table).into(), json!(n));
+        let sql = format!(
+            "DELETE FROM {table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
+        );
+        let mut total = 0u64;
+        loop {
+            let n = sqlx::query(&sql)
+                .bind(cutoff)
+                .bind(BATCH)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            total += n;
+            if n < BATCH as u64 {
+                break;
+            }
+        }
+        out.insert((*table).into(), json!(total));
     }
     Ok(out)
 }

@@ -32,6 +32,12 @@ pub struct EnqueueOptions {
     pub idempotency_key: Option<String>,
     /// Lifetime of the key; `None` = [`DEFAULT_IDEMPOTENCY_TTL`].
     pub idempotency_ttl: Option<Duration>,
+    /// The key stops holding once the job it made is dead-lettered: a later enqueue
+    /// with the key makes a new job (River's unique states without `discarded`). For
+    /// work a later attempt may redo (a market ingest a quota refused); not for keys a
+    /// caller replays to learn the first outcome. Single enqueues only: a batch's key
+    /// always holds.
+    pub free_key_when_dead: bool,
     /// Who enqueued it (`token:<name>`, `hook:<source>`), kept in the `principal`
     /// header: the ingress answers a job's status only to its principal (or a token
     /// that may read every job of the queue).
@@ -53,6 +59,11 @@ impl EnqueueOptions {
     }
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.idempotency_ttl = Some(ttl);
+        self
+    }
+    /// See [`EnqueueOptions::free_key_when_dead`].
+    pub fn free_key_when_dead(mut self) -> Self {
+        self.free_key_when_dead = true;
         self
     }
 
@@ -247,7 +258,7 @@ async fn enqueue_batch_in(
     let mut tx = sqlx::Connection::begin(&mut *conn)
         .await
         .map_err(EnqueueError::Database)?;
-    if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &keyed)
+    if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &keyed, false)
         .await
         .map_err(|e| db_err(queue, e))?
     {
@@ -401,9 +412,10 @@ async fn enqueue_conn_in(
             continue;
         };
         let content = keyed_content(&body, &opts);
-        if let Some(e) = store::idempotency_lookup(&mut tx, queue, &key, &content)
-            .await
-            .map_err(|e| db_err(queue, e))?
+        if let Some(e) =
+            store::idempotency_lookup(&mut tx, queue, &key, &content, opts.free_key_when_dead)
+                .await
+                .map_err(|e| db_err(queue, e))?
         {
             out.push(Enqueued {
                 id: e.msg_id,

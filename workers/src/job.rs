@@ -169,6 +169,11 @@ pub struct JobContext {
     /// Who enqueued it (`token:<name>`, `hook:<source>`), when it came through the
     /// ingress; `None` for jobs enqueued by the scheduler, the CLI or SQL.
     pub principal: Option<String>,
+    /// The fire this job was enqueued for, when the scheduler enqueued it (its
+    /// `fire_at` header): the instant the run stands for, which a tick should use
+    /// rather than its own clock (a fire may run a little early by this host's clock,
+    /// or late).
+    pub fire_at: Option<DateTime<Utc>>,
     /// Cancelled when the lease is lost or the worker's shutdown grace period ends.
     /// Long handlers should watch it; the runtime drops the handler soon after.
     pub cancel: CancellationToken,
@@ -193,6 +198,7 @@ impl JobContext {
             max_attempts,
             enqueued_at,
             principal: None,
+            fire_at: None,
             cancel,
             pool,
             tx: None,

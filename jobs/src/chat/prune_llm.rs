@@ -33,7 +33,7 @@ impl Handler for PruneLlmHandler {
             ("llm_answers", "created_at"),
             ("llm_attempts", "created_at"),
         ];
-        let deleted = crate::prune::delete_before(ctx.tx().await?, cutoff, &tables).await?;
+        let deleted = crate::prune::delete_before(ctx.pool(), cutoff, &tables).await?;
         Outcome::done_with(json!({"cutoff": cutoff, "deleted": deleted}))
     }
 }

@@ -12,7 +12,10 @@
 //! - 429, 5xx, timeouts and connection errors are retried in-process with exponential
 //!   backoff (backon, bounded by `max_retries`), honouring `Retry-After` up to
 //!   `max_retry_after`; past that, the error is [`SourceError::Transient`] with the
-//!   hint, and the job is snoozed for it. Anything else is [`SourceError::Rejected`].
+//!   hint, and the job is snoozed for it. A refusal naming a quota or a limit
+//!   (`"success":"false"` with `"Rate plan exceeded"`, or a 4xx saying so) is
+//!   [`SourceError::Transient`] without in-process retries: the job retries on its
+//!   backoff. Anything else is [`SourceError::Rejected`].
 //! - Candles may come newest first or oldest first; they are returned oldest first.
 //!   A series that is neither (shuffled, duplicated) is refused whole, as are NaN,
 //!   negative or zero prices.
@@ -102,6 +105,22 @@ impl Attempt {
         Attempt {
             error: SourceError::Rejected(message),
             retryable: false,
+        }
+    }
+    /// A refusal that names a quota or a limit (`"Rate plan exceeded"`): the request
+    /// was right and will be answered once the plan allows, so the job is retried on
+    /// its backoff; but not in-process, where a few seconds change nothing.
+    fn refused(message: String) -> Self {
+        if is_quota(&message) {
+            Attempt {
+                error: SourceError::Transient {
+                    message,
+                    retry_after: None,
+                },
+                retryable: false,
+            }
+        } else {
+            Self::reject(message)
         }
     }
     fn retry_after(&self) -> Option<Duration> {
@@ -221,12 +240,28 @@ impl Cryptometer {
                 .and_then(Value::as_str)
                 .map(|m| format!(": {}", m.chars().take(200).collect::<String>()))
                 .unwrap_or_default();
-            return Err(Attempt::reject(format!("{what}: HTTP {status}{msg}")));
+            return Err(Attempt::refused(format!("{what}: HTTP {status}{msg}")));
         }
         let json =
             json.ok_or_else(|| Attempt::reject(format!("{what}: malformed JSON in the response")))?;
-        envelope(&json).map_err(|m| Attempt::reject(format!("{what}: {m}")))
+        envelope(&json).map_err(|m| Attempt::refused(format!("{what}: {m}")))
     }
+}
+
+/// Whether a refusal's text names a quota or a rate limit rather than a bad request.
+fn is_quota(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "rate plan",
+        "rate limit",
+        "quota",
+        "limit exceeded",
+        "limit reached",
+        "too many requests",
+        "credits",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
 }
 
 fn flag(v: Option<&Value>) -> Option<bool> {
@@ -326,21 +361,46 @@ pub fn parse_candles(data: &[Value], tf: Timeframe) -> Result<Vec<Candle>, Sourc
     Ok(out)
 }
 
-/// The newest L/S ratio in `ls-ratio/` data: a `ratio` (or `ls_ratio`,
-/// `long_short_ratio`) field, or `longs / shorts`.
+/// The newest L/S ratio in `ls-ratio/` data: longs over shorts (above 1: more accounts
+/// long). The newest item is the one with the latest time (`timestamp`, `time`,
+/// `date`) whichever order the list comes in; a list without times is read oldest
+/// first, as Cryptometer sends it. Fields: a ratio (`ratio`, `ls_ratio`,
+/// `long_short_ratio`, Binance's `longShortRatio`), else longs over shorts as counts or
+/// shares (`longs`/`shorts`, `long_ratio`/`short_ratio`, `long_pct`/`short_pct`,
+/// Binance's `longAccount`/`shortAccount`).
 pub fn parse_ls_ratio(data: &[Value]) -> Result<Option<f64>, SourceError> {
-    let Some(item) = data.last() else {
+    let timed = |v: &Value| {
+        ["timestamp", "time", "date"]
+            .iter()
+            .find_map(|k| v.get(*k))
+            .and_then(time_of)
+    };
+    let item = if data.iter().all(|v| timed(v).is_some()) {
+        data.iter().max_by_key(|v| timed(v))
+    } else {
+        data.last()
+    };
+    let Some(item) = item else {
         return Ok(None);
     };
-    let direct = ["ratio", "ls_ratio", "long_short_ratio"]
+    let direct = ["ratio", "ls_ratio", "long_short_ratio", "longShortRatio"]
         .iter()
         .find_map(|k| item.get(*k).and_then(number));
     let r = direct.or_else(|| {
-        let (l, s) = (
-            item.get("longs").and_then(number)?,
-            item.get("shorts").and_then(number)?,
-        );
-        (s > 0.0).then(|| l / s)
+        [
+            ("longs", "shorts"),
+            ("long_ratio", "short_ratio"),
+            ("long_pct", "short_pct"),
+            ("longAccount", "shortAccount"),
+        ]
+        .iter()
+        .find_map(|(l, s)| {
+            let (l, s) = (
+                item.get(*l).and_then(number)?,
+                item.get(*s).and_then(number)?,
+            );
+            (s > 0.0).then(|| l / s)
+        })
     });
     match r {
         Some(r) if r.is_finite() && r >= 0.0 => Ok(Some(r)),
@@ -391,7 +451,12 @@ impl MarketSource for Cryptometer {
     fn simulated(&self) -> bool {
         false
     }
-    async fn candles(&self, symbol: &Symbol, tf: Timeframe) -> Result<Vec<Candle>, SourceError> {
+    async fn candles(
+        &self,
+        symbol: &Symbol,
+        tf: Timeframe,
+        limit: usize,
+    ) -> Result<Vec<Candle>, SourceError> {
         let data = self
             .get(
                 "ohlcv",
@@ -399,6 +464,7 @@ impl MarketSource for Cryptometer {
                     ("e", self.exchange.clone()),
                     ("pair", symbol.pair()),
                     ("timeframe", tf.to_string()),
+                    ("limit", limit.to_string()),
                 ],
             )
             .await?;
@@ -432,6 +498,32 @@ impl MarketSource for Cryptometer {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn quota_refusals_are_told_from_bad_requests() {
+        for m in [
+            "success is false: Rate plan exceeded",
+            "HTTP 403: API quota reached",
+            "success is false: Daily limit exceeded",
+        ] {
+            assert!(is_quota(m), "{m}");
+            assert!(matches!(
+                Attempt::refused(m.into()).error,
+                SourceError::Transient { .. }
+            ));
+        }
+        for m in [
+            "success is false: Invalid API key",
+            "success is false: No Data",
+            "HTTP 404",
+        ] {
+            assert!(!is_quota(m), "{m}");
+            assert!(matches!(
+                Attempt::refused(m.into()).error,
+                SourceError::Rejected(_)
+            ));
+        }
+    }
 
     #[test]
     fn envelopes() {
@@ -482,6 +574,25 @@ mod tests {
             Some(1.5)
         );
         assert_eq!(parse_ls_ratio(&[]).unwrap(), None);
+        // Newest first or oldest first: the latest time wins either way.
+        let old = json!({"timestamp": 1_763_557_200_000i64, "ratio": 0.7});
+        let new = json!({"timestamp": 1_763_560_800_000i64, "ratio": 1.4});
+        assert_eq!(
+            parse_ls_ratio(&[old.clone(), new.clone()]).unwrap(),
+            Some(1.4)
+        );
+        assert_eq!(parse_ls_ratio(&[new, old]).unwrap(), Some(1.4));
+        // Binance's shape (what binance_futures serves): 64.42% of accounts long is a
+        // ratio of 1.8105, crowded long (above ls_crowded_long 1.25, a bearish vote).
+        let binance = json!({"symbol": "BTCUSDT", "longAccount": "0.6442", "shortAccount": "0.3558",
+                             "timestamp": "1583139600000"});
+        let no_ratio = binance.as_object().unwrap().clone();
+        let r = parse_ls_ratio(&[Value::Object(no_ratio)]).unwrap().unwrap();
+        assert!((r - 1.8105).abs() < 1e-3, "{r}");
+        assert_eq!(
+            parse_ls_ratio(&[json!({"long_pct": 45.0, "short_pct": 55.0})]).unwrap(),
+            Some(45.0 / 55.0)
+        );
         assert!(parse_ls_ratio(&[json!({"x": 1})]).is_err());
         let l = parse_liquidations(&[
             json!({"binance": {"longs": 10, "shorts": "5"}, "bybit": {"longs": 1, "shorts": 2}}),

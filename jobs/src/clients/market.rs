@@ -51,9 +51,16 @@ pub trait MarketSource: Send + Sync {
     fn describe(&self) -> String;
     /// Whether it is a simulator (its data is marked so in the database).
     fn simulated(&self) -> bool;
-    /// Recent candles, oldest first, checked (see [`crate::market::types::validate_candles`]);
-    /// the newest may still be forming.
-    async fn candles(&self, symbol: &Symbol, tf: Timeframe) -> Result<Vec<Candle>, SourceError>;
+    /// Up to `limit` recent candles, oldest first, checked (see
+    /// [`crate::market::types::validate_candles`]); the newest may still be forming. A
+    /// source may serve fewer than asked (its own cap, a young market): the caller
+    /// checks the history it got.
+    async fn candles(
+        &self,
+        symbol: &Symbol,
+        tf: Timeframe,
+        limit: usize,
+    ) -> Result<Vec<Candle>, SourceError>;
     /// The latest long/short account ratio, if the source has one.
     async fn ls_ratio(&self, symbol: &Symbol, tf: Timeframe) -> Result<Option<f64>, SourceError>;
     async fn liquidations(&self, symbol: &Symbol) -> Result<Option<Liquidations>, SourceError>;

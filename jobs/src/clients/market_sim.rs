@@ -127,7 +127,12 @@ impl MarketSource for MarketSimulator {
     fn simulated(&self) -> bool {
         true
     }
-    async fn candles(&self, symbol: &Symbol, tf: Timeframe) -> Result<Vec<Candle>, SourceError> {
+    async fn candles(
+        &self,
+        symbol: &Symbol,
+        tf: Timeframe,
+        limit: usize,
+    ) -> Result<Vec<Candle>, SourceError> {
         // Weekly candles are not on the epoch grid; the simulator serves 1m..1d.
         if tf == Timeframe::W1 {
             return Err(SourceError::rejected(
@@ -135,7 +140,8 @@ impl MarketSource for MarketSimulator {
             ));
         }
         let now = self.current_index(tf);
-        let first = now - self.history as i64 + 1;
+        // `history` is the simulator's cap per request, as an exchange has one.
+        let first = now - self.history.min(limit.max(1)) as i64 + 1;
         Ok((first..=now).map(|k| self.candle(symbol, tf, k)).collect())
     }
     async fn ls_ratio(&self, symbol: &Symbol, tf: Timeframe) -> Result<Option<f64>, SourceError> {
@@ -191,8 +197,8 @@ mod tests {
         let sim = MarketSimulator::new(42, 300);
         sim.set_now("2026-11-19T13:47:12Z".parse().unwrap());
         let btc: Symbol = "BTC/USDT".parse().unwrap();
-        let a = sim.candles(&btc, Timeframe::H1).await.unwrap();
-        let b = sim.candles(&btc, Timeframe::H1).await.unwrap();
+        let a = sim.candles(&btc, Timeframe::H1, 1000).await.unwrap();
+        let b = sim.candles(&btc, Timeframe::H1, 1000).await.unwrap();
         assert_eq!(a, b, "the same candles every time");
         assert_eq!(a.len(), 300);
         assert_eq!(
@@ -207,12 +213,12 @@ mod tests {
         // Another seed, another market.
         let other = MarketSimulator::new(7, 300);
         other.set_now("2026-11-19T13:47:12Z".parse().unwrap());
-        assert_ne!(other.candles(&btc, Timeframe::H1).await.unwrap(), a);
+        assert_ne!(other.candles(&btc, Timeframe::H1, 1000).await.unwrap(), a);
         // It moves: the range over 300 candles is more than 5%.
         let (lo, hi) = a
             .iter()
             .fold((f64::MAX, 0f64), |(l, h), c| (l.min(c.low), h.max(c.high)));
         assert!(hi / lo > 1.05, "{lo}..{hi}");
-        assert!(sim.candles(&btc, Timeframe::W1).await.is_err());
+        assert!(sim.candles(&btc, Timeframe::W1, 1000).await.is_err());
     }
 }

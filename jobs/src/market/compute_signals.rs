@@ -1,10 +1,19 @@
-//! `compute_signals {symbol, timeframe, since?}`: strategy v1 on the stored
-//! indicators, with the doubling guardrails, into `signals`.
+//! `compute_signals {symbol, timeframe, at?, since?, backfill?}`: strategy v1 on the
+//! stored indicators, with the doubling guardrails, into `signals`.
 //!
-//! Without `since`, the newest indicators row is evaluated; with it, every row from
-//! `since` on that has no signal of this strategy version yet, oldest first (a
-//! backfill). A signal is written once per (symbol, timeframe, candle, version): a
-//! repeated job changes nothing. Signals commit with the job's acknowledgement.
+//! The job carries its candles: every indicators row from `since` (or `at` alone) to
+//! `at` that has no signal of this strategy version yet, oldest first. A job without
+//! `at` (enqueued before it existed) evaluates the newest row, or every row from
+//! `since` on as a backfill. `backfill: true` marks history: its doublings count within
+//! the job, never in the live position. A signal is written once per (symbol,
+//! timeframe, candle, version): a repeated job changes nothing. Signals commit with the
+//! job's acknowledgement.
+//!
+//! Each signal's metadata says what it was computed on: `quality` (`ok`, `gap`,
+//! `short_history`; win-rates count only `ok`), `volatility` (per candle and scaled to
+//! the one-day horizon the thresholds are in), and `stale` (extras fetched more than
+//! [`stale_after`] after the candle closed, which are not that candle's and are left
+//! out).
 
 use std::sync::Arc;
 
@@ -14,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::config::Market;
+use super::indicators::VOLATILITY_HORIZON;
 use super::ingest_indicators::IndicatorRow;
 use super::strategy::{Clusters, Direction, Position, Previous, doubling, evaluate, round6};
 use super::types::{Cluster, Symbol, Timeframe};
@@ -22,8 +32,21 @@ use super::types::{Cluster, Symbol, Timeframe};
 pub struct ComputeSignals {
     pub symbol: Symbol,
     pub timeframe: Timeframe,
+    /// The first candle to evaluate; absent: `at` alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<DateTime<Utc>>,
+    /// The newest candle to evaluate (the ingest's newest stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+    /// History, not the live position (a watcher's backfill).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backfill: bool,
+}
+
+/// Market data fetched later than this after a candle closed describes a later market
+/// than that candle's: one timeframe, at least the 10 minutes a tick's catch-up takes.
+pub fn stale_after(tf: Timeframe) -> chrono::Duration {
+    tf.duration().max(chrono::Duration::minutes(10))
 }
 
 impl JobArgs for ComputeSignals {
@@ -32,7 +55,13 @@ impl JobArgs for ComputeSignals {
 
 pub struct ComputeSignalsHandler(pub Arc<Market>);
 
-type Row = (DateTime<Utc>, Value, Option<Value>, Option<Value>);
+type Row = (
+    DateTime<Utc>,
+    Value,
+    Option<Value>,
+    Option<Value>,
+    Option<DateTime<Utc>>,
+);
 
 impl Handler for ComputeSignalsHandler {
     type Args = ComputeSignals;
@@ -41,6 +70,8 @@ impl Handler for ComputeSignalsHandler {
         let m = &self.0;
         let (strategy, guard) = (&m.cfg.strategy, &m.cfg.guardrails);
         let (sym, tf) = (a.symbol.to_string(), a.timeframe.as_str());
+        // A job from before `at` existed with `since` was a backfill.
+        let history = a.backfill || (a.since.is_some() && a.at.is_none());
         let tx = ctx.tx().await?;
         // One evaluator per symbol at a time: "the previous signal" must be settled.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('signals:' || $1))")
@@ -48,12 +79,13 @@ impl Handler for ComputeSignalsHandler {
             .execute(&mut *tx)
             .await?;
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT i.at, i.data, x.data, l.clusters FROM indicators i \
+            "SELECT i.at, i.data, x.data, l.clusters, l.fetched_at FROM indicators i \
              LEFT JOIN indicators x ON x.symbol = i.symbol AND x.timeframe = i.timeframe AND x.at = i.at AND x.source = 'cryptometer' \
-             LEFT JOIN liq_clusters l ON l.symbol = i.symbol AND l.at = i.at \
+             LEFT JOIN liq_clusters l ON l.symbol = i.symbol AND l.timeframe = i.timeframe AND l.at = i.at \
              WHERE i.symbol = $1 AND i.timeframe = $2 AND i.source = 'internal' \
-               AND ($3::timestamptz IS NULL OR i.at >= $3) \
-               AND ($3::timestamptz IS NOT NULL OR i.at = (SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal')) \
+               AND i.at >= coalesce($3::timestamptz, $5::timestamptz, \
+                     (SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal')) \
+               AND ($5::timestamptz IS NULL OR i.at <= $5) \
                AND NOT EXISTS (SELECT 1 FROM signals s WHERE s.symbol = i.symbol AND s.timeframe = i.timeframe AND s.at = i.at AND s.strategy_version = $4) \
              ORDER BY i.at",
         )
@@ -61,6 +93,7 @@ impl Handler for ComputeSignalsHandler {
         .bind(tf)
         .bind(a.since)
         .bind(&strategy.version)
+        .bind(a.at)
         .fetch_all(&mut *tx)
         .await?;
         let position: Option<(f64, f64, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -75,11 +108,31 @@ impl Handler for ComputeSignalsHandler {
             last_increase_at,
         });
         let mut counts = json!({"long": 0, "short": 0, "flat": 0});
-        for (at, data, market, clusters) in rows {
+        for (at, data, market, clusters, clusters_fetched_at) in rows {
             let ind: IndicatorRow = serde_json::from_value(data)
                 .map_err(|e| JobError::fail(format!("indicators at {at}: {e}")))?;
             let market = market.unwrap_or(Value::Null);
+            let closed_at = at + a.timeframe.duration();
+            let fresh = |t: Option<DateTime<Utc>>| {
+                t.is_none_or(|t| t <= closed_at + stale_after(a.timeframe))
+            };
+            let mut stale = Vec::new();
+            let market_fetched_at = market
+                .get("fetched_at")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<DateTime<Utc>>().ok());
+            let ls_ratio = market.get("ls_ratio").and_then(Value::as_f64);
+            let ls_ratio = if ls_ratio.is_some() && !fresh(market_fetched_at) {
+                stale.push("ls_ratio");
+                None
+            } else {
+                ls_ratio
+            };
             let clusters = match clusters {
+                Some(_) if !fresh(clusters_fetched_at) => {
+                    stale.push("clusters");
+                    Clusters::Unavailable
+                }
                 Some(c) => Clusters::Known(
                     serde_json::from_value::<Vec<Cluster>>(c)
                         .map_err(|e| JobError::fail(format!("liq_clusters at {at}: {e}")))?,
@@ -87,7 +140,7 @@ impl Handler for ComputeSignalsHandler {
                 None if m.clusters.is_some() => Clusters::Unavailable,
                 None => Clusters::NotConfigured,
             };
-            let inputs = ind.inputs(market.get("ls_ratio").and_then(Value::as_f64), clusters);
+            let inputs = ind.inputs(a.timeframe, ls_ratio, clusters);
             let e = evaluate(strategy, &inputs);
             let score = round6(e.score.abs());
             // The previous signal of this timeframe (another timeframe's is another
@@ -108,9 +161,8 @@ impl Handler for ComputeSignalsHandler {
                 .filter(|(_, _, d)| d == e.direction.as_str())
                 .map(|(id, score, _)| Previous { id, score });
             // A candle's signal is known when the candle closes: the cooldown is counted
-            // between close times, which order the timeframes of one position rightly
-            // (a day's candle opens a day before its signal exists).
-            let closed_at = at + a.timeframe.duration();
+            // between close times (`closed_at`), which order the timeframes of one
+            // position rightly (a day's candle opens a day before its signal exists).
             let guardrails = doubling(
                 guard,
                 e.direction,
@@ -127,6 +179,14 @@ impl Handler for ComputeSignalsHandler {
                 "signed_score": round6(e.score),
                 "guardrails": guardrails,
                 "missing": e.missing,
+                "quality": ind.quality().as_str(),
+                "history": ind.history,
+                "volatility": {
+                    "per_candle": ind.volatility,
+                    "value": inputs.volatility,
+                    "horizon": VOLATILITY_HORIZON,
+                },
+                "stale": stale,
                 "simulated": market.get("simulated").cloned().unwrap_or(Value::Bool(false)),
             });
             let inserted = sqlx::query(
@@ -153,7 +213,7 @@ impl Handler for ComputeSignalsHandler {
             // candles after it in this job too). A backfill's doublings are history: they
             // count within the job, never in the live position.
             if allowed && inserted == 1 {
-                if a.since.is_none() {
+                if !history {
                     sqlx::query(
                         "UPDATE positions SET last_increase_at = greatest(last_increase_at, $2) WHERE symbol = $1",
                     )
@@ -169,7 +229,7 @@ impl Handler for ComputeSignalsHandler {
             }
             let k = e.direction.as_str();
             counts[k] = json!(counts[k].as_i64().unwrap_or(0) + 1);
-            if e.direction != Direction::Flat && a.since.is_none() {
+            if e.direction != Direction::Flat && !history {
                 tracing::info!(symbol = %sym, timeframe = tf, %at, direction = k, score, "signal");
             }
         }

@@ -27,11 +27,23 @@ pub enum SourceKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WinrateConfig {
-    /// A signal's outcome is the close this long after it.
+    /// A signal's outcome is the close this long after it, rounded up to whole candles
+    /// of the signal's timeframe ([`WinrateConfig::horizon_for`]).
     #[serde(with = "humantime_serde")]
     pub horizon: Duration,
     /// A long wins above +threshold, a short below −threshold (0.01 = 1%).
     pub threshold: f64,
+}
+
+impl WinrateConfig {
+    /// The horizon on a timeframe: `horizon` rounded up to whole candles, at least one
+    /// (4h: 240 candles on 1m, one on 4h; a day on 1d and a week on 1w, where a 4-hour
+    /// outcome cannot be read from the candles at all).
+    pub fn horizon_for(&self, tf: super::types::Timeframe) -> (i64, i64) {
+        let step = tf.seconds();
+        let candles = ((self.horizon.as_secs() as i64 + step - 1) / step).max(1);
+        (candles * step, candles)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +58,10 @@ pub struct MarketConfig {
     pub backfill: u32,
     /// Candles in the realised-volatility window.
     pub volatility_window: usize,
+    /// How long candles, indicators and clusters are kept (`prune_market`'s default);
+    /// win-rates never look back further.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
     pub cryptometer: CryptometerConfig,
     pub kingfisher: KingFisherConfig,
     pub strategy: StrategyConfig,
@@ -81,6 +97,12 @@ impl Market {
         m.strategy.check().map_err(|e| bad("strategy", e))?;
         if m.volatility_window < 2 {
             return Err(bad("volatility_window", "must be at least 2".into()));
+        }
+        if m.retention < Duration::from_secs(86_400) {
+            return Err(bad("retention", "must be at least 1d".into()));
+        }
+        if m.winrate.horizon.is_zero() {
+            return Err(bad("winrate.horizon", "must be positive".into()));
         }
         if !(m.winrate.threshold.is_finite() && m.winrate.threshold >= 0.0) {
             return Err(bad(

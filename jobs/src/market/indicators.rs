@@ -6,6 +6,8 @@
 //! position, `None` until enough data has been seen (no value is ever invented from a
 //! short series). Inputs must be finite; callers validate candles before this.
 
+use super::types::Timeframe;
+
 /// Exponential moving average with α = 2 / (period + 1), seeded with the simple
 /// average of the first `period` values (the usual convention; the first value is at
 /// index `period - 1`).
@@ -111,9 +113,21 @@ pub fn atr(high: &[f64], low: &[f64], close: &[f64], period: usize) -> Vec<Optio
     wilder(&tr, period)
 }
 
+/// The one horizon the strategy's volatility thresholds are stated in: a day.
+pub const VOLATILITY_HORIZON: &str = "1d";
+const VOLATILITY_HORIZON_SECONDS: f64 = 86_400.0;
+
+/// A per-candle volatility scaled to [`VOLATILITY_HORIZON`] by the square-root-of-time
+/// rule (log returns of independent candles add their variances):
+/// `σ · √(86400 / timeframe seconds)`. A 1m σ of 0.001 is 0.038 a day, a 1w σ of 0.1 is
+/// 0.038 a day: the same market, the same number, whichever chart it is read on.
+pub fn to_horizon(per_candle: f64, tf: Timeframe) -> f64 {
+    per_candle * (VOLATILITY_HORIZON_SECONDS / tf.seconds() as f64).sqrt()
+}
+
 /// Realised volatility: the sample standard deviation of the last `window` log
-/// returns (not annualised; per candle of the series' timeframe). The strategy's
-/// `high_volatility` threshold (0.05) is in these units.
+/// returns (not annualised; per candle of the series' timeframe). Thresholds compare
+/// it after [`to_horizon`].
 pub fn realised_volatility(closes: &[f64], window: usize) -> Option<f64> {
     if window < 2 || closes.len() < window + 1 {
         return None;
@@ -128,6 +142,18 @@ pub fn realised_volatility(closes: &[f64], window: usize) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volatility_scales_to_one_day_on_every_timeframe() {
+        // A random walk with a daily σ of 4% has per-candle σ = 0.04·√(tf/1d); scaled
+        // back it is 0.04 on every timeframe (the thresholds' meaning).
+        for tf in Timeframe::ALL {
+            let per_candle = 0.04 * (tf.seconds() as f64 / 86_400.0).sqrt();
+            assert!((to_horizon(per_candle, tf) - 0.04).abs() < 1e-12, "{tf}");
+        }
+        assert_eq!(to_horizon(0.05, Timeframe::D1), 0.05);
+        assert!((to_horizon(0.001, Timeframe::M1) - 0.001 * 1440f64.sqrt()).abs() < 1e-15);
+    }
 
     fn close_to(got: Option<f64>, want: f64, tol: f64) {
         let got = got.expect("a value");

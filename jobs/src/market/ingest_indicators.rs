@@ -1,21 +1,37 @@
-//! `ingest_indicators {symbol, timeframe, backfill?}`: candles from the market source,
-//! indicators computed from them, L/S ratio, liquidations and liquidation clusters;
-//! then `compute_signals`.
+//! `ingest_indicators {symbol, timeframe, candle?, backfill?}`: candles from the market
+//! source, indicators computed from them, L/S ratio, liquidations and liquidation
+//! clusters; then `compute_signals` for the candles it stored.
 //!
 //! - Only closed candles are stored and used (`open_time + timeframe <= now`): a signal
 //!   is never computed on a candle that is still forming.
+//! - **No candle is skipped.** Indicators are stored for every closed candle after the
+//!   last one stored (a delayed job, a 1m pair under the 5-minute tick, an outage: all
+//!   caught up, at most `market.backfill` candles), and `compute_signals` carries that
+//!   range. A job `for` a candle (the tick's) waits until that candle has closed by
+//!   this host's clock and the source serves it; a source that still lacks it after a
+//!   grace period (`min(timeframe, 5 min)` past the close) is taken as a gap.
+//! - **Warm-up and gaps.** The source is asked for the history the indicators need
+//!   ([`warm_up`]: 50 candles for EMA(50), more if the volume or volatility windows
+//!   are longer) before the first candle computed. Each row records how many
+//!   contiguous candles end at it and its quality: `ok`, `gap` (a missing candle
+//!   within the warm-up window) or `short_history` (the source served too little);
+//!   signals carry it and win-rates leave out all but `ok`.
 //! - The source's candles are validated whole before anything is written (NaN,
 //!   non-positive prices, out of order): a bad answer is dead-lettered with the reason
 //!   and nothing of it is stored.
 //! - Everything is fetched before the transaction opens; candles, indicators,
 //!   `risk_metric`, `liq_clusters` and the `compute_signals` job commit together with
-//!   the job's acknowledgement.
-//! - The L/S ratio, liquidations and clusters are extras: when one fails, the error is
-//!   recorded with the candle's data and the signal's rule simply cannot fire.
-//! - `backfill: N` stores indicators for the last N closed candles (not only the
-//!   newest) and has `compute_signals` evaluate all of them.
+//!   the job's acknowledgement. A candle or indicator row that would not change is not
+//!   rewritten.
+//! - The L/S ratio, liquidations and clusters are extras for the newest candle, with
+//!   the time they were fetched: when one fails, the error is recorded with the
+//!   candle's data and the signal's rule simply cannot fire. With nothing new to
+//!   compute they are not fetched at all (the source allows 1 request/s).
+//! - `backfill: N` stores indicators for the last N closed candles and has
+//!   `compute_signals` evaluate them as history.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use longshore_workers::{
@@ -26,7 +42,7 @@ use serde_json::{Value, json};
 
 use super::compute_signals::ComputeSignals;
 use super::config::Market;
-use super::indicators::{atr, ema, macd, realised_volatility, rsi};
+use super::indicators::{atr, ema, macd, realised_volatility, rsi, to_horizon};
 use super::source_error;
 use super::strategy::{Clusters, Inputs};
 use super::types::{Candle, Symbol, Timeframe};
@@ -36,9 +52,13 @@ use crate::clients::market::SourceError;
 pub struct IngestIndicators {
     pub symbol: Symbol,
     pub timeframe: Timeframe,
-    /// Compute indicators and signals for this many past candles, not only the newest.
+    /// Compute indicators and signals for this many past candles, as history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<u32>,
+    /// The closed candle this ingest is for (its open time; the tick's): the job waits
+    /// until it has closed and the source serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candle: Option<DateTime<Utc>>,
 }
 
 impl JobArgs for IngestIndicators {
@@ -46,6 +66,28 @@ impl JobArgs for IngestIndicators {
 }
 
 pub struct IngestIndicatorsHandler(pub Arc<Market>);
+
+/// How far a row's indicators can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    /// At least [`warm_up`] contiguous candles end at this one.
+    Ok,
+    /// A candle is missing within the warm-up window: the indicators span a gap.
+    Gap,
+    /// The series starts within the warm-up window: too little history.
+    ShortHistory,
+}
+
+impl Quality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quality::Ok => "ok",
+            Quality::Gap => "gap",
+            Quality::ShortHistory => "short_history",
+        }
+    }
+}
 
 /// The indicator values of one candle, as stored in `indicators.data` (source
 /// `internal`). Missing values are `null`.
@@ -59,14 +101,24 @@ pub struct IndicatorRow {
     pub ema20: Option<f64>,
     pub ema50: Option<f64>,
     pub atr14: Option<f64>,
+    /// Realised volatility per candle (the stdev of per-candle log returns); compared
+    /// with thresholds only after [`to_horizon`].
     pub volatility: Option<f64>,
     /// Average volume of the `volume_window` candles before this one.
     pub volume_avg: Option<f64>,
+    /// Contiguous candles ending at this one in the series it was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<u32>,
+    /// Absent on rows stored before quality was recorded: read as `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
 }
 
 impl IndicatorRow {
     /// The strategy's inputs for this row, with the market data fetched beside it.
-    pub fn inputs(&self, ls_ratio: Option<f64>, clusters: Clusters) -> Inputs {
+    /// Volatility is scaled to the strategy's one horizon (a day), so its thresholds
+    /// mean the same on every timeframe.
+    pub fn inputs(&self, tf: Timeframe, ls_ratio: Option<f64>, clusters: Clusters) -> Inputs {
         Inputs {
             open: self.open,
             close: self.close,
@@ -76,16 +128,29 @@ impl IndicatorRow {
             ema20: self.ema20,
             ema50: self.ema50,
             volume_avg: self.volume_avg,
-            volatility: self.volatility,
+            volatility: self.volatility.map(|v| to_horizon(v, tf)),
             ls_ratio,
             clusters,
         }
     }
+
+    pub fn quality(&self) -> Quality {
+        self.quality.unwrap_or(Quality::Ok)
+    }
 }
 
-/// Indicator rows for every candle of a series, oldest first.
+/// Candles of history the indicators need before a row is complete: EMA(50) has its
+/// first value at the 50th candle (MACD(12,26,9) at the 34th, RSI(14) at the 15th), the
+/// volume average and the volatility each need their window plus the candle itself.
+pub fn warm_up(volume_window: usize, volatility_window: usize) -> usize {
+    50.max(volume_window + 1).max(volatility_window + 1)
+}
+
+/// Indicator rows for every candle of a series, oldest first, each with its contiguous
+/// history and quality.
 pub fn indicator_rows(
     candles: &[Candle],
+    tf: Timeframe,
     volume_window: usize,
     volatility_window: usize,
 ) -> Vec<IndicatorRow> {
@@ -99,33 +164,50 @@ pub fn indicator_rows(
         ema(&close, 50),
         atr(&high, &low, &close, 14),
     );
+    let warm = warm_up(volume_window, volatility_window);
+    let mut run = 0u32;
     candles
         .iter()
         .enumerate()
-        .map(|(i, c)| IndicatorRow {
-            open: c.open,
-            close: c.close,
-            volume: c.volume,
-            rsi14: r[i],
-            macd: m[i],
-            ema20: e20[i],
-            ema50: e50[i],
-            atr14: a[i],
-            volatility: realised_volatility(&close[..=i], volatility_window),
-            volume_avg: (i >= volume_window && volume_window > 0).then(|| {
-                candles[i - volume_window..i]
-                    .iter()
-                    .map(|c| c.volume)
-                    .sum::<f64>()
-                    / volume_window as f64
-            }),
+        .map(|(i, c)| {
+            let contiguous =
+                i > 0 && (c.open_time - candles[i - 1].open_time).num_seconds() == tf.seconds();
+            run = if contiguous { run + 1 } else { 1 };
+            let quality = if run as usize >= warm {
+                Quality::Ok
+            } else if (run as usize) < i + 1 {
+                Quality::Gap
+            } else {
+                Quality::ShortHistory
+            };
+            IndicatorRow {
+                open: c.open,
+                close: c.close,
+                volume: c.volume,
+                rsi14: r[i],
+                macd: m[i],
+                ema20: e20[i],
+                ema50: e50[i],
+                atr14: a[i],
+                volatility: realised_volatility(&close[..=i], volatility_window),
+                volume_avg: (i >= volume_window && volume_window > 0).then(|| {
+                    candles[i - volume_window..i]
+                        .iter()
+                        .map(|c| c.volume)
+                        .sum::<f64>()
+                        / volume_window as f64
+                }),
+                history: Some(run),
+                quality: Some(quality),
+            }
         })
         .collect()
 }
 
-/// `{volatility, max_drawdown, sharpe}` of a series: the realised volatility of its
-/// end, the largest peak-to-trough fall of its closes (a fraction), and the Sharpe
-/// ratio of its log returns (risk-free rate 0) annualised for the timeframe.
+/// `{volatility, volatility_daily, max_drawdown, sharpe}` of a series: the realised
+/// volatility of its end (per candle, and scaled to a day), the largest peak-to-trough
+/// fall of its closes (a fraction), and the Sharpe ratio of its log returns (risk-free
+/// rate 0) annualised for the timeframe.
 pub fn risk_metrics(candles: &[Candle], tf: Timeframe, volatility_window: usize) -> Value {
     let close: Vec<f64> = candles.iter().map(|c| c.close).collect();
     let mut peak = f64::MIN;
@@ -142,13 +224,23 @@ pub fn risk_metrics(candles: &[Candle], tf: Timeframe, volatility_window: usize)
         let per_year = (365.0 * 86_400.0 / tf.seconds() as f64).sqrt();
         if sd > 0.0 { mean / sd * per_year } else { 0.0 }
     });
+    let vol = realised_volatility(&close, volatility_window);
     json!({
-        "volatility": realised_volatility(&close, volatility_window),
+        "volatility": vol,
+        "volatility_daily": vol.map(|v| to_horizon(v, tf)),
         "max_drawdown": mdd,
         "sharpe": sharpe,
         "candles": candles.len(),
     })
 }
+
+/// How long past a candle's close a job for it waits for the source to serve it.
+fn grace(tf: Timeframe) -> chrono::Duration {
+    tf.duration().min(chrono::Duration::minutes(5))
+}
+
+/// How often a job waiting for its candle asks the source again.
+const SOURCE_LAG_POLL: Duration = Duration::from_secs(10);
 
 impl Handler for IngestIndicatorsHandler {
     type Args = IngestIndicators;
@@ -162,7 +254,39 @@ impl Handler for IngestIndicatorsHandler {
             ));
         };
         let (symbol, tf) = (&a.symbol, a.timeframe);
-        let fetched = match source.candles(symbol, tf).await {
+        let (sym, tfs) = (symbol.to_string(), tf.as_str());
+        let now = Utc::now();
+        // A job for a candle that has not closed by this clock (the tick fired a little
+        // early, or this host is behind) waits for the close rather than ingesting the
+        // candle before it.
+        if let Some(c) = a.candle {
+            let closes = c + tf.duration();
+            if closes > now {
+                let wait = (closes - now).to_std().unwrap_or_default() + Duration::from_secs(1);
+                return Outcome::snooze(wait);
+            }
+        }
+        let stored: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal'",
+        )
+        .bind(&sym)
+        .bind(tfs)
+        .fetch_one(ctx.pool())
+        .await?;
+        // Candles to compute: a backfill's count, else each closed candle after the last
+        // stored one (at most `market.backfill`), else (a first ingest) the newest.
+        let cap = m.cfg.backfill.max(1) as usize;
+        let wanted = match (a.backfill, stored) {
+            (Some(n), _) => n.max(1) as usize,
+            (None, Some(s)) => {
+                (((tf.last_closed(now) - s).num_seconds() / tf.seconds()).max(1) as usize).min(cap)
+            }
+            (None, None) => 1,
+        };
+        let warm = warm_up(m.cfg.strategy.volume_window, m.cfg.volatility_window);
+        // The history before the first candle computed, and the one still forming.
+        let limit = wanted + warm;
+        let fetched = match source.candles(symbol, tf, limit).await {
             Ok(c) => c,
             Err(SourceError::Transient {
                 retry_after: Some(after),
@@ -173,7 +297,6 @@ impl Handler for IngestIndicatorsHandler {
             }
             Err(e) => return Err(source_error("candles", e)),
         };
-        let now = Utc::now();
         let closed: Vec<Candle> = fetched
             .into_iter()
             .filter(|c| c.open_time + tf.duration() <= now)
@@ -183,6 +306,59 @@ impl Handler for IngestIndicatorsHandler {
                 "candles: the source returned no closed {tf} candle for {symbol}"
             )));
         };
+        let mut missing_candle = None;
+        if let Some(c) = a.candle
+            && last < c
+        {
+            if now < c + tf.duration() + grace(tf) {
+                tracing::info!(%symbol, %tf, candle = %c, newest = %last, "the source does not serve the candle yet: waiting");
+                return Outcome::snooze(SOURCE_LAG_POLL);
+            }
+            tracing::warn!(%symbol, %tf, candle = %c, newest = %last, "the source never served the candle: a gap");
+            missing_candle = Some(c);
+        }
+
+        let rows = indicator_rows(
+            &closed,
+            tf,
+            m.cfg.strategy.volume_window,
+            m.cfg.volatility_window,
+        );
+        let first = match (a.backfill, stored) {
+            (Some(n), _) => rows.len().saturating_sub(n.max(1) as usize),
+            (None, Some(s)) => closed
+                .iter()
+                .position(|c| c.open_time > s)
+                .unwrap_or(closed.len()),
+            (None, None) => rows.len() - 1,
+        };
+        // Candles between the last stored and the first the source still serves are
+        // lost for good (the source's window moved on): said, never silent.
+        let lost = match (a.backfill, stored, closed.get(first)) {
+            (None, Some(s), Some(c)) => ((c.open_time - s).num_seconds() / tf.seconds() - 1).max(0),
+            _ => 0,
+        };
+        if lost > 0 {
+            tracing::warn!(%symbol, %tf, lost, since = ?stored, "candles older than the source's window were never ingested");
+        }
+        let new = &rows[first..];
+        let ats: Vec<DateTime<Utc>> = closed[first..].iter().map(|c| c.open_time).collect();
+        let datas: Vec<Value> = new
+            .iter()
+            .map(|r| serde_json::to_value(r).expect("plain data"))
+            .collect();
+        let quality_counts = |q: Quality| new.iter().filter(|r| r.quality() == q).count();
+
+        if new.is_empty() {
+            upsert_candles(ctx.tx().await?, &sym, tfs, &closed).await?;
+            return Outcome::done_with(json!({
+                "candles": closed.len(),
+                "indicators": 0,
+                "at": last,
+                "up_to_date": true,
+                "missing_candle": missing_candle,
+            }));
+        }
 
         let extra_error = |what: &str, e: SourceError| {
             tracing::warn!(%symbol, %tf, error = %e, "{what} unavailable; signals go without it");
@@ -207,43 +383,15 @@ impl Handler for IngestIndicatorsHandler {
                 }
             },
         };
+        let fetched_at = Utc::now();
 
-        let rows = indicator_rows(
-            &closed,
-            m.cfg.strategy.volume_window,
-            m.cfg.volatility_window,
-        );
-        let keep = a.backfill.unwrap_or(1).max(1) as usize;
-        let first = rows.len().saturating_sub(keep);
-        let ats: Vec<DateTime<Utc>> = closed[first..].iter().map(|c| c.open_time).collect();
-        let datas: Vec<Value> = rows[first..]
-            .iter()
-            .map(|r| serde_json::to_value(r).expect("plain data"))
-            .collect();
-
-        let (sym, tfs) = (symbol.to_string(), tf.as_str());
         let tx = ctx.tx().await?;
-        sqlx::query(
-            "INSERT INTO candles (symbol, timeframe, open_time, open, high, low, close, volume) \
-             SELECT $1, $2, t, o, h, l, c, v FROM unnest($3::timestamptz[], $4::float8[], $5::float8[], \
-               $6::float8[], $7::float8[], $8::float8[]) AS x(t, o, h, l, c, v) \
-             ON CONFLICT (symbol, timeframe, open_time) DO UPDATE SET open = excluded.open, \
-               high = excluded.high, low = excluded.low, close = excluded.close, volume = excluded.volume",
-        )
-        .bind(&sym)
-        .bind(tfs)
-        .bind(closed.iter().map(|c| c.open_time).collect::<Vec<_>>())
-        .bind(closed.iter().map(|c| c.open).collect::<Vec<_>>())
-        .bind(closed.iter().map(|c| c.high).collect::<Vec<_>>())
-        .bind(closed.iter().map(|c| c.low).collect::<Vec<_>>())
-        .bind(closed.iter().map(|c| c.close).collect::<Vec<_>>())
-        .bind(closed.iter().map(|c| c.volume).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
+        upsert_candles(tx, &sym, tfs, &closed).await?;
         sqlx::query(
             "INSERT INTO indicators (symbol, timeframe, at, data, source) \
              SELECT $1, $2, at, data, 'internal' FROM unnest($3::timestamptz[], $4::jsonb[]) AS x(at, data) \
-             ON CONFLICT (symbol, timeframe, at, source) DO UPDATE SET data = excluded.data",
+             ON CONFLICT (symbol, timeframe, at, source) DO UPDATE SET data = excluded.data \
+             WHERE indicators.data IS DISTINCT FROM excluded.data",
         )
         .bind(&sym)
         .bind(tfs)
@@ -251,12 +399,13 @@ impl Handler for IngestIndicatorsHandler {
         .bind(&datas)
         .execute(&mut *tx)
         .await?;
-        // The source's own market data for the newest candle.
+        // The source's own market data for the newest candle, and when it was fetched.
         let market = json!({
             "ls_ratio": ls_ratio,
             "liquidations": liquidations,
             "errors": errors,
             "simulated": source.simulated(),
+            "fetched_at": fetched_at,
         });
         sqlx::query(
             "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ($1, $2, $3, $4, 'cryptometer') \
@@ -280,16 +429,18 @@ impl Handler for IngestIndicatorsHandler {
         .await?;
         if let Clusters::Known(cs) = &clusters {
             sqlx::query(
-                "INSERT INTO liq_clusters (symbol, at, clusters) VALUES ($1, $2, $3) \
-                 ON CONFLICT (symbol, at) DO UPDATE SET clusters = excluded.clusters",
+                "INSERT INTO liq_clusters (symbol, timeframe, at, clusters, fetched_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (symbol, timeframe, at) DO UPDATE SET clusters = excluded.clusters, fetched_at = excluded.fetched_at",
             )
             .bind(&sym)
+            .bind(tfs)
             .bind(last)
             .bind(serde_json::to_value(cs).expect("plain data"))
+            .bind(fetched_at)
             .execute(&mut *tx)
             .await?;
         }
-        let since = (keep > 1).then(|| ats[0]);
+        let since = (ats.len() > 1).then(|| ats[0]);
         let key = match since {
             Some(s) => format!(
                 "signals:{sym}:{tfs}:{}:since:{}",
@@ -302,6 +453,8 @@ impl Handler for IngestIndicatorsHandler {
             symbol: symbol.clone(),
             timeframe: tf,
             since,
+            at: Some(last),
+            backfill: a.backfill.is_some(),
         };
         let job = enqueue_on(tx, &next, EnqueueOptions::default().key(key))
             .await
@@ -310,10 +463,44 @@ impl Handler for IngestIndicatorsHandler {
             "candles": closed.len(),
             "indicators": ats.len(),
             "at": last,
+            "lost": lost,
+            "gap": quality_counts(Quality::Gap),
+            "short_history": quality_counts(Quality::ShortHistory),
+            "missing_candle": missing_candle,
             "compute_signals": job.id,
             "errors": errors,
         }))
     }
+}
+
+/// Upserts a series; a candle the source answers unchanged is not rewritten (no dead
+/// tuple, no WAL).
+async fn upsert_candles(
+    tx: &mut sqlx::PgConnection,
+    sym: &str,
+    tf: &str,
+    closed: &[Candle],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO candles (symbol, timeframe, open_time, open, high, low, close, volume) \
+         SELECT $1, $2, t, o, h, l, c, v FROM unnest($3::timestamptz[], $4::float8[], $5::float8[], \
+           $6::float8[], $7::float8[], $8::float8[]) AS x(t, o, h, l, c, v) \
+         ON CONFLICT (symbol, timeframe, open_time) DO UPDATE SET open = excluded.open, \
+           high = excluded.high, low = excluded.low, close = excluded.close, volume = excluded.volume \
+         WHERE (candles.open, candles.high, candles.low, candles.close, candles.volume) \
+           IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume)",
+    )
+    .bind(sym)
+    .bind(tf)
+    .bind(closed.iter().map(|c| c.open_time).collect::<Vec<_>>())
+    .bind(closed.iter().map(|c| c.open).collect::<Vec<_>>())
+    .bind(closed.iter().map(|c| c.high).collect::<Vec<_>>())
+    .bind(closed.iter().map(|c| c.low).collect::<Vec<_>>())
+    .bind(closed.iter().map(|c| c.close).collect::<Vec<_>>())
+    .bind(closed.iter().map(|c| c.volume).collect::<Vec<_>>())
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -339,7 +526,7 @@ mod tests {
     #[test]
     fn rows_and_risk() {
         let closes: Vec<f64> = (0..60).map(|i| 100.0 + i as f64).collect();
-        let rows = indicator_rows(&series(&closes), 20, 20);
+        let rows = indicator_rows(&series(&closes), Timeframe::H1, 20, 20);
         let last = rows.last().unwrap();
         assert!(last.ema20.unwrap() > last.ema50.unwrap(), "a steady rise");
         assert_eq!(last.rsi14, Some(100.0), "only gains");

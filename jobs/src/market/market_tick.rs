@@ -1,10 +1,15 @@
 //! `market_tick {task}`: the scheduled fan-out over the watched (symbol, timeframe)
 //! pairs: distinct pairs with at least one active watcher.
 //!
-//! - `task = "ingest_indicators"` (every 5 minutes): one `ingest_indicators` per pair,
-//!   keyed by the pair's newest closed candle (`ingest:BTC/USDT:1h:<open time>`), so a
-//!   slow, repeated or overlapping tick never ingests a candle twice; a 1h pair is
-//!   ingested once an hour although the tick runs every 5 minutes.
+//! - `task = "ingest_indicators"` (every 5 minutes): one `ingest_indicators` per pair
+//!   for the pair's newest closed candle as of the tick's fire time (not the clock of
+//!   whichever host runs it: a fire run a little early would name the candle before),
+//!   keyed by that candle (`ingest:BTC/USDT:1h:<open time>`), so a slow, repeated or
+//!   overlapping tick never ingests a candle twice; a 1h pair is ingested once an hour
+//!   although the tick runs every 5 minutes. The ingest catches up every candle since
+//!   the last one stored, so a 1m pair loses none between ticks. The key holds for the
+//!   candle's timeframe (at least an hour) and stops holding if its ingest is
+//!   dead-lettered: a refused ingest never blocks the next tick's.
 //! - `task = "compute_winrate"` (hourly): one `compute_winrate` per pair, keyed by
 //!   this tick, so a retried tick enqueues nothing twice.
 //!
@@ -12,6 +17,7 @@
 //! ingest tick enqueues nothing and says so.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use longshore_workers::{
@@ -58,13 +64,14 @@ impl Handler for MarketTickHandler {
             );
         }
         let tick = ctx.job_id;
+        // The instant this tick stands for: its fire, else (run by hand) the clock.
+        let now = ctx.fire_at.unwrap_or_else(Utc::now);
         let tx = ctx.tx().await?;
         let pairs: Vec<(String, String)> = sqlx::query_as(
             "SELECT DISTINCT symbol, timeframe FROM watchers WHERE active ORDER BY 1, 2",
         )
         .fetch_all(&mut *tx)
         .await?;
-        let now = Utc::now();
         let (mut enqueued, mut existing) = (0, 0);
         for (s, t) in pairs {
             // Rows were checked on the way in; a row that no longer parses is skipped loudly.
@@ -78,13 +85,24 @@ impl Handler for MarketTickHandler {
             };
             let job = match a.task {
                 Task::IngestIndicators => {
-                    let key = format!("ingest:{s}:{t}:{}", tf.last_closed(now).timestamp());
+                    let candle = tf.last_closed(now);
+                    let key = format!("ingest:{s}:{t}:{}", candle.timestamp());
                     let args = IngestIndicators {
                         symbol,
                         timeframe: tf,
                         backfill: None,
+                        candle: Some(candle),
                     };
-                    enqueue_on(tx, &args, EnqueueOptions::default().key(key)).await
+                    let ttl = tf
+                        .duration()
+                        .to_std()
+                        .unwrap_or_default()
+                        .max(Duration::from_secs(3600));
+                    let opts = EnqueueOptions::default()
+                        .key(key)
+                        .ttl(ttl)
+                        .free_key_when_dead();
+                    enqueue_on(tx, &args, opts).await
                 }
                 Task::ComputeWinrate => {
                     let key = format!("winrate:{s}:{t}:{tick}");

@@ -151,6 +151,21 @@ impl Handler for SyncWatcherHandler {
     async fn handle(&self, a: SyncWatcher, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let backfill = self.0.cfg.backfill;
         let tx = ctx.tx().await?;
+        // Every delivery of one watcher takes its lock first, before reading anything:
+        // an INSERT that checked for a tombstone and a DELETE that wrote one can then
+        // never interleave (the INSERT would revive a deleted watcher for good).
+        let id = match (&a.old_record, &a.record) {
+            (Some(o), _) if a.op == Op::Delete => Some(o.id),
+            (_, Some(r)) => Some(r.id),
+            (Some(o), None) => Some(o.id),
+            (None, None) => None,
+        };
+        if let Some(id) = id {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('watcher:' || $1::text))")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         match (a.op, a.record) {
             (Op::Delete, rec) => {
                 let id = a
@@ -201,11 +216,14 @@ impl Handler for SyncWatcherHandler {
                 .bind(tf)
                 .fetch_one(&mut *tx)
                 .await?;
-                let updated_at = r.updated_at.unwrap_or_else(Utc::now);
+                // A delivery without the app's updated_at cannot say it is newer than
+                // anything: it is the oldest state there is (written only where no row
+                // is, and any dated delivery wins over it).
+                let updated_at: Option<DateTime<Utc>> = r.updated_at;
                 // A re-added watcher: the older row for the same key makes way.
                 sqlx::query(
                     "DELETE FROM watchers WHERE user_id = $1 AND symbol = $2 AND timeframe = $3 \
-                     AND id <> $4 AND updated_at <= $5",
+                     AND id <> $4 AND $5::timestamptz IS NOT NULL AND updated_at <= $5",
                 )
                 .bind(r.user_id)
                 .bind(&symbol)
@@ -216,7 +234,7 @@ impl Handler for SyncWatcherHandler {
                 .await?;
                 let applied: Option<bool> = sqlx::query_scalar(
                     "INSERT INTO watchers (id, user_id, symbol, timeframe, strategy, active, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8) \
+                     VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), coalesce($8, '-infinity')) \
                      ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, symbol = excluded.symbol, \
                        timeframe = excluded.timeframe, strategy = excluded.strategy, active = excluded.active, \
                        updated_at = excluded.updated_at \
@@ -260,6 +278,7 @@ impl Handler for SyncWatcherHandler {
                             symbol: r.symbol.clone(),
                             timeframe: r.timeframe,
                             backfill: Some(backfill),
+                            candle: None,
                         };
                         let key = format!("backfill:{symbol}:{tf}");
                         let job = enqueue_on(tx, &args, EnqueueOptions::default().key(key))

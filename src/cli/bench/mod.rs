@@ -581,12 +581,13 @@ fn signals_phase(cfg: &Config, n: usize) -> Result<f64, CliError> {
         .map_err(|e| anyhow::anyhow!("simulated candles: {e}"))?;
     let rows = indicator_rows(
         &candles,
+        Timeframe::M1,
         market.cfg.strategy.volume_window,
         market.cfg.volatility_window,
     );
     let mut directional = 0usize;
     for r in &rows {
-        let x = r.inputs(None, Clusters::Known(Vec::new()));
+        let x = r.inputs(Timeframe::M1, None, Clusters::Known(Vec::new()));
         let e = evaluate(&market.cfg.strategy, &x);
         directional +=
             usize::from(e.direction != longshore_jobs::market::strategy::Direction::Flat);

@@ -24,12 +24,14 @@ pub struct KeyEntry {
 }
 
 /// Locks the key for the rest of the transaction and returns the live entry, if any.
-/// For a batch, `body` is the whole array of args.
+/// For a batch, `body` is the whole array of args. With `free_when_dead`, a key whose
+/// job is in the dead letters is not live (the caller's record then replaces it).
 pub async fn idempotency_lookup(
     tx: &mut sqlx::PgConnection,
     queue: &QueueName,
     key: &str,
     body: &Value,
+    free_when_dead: bool,
 ) -> Result<Option<KeyEntry>, sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(1) || $2, 7254))")
         .bind(queue.as_str())
@@ -39,11 +41,14 @@ pub async fn idempotency_lookup(
     let row = sqlx::query(&format!(
         "SELECT msg_id, body_hash IS NOT DISTINCT FROM {BODY_HASH}, msg_ids \
            FROM longshore.idempotency_keys \
-          WHERE queue = $1 AND key = $2 AND expires_at > now()"
+          WHERE queue = $1 AND key = $2 AND expires_at > now() \
+            AND NOT ($4 AND EXISTS (SELECT 1 FROM longshore.dead_letters d \
+                                     WHERE d.queue = $1 AND d.msg_id = idempotency_keys.msg_id))"
     ))
     .bind(queue.as_str())
     .bind(key)
     .bind(body)
+    .bind(free_when_dead)
     .fetch_optional(&mut *tx)
     .await?;
     row.map(|r| {

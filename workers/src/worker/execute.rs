@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +74,12 @@ impl Consumer {
             .get("principal")
             .and_then(|p| p.as_str())
             .map(str::to_string);
+        ctx.fire_at = msg
+            .headers
+            .get("fire_at")
+            .and_then(|p| p.as_str())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
         let started = Instant::now();
         let timeout = self.settings.timeout;
         let outcome = {
