@@ -52,7 +52,8 @@ struct FakeState {
 }
 
 /// A local Cryptometer (and KingFisher) that serves an accelerating, choppy uptrend
-/// for any pair: 200 closed candles plus the one still forming, newest first.
+/// for any pair: 200 closed candles plus the one still forming, newest first, the
+/// newest `limit` of them when the request names one.
 struct FakeCryptometer {
     addr: SocketAddr,
     st: Arc<Mutex<FakeState>>,
@@ -120,7 +121,14 @@ async fn fake_handler(
         .unwrap_or(Timeframe::H1);
     let default = || -> Value {
         match endpoint.as_str() {
-            "ohlcv" => envelope(Value::Array(candles_json(tf, Utc::now()))),
+            "ohlcv" => {
+                // Cryptometer's `limit`: the newest N candles (the forming one included).
+                let mut items = candles_json(tf, Utc::now());
+                if let Some(n) = q.get("limit").and_then(|l| l.parse::<usize>().ok()) {
+                    items.truncate(n);
+                }
+                envelope(Value::Array(items))
+            }
             "ls-ratio" => envelope(json!([{"ratio": 1.0}, {"ratio": ls}])),
             "liquidation-data-v2" => {
                 envelope(json!([{"binance": {"longs": 1200000, "shorts": "800000"}}]))
@@ -521,11 +529,15 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
     .await;
 
     let last_closed = Timeframe::H1.last_closed(Utc::now());
+    // A first ingest computes the newest candle and asks for its warm-up (EMA50: 50
+    // candles) plus the forming one, which is not stored.
     assert_eq!(
         count(&t.pool, "SELECT count(*) FROM candles").await,
-        200,
-        "the forming candle is not stored"
+        50,
+        "the warm-up, and not the forming candle"
     );
+    let (q, _) = fake.seen("ohlcv").pop().unwrap();
+    assert_eq!(q["limit"], "51");
     let newest: DateTime<Utc> = sqlx::query_scalar("SELECT max(open_time) FROM candles")
         .fetch_one(&t.pool)
         .await
@@ -613,7 +625,7 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
         0
     );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 1);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM candles").await, 200);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM candles").await, 50);
 }
 
 #[tokio::test]

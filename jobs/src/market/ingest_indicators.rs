@@ -239,6 +239,13 @@ fn grace(tf: Timeframe) -> chrono::Duration {
     tf.duration().min(chrono::Duration::minutes(5))
 }
 
+/// The most candles one ingest catches up after an outage (each closed candle since the
+/// last stored one). Its own bound, not `market.backfill`: that is how much history a
+/// *new* pair gets, and a fleet configured with little of it must still catch up every
+/// candle it missed. A thousand candles is 16 h of 1m, 41 days of 1h; an outage longer
+/// than the source's window loses candles, and the job counts them (`lost`).
+pub const MAX_CATCH_UP: usize = 1000;
+
 /// How often a job waiting for its candle asks the source again.
 const SOURCE_LAG_POLL: Duration = Duration::from_secs(10);
 
@@ -274,13 +281,12 @@ impl Handler for IngestIndicatorsHandler {
         .fetch_one(ctx.pool())
         .await?;
         // Candles to compute: a backfill's count, else each closed candle after the last
-        // stored one (at most `market.backfill`), else (a first ingest) the newest.
-        let cap = m.cfg.backfill.max(1) as usize;
+        // stored one (at most [`MAX_CATCH_UP`]), else (a first ingest) the newest.
         let wanted = match (a.backfill, stored) {
             (Some(n), _) => n.max(1) as usize,
-            (None, Some(s)) => {
-                (((tf.last_closed(now) - s).num_seconds() / tf.seconds()).max(1) as usize).min(cap)
-            }
+            (None, Some(s)) => (((tf.last_closed(now) - s).num_seconds() / tf.seconds()).max(1)
+                as usize)
+                .min(MAX_CATCH_UP),
             (None, None) => 1,
         };
         let warm = warm_up(m.cfg.strategy.volume_window, m.cfg.volatility_window);
