@@ -1142,84 +1142,119 @@ async fn a_tick_enqueues_one_ingest_per_pair_and_candle_however_often_it_runs() 
     assert_eq!(fake.seen("ohlcv").len(), 2);
 }
 
-/// Seeds closed candles and signals with known outcomes 4 hours later.
+/// Where a seeded signal's outcome candle is.
+#[derive(Clone, Copy)]
+enum Outcome4h {
+    /// The candle exactly 4 h later closes here (and a decoy at 3 h closes at 200).
+    Close(f64),
+    /// Nothing stored after the signal yet.
+    Pending,
+    /// The 4 h candle is missing while the 5 h one (at 150, a "win" if misread) exists.
+    Gap,
+}
+
+/// Seeds closed candles and signals with known outcomes 4 hours later, a gap, a pending
+/// outcome, signals computed on unsound history, and signals older than the lookback
+/// and than the retention.
 #[tokio::test]
 async fn the_win_rate_counts_directional_signals_with_known_outcomes() {
+    use Outcome4h::*;
     let t = db().await;
     let p = &t.pool;
     let now = Timeframe::H1.floor(Utc::now());
-    // (hours ago, direction, entry, close 4 h later or None)
-    let seeded: [(i64, &str, f64, Option<f64>); 9] = [
-        (100, "long", 100.0, Some(101.5)),     // +1.5%: win
-        (90, "long", 100.0, Some(100.5)),      // +0.5%: loss
-        (80, "long", 100.0, Some(98.0)),       // loss
-        (70, "short", 100.0, Some(98.5)),      // −1.5%: win
-        (60, "short", 100.0, Some(99.5)),      // loss
-        (50, "flat", 100.0, Some(120.0)),      // excluded
-        (40, "flat", 100.0, Some(80.0)),       // excluded
-        (2, "long", 100.0, None),              // outcome not known yet
-        (31 * 24, "long", 100.0, Some(150.0)), // older than the lookback
+    // (hours ago, direction, entry, outcome, metadata.quality)
+    let seeded: [(i64, &str, f64, Outcome4h, &str); 13] = [
+        (100, "long", 100.0, Close(101.5), "ok"), // +1.5%: win
+        (90, "long", 100.0, Close(100.5), "ok"),  // +0.5%: loss
+        (80, "long", 100.0, Close(98.0), "ok"),   // loss
+        (70, "short", 100.0, Close(98.5), "ok"),  // −1.5%: win
+        (60, "short", 100.0, Close(99.5), "ok"),  // loss
+        (50, "flat", 100.0, Close(120.0), "ok"),  // excluded
+        (40, "flat", 100.0, Close(80.0), "ok"),   // excluded
+        (30, "long", 100.0, Gap, "ok"),           // outcome unknown: a gap
+        (20, "long", 100.0, Close(150.0), "gap"), // computed across a gap
+        (14, "short", 100.0, Close(50.0), "short_history"), // too little history
+        (2, "long", 100.0, Pending, "ok"),        // outcome not known yet
+        (31 * 24, "long", 100.0, Close(150.0), "ok"), // older than 30 days: a win at 40
+        (50 * 24, "long", 100.0, Close(150.0), "ok"), // older than the retention (40 d)
     ];
-    for (ago, dir, entry, outcome) in seeded {
+    for (ago, dir, entry, outcome, quality) in seeded {
         let at = now - chrono::Duration::hours(ago);
         sqlx::query(
-            "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons) \
-             VALUES ('BTC/USDT', '1h', $1, $2, 0.7, $3::float8, 0.7, '[]')",
+            "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons, metadata) \
+             VALUES ('BTC/USDT', '1h', $1, $2, 0.7, $3::float8, 0.7, '[]', jsonb_build_object('quality', $4::text))",
         )
         .bind(at)
         .bind(dir)
         .bind(entry)
+        .bind(quality)
         .execute(p)
         .await
         .unwrap();
-        if let Some(c) = outcome {
+        let candles: &[(i64, f64)] = match outcome {
             // The candle 3 h after is not the outcome; the one at 4 h is.
-            for (h, close) in [(3, 200.0), (4, c)] {
-                sqlx::query(
-                    "INSERT INTO candles VALUES ('BTC/USDT', '1h', $1, $2::float8, $2::float8, $2::float8, $2::float8, 1)",
-                )
-                .bind(at + chrono::Duration::hours(h))
-                .bind(close)
-                .execute(p)
-                .await
-                .unwrap();
-            }
+            Close(c) => &[(3, 200.0), (4, c)],
+            Gap => &[(3, 200.0), (5, 150.0)],
+            Pending => &[],
+        };
+        for (h, close) in candles {
+            sqlx::query(
+                "INSERT INTO candles VALUES ('BTC/USDT', '1h', $1, $2::float8, $2::float8, $2::float8, $2::float8, 1)",
+            )
+            .bind(at + chrono::Duration::hours(*h))
+            .bind(close)
+            .execute(p)
+            .await
+            .unwrap();
         }
     }
-    let args = ComputeWinrate {
-        symbol: btc(),
-        timeframe: Timeframe::H1,
-        lookback_days: 30,
+    let env = &[("LONGSHORE__MARKET__RETENTION", "40d".to_string())];
+    let winrate = |lookback_days: u16| async move {
+        let args = ComputeWinrate {
+            symbol: btc(),
+            timeframe: Timeframe::H1,
+            lookback_days,
+        };
+        let before = archived(p, "compute_winrate").await;
+        enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
+        work(p, env, "the win rate", || async {
+            (archived(p, "compute_winrate").await == before + 1).then_some(())
+        })
+        .await;
+        let row: (Option<f64>, i32, Value) = sqlx::query_as(
+            "SELECT win_rate::float8, sample_size, params FROM win_rate WHERE symbol = 'BTC/USDT' AND timeframe = '1h' AND lookback_days = $1 AND strategy_version = 'v1'",
+        )
+        .bind(lookback_days as i32)
+        .fetch_one(p)
+        .await
+        .unwrap();
+        row
     };
-    enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
-    work(p, &[], "the win rate", || async {
-        (archived(p, "compute_winrate").await == 1).then_some(())
-    })
-    .await;
-    let (rate, n, params): (f64, i32, Value) = sqlx::query_as(
-        "SELECT win_rate::float8, sample_size, params FROM win_rate WHERE symbol = 'BTC/USDT' AND timeframe = '1h' AND lookback_days = 30 AND strategy_version = 'v1'",
-    )
-    .fetch_one(p)
-    .await
-    .unwrap();
-    assert_eq!(n, 5);
-    assert!((rate - 0.4).abs() < 1e-12, "{rate}");
+    let (rate, n, params) = winrate(30).await;
+    assert_eq!(n, 5, "{params}");
+    assert_eq!(rate, Some(2.0 / 5.0));
     assert_eq!(params["flat_excluded"], json!(2));
     assert_eq!(params["pending"], json!(1));
+    assert_eq!(params["gap"], json!(1), "never judged on the 5 h candle");
+    assert_eq!(params["excluded_quality"], json!(2));
     assert_eq!(
         (params["long_wins"].clone(), params["short_wins"].clone()),
         (json!(1), json!(1))
     );
     assert_eq!(params["horizon_seconds"], json!(14400));
     assert_eq!(params["horizon_candles"], json!(4));
+    assert_eq!(params["lookback_days_used"], json!(30));
 
     // Hourly recomputation upserts the same row.
-    enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
-    work(p, &[], "the second win rate", || async {
-        (archived(p, "compute_winrate").await == 2).then_some(())
-    })
-    .await;
+    winrate(30).await;
     assert_eq!(count(p, "SELECT count(*) FROM win_rate").await, 1);
+
+    // A year's lookback is cut to the 40-day retention: the 31-day-old win counts, the
+    // 50-day-old one (its candles would be pruned) does not.
+    let (rate, n, params) = winrate(365).await;
+    assert_eq!(params["lookback_days_used"], json!(40));
+    assert_eq!(n, 6, "{params}");
+    assert_eq!(rate, Some(3.0 / 6.0));
 }
 
 #[tokio::test]
@@ -1553,4 +1588,78 @@ async fn the_previous_signal_is_of_the_same_timeframe_and_direction() {
     assert_eq!(delta["previous_signal_id"], Value::Null, "{g}");
     assert_eq!(delta["delta"], 0.8, "{g}");
     assert_eq!(g["allowed"], true, "{g}");
+}
+
+/// Issue 17, item 8: clusters are this timeframe's, and extras fetched long after the
+/// candle closed are another market's. A 4h cluster at the price is not a 1h one; a 1h
+/// cluster and an L/S ratio fetched two hours after a 1h candle closed are left out
+/// (`metadata.stale`); a fresh 1h cluster counts.
+#[tokio::test]
+async fn clusters_are_per_timeframe_and_stale_extras_are_left_out() {
+    let t = db().await;
+    flat_position(&t.pool).await;
+    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(3);
+    let (t2, t3) = (
+        t1 + chrono::Duration::hours(1),
+        t1 + chrono::Duration::hours(2),
+    );
+    let near = json!([{"price": 101.5, "volume": 5e6, "side": "short"}]);
+    let clusters = |tf: &'static str, at: DateTime<Utc>, fetched: DateTime<Utc>| {
+        let near = near.clone();
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO liq_clusters (symbol, timeframe, at, clusters, fetched_at) VALUES ('BTC/USDT', $1, $2, $3, $4)",
+            )
+            .bind(tf)
+            .bind(at)
+            .bind(near)
+            .bind(fetched)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let close = |at: DateTime<Utc>| at + chrono::Duration::hours(1);
+    // t1: only the 4h timeframe has a cluster at this candle.
+    clusters("4h", t1, close(t1)).await;
+    // t2: a 1h cluster and an L/S ratio, both fetched two hours after the close.
+    clusters("1h", t2, close(t2) + chrono::Duration::hours(2)).await;
+    sqlx::query(
+        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, \
+         jsonb_build_object('ls_ratio', 0.5, 'fetched_at', $2::timestamptz), 'cryptometer')",
+    )
+    .bind(t2)
+    .bind(close(t2) + chrono::Duration::hours(2))
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    // t3: a 1h cluster fetched a minute after the close.
+    clusters("1h", t3, close(t3) + chrono::Duration::minutes(1)).await;
+
+    let env = market_env(&FakeCryptometer::start().await, true);
+    for (i, at) in [t1, t2, t3].into_iter().enumerate() {
+        signal_at(&t.pool, &env, at, long_row(101.0), i as i64).await;
+    }
+    let rows: Vec<(Vec<String>, Value)> = sqlx::query_as(
+        "SELECT array(SELECT coalesce(r->>'rule', r::text) FROM jsonb_array_elements(reasons) r), metadata->'stale' \
+         FROM signals WHERE timeframe = '1h' ORDER BY at",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let fired = |i: usize, rule: &str| rows[i].0.iter().any(|r| r == rule);
+    assert!(
+        !fired(0, "liquidation_nearby"),
+        "another timeframe's cluster: {rows:?}"
+    );
+    assert_eq!(rows[0].1, json!([]));
+    assert!(
+        !fired(1, "liquidation_nearby") && !fired(1, "ls_crowded_short"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[1].1, json!(["ls_ratio", "clusters"]));
+    assert!(fired(2, "liquidation_nearby"), "a fresh cluster: {rows:?}");
+    assert_eq!(rows[2].1, json!([]));
 }

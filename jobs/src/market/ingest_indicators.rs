@@ -530,6 +530,34 @@ mod tests {
     }
 
     #[test]
+    fn quality_marks_short_history_and_gaps_within_the_warm_up() {
+        let warm = warm_up(20, 20);
+        assert_eq!(warm, 50, "EMA50 is the longest");
+        assert_eq!(warm_up(60, 20), 61, "a longer volume window raises it");
+        let closes: Vec<f64> = (0..130).map(|i| 100.0 + (i % 7) as f64).collect();
+        let mut candles = series(&closes);
+        // Candle 70 is missing: 69 and 71 are two hours apart.
+        candles.remove(70);
+        let rows = indicator_rows(&candles, Timeframe::H1, 20, 20);
+        let q = |i: usize| (rows[i].quality(), rows[i].history);
+        assert_eq!(q(0), (Quality::ShortHistory, Some(1)));
+        assert_eq!(q(48), (Quality::ShortHistory, Some(49)));
+        assert_eq!(q(49), (Quality::Ok, Some(50)), "the 50th candle is warm");
+        assert_eq!(q(69), (Quality::Ok, Some(70)));
+        // After the gap the run restarts, and the rows are a gap, not short history,
+        // until a whole warm-up of contiguous candles ends at them again.
+        assert_eq!(q(70), (Quality::Gap, Some(1)));
+        assert_eq!(q(70 + warm - 2), (Quality::Gap, Some(warm as u32 - 1)));
+        assert_eq!(q(70 + warm - 1), (Quality::Ok, Some(warm as u32)));
+        // Candles spaced unlike the timeframe are never contiguous.
+        let rows = indicator_rows(&series(&closes)[..10], Timeframe::H4, 20, 20);
+        assert!(
+            rows[1..].iter().all(|r| r.quality() == Quality::Gap),
+            "1 h apart is not contiguous on 4h"
+        );
+    }
+
+    #[test]
     fn rows_and_risk() {
         let closes: Vec<f64> = (0..60).map(|i| 100.0 + i as f64).collect();
         let rows = indicator_rows(&series(&closes), Timeframe::H1, 20, 20);
