@@ -902,23 +902,322 @@ async fn sync(pool: &PgPool, env: &[(&'static str, String)], deliveries: &[Value
             .await
             .unwrap();
     }
-    // One at a time, in order, as a single consumer would see them; only this kind
-    // runs, so the backfill it enqueues stays in its queue to be looked at.
-    let mut env = env.to_vec();
-    env.push(("LONGSHORE__QUEUES__SYNC_WATCHER__CONCURRENCY", "1".into()));
-    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let cfg = config(&vars);
-    let market = Arc::new(Market::from_config(&cfg).unwrap());
-    let registry = longshore_workers::Registry::new().register(SyncWatcherHandler(market));
+    // One at a time, in order, as a single consumer would see them.
+    let (stop, h) = sync_worker(pool, env, 1);
     let want = before + deliveries.len() as i64;
-    let stop = CancellationToken::new();
-    let h = tokio::spawn(Worker::new(pool.clone(), registry, cfg).run(stop.clone()));
     eventually(Duration::from_secs(30), "the deliveries", || async {
         (archived(pool, "sync_watcher").await == want).then_some(())
     })
     .await;
     stop.cancel();
     h.await.unwrap().unwrap();
+}
+
+/// A worker running only `sync_watcher` at `concurrency`, so the backfill it enqueues
+/// stays in its queue to be looked at.
+fn sync_worker(
+    pool: &PgPool,
+    env: &[(&'static str, String)],
+    concurrency: usize,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), longshore_workers::WorkerError>>,
+) {
+    let mut env = env.to_vec();
+    env.push((
+        "LONGSHORE__QUEUES__SYNC_WATCHER__CONCURRENCY",
+        concurrency.to_string(),
+    ));
+    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = config(&vars);
+    let market = Arc::new(Market::from_config(&cfg).unwrap());
+    let registry = longshore_workers::Registry::new().register(SyncWatcherHandler(market));
+    let stop = CancellationToken::new();
+    let h = tokio::spawn(Worker::new(pool.clone(), registry, cfg).run(stop.clone()));
+    (stop, h)
+}
+
+/// Advisory locks sessions are waiting for.
+async fn lock_waiters(pool: &PgPool) -> i64 {
+    count(
+        pool,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+    )
+    .await
+}
+
+/// Issue 17, item 10: an INSERT and a DELETE of one watcher claimed by two workers at
+/// once. The test holds the pair's lock so the INSERT stops after its tombstone check;
+/// the DELETE is delivered then. Before, the DELETE took no lock, tombstoned and
+/// deleted nothing, and the INSERT then wrote the watcher back for good. Now the DELETE
+/// waits for the INSERT's watcher lock and deletes what it wrote.
+#[tokio::test]
+async fn an_insert_and_a_delete_racing_on_two_workers_leave_the_watcher_deleted() {
+    let t = db().await;
+    let env = market_env(&FakeCryptometer::start().await, false);
+    let (stop, h) = sync_worker(&t.pool, &env, 4);
+    let mut hold = t.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('watchers:BTC/USDT:1h'))")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let insert = delivery(
+        "INSERT",
+        W1,
+        U1,
+        "BTC/USDT",
+        "1h",
+        true,
+        "2026-11-20T10:00:00Z",
+    );
+    let delete = delivery(
+        "DELETE",
+        W1,
+        U1,
+        "BTC/USDT",
+        "1h",
+        true,
+        "2026-11-20T11:00:00Z",
+    );
+    for (d, waiting) in [(insert, 1), (delete, 2)] {
+        let args: SyncWatcher = serde_json::from_value(d).unwrap();
+        enqueue(&t.pool, &args, EnqueueOptions::default())
+            .await
+            .unwrap();
+        // The INSERT waits on the pair's lock; the DELETE on the watcher's (or, as
+        // before the fix, finishes at once).
+        eventually(
+            Duration::from_secs(10),
+            "the delivery to block or finish",
+            || async {
+                (lock_waiters(&t.pool).await == waiting
+                    || archived(&t.pool, "sync_watcher").await > 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('watchers:BTC/USDT:1h'))")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "both deliveries", || async {
+        (archived(&t.pool, "sync_watcher").await == 2).then_some(())
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    let results: Vec<Value> = sqlx::query_scalar(
+        "SELECT headers->'result'->'applied' FROM pgmq.a_sync_watcher ORDER BY archived_at",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(results, vec![json!("inserted"), json!("deleted")]);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM watchers").await, 0);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM watcher_tombstones").await,
+        1
+    );
+}
+
+/// Item 10: a delivery without `updated_at` says nothing of when it happened, so it is
+/// the oldest state there is: it writes a watcher only where none is, and any dated
+/// delivery wins over it, in either order. A re-add that collides with the user's
+/// other, newer watcher of the pair waits (retried) for that watcher's DELETE.
+#[tokio::test]
+async fn an_undated_delivery_never_wins_over_a_dated_one() {
+    let t = db().await;
+    let mut env = market_env(&FakeCryptometer::start().await, false);
+    env.push(("LONGSHORE__QUEUES__SYNC_WATCHER__MAX_ATTEMPTS", "50".into()));
+    let undated = |op: &str, id: &str, user: &str, active: bool| {
+        let mut d = delivery(op, id, user, "BTC/USDT", "1h", active, "unused");
+        d["record"].as_object_mut().unwrap().remove("updated_at");
+        d
+    };
+    sync(
+        &t.pool,
+        &env,
+        &[
+            // W1: dated, then an undated change: ignored.
+            delivery(
+                "INSERT",
+                W1,
+                U1,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T10:00:00Z",
+            ),
+            undated("UPDATE", W1, U1, false),
+            // W2: undated first (written), then a dated change wins.
+            undated("INSERT", W2, U2, true),
+            delivery(
+                "UPDATE",
+                W2,
+                U2,
+                "BTC/USDT",
+                "1h",
+                false,
+                "2026-11-20T09:00:00Z",
+            ),
+        ],
+    )
+    .await;
+    let watchers = || async {
+        sqlx::query_as::<_, (String, bool)>("SELECT id::text, active FROM watchers ORDER BY id")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        watchers().await,
+        vec![(W1.into(), true), (W2.into(), false)]
+    );
+    let results: Vec<Value> = sqlx::query_scalar(
+        "SELECT headers->'result'->'applied' FROM pgmq.a_sync_watcher ORDER BY msg_id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        results,
+        [
+            json!("inserted"),
+            json!("ignored: stale"),
+            json!("inserted"),
+            json!("updated")
+        ]
+    );
+
+    // W3 re-adds user 2's pair undated: W2 does not make way for it, so it waits, and
+    // applies once W2's DELETE has.
+    let (stop, h) = sync_worker(&t.pool, &env, 2);
+    let w3: SyncWatcher = serde_json::from_value(undated("INSERT", W3, U2, true)).unwrap();
+    enqueue(&t.pool, &w3, EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "W3 to be retried", || async {
+        (count(
+            &t.pool,
+            "SELECT coalesce(max(read_ct), 0)::int8 FROM pgmq.q_sync_watcher",
+        )
+        .await
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let error: String =
+        sqlx::query_scalar("SELECT headers->>'last_error' FROM pgmq.q_sync_watcher")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap_or_default();
+    let del: SyncWatcher =
+        serde_json::from_value(delivery("DELETE", W2, U2, "BTC/USDT", "1h", true, "unused"))
+            .unwrap();
+    enqueue(&t.pool, &del, EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "W3 applied", || async {
+        (archived(&t.pool, "sync_watcher").await == 6).then_some(())
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    assert_eq!(watchers().await, vec![(W1.into(), true), (W3.into(), true)]);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        0
+    );
+    assert!(error.contains("waiting for its DELETE"), "{error:?}");
+}
+
+/// Item 10 under the queue's real concurrency: 60 watchers, each delivered INSERT,
+/// UPDATE and (for two in three) DELETE, all shuffled, on eight concurrent slots. Every
+/// deleted watcher stays deleted; every other ends at its newest state.
+#[tokio::test]
+async fn shuffled_deliveries_on_eight_slots_end_at_each_watchers_newest_state() {
+    use rand::seq::SliceRandom;
+    let t = db().await;
+    let env = market_env(&FakeCryptometer::start().await, false);
+    let ids: Vec<(String, String)> = (0..60)
+        .map(|_| {
+            (
+                uuid::Uuid::new_v4().to_string(),
+                uuid::Uuid::new_v4().to_string(),
+            )
+        })
+        .collect();
+    let mut deliveries = Vec::new();
+    for (i, (id, user)) in ids.iter().enumerate() {
+        deliveries.push(delivery(
+            "INSERT",
+            id,
+            user,
+            "BTC/USDT",
+            "1h",
+            true,
+            "2026-11-20T10:00:00Z",
+        ));
+        deliveries.push(delivery(
+            "UPDATE",
+            id,
+            user,
+            "BTC/USDT",
+            "1h",
+            false,
+            "2026-11-20T11:00:00Z",
+        ));
+        if i % 3 != 0 {
+            deliveries.push(delivery(
+                "DELETE",
+                id,
+                user,
+                "BTC/USDT",
+                "1h",
+                true,
+                "2026-11-20T12:00:00Z",
+            ));
+        }
+    }
+    deliveries.shuffle(&mut rand::rng());
+    for d in &deliveries {
+        let args: SyncWatcher = serde_json::from_value(d.clone()).unwrap();
+        enqueue(&t.pool, &args, EnqueueOptions::default())
+            .await
+            .unwrap();
+    }
+    let (stop, h) = sync_worker(&t.pool, &env, 8);
+    eventually(Duration::from_secs(60), "every delivery", || async {
+        (archived(&t.pool, "sync_watcher").await == deliveries.len() as i64).then_some(())
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    let left: Vec<(String, bool)> =
+        sqlx::query_as("SELECT id::text, active FROM watchers ORDER BY id")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    let mut want: Vec<(String, bool)> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 0)
+        .map(|(_, (id, _))| (id.clone(), false))
+        .collect();
+    want.sort();
+    assert_eq!(
+        left, want,
+        "the deleted stay deleted, the rest are inactive (the UPDATE)"
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.a_sync_watcher WHERE headers ? 'error'"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -1273,11 +1572,28 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
             .await
             .unwrap();
     }
+    // More old candles than one delete batch (5,000) takes, and each other pruned table
+    // with a row on either side of the retention.
+    sqlx::query(
+        "INSERT INTO candles SELECT 'ETH/USDT', '1m', t, 1, 1, 1, 1, 1 \
+         FROM generate_series(now() - interval '200 days', now() - interval '200 days' + interval '11999 minutes', interval '1 minute') t",
+    )
+    .execute(p)
+    .await
+    .unwrap();
+    for days in [10, 100] {
+        for sql in [
+            "INSERT INTO risk_metric (symbol, timeframe, at, metrics) VALUES ('BTC/USDT', '1d', now() - make_interval(days => $1), '{}')",
+            "INSERT INTO liq_clusters (symbol, timeframe, at, clusters, fetched_at) VALUES ('BTC/USDT', '1d', now() - make_interval(days => $1), '[]', now())",
+            "INSERT INTO watcher_tombstones (id, deleted_at) VALUES (gen_random_uuid(), now() - make_interval(days => $1))",
+        ] {
+            sqlx::query(sql).bind(days).execute(p).await.unwrap();
+        }
+    }
+    // The schedule's `{}`: the configured retention (90 days by default).
     enqueue(
         p,
-        &PruneMarket {
-            older_than: Some(Duration::from_secs(90 * 86_400)),
-        },
+        &PruneMarket { older_than: None },
         EnqueueOptions::default(),
     )
     .await
@@ -1297,8 +1613,28 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
             .then_some(())
     })
     .await;
-    assert_eq!(count(p, "SELECT count(*) FROM candles").await, 1);
-    assert_eq!(count(p, "SELECT count(*) FROM indicators").await, 1);
+    for table in [
+        "candles",
+        "indicators",
+        "risk_metric",
+        "liq_clusters",
+        "watcher_tombstones",
+    ] {
+        assert_eq!(
+            count(p, &format!("SELECT count(*) FROM {table}")).await,
+            1,
+            "{table}: the 10-day-old row is kept"
+        );
+    }
+    let deleted: Value =
+        sqlx::query_scalar("SELECT headers->'result'->'deleted' FROM pgmq.a_prune_market")
+            .fetch_one(p)
+            .await
+            .unwrap();
+    assert_eq!(
+        deleted,
+        json!({"candles": 12_001, "indicators": 1, "risk_metric": 1, "liq_clusters": 1, "watcher_tombstones": 1})
+    );
     let e: String = sqlx::query_scalar("SELECT last_error FROM longshore.dead_letters")
         .fetch_one(p)
         .await

@@ -252,9 +252,13 @@ impl Handler for SyncWatcherHandler {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(|e| match e {
-                    // The same user already watches this pair under another, newer id.
-                    sqlx::Error::Database(d) if d.is_unique_violation() => JobError::fail(format!(
-                        "watcher {}: user {} already watches {symbol} {tf} under a newer watcher",
+                    // The same user still watches this pair under another id whose row is
+                    // newer (or this delivery is undated): that watcher's DELETE is on
+                    // its way or this delivery is out of date. Retried on the backoff, so
+                    // it applies once the DELETE has; dead-lettered with this reason if
+                    // it never comes.
+                    sqlx::Error::Database(d) if d.is_unique_violation() => JobError::retry(format!(
+                        "watcher {}: user {} still watches {symbol} {tf} under a newer watcher (waiting for its DELETE)",
                         r.id, r.user_id
                     )),
                     e => e.into(),
