@@ -498,6 +498,24 @@ where
     h.await.unwrap().unwrap();
 }
 
+/// An `ingest_indicators` for `symbol` on `tf`: its newest candle, or a backfill.
+fn ingest(symbol: &str, tf: Timeframe, backfill: Option<u32>) -> IngestIndicators {
+    IngestIndicators {
+        symbol: symbol.parse().unwrap(),
+        timeframe: tf,
+        backfill,
+        candle: None,
+    }
+}
+
+/// Enqueues `args` with default options; the job's id.
+async fn put<A: longshore_workers::JobArgs>(pool: &PgPool, args: &A) -> i64 {
+    enqueue(pool, args, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id
+}
+
 async fn archived(pool: &PgPool, queue: &str) -> i64 {
     count(pool, &format!("SELECT count(*) FROM pgmq.a_{queue}")).await
 }
@@ -513,15 +531,8 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
     .execute(&t.pool)
     .await
     .unwrap();
-    let args = IngestIndicators {
-        symbol: btc(),
-        timeframe: Timeframe::H1,
-        backfill: None,
-        candle: None,
-    };
-    enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
+    let args = ingest("BTC/USDT", Timeframe::H1, None);
+    put(&t.pool, &args).await;
     let env = market_env(&fake, true);
     work(&t.pool, &env, "a signal", || async {
         (archived(&t.pool, "compute_signals").await == 1).then_some(())
@@ -612,9 +623,7 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
 
     // The same candle again (a repeated job): its compute_signals collapses into the
     // first (same candle, same key), and nothing is doubled.
-    enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
+    put(&t.pool, &args).await;
     work(&t.pool, &env, "the repeat", || async {
         (archived(&t.pool, "ingest_indicators").await == 2).then_some(())
     })
@@ -645,15 +654,7 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
         ],
     );
     for s in ["BTC/USDT", "ETH/USDT"] {
-        let args = IngestIndicators {
-            symbol: s.parse().unwrap(),
-            timeframe: Timeframe::H1,
-            backfill: None,
-            candle: None,
-        };
-        enqueue(&t.pool, &args, EnqueueOptions::default())
-            .await
-            .unwrap();
+        put(&t.pool, &ingest(s, Timeframe::H1, None)).await;
     }
     work(&t.pool, &env, "two dead letters", || async {
         (count(
@@ -688,16 +689,7 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
 
     // 429 with a long Retry-After: the job is snoozed for it, not failed or retried now.
     fake.script("ohlcv", &[Reply::RetryAfter(429, 600)]);
-    let args = IngestIndicators {
-        symbol: btc(),
-        timeframe: Timeframe::H4,
-        backfill: None,
-        candle: None,
-    };
-    let id = enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap()
-        .id;
+    let id = put(&t.pool, &ingest("BTC/USDT", Timeframe::H4, None)).await;
     work(&t.pool, &env, "the snooze", || async {
         let n = count(
             &t.pool,
@@ -722,15 +714,7 @@ async fn a_quota_answer_is_retried_and_a_dead_ingest_does_not_block_the_next_tic
     env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
     let quota = json!({"success": "false", "error": "Rate plan exceeded"});
     fake.script("ohlcv", &[Reply::Json(200, quota)]);
-    let args = IngestIndicators {
-        symbol: btc(),
-        timeframe: Timeframe::H1,
-        backfill: None,
-        candle: None,
-    };
-    enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
+    put(&t.pool, &ingest("BTC/USDT", Timeframe::H1, None)).await;
     work(&t.pool, &env, "the retried ingest", || async {
         (archived(&t.pool, "ingest_indicators").await == 1).then_some(())
     })
@@ -766,9 +750,7 @@ async fn a_quota_answer_is_retried_and_a_dead_ingest_does_not_block_the_next_tic
     let tick_until = |what: &'static str, sql: &'static str, want: i64| {
         let (pool, env) = (t.pool.clone(), env.clone());
         async move {
-            enqueue(&pool, &MarketTick::default(), EnqueueOptions::default())
-                .await
-                .unwrap();
+            put(&pool, &MarketTick::default()).await;
             work(&pool, &env, what, || async {
                 (count(&pool, sql).await == want).then_some(())
             })
@@ -810,15 +792,8 @@ async fn a_late_ingest_catches_up_every_candle_since_the_last_stored() {
     let fake = FakeCryptometer::start().await;
     let mut env = market_env(&fake, false);
     env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
-    let mut args = IngestIndicators {
-        symbol: btc(),
-        timeframe: Timeframe::H1,
-        backfill: Some(10),
-        candle: None,
-    };
-    enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
+    let mut args = ingest("BTC/USDT", Timeframe::H1, Some(10));
+    put(&t.pool, &args).await;
     work(&t.pool, &env, "the first signals", || async {
         (count(&t.pool, "SELECT count(*) FROM signals").await == 10).then_some(())
     })
@@ -835,9 +810,7 @@ async fn a_late_ingest_catches_up_every_candle_since_the_last_stored() {
     assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 6);
     args.backfill = None;
     args.candle = Some(Timeframe::H1.last_closed(Utc::now()));
-    enqueue(&t.pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
+    put(&t.pool, &args).await;
     work(&t.pool, &env, "the caught-up signals", || async {
         (count(&t.pool, "SELECT count(*) FROM signals").await == 10).then_some(())
     })
@@ -895,9 +868,7 @@ async fn sync(pool: &PgPool, env: &[(&'static str, String)], deliveries: &[Value
     let before = archived(pool, "sync_watcher").await;
     for d in deliveries {
         let args: SyncWatcher = serde_json::from_value(d.clone()).unwrap();
-        enqueue(pool, &args, EnqueueOptions::default())
-            .await
-            .unwrap();
+        put(pool, &args).await;
     }
     // One at a time, in order, as a single consumer would see them.
     let (stop, h) = sync_worker(pool, env, 1);
@@ -978,9 +949,7 @@ async fn an_insert_and_a_delete_racing_on_two_workers_leave_the_watcher_deleted(
     );
     for (d, waiting) in [(insert, 1), (delete, 2)] {
         let args: SyncWatcher = serde_json::from_value(d).unwrap();
-        enqueue(&t.pool, &args, EnqueueOptions::default())
-            .await
-            .unwrap();
+        put(&t.pool, &args).await;
         // The INSERT waits on the pair's lock; the DELETE on the watcher's (or, as
         // before the fix, finishes at once).
         eventually(
@@ -1091,9 +1060,7 @@ async fn an_undated_delivery_never_wins_over_a_dated_one() {
     // applies once W2's DELETE has.
     let (stop, h) = sync_worker(&t.pool, &env, 2);
     let w3: SyncWatcher = serde_json::from_value(undated("INSERT", W3, U2, true)).unwrap();
-    enqueue(&t.pool, &w3, EnqueueOptions::default())
-        .await
-        .unwrap();
+    put(&t.pool, &w3).await;
     eventually(Duration::from_secs(10), "W3 to be retried", || async {
         (count(
             &t.pool,
@@ -1112,9 +1079,7 @@ async fn an_undated_delivery_never_wins_over_a_dated_one() {
     let del: SyncWatcher =
         serde_json::from_value(delivery("DELETE", W2, U2, "BTC/USDT", "1h", true, "unused"))
             .unwrap();
-    enqueue(&t.pool, &del, EnqueueOptions::default())
-        .await
-        .unwrap();
+    put(&t.pool, &del).await;
     eventually(Duration::from_secs(20), "W3 applied", || async {
         (archived(&t.pool, "sync_watcher").await == 6).then_some(())
     })
@@ -1180,9 +1145,7 @@ async fn shuffled_deliveries_on_eight_slots_end_at_each_watchers_newest_state() 
     deliveries.shuffle(&mut rand::rng());
     for d in &deliveries {
         let args: SyncWatcher = serde_json::from_value(d.clone()).unwrap();
-        enqueue(&t.pool, &args, EnqueueOptions::default())
-            .await
-            .unwrap();
+        put(&t.pool, &args).await;
     }
     let (stop, h) = sync_worker(&t.pool, &env, 8);
     eventually(Duration::from_secs(60), "every delivery", || async {
@@ -1409,9 +1372,7 @@ async fn a_tick_enqueues_one_ingest_per_pair_and_candle_however_often_it_runs() 
     .unwrap();
     // Three ticks (a slow scheduler, a retry, an operator) in the same candle.
     for _ in 0..3 {
-        enqueue(&t.pool, &MarketTick::default(), EnqueueOptions::default())
-            .await
-            .unwrap();
+        put(&t.pool, &MarketTick::default()).await;
     }
     work(&t.pool, &env, "signals for both pairs", || async {
         (archived(&t.pool, "compute_signals").await == 2).then_some(())
@@ -1512,7 +1473,7 @@ async fn the_win_rate_counts_directional_signals_with_known_outcomes() {
             lookback_days,
         };
         let before = archived(p, "compute_winrate").await;
-        enqueue(p, &args, EnqueueOptions::default()).await.unwrap();
+        put(p, &args).await;
         work(p, env, "the win rate", || async {
             (archived(p, "compute_winrate").await == before + 1).then_some(())
         })
@@ -1871,9 +1832,7 @@ async fn signal_at(
         at: Some(at),
         backfill: false,
     };
-    enqueue(pool, &args, EnqueueOptions::default())
-        .await
-        .unwrap();
+    put(pool, &args).await;
     work(pool, env, "the signal", || async {
         (archived(pool, "compute_signals").await == done_before + 1).then_some(())
     })
