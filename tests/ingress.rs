@@ -1071,13 +1071,13 @@ async fn a_done_job_on_a_delete_queue_answers_done() {
 }
 
 /// Issue 13, item 7: every status and code the ingress can answer is in the OpenAPI
-/// document and the README, and the source uses no code missing from the list.
+/// document and docs/ingress.md, and the source uses no code missing from the list.
 #[test]
 fn every_error_code_is_documented() {
     let errors = longshore_workers::ingress::ERRORS;
     let openapi: Value =
         serde_json::from_str(longshore_workers::ingress::OPENAPI).expect("valid JSON");
-    let readme = std::fs::read_to_string("README.md").unwrap();
+    let readme = std::fs::read_to_string("docs/ingress.md").unwrap();
     let listed: Vec<&str> = openapi["components"]["schemas"]["Error"]["properties"]["error"]
         ["properties"]["code"]["enum"]
         .as_array()
@@ -1111,7 +1111,7 @@ fn every_error_code_is_documented() {
             readme.lines().any(
                 |l| l.starts_with(&format!("| {status} |")) && l.contains(&format!("`{code}`"))
             ),
-            "README's table does not list {status} `{code}`"
+            "docs/ingress.md's table does not list {status} `{code}`"
         );
     }
     for c in &listed {

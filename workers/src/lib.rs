@@ -36,6 +36,11 @@ pub mod telemetry;
 pub mod testing;
 pub mod worker;
 
+/// `docs/job-kinds.md`, compiled as a doctest so the guide cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/job-kinds.md")]
+pub struct JobKindsGuide;
+
 pub use config::Config;
 pub use enqueue::{
     BatchEnqueued, EnqueueError, EnqueueOptions, Enqueued, enqueue, enqueue_batch, enqueue_conn,

@@ -30,7 +30,7 @@
 //! Two jobs of one `request_id` running at the same moment (the chat API re-sent it
 //! without an `Idempotency-Key`, so the ingress made two jobs) may both call a provider;
 //! the first stored answer wins, both return it, and it is charged once. With the
-//! request_id as the Idempotency-Key (as the README asks) there is one job.
+//! request_id as the Idempotency-Key (as docs/chat.md asks) there is one job.
 //!
 //! If the balance no longer covers the cost when the answer arrives (other calls of the
 //! same user were charged meanwhile), the answer is withheld with

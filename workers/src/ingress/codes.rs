@@ -1,5 +1,5 @@
 //! Every error the ingress can answer, as `(HTTP status, machine code)`. The OpenAPI
-//! document and the README list exactly these (a test checks both, and that no code
+//! document and docs/ingress.md list exactly these (a test checks both, and that no code
 //! in the source is missing here); [`super::ApiError::new`] refuses, in debug builds,
 //! a pair that is not listed.
 

@@ -277,7 +277,7 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         debug_assert!(
             codes::is_known(status.as_u16(), code),
-            "undocumented ingress error {status} {code}: add it to ingress/codes.rs, the OpenAPI document and the README"
+            "undocumented ingress error {status} {code}: add it to ingress/codes.rs, the OpenAPI document and docs/ingress.md"
         );
         ApiError {
             status,

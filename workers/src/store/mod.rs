@@ -11,7 +11,7 @@
 //! it; the attempts they did not spend are counted in the `free_reads` header), so a
 //! worker holding an old `read_ct` can never touch a message someone else claimed
 //! since. Measured against `pgmq.read` + `pgmq.archive`: see `longshore bench` in
-//! README.
+//! docs/benchmarks.md.
 //!
 //! Statements that settle several messages lock their rows in `msg_id` order first, so
 //! two of them (an ack and a reschedule of overlapping stale fences, say) can never
