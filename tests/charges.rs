@@ -172,12 +172,12 @@ async fn insufficient_balance_suspends_with_details_the_vault_drops_the_keys_a_d
         .unwrap();
     assert_eq!(vault_job, json!({"path": vault.to_str().unwrap()}));
     // ...and the file it writes has only customer 2's key.
-    let key = longshore_jobs::billing::vault::VaultKey::from_base64(
+    let key = longshore_jobs::billing::regenerate_vault::VaultKey::from_base64(
         "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
     )
     .unwrap();
     let mut tx = t.pool.begin().await.unwrap();
-    longshore_jobs::billing::vault::regenerate(&mut tx, &vault, &key, &cfg.rate_limits)
+    longshore_jobs::billing::regenerate_vault::regenerate(&mut tx, &vault, &key, &cfg.rate_limits)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -755,7 +755,7 @@ async fn the_sweep_re_drives_stuck_intents_once_per_window() {
         .execute(&t.pool)
         .await
         .unwrap();
-    let sweep = longshore_jobs::billing::charge_escrow::SweepChargeIntents {
+    let sweep = longshore_jobs::billing::sweep_charge_intents::SweepChargeIntents {
         older_than: std::time::Duration::from_secs(120),
     };
     for _ in 0..2 {

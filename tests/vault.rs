@@ -10,7 +10,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::{count, db, eventually};
 use longshore_jobs::billing::config::{BillingConfig, Tiers};
-use longshore_jobs::billing::vault::{HEADER, KEY_ENV, RegenerateVault, VaultKey, regenerate};
+use longshore_jobs::billing::regenerate_vault::{
+    HEADER, KEY_ENV, RegenerateVault, VaultKey, regenerate,
+};
 use longshore_workers::{EnqueueOptions, enqueue};
 use sqlx::PgPool;
 
@@ -67,7 +69,10 @@ fn limits(vars: &[(&str, &str)]) -> Tiers<u32> {
         .rate_limits
 }
 
-async fn regen(pool: &PgPool, path: &Path) -> longshore_jobs::billing::vault::VaultReport {
+async fn regen(
+    pool: &PgPool,
+    path: &Path,
+) -> longshore_jobs::billing::regenerate_vault::VaultReport {
     let mut tx = pool.begin().await.unwrap();
     let r = regenerate(&mut tx, path, &key(), &limits(&[]))
         .await

@@ -58,8 +58,8 @@ fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
         .register(billing::charge_escrow::ChargeEscrowHandler::new(
             billing.clone(),
         ))
-        .register(billing::charge_escrow::SweepChargeIntentsHandler)
-        .register(billing::vault::RegenerateVaultHandler(billing))
+        .register(billing::sweep_charge_intents::SweepChargeIntentsHandler)
+        .register(billing::regenerate_vault::RegenerateVaultHandler(billing))
         .register(billing::prune_raw_logs::PruneRawLogsHandler)
         .register(market::sync_watcher::SyncWatcherHandler(market.clone()))
         .register(market::market_tick::MarketTickHandler(market.clone()))

@@ -64,8 +64,10 @@ pub trait Handler: Send + Sync + 'static {
     const POOLER_SAFE: bool = false;
 }
 
-/// What became of one run of a job.
+/// What became of one run of a job. Non-exhaustive: the runtime may learn new outcomes
+/// (a cancellation) without breaking handlers that match on these.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Acknowledged: archived (or deleted, per queue config); the result, if any, is
     /// kept with the archived message.
@@ -100,13 +102,14 @@ impl Outcome {
             Outcome::Done(_) => "done",
             Outcome::Retry(_) => "retry",
             Outcome::Snooze(_) => "snooze",
-            Outcome::Fail(_) => "failed",
+            Outcome::Fail(_) => "fail",
         }
     }
 }
 
-/// A handler's error, already classified.
+/// A handler's error, already classified. Non-exhaustive, as [`Outcome`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JobError {
     /// Transient: try again later (with backoff, up to the queue's max attempts).
     #[error("{0}")]

@@ -138,5 +138,6 @@ mod tests {
             }
         );
         assert_eq!(decide(&o, 1, &q(10), 0.1).label(&o), "fail");
+        assert_eq!(o.label(), "fail", "one spelling in logs and metrics");
     }
 }

@@ -43,7 +43,7 @@ use uuid::Uuid;
 
 use super::charge_escrow::ChargeEscrow;
 use super::config::{BillingConfig, MAX_PRICE_USD};
-use super::vault::request_regeneration;
+use super::regenerate_vault::request_regeneration;
 use crate::clients::chain::{Chain, ChainError, TxStatus};
 
 /// Suspension reasons this cycle sets and lifts. Others (an operator's, a chain

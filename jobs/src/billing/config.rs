@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::vault::{VaultError, VaultKey};
+use super::regenerate_vault::{VaultError, VaultKey};
 use crate::clients::chain::Chain;
 #[cfg(feature = "solana-rpc")]
 use crate::clients::chain_rpc::{Delegate, RpcChain, RpcChainConfig};
@@ -594,7 +594,7 @@ impl BillingConfig {
 }
 
 fn default_vault_mode() -> u32 {
-    super::vault::DEFAULT_MODE
+    super::regenerate_vault::DEFAULT_MODE
 }
 
 /// An octal file mode as a string ("0640"), at most 0777.
