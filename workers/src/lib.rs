@@ -7,10 +7,10 @@
 //! - [`job`]: the contract: [`JobArgs`] (a stable kind), [`Handler`], [`Outcome`],
 //!   [`JobContext`] (attempt, id, cancellation, the completion transaction).
 //! - [`registry`]: every kind once, by queue name.
-//! - [`enqueue`]: enqueue through a pool, a connection or a transaction.
+//! - [`mod@enqueue`]: enqueue through a pool, a connection or a transaction.
 //! - [`store`]: **all** queue SQL: claim, fenced ack/retry/snooze/bury, heartbeat.
 //! - [`worker`]: consumers, heartbeats, batched acks, shutdown; [`listener`] wakes them.
-//! - [`outcome`] + [`backoff`]: from a handler's outcome to what the store does.
+//! - `outcome` + [`backoff`]: from a handler's outcome to what the store does.
 //! - [`ingress`]: the HTTP ingress (enqueue, job status, webhooks, health, metrics).
 //! - [`scheduler`]: cron schedules, each fire exactly once across replicas;
 //!   [`maintenance`]: retention jobs run by schedules.

@@ -6,7 +6,7 @@
 //! - `GET /healthz`, `/readyz`, `/metrics`, `/openapi.json`
 //!
 //! Every failure is one JSON envelope, `{"error":{"code","message","request_id"}}`,
-//! rendered in one place ([`envelope`]) from an [`ApiError`] or, for failures axum
+//! rendered in one place (`envelope`) from an [`ApiError`] or, for failures axum
 //! produces itself (unknown route, wrong method), from the status code. The request id
 //! is also in the `x-request-id` header and in the request's log line.
 
@@ -264,7 +264,7 @@ impl CallerSlot {
     }
 }
 
-/// A failure with its machine code. Rendered into the envelope by [`envelope`].
+/// A failure with its machine code. Rendered into the envelope by `envelope`.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,

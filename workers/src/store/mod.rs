@@ -1,5 +1,5 @@
 //! The queue store: every statement the runtime runs against pgmq tables lives here
-//! (this module and its siblings: [`dead_letters`], [`idempotency`], [`schedule`],
+//! (this module and its siblings: [`mod@dead_letters`], [`idempotency`], [`schedule`],
 //! [`retention`]).
 //!
 //! pgmq keeps each queue in `pgmq.q_<name>` and its archive in `pgmq.a_<name>`. We

@@ -12,8 +12,8 @@
 //!   cancels a run whose lease it could not keep, before it can lapse
 //! ```
 //!
-//! Files by role: [`held`] (what this process holds, keyed by fence), [`execute`]
-//! (one run), [`completer`] (every outcome write), [`heartbeat`] (leases). Claims and
+//! Files by role: `held` (what this process holds, keyed by fence), `execute`
+//! (one run), `completer` (every outcome write), `heartbeat` (leases). Claims and
 //! batched writes use a small **control pool** of their own, heartbeats two connections
 //! on the lease keeper's thread, so handlers that hold connections (`ctx.tx()`) or
 //! threads (synchronous or CPU-bound code) can never starve them.
