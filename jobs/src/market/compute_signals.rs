@@ -23,9 +23,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::config::Market;
+use super::guardrails::{Position, Previous, doubling};
 use super::indicators::VOLATILITY_HORIZON;
 use super::ingest_indicators::IndicatorRow;
-use super::strategy::{Clusters, Direction, Position, Previous, doubling, evaluate, round6};
+use super::strategy::{Clusters, Direction, evaluate, round6};
 use super::types::{Cluster, Symbol, Timeframe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

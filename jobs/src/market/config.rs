@@ -8,7 +8,8 @@ use std::time::Duration;
 use longshore_workers::config::{Config, ConfigError};
 use serde::Deserialize;
 
-use super::strategy::{GuardrailConfig, StrategyConfig};
+use super::guardrails::GuardrailConfig;
+use super::strategy::StrategyConfig;
 use crate::clients::cryptometer::{Cryptometer, CryptometerConfig};
 use crate::clients::kingfisher::{KingFisher, KingFisherConfig};
 use crate::clients::market::{ClusterSource, MarketSource};

@@ -17,6 +17,7 @@
 pub mod compute_signals;
 pub mod compute_winrate;
 pub mod config;
+pub mod guardrails;
 pub mod indicators;
 pub mod ingest_indicators;
 pub mod market_tick;

@@ -1,5 +1,5 @@
-//! Strategy v1 and the doubling guardrails (SPEC-MARKET "compute_signals"), as pure
-//! functions of their inputs so every rule is tested by a table.
+//! Strategy v1 (SPEC-MARKET "compute_signals"), a pure function of its inputs so every
+//! rule is tested by a table. The doubling guardrails are in [`super::guardrails`].
 //!
 //! Decisions the spec leaves open, recorded here:
 //! - The volume rule compares the last candle's volume with the average of the
@@ -11,7 +11,6 @@
 //!   previous signal counting as 0. Unknown volatility fails its check (the cautious
 //!   side). A flat signal has nothing to double: the decision says so.
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -333,88 +332,6 @@ pub fn evaluate(cfg: &StrategyConfig, x: &Inputs) -> Evaluation {
         reasons,
         missing,
     }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuardrailConfig {
-    /// The score must have risen by more than this since the previous signal.
-    pub score_delta_threshold: f64,
-    /// The position must be below this share of the portfolio.
-    pub max_position_pct: f64,
-    /// The last increase must be more than this many seconds ago.
-    pub cooldown_seconds: i64,
-    /// Volatility must be below this.
-    pub volatility_threshold: f64,
-}
-
-/// The previous signal for the symbol of the same timeframe and direction (same
-/// strategy version): a long after a short is a new position, not an increase.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Previous {
-    pub id: i64,
-    pub score: f64,
-}
-
-/// The symbol's row in `positions`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Position {
-    pub size: f64,
-    pub portfolio_value: f64,
-    pub last_increase_at: Option<DateTime<Utc>>,
-}
-
-/// May the position double on this signal? Every check is evaluated and recorded; the
-/// decision is `allowed` only if all pass.
-pub fn doubling(
-    cfg: &GuardrailConfig,
-    direction: Direction,
-    score: f64,
-    volatility: Option<f64>,
-    previous: Option<&Previous>,
-    position: Option<&Position>,
-    now: DateTime<Utc>,
-) -> Value {
-    if direction == Direction::Flat {
-        return json!({"applies": false, "allowed": false, "reason": "flat signal: nothing to double"});
-    }
-    let mut checks = Vec::new();
-    let mut failed = Vec::new();
-    let mut check = |name: &str, ok: bool, detail: Value| {
-        if !ok {
-            failed.push(name.to_string());
-        }
-        checks.push(json!({"check": name, "passed": ok, "detail": detail}));
-    };
-
-    let prev = previous.map_or(0.0, |p| p.score);
-    let delta = round6(score - prev);
-    check(
-        "score_delta",
-        delta > cfg.score_delta_threshold,
-        json!({"delta": delta, "previous_score": prev, "previous_signal_id": previous.map(|p| p.id), "threshold": cfg.score_delta_threshold}),
-    );
-    // Unknown inputs fail closed: without a `positions` row neither the position's size
-    // nor its last increase is known, as without volatility its level is not.
-    let pct = position.map(|p| p.size.abs() / p.portfolio_value);
-    check(
-        "max_position_pct",
-        pct.is_some_and(|p| p < cfg.max_position_pct),
-        json!({"position_pct": pct, "max": cfg.max_position_pct, "position": if position.is_some() { "known" } else { "unknown" }}),
-    );
-    let last = position.and_then(|p| p.last_increase_at);
-    let since = last.map(|t| (now - t).num_seconds());
-    check(
-        "cooldown",
-        position.is_some() && since.is_none_or(|s| s > cfg.cooldown_seconds),
-        json!({"last_increase_at": last, "seconds_since": since, "cooldown_seconds": cfg.cooldown_seconds, "position": if position.is_some() { "known" } else { "unknown" }}),
-    );
-    check(
-        "volatility",
-        volatility.is_some_and(|v| v < cfg.volatility_threshold),
-        json!({"volatility": volatility, "threshold": cfg.volatility_threshold}),
-    );
-    json!({"applies": true, "allowed": failed.is_empty(), "failed": failed, "checks": checks})
 }
 
 #[cfg(test)]
@@ -794,170 +711,6 @@ mod tests {
         assert!(c.check().is_err());
     }
 
-    fn guard() -> GuardrailConfig {
-        GuardrailConfig {
-            score_delta_threshold: 0.1,
-            max_position_pct: 0.10,
-            cooldown_seconds: 3600,
-            volatility_threshold: 0.05,
-        }
-    }
-
-    #[test]
-    fn each_guardrail_can_refuse() {
-        let now: DateTime<Utc> = "2026-11-19T12:00:00Z".parse().unwrap();
-        let prev = Previous { id: 7, score: 0.62 };
-        let pos = Position {
-            size: 5_000.0,
-            portfolio_value: 100_000.0,
-            last_increase_at: Some(now - chrono::Duration::hours(2)),
-        };
-        // (name, score, volatility, previous, position, failed checks)
-        type Case<'a> = (
-            &'a str,
-            f64,
-            Option<f64>,
-            Option<Previous>,
-            Option<Position>,
-            Vec<&'a str>,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                "all pass",
-                0.75,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(pos.clone()),
-                vec![],
-            ),
-            (
-                // Unknown inputs fail closed (issue 17): no `positions` row, so neither
-                // the size nor the last increase is known.
-                "no history, no position",
-                0.7,
-                Some(0.01),
-                None,
-                None,
-                vec!["max_position_pct", "cooldown"],
-            ),
-            (
-                "score rose by only 0.08",
-                0.70,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(pos.clone()),
-                vec!["score_delta"],
-            ),
-            (
-                "score fell",
-                0.61,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(pos.clone()),
-                vec!["score_delta"],
-            ),
-            (
-                "position at 10%",
-                0.75,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(Position {
-                    size: 10_000.0,
-                    ..pos.clone()
-                }),
-                vec!["max_position_pct"],
-            ),
-            (
-                "short position over 10%",
-                0.75,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(Position {
-                    size: -12_000.0,
-                    ..pos.clone()
-                }),
-                vec!["max_position_pct"],
-            ),
-            (
-                "increased 30 min ago",
-                0.75,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(Position {
-                    last_increase_at: Some(now - chrono::Duration::minutes(30)),
-                    ..pos.clone()
-                }),
-                vec!["cooldown"],
-            ),
-            (
-                "increased exactly an hour ago",
-                0.75,
-                Some(0.01),
-                Some(prev.clone()),
-                Some(Position {
-                    last_increase_at: Some(now - chrono::Duration::hours(1)),
-                    ..pos.clone()
-                }),
-                vec!["cooldown"],
-            ),
-            (
-                "volatility 0.05",
-                0.75,
-                Some(0.05),
-                Some(prev.clone()),
-                Some(pos.clone()),
-                vec!["volatility"],
-            ),
-            (
-                "volatility unknown",
-                0.75,
-                None,
-                Some(prev.clone()),
-                Some(pos.clone()),
-                vec!["volatility"],
-            ),
-            (
-                "everything fails",
-                0.65,
-                Some(0.2),
-                Some(prev.clone()),
-                Some(Position {
-                    size: 50_000.0,
-                    portfolio_value: 100_000.0,
-                    last_increase_at: Some(now),
-                }),
-                vec!["score_delta", "max_position_pct", "cooldown", "volatility"],
-            ),
-        ];
-        for (name, score, vol, prev, pos, want) in cases {
-            let d = doubling(
-                &guard(),
-                Direction::Long,
-                score,
-                vol,
-                prev.as_ref(),
-                pos.as_ref(),
-                now,
-            );
-            let failed: Vec<&str> = d["failed"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
-            assert_eq!(failed, want, "{name}: {d}");
-            assert_eq!(d["allowed"], json!(want.is_empty()), "{name}");
-            assert_eq!(
-                d["checks"].as_array().unwrap().len(),
-                4,
-                "{name}: every check is recorded"
-            );
-        }
-        let flat = doubling(&guard(), Direction::Flat, 0.3, Some(0.01), None, None, now);
-        assert_eq!(flat["applies"], json!(false));
-        assert_eq!(flat["allowed"], json!(false));
-    }
-
     /// Item 3 of issue 17: every combination of rules and multipliers, in both
     /// directions, decided as exact decimal arithmetic decides it, so the ones that land
     /// on ±0.6 (0.75 × 0.8, 0.25 + 0.20 + 0.15, …) are flat, as "> 0.6 is long" says.
@@ -1040,39 +793,5 @@ mod tests {
         assert_eq!(total, 512);
         // The table does reach the boundary (else it would prove nothing about it).
         assert!(on_boundary >= 4, "{on_boundary} combinations on ±0.6");
-    }
-
-    /// The score delta is compared at six decimals too: 0.8 − 0.7 and 0.75 − 0.65 are
-    /// both exactly 0.1, neither above a 0.1 threshold.
-    #[test]
-    fn the_score_delta_is_decided_as_decimals_decide_it() {
-        let g = guard();
-        let now = Utc::now();
-        let pos = Position {
-            size: 0.0,
-            portfolio_value: 100.0,
-            last_increase_at: None,
-        };
-        let failed = |score: f64, prev: f64| {
-            let v = doubling(
-                &g,
-                Direction::Long,
-                score,
-                Some(0.01),
-                Some(&Previous { id: 1, score: prev }),
-                Some(&pos),
-                now,
-            );
-            v["failed"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|f| f == "score_delta")
-        };
-        assert!(failed(0.8, 0.7));
-        assert!(failed(0.75, 0.65));
-        assert!(failed(0.65, 0.55));
-        assert!(!failed(0.800001, 0.7));
-        assert!(!failed(0.76, 0.65));
     }
 }
