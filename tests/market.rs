@@ -540,15 +540,15 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
     .await;
 
     let last_closed = Timeframe::H1.last_closed(Utc::now());
-    // A first ingest computes the newest candle and asks for its warm-up (EMA50: 50
-    // candles) plus the forming one, which is not stored.
+    // A first ingest computes the newest candle and asks for 300 candles of history
+    // before it plus the forming one (the fake has 200), which is not stored.
     assert_eq!(
         count(&t.pool, "SELECT count(*) FROM candles").await,
-        50,
-        "the warm-up, and not the forming candle"
+        200,
+        "the history, and not the forming candle"
     );
     let (q, _) = fake.seen("ohlcv").pop().unwrap();
-    assert_eq!(q["limit"], "51");
+    assert_eq!(q["limit"], "301");
     let newest: DateTime<Utc> = sqlx::query_scalar("SELECT max(open_time) FROM candles")
         .fetch_one(&t.pool)
         .await
@@ -634,7 +634,7 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
         0
     );
     assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 1);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM candles").await, 50);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM candles").await, 200);
 }
 
 #[tokio::test]
@@ -776,8 +776,18 @@ async fn a_quota_answer_is_retried_and_a_dead_ingest_does_not_block_the_next_tic
         3,
     )
     .await;
+    // Counted where an ingest wrongly enqueued by the third tick would be, run or not.
+    let third: Value = sqlx::query_scalar(
+        "SELECT headers->'result' FROM pgmq.a_market_tick ORDER BY msg_id DESC LIMIT 1",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(third["enqueued"], json!(0), "{third}");
+    assert_eq!(third["already_enqueued"], json!(1), "{third}");
     assert_eq!(
-        archived(&t.pool, "ingest_indicators").await,
+        archived(&t.pool, "ingest_indicators").await
+            + count(&t.pool, "SELECT count(*) FROM pgmq.q_ingest_indicators").await,
         2,
         "the first ingest and the second tick's"
     );
@@ -909,7 +919,8 @@ fn sync_worker(
 async fn lock_waiters(pool: &PgPool) -> i64 {
     count(
         pool,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .await
 }
@@ -1986,4 +1997,115 @@ async fn clusters_are_per_timeframe_and_stale_extras_are_left_out() {
     assert_eq!(rows[1].1, json!(["ls_ratio", "clusters"]));
     assert!(fired(2, "liquidation_nearby"), "a fresh cluster: {rows:?}");
     assert_eq!(rows[2].1, json!([]));
+}
+
+/// A 1h indicator row scoring flat: MACD below its signal (−0.20), EMA20 above EMA50
+/// (+0.20), close above EMA50 (+0.15): 0.15.
+fn flat_row() -> Value {
+    let mut r = long_row(101.0);
+    r["rsi14"] = json!(50.0);
+    r["macd"] = json!({"line": 0.9, "signal": 1.0, "histogram": -0.1});
+    r
+}
+
+/// Review of issue 17, item 1: the score delta is against the last signal of the same
+/// direction, whatever flats came between. Long 0.80, flat, long 0.80 two hours later:
+/// the conviction did not rise, so the second long is refused for `score_delta` (and
+/// only for it: the cooldown has run out). Before, the flat between was "the previous
+/// signal", was discarded as of another direction, and the delta was 0.80.
+#[tokio::test]
+async fn the_score_delta_is_against_the_last_signal_of_the_same_direction() {
+    let t = db().await;
+    flat_position(&t.pool).await;
+    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(3);
+    let env = market_env(&FakeCryptometer::start().await, true);
+    signal_at(&t.pool, &env, t1, long_row(101.0), 0).await;
+    signal_at(
+        &t.pool,
+        &env,
+        t1 + chrono::Duration::hours(1),
+        flat_row(),
+        1,
+    )
+    .await;
+    signal_at(
+        &t.pool,
+        &env,
+        t1 + chrono::Duration::hours(2),
+        long_row(101.0),
+        2,
+    )
+    .await;
+    let rows: Vec<(String, Value)> =
+        sqlx::query_as("SELECT direction, metadata->'guardrails' FROM signals ORDER BY at")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    let dirs: Vec<&str> = rows.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(dirs, ["long", "flat", "long"]);
+    assert_eq!(rows[0].1["allowed"], true, "{}", rows[0].1);
+    assert_eq!(rows[2].1["failed"], json!(["score_delta"]), "{}", rows[2].1);
+    assert_eq!(rows[2].1["checks"][0]["detail"]["previous_score"], 0.8);
+}
+
+/// Review of issue 17, item 4: a catch-up after an outage evaluates the missed candles
+/// as history: only the job's own (newest) candle may double the live position. Before,
+/// a four-hour outage let one job double on the first missed candle and again on the
+/// third (each past the cooldown by candle times) within the same second.
+#[tokio::test]
+async fn a_catch_up_doubles_only_on_its_newest_candle() {
+    let t = db().await;
+    flat_position(&t.pool).await;
+    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(3);
+    let ats: Vec<DateTime<Utc>> = (0..4).map(|h| t1 + chrono::Duration::hours(h)).collect();
+    for (i, at) in ats.iter().enumerate() {
+        // Long 0.80, flat, long 0.80, flat (the job's own candle).
+        let row = if i % 2 == 0 {
+            long_row(101.0)
+        } else {
+            flat_row()
+        };
+        sqlx::query(
+            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
+        )
+        .bind(at)
+        .bind(row)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    }
+    let args = ComputeSignals {
+        symbol: btc(),
+        timeframe: Timeframe::H1,
+        since: Some(ats[0]),
+        at: Some(ats[3]),
+        backfill: false,
+    };
+    put(&t.pool, &args).await;
+    let env = market_env(&FakeCryptometer::start().await, true);
+    work(&t.pool, &env, "the catch-up", || async {
+        (archived(&t.pool, "compute_signals").await == 1).then_some(())
+    })
+    .await;
+    let rows: Vec<(String, bool, bool)> = sqlx::query_as(
+        "SELECT direction, (metadata->'guardrails'->>'allowed')::bool, (metadata->>'live')::bool FROM signals ORDER BY at",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("long".into(), true, false),
+            ("flat".into(), false, false),
+            ("long".into(), false, false),
+            ("flat".into(), false, true),
+        ]
+    );
+    let last: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT last_increase_at FROM positions WHERE symbol = 'BTC/USDT'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(last, None, "no missed candle doubled the live position");
 }

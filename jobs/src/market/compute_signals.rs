@@ -110,6 +110,10 @@ impl Handler for ComputeSignalsHandler {
         });
         let mut counts = json!({"long": 0, "short": 0, "flat": 0});
         for (at, data, market, clusters, clusters_fetched_at) in rows {
+            // Only the job's own candle is live: catch-up rows before it (candles missed
+            // during an outage) are past, and doubling on them now would act on old
+            // news and pass the cooldown once per missed candle.
+            let history = history || a.at.is_some_and(|newest| at < newest);
             let ind: IndicatorRow = serde_json::from_value(data)
                 .map_err(|e| JobError::fail(format!("indicators at {at}: {e}")))?;
             let market = market.unwrap_or(Value::Null);
@@ -145,22 +149,21 @@ impl Handler for ComputeSignalsHandler {
             let e = evaluate(strategy, &inputs);
             let score = round6(e.score.abs());
             // The previous signal of this timeframe (another timeframe's is another
-            // view), counted only if it points the same way: a long after a short or a
-            // flat is a new position, which rose from nothing.
-            let previous: Option<(i64, f64, String)> = sqlx::query_as(
-                "SELECT id, score::float8, direction FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
-                   AND timeframe = $4 \
+            // view) pointing the same way: a long's conviction is measured against the
+            // last long, whatever flats came between; with none, it rose from nothing.
+            let previous: Option<(i64, f64)> = sqlx::query_as(
+                "SELECT id, score::float8 FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
+                   AND timeframe = $4 AND direction = $5 \
                  ORDER BY at DESC, id DESC LIMIT 1",
             )
             .bind(&sym)
             .bind(&strategy.version)
             .bind(at)
             .bind(tf)
+            .bind(e.direction.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-            let previous = previous
-                .filter(|(_, _, d)| d == e.direction.as_str())
-                .map(|(id, score, _)| Previous { id, score });
+            let previous = previous.map(|(id, score)| Previous { id, score });
             // A candle's signal is known when the candle closes: the cooldown is counted
             // between close times (`closed_at`), which order the timeframes of one
             // position rightly (a day's candle opens a day before its signal exists).
@@ -182,6 +185,7 @@ impl Handler for ComputeSignalsHandler {
                 "missing": e.missing,
                 "quality": ind.quality().as_str(),
                 "history": ind.history,
+                "live": !history,
                 "volatility": {
                     "per_candle": ind.volatility,
                     "value": inputs.volatility,

@@ -246,6 +246,13 @@ fn grace(tf: Timeframe) -> chrono::Duration {
 /// than the source's window loses candles, and the job counts them (`lost`).
 pub const MAX_CATCH_UP: usize = 1000;
 
+/// Candles of history asked for before the first candle computed. [`warm_up`] is when
+/// every indicator has a value (EMA50 at its 50th candle, seeded with a plain average);
+/// 300 candles is when the seeds no longer matter (an EMA50 seed weighs (49/51)^250 ≈
+/// 0.00004, RSI(14)'s far less), so a live row is computed as a backfilled one is and
+/// win-rates measure what trades live. Rows are `ok` from `warm_up` on.
+pub const HISTORY: usize = 300;
+
 /// How often a job waiting for its candle asks the source again.
 const SOURCE_LAG_POLL: Duration = Duration::from_secs(10);
 
@@ -290,8 +297,9 @@ impl Handler for IngestIndicatorsHandler {
             (None, None) => 1,
         };
         let warm = warm_up(m.cfg.strategy.volume_window, m.cfg.volatility_window);
-        // The history before the first candle computed, and the one still forming.
-        let limit = wanted + warm;
+        // The history before the first candle computed (enough for the EMAs and RSI to
+        // forget their seed, not only to have a value), and the one still forming.
+        let limit = wanted + warm.max(HISTORY);
         let fetched = match source.candles(symbol, tf, limit).await {
             Ok(c) => c,
             Err(SourceError::Transient {
