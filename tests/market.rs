@@ -2109,3 +2109,66 @@ async fn a_catch_up_doubles_only_on_its_newest_candle() {
             .unwrap();
     assert_eq!(last, None, "no missed candle doubled the live position");
 }
+
+/// Review of issue 17, item 4: a candle whose `compute_signals` was dead-lettered (or is
+/// still in backoff) is not lost: the next live job evaluates it first, as history,
+/// then its own candle, so "the previous signal" is settled in order. An unreadable
+/// earlier row is skipped and counted, never a poison for every later job.
+#[tokio::test]
+async fn the_next_job_fills_a_candle_an_earlier_job_never_signalled() {
+    let t = db().await;
+    flat_position(&t.pool).await;
+    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(3);
+    let env = market_env(&FakeCryptometer::start().await, true);
+    signal_at(&t.pool, &env, t1, flat_row(), 0).await;
+    // t2's job died; t3 is unreadable; t4's job runs.
+    for (h, data) in [(1, long_row(101.0)), (2, json!({"close": "garbage"}))] {
+        sqlx::query(
+            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
+        )
+        .bind(t1 + chrono::Duration::hours(h))
+        .bind(data)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    }
+    signal_at(
+        &t.pool,
+        &env,
+        t1 + chrono::Duration::hours(3),
+        long_row(101.0),
+        1,
+    )
+    .await;
+    let rows: Vec<(DateTime<Utc>, String, bool)> =
+        sqlx::query_as("SELECT at, direction, (metadata->>'live')::bool FROM signals ORDER BY at")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (t1, "flat".into(), true),
+            (t1 + chrono::Duration::hours(1), "long".into(), false),
+            (t1 + chrono::Duration::hours(3), "long".into(), true),
+        ]
+    );
+    let result: Value = sqlx::query_scalar(
+        "SELECT headers->'result' FROM pgmq.a_compute_signals ORDER BY msg_id DESC LIMIT 1",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        result["unreadable"].as_array().unwrap().len(),
+        1,
+        "{result}"
+    );
+    // The repaired t2 long is the newest long's previous: delta 0, refused.
+    let g: Value =
+        sqlx::query_scalar("SELECT metadata->'guardrails' FROM signals ORDER BY at DESC LIMIT 1")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(g["failed"], json!(["score_delta"]), "{g}");
+}

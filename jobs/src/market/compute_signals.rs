@@ -2,7 +2,8 @@
 //! stored indicators, with the doubling guardrails, into `signals`.
 //!
 //! The job carries its candles: every indicators row from `since` (or `at` alone) to
-//! `at` that has no signal of this strategy version yet, oldest first. A job without
+//! `at` that has no signal of this strategy version yet, oldest first; a live job also
+//! fills any unsignalled candle of the last `MAX_CATCH_UP` before them, as history. A job without
 //! `at` (enqueued before it existed) evaluates the newest row, or every row from
 //! `since` on as a backfill. `backfill: true` marks history: its doublings count within
 //! the job, never in the live position. A signal is written once per (symbol,
@@ -25,7 +26,7 @@ use serde_json::{Value, json};
 use super::config::Market;
 use super::guardrails::{Position, Previous, doubling};
 use super::indicators::VOLATILITY_HORIZON;
-use super::ingest_indicators::IndicatorRow;
+use super::ingest_indicators::{IndicatorRow, MAX_CATCH_UP};
 use super::strategy::{Clusters, Direction, evaluate, round6};
 use super::types::{Cluster, Symbol, Timeframe};
 
@@ -79,12 +80,21 @@ impl Handler for ComputeSignalsHandler {
             .bind(&sym)
             .execute(&mut *tx)
             .await?;
+        // A live job also evaluates every candle before its own that has indicators but
+        // no signal (up to MAX_CATCH_UP candles back), oldest first: a job that was
+        // dead-lettered, or is still in backoff, leaves no hole the next one does not
+        // fill, and "the previous signal" is always settled before a candle is judged.
+        let repair_from = match a.at {
+            Some(at) if !history => Some(at - a.timeframe.duration() * MAX_CATCH_UP as i32),
+            _ => None,
+        };
+        let mut unreadable = Vec::new();
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT i.at, i.data, x.data, l.clusters, l.fetched_at FROM indicators i \
              LEFT JOIN indicators x ON x.symbol = i.symbol AND x.timeframe = i.timeframe AND x.at = i.at AND x.source = 'cryptometer' \
              LEFT JOIN liq_clusters l ON l.symbol = i.symbol AND l.timeframe = i.timeframe AND l.at = i.at \
              WHERE i.symbol = $1 AND i.timeframe = $2 AND i.source = 'internal' \
-               AND i.at >= coalesce($3::timestamptz, $5::timestamptz, \
+               AND i.at >= coalesce(least($3::timestamptz, $6::timestamptz), $5::timestamptz, \
                      (SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal')) \
                AND ($5::timestamptz IS NULL OR i.at <= $5) \
                AND NOT EXISTS (SELECT 1 FROM signals s WHERE s.symbol = i.symbol AND s.timeframe = i.timeframe AND s.at = i.at AND s.strategy_version = $4) \
@@ -95,6 +105,7 @@ impl Handler for ComputeSignalsHandler {
         .bind(a.since)
         .bind(&strategy.version)
         .bind(a.at)
+        .bind(repair_from)
         .fetch_all(&mut *tx)
         .await?;
         let position: Option<(f64, f64, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -114,8 +125,17 @@ impl Handler for ComputeSignalsHandler {
             // during an outage) are past, and doubling on them now would act on old
             // news and pass the cooldown once per missed candle.
             let history = history || a.at.is_some_and(|newest| at < newest);
-            let ind: IndicatorRow = serde_json::from_value(data)
-                .map_err(|e| JobError::fail(format!("indicators at {at}: {e}")))?;
+            let ind: IndicatorRow = match serde_json::from_value(data) {
+                Ok(ind) => ind,
+                // An earlier candle's unreadable row must not stop every later job
+                // that repairs holes: said, counted and left unsignalled.
+                Err(e) if a.at.is_some_and(|newest| at < newest) => {
+                    tracing::warn!(symbol = %sym, timeframe = tf, %at, error = %e, "unreadable indicators row: no signal for it");
+                    unreadable.push(at);
+                    continue;
+                }
+                Err(e) => return Err(JobError::fail(format!("indicators at {at}: {e}"))),
+            };
             let market = market.unwrap_or(Value::Null);
             let closed_at = at + a.timeframe.duration();
             let fresh = |t: Option<DateTime<Utc>>| {
@@ -238,6 +258,8 @@ impl Handler for ComputeSignalsHandler {
                 tracing::info!(symbol = %sym, timeframe = tf, %at, direction = k, score, "signal");
             }
         }
-        Outcome::done_with(json!({"signals": counts, "strategy": strategy.version}))
+        Outcome::done_with(
+            json!({"signals": counts, "strategy": strategy.version, "unreadable": unreadable}),
+        )
     }
 }
