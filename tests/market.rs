@@ -1819,6 +1819,18 @@ fn long_row(close: f64) -> Value {
            "ema20": 101.0, "ema50": 100.0, "atr14": 1.0, "volatility": 0.01, "volume_avg": 10.0})
 }
 
+/// Stores `data` as BTC/USDT's 1h (internal) indicators row at `at`.
+async fn store_row(pool: &PgPool, at: DateTime<Utc>, data: Value) {
+    sqlx::query(
+        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
+    )
+    .bind(at)
+    .bind(data)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Stores `data` as BTC/USDT's 1h indicators at `at`, then runs one `compute_signals`
 /// for the newest candle through a worker, until `done_before + 1` have run.
 async fn signal_at(
@@ -1828,14 +1840,7 @@ async fn signal_at(
     data: Value,
     done_before: i64,
 ) {
-    sqlx::query(
-        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
-    )
-    .bind(at)
-    .bind(data)
-    .execute(pool)
-    .await
-    .unwrap();
+    store_row(pool, at, data).await;
     let args = ComputeSignals {
         symbol: btc(),
         timeframe: Timeframe::H1,
@@ -2065,14 +2070,7 @@ async fn a_catch_up_doubles_only_on_its_newest_candle() {
         } else {
             flat_row()
         };
-        sqlx::query(
-            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
-        )
-        .bind(at)
-        .bind(row)
-        .execute(&t.pool)
-        .await
-        .unwrap();
+        store_row(&t.pool, *at, row).await;
     }
     let args = ComputeSignals {
         symbol: btc(),
@@ -2123,14 +2121,7 @@ async fn the_next_job_fills_a_candle_an_earlier_job_never_signalled() {
     signal_at(&t.pool, &env, t1, flat_row(), 0).await;
     // t2's job died; t3 is unreadable; t4's job runs.
     for (h, data) in [(1, long_row(101.0)), (2, json!({"close": "garbage"}))] {
-        sqlx::query(
-            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, $2, 'internal')",
-        )
-        .bind(t1 + chrono::Duration::hours(h))
-        .bind(data)
-        .execute(&t.pool)
-        .await
-        .unwrap();
+        store_row(&t.pool, t1 + chrono::Duration::hours(h), data).await;
     }
     signal_at(
         &t.pool,
