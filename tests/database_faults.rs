@@ -36,19 +36,55 @@ args = {{ task = "expire_idempotency_keys" }}
     )
 }
 
-async fn post(http: &reqwest::Client, base: &str, id: i64) -> Result<i64, u16> {
+/// An enqueue that was not answered 202: the status (0: no answer within the client's
+/// timeout, or no connection) and the body, which carries the error's machine code.
+#[derive(Debug)]
+struct Refused {
+    status: u16,
+    body: String,
+}
+
+/// One enqueue of probe `id`, keyed by it (`Idempotency-Key: probe-{id}`), so sending the
+/// same id again can never make a second job.
+async fn post(http: &reqwest::Client, base: &str, id: i64) -> Result<i64, Refused> {
     let r = http
         .post(format!("{base}/v1/queues/probe/jobs"))
         .bearer_auth("tok")
+        .header("idempotency-key", format!("probe-{id}"))
         .body(format!(r#"{{"id":{id},"effect":true}}"#))
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .map_err(|_| 0u16)?;
+        .map_err(|e| Refused {
+            status: 0,
+            body: e.to_string(),
+        })?;
     if r.status() == 202 {
         Ok(r.json::<Value>().await.unwrap()["id"].as_i64().unwrap())
     } else {
-        Err(r.status().as_u16())
+        Err(Refused {
+            status: r.status().as_u16(),
+            body: r.text().await.unwrap_or_default(),
+        })
+    }
+}
+
+/// A setup enqueue, before any fault: retried while the answer is 503 or none (the
+/// ingress's 1 s database timeout can expire on a loaded machine), which the key makes
+/// safe; any other refusal fails the test with the ingress's log.
+async fn post_setup(http: &reqwest::Client, base: &str, id: i64, ingress: &Proc) -> i64 {
+    let t0 = Instant::now();
+    loop {
+        match post(http, base, id).await {
+            Ok(job) => return job,
+            Err(e) if (e.status == 503 || e.status == 0) && t0.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!(
+                "setup enqueue {id} refused: {e:?}\ningress log:\n{}",
+                ingress.logs()
+            ),
+        }
     }
 }
 
@@ -66,29 +102,29 @@ async fn row8_restart_everything_reconnects() {
     let http = reqwest::Client::new();
     let mut accepted = Vec::new();
     for i in 0..200 {
-        accepted.push(post(&http, &base, i).await.expect("202 before the restart"));
+        accepted.push(post_setup(&http, &base, i, &ingress).await);
     }
     let restart_at = chrono::Utc::now();
     let t0 = Instant::now();
     pg.pg.restart().expect("restart");
-    // The ingress answers 202 again by itself.
-    let mut i = 1000;
+    // The ingress answers 202 again by itself. One id, resent until accepted: an
+    // attempt answered 503 may still have committed, and its key makes the resend find
+    // that job instead of making a second.
     loop {
-        match post(&http, &base, i).await {
+        match post(&http, &base, 1000).await {
             Ok(id) => {
                 accepted.push(id);
                 break;
             }
-            Err(code) => assert!(
-                code == 503 || code == 0,
-                "only 503 while reconnecting, got {code}"
+            Err(e) => assert!(
+                e.status == 503 || e.status == 0,
+                "only 503 while reconnecting, got {e:?}"
             ),
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "ingress did not recover in 30 s"
         );
-        i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovered = t0.elapsed();
@@ -189,14 +225,14 @@ async fn row10_a_paused_server_gives_timeouts_not_hangs() {
     let http = reqwest::Client::new();
     let mut accepted = Vec::new();
     for i in 0..50 {
-        accepted.push(post(&http, &base, i).await.expect("202"));
+        accepted.push(post_setup(&http, &base, i, &ingress).await);
     }
     pg.signal_server("STOP");
     let t0 = Instant::now();
-    let code = post(&http, &base, 999)
+    let refused = post(&http, &base, 999)
         .await
         .expect_err("no 202 while paused");
-    assert_eq!(code, 503);
+    assert_eq!(refused.status, 503, "{refused:?}");
     assert!(
         t0.elapsed() < Duration::from_secs(4),
         "answered within the db timeout: {:?}",
