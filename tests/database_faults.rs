@@ -77,7 +77,9 @@ async fn post_setup(http: &reqwest::Client, base: &str, id: i64, ingress: &Proc)
     loop {
         match post(http, base, id).await {
             Ok(job) => return job,
-            Err(e) if (e.status == 503 || e.status == 0) && t0.elapsed() < Duration::from_secs(30) => {
+            Err(e)
+                if (e.status == 503 || e.status == 0) && t0.elapsed() < Duration::from_secs(30) =>
+            {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
             Err(e) => panic!(

@@ -1,15 +1,18 @@
-//! The one place outcomes are written: batched for the acker (`Done` without a
-//! transaction, retries, snoozes, releases, dead letters), or inside a handler's
-//! completion transaction for `Done` after `ctx.tx()`.
+//! Where outcomes are written, through the store's one completion path
+//! ([`QueueSql::complete`]): batched for the acker (`Done` without a transaction,
+//! retries, snoozes, releases, dead letters), or inside a handler's completion
+//! transaction for `Done` after `ctx.tx()`. (The consumer's last release at shutdown
+//! goes through the same function.)
 //!
 //! A batched statement is retried while its error is transient (connection lost, pool
 //! exhausted, deadlock, lock timeout, our own deadline) until a lease (or three statement
 //! deadlines) has passed or the shutdown deadline comes: by then the jobs' leases have
-//! lapsed unless the heartbeat still reaches the database, so giving up loses nothing. Any other error is about the data of some row: the batch is then settled
-//! row by row, so one bad job cannot take the others of its flush down with it, and a
-//! row that still fails alone is written the next best way: a `Done` stays done (its
-//! result replaced by the error, or a completion record instead of the archive row),
-//! anything else is dead-lettered with the database's reason.
+//! lapsed unless the heartbeat still reaches the database, so giving up loses nothing.
+//! Any other error is about the data of some row: the batch is then settled row by row,
+//! so one bad job cannot take the others of its flush down with it, and a row that
+//! still fails alone is written the next best way: a `Done` stays done (its result
+//! replaced by the error, or a completion record instead of the archive row), anything
+//! else is dead-lettered with the database's reason.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,7 +26,7 @@ use super::Observer;
 use super::held::Held;
 use crate::config::OnDone;
 use crate::outcome::Action;
-use crate::store::{Bury, Fence, QueueSql, Reschedule};
+use crate::store::{Bury, Completion, Fence, QueueSql, Statement};
 use crate::telemetry as t;
 
 /// An outcome to write.
@@ -46,32 +49,6 @@ impl StopBy {
     /// `at`, or earlier if the shutdown deadline comes first.
     pub fn cap(&self, at: Instant) -> Instant {
         self.get().map_or(at, |s| s.min(at))
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Item {
-    Archive(Fence, Option<Value>),
-    Delete(Fence),
-    Resched(Reschedule),
-    Bury(Bury),
-}
-
-impl Item {
-    fn fence(&self) -> Fence {
-        match self {
-            Item::Archive(f, _) | Item::Delete(f) => *f,
-            Item::Resched(r) => r.fence,
-            Item::Bury(b) => b.fence,
-        }
-    }
-    fn label(&self) -> &'static str {
-        match self {
-            Item::Archive(..) | Item::Delete(_) => "done",
-            Item::Resched(r) if r.free => "snooze or release",
-            Item::Resched(_) => "retry",
-            Item::Bury(_) => "dead letter",
-        }
     }
 }
 
@@ -170,43 +147,19 @@ impl Completer {
         let horizon = self.lease.max(self.statement_timeout * 3);
         let give_up_at = self.stop_by.cap(Instant::now() + horizon);
         let fences: Vec<Fence> = batch.iter().map(|s| s.fence).collect();
-        let mut groups: [Vec<Item>; 4] = Default::default();
+        let mut groups: std::collections::BTreeMap<Statement, Vec<Completion>> = Default::default();
         for s in batch {
-            let item = match s.action {
-                Action::Done(r) => match self.on_done {
-                    OnDone::Archive => Item::Archive(s.fence, r),
-                    OnDone::Delete => Item::Delete(s.fence),
-                },
-                Action::Reschedule { delay, error, free } => Item::Resched(Reschedule {
-                    fence: s.fence,
-                    delay,
-                    error,
-                    free,
-                }),
-                Action::Bury { attempts, error } => Item::Bury(Bury {
-                    fence: s.fence,
-                    attempts: attempts as i32,
-                    error,
-                }),
-            };
-            let slot = match item {
-                Item::Archive(..) | Item::Delete(_) => 0,
-                Item::Resched(_) => 1,
-                Item::Bury(_) => 2,
-            };
-            groups[slot].push(item);
+            let c = Completion::of(s.fence, s.action, self.on_done);
+            groups.entry(c.statement()).or_default().push(c);
         }
         let (mut done, mut stale) = (0usize, 0usize);
         // Each statement is retried on its own, so one that already succeeded is never
         // repeated (a repeat would match 0 rows and look stale).
-        for (slot, items) in groups.iter_mut().enumerate() {
-            if items.is_empty() {
-                continue;
-            }
-            items.sort_unstable_by_key(Item::fence);
+        for items in groups.values_mut() {
+            items.sort_unstable_by_key(Completion::fence);
             if let Some(changed) = self.settle_group(items, give_up_at).await {
                 stale += items.len() - changed;
-                if slot == 0 {
+                if items[0].is_done() {
                     done += changed;
                 }
             }
@@ -228,7 +181,7 @@ impl Completer {
 
     /// Writes one group; on a data error, row by row. Returns how many rows changed, or
     /// `None` if it gave up (the database was unreachable until `give_up_at`).
-    async fn settle_group(&self, items: &[Item], give_up_at: Instant) -> Option<usize> {
+    async fn settle_group(&self, items: &[Completion], give_up_at: Instant) -> Option<usize> {
         match self.retry_transient(items, give_up_at).await {
             Ok(ids) => return Some(ids.len()),
             Err(Failure::Transient(e)) => {
@@ -266,40 +219,45 @@ impl Completer {
     /// else a completion record without the archive row): dead-lettering a job that
     /// completed would invite an operator to run it twice. Anything else is
     /// dead-lettered with the database's reason.
-    async fn bury_unwritable(&self, item: &Item, e: &str, give_up_at: Instant) -> Option<usize> {
+    async fn bury_unwritable(
+        &self,
+        item: &Completion,
+        e: &str,
+        give_up_at: Instant,
+    ) -> Option<usize> {
         let fence = item.fence();
         error!(queue = self.queue, id = fence.msg_id, error = %e, outcome = item.label(),
             "an outcome could not be written as it is; writing it the next best way");
         let bury = |error: String| {
-            Item::Bury(Bury {
+            Completion::Bury(Bury {
                 fence,
                 attempts: fence.read_ct,
                 error,
             })
         };
-        let alternatives: Vec<Item> = match item {
-            Item::Archive(_, Some(_)) => vec![
-                Item::Archive(
+        let alternatives: Vec<Completion> = match item {
+            Completion::Archive(_, Some(_)) => vec![
+                Completion::Archive(
                     fence,
                     Some(
                         serde_json::json!({"longshore_error": format!("the result could not be stored: {e}")}),
                     ),
                 ),
-                Item::Delete(fence),
+                Completion::Delete(fence),
                 bury(format!(
                     "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
                 )),
             ],
-            Item::Archive(_, None) => vec![
-                Item::Delete(fence),
+            Completion::Archive(_, None) => vec![
+                Completion::Delete(fence),
                 bury(format!(
                     "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
                 )),
             ],
-            Item::Delete(_) => vec![bury(format!(
+            Completion::Delete(_) => vec![bury(format!(
                 "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
             ))],
-            Item::Resched(_) | Item::Bury(_) => vec![bury(format!(
+            Completion::Reschedule(_) | Completion::Bury(_) => vec![bury(format!(
                 "the runtime could not record this job's outcome ({}): {e}",
                 item.label()
             ))],
@@ -322,7 +280,7 @@ impl Completer {
     /// Runs one statement until it succeeds, fails on its data, or `give_up_at` passes.
     async fn retry_transient(
         &self,
-        items: &[Item],
+        items: &[Completion],
         give_up_at: Instant,
     ) -> Result<Vec<i64>, Failure> {
         let mut tries = 0u32;
@@ -351,58 +309,15 @@ impl Completer {
         }
     }
 
-    async fn statement(&self, items: &[Item]) -> Result<Vec<i64>, sqlx::Error> {
+    async fn statement(&self, items: &[Completion]) -> Result<Vec<i64>, sqlx::Error> {
         let r = crate::db::run(&self.control, crate::db::Deadline::Control, async |c| {
-            self.write(c, items).await
+            self.sql.complete(c, items).await
         })
         .await;
-        if matches!(items[0], Item::Resched(_)) {
+        if matches!(items[0], Completion::Reschedule(_)) {
             self.wake.notify_one();
         }
         r
-    }
-
-    async fn write(
-        &self,
-        pool: &mut sqlx::PgConnection,
-        items: &[Item],
-    ) -> Result<Vec<i64>, sqlx::Error> {
-        match &items[0] {
-            Item::Archive(..) => {
-                let v: Vec<(Fence, Option<Value>)> = items
-                    .iter()
-                    .filter_map(|i| match i {
-                        Item::Archive(f, r) => Some((*f, r.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                self.sql.ack_archive(&mut *pool, &v).await
-            }
-            Item::Delete(_) => {
-                let v: Vec<Fence> = items.iter().map(Item::fence).collect();
-                self.sql.ack_delete(&mut *pool, &v).await
-            }
-            Item::Resched(_) => {
-                let v: Vec<Reschedule> = items
-                    .iter()
-                    .filter_map(|i| match i {
-                        Item::Resched(r) => Some(r.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                self.sql.reschedule(&mut *pool, &v).await
-            }
-            Item::Bury(_) => {
-                let v: Vec<Bury> = items
-                    .iter()
-                    .filter_map(|i| match i {
-                        Item::Bury(b) => Some(b.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                self.sql.bury(&mut *pool, &v).await
-            }
-        }
     }
 
     /// Transactional completion: the handler's writes and the fenced acknowledgement
@@ -416,10 +331,8 @@ impl Completer {
         result: Option<Value>,
     ) -> Result<bool, String> {
         let work = async {
-            let acked = match self.on_done {
-                OnDone::Archive => self.sql.ack_archive(&mut *tx, &[(fence, result)]).await,
-                OnDone::Delete => self.sql.ack_delete(&mut *tx, &[fence]).await,
-            }?;
+            let done = Completion::of(fence, Action::Done(result), self.on_done);
+            let acked = self.sql.complete(&mut tx, &[done]).await?;
             if acked.len() == 1 {
                 tx.commit().await?;
                 Ok::<bool, sqlx::Error>(true)

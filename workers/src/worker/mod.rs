@@ -49,7 +49,7 @@ use crate::listener;
 use crate::outcome::Action;
 use crate::queue_name::QueueName;
 use crate::registry::{ErasedHandler, Registry};
-use crate::store::{ClaimRequest, Claimed, Fence, QueueSql, Reschedule};
+use crate::store::{ClaimRequest, Claimed, Completion, Fence, QueueSql};
 use crate::telemetry as t;
 
 /// After the grace period, how long a shutting-down worker may still spend writing
@@ -743,16 +743,11 @@ impl Consumer {
             );
         }
         // What is still held was aborted before it settled: release it.
-        let rest: Vec<Reschedule> = self
+        let rest: Vec<Completion> = self
             .held
             .drain()
             .into_iter()
-            .map(|fence| Reschedule {
-                fence,
-                delay: Duration::ZERO,
-                error: None,
-                free: true,
-            })
+            .map(Completion::release)
             .collect();
         if rest.is_empty() {
             if in_flight > 0 || released_at_signal {
@@ -766,7 +761,7 @@ impl Consumer {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(250));
         let release = db::run(&self.control, Deadline::Control, async |c| {
-            self.sql.reschedule(c, &rest).await
+            self.sql.complete(c, &rest).await
         });
         match tokio::time::timeout(left, release).await {
             Ok(Ok(ids)) => info!(
