@@ -1,0 +1,506 @@
+//! Typed, layered configuration.
+//!
+//! Layers, later wins: the embedded `config/default.toml` (compiled into the binary so
+//! it runs from any directory) → `config/default.toml` on disk, if present →
+//! `config/{LONGSHORE_ENV}.toml` → `LONGSHORE__SECTION__KEY` environment variables →
+//! `DATABASE_URL`. Every value is checked at start; an error names the key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+mod database;
+mod ingress;
+mod queues;
+mod scheduler;
+
+pub use self::database::{DatabaseConfig, Pooler};
+pub use self::ingress::{HookConfig, IngressConfig, TokenConfig};
+pub use self::queues::{EnqueueConfig, OnDone, QueueOverrides, QueueSettings, WorkerConfig};
+pub use self::scheduler::{Missed, ScheduleConfig, SchedulerConfig};
+use crate::queue_name::QueueName;
+
+/// The defaults every build carries; `config/default.toml` in the repository.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../config/default.toml");
+/// The `dev` overlay, also compiled in so `longshore dev` works from any directory.
+pub const EMBEDDED_DEV: &str = include_str!("../../../config/dev.toml");
+
+/// A parse error without the lines of the file it quotes (TOML's errors show the
+/// offending line, which may hold a secret): "at line N, column M" and the reason
+/// stay.
+fn without_source_lines(msg: &str) -> String {
+    msg.lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let quoted = t.starts_with('|')
+                || t.split_once('|').is_some_and(|(n, _)| {
+                    !n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())
+                });
+            !quoted && !t.is_empty()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        let key = key.into();
+        // A type error echoes the value (`invalid type: integer `12345`, expected a
+        // string`); for a secret's key that would print the secret.
+        let message = if is_secret_key(&key) {
+            "has the wrong type or format (its value is not shown: it is a secret)".to_string()
+        } else {
+            without_value(&message.into())
+        };
+        ConfigError::Invalid { key, message }
+    }
+}
+
+/// A serde type or value error with the offending value left out: at a key that is not
+/// itself a secret the value may still hold one (a provider's table written as a
+/// string of its key, `providers.gpt = "sk-…"`; a secret pasted into a duration). What
+/// kind of value it was, and what was expected, stay. Both spellings: figment's
+/// (`invalid type: found string "…"`, `invalid value string "…"`, ``unknown variant:
+/// found `…` ``) and serde_json's (`invalid type: string "…"`, ``unknown variant `…` ``).
+fn without_value(message: &str) -> String {
+    let Some(at) = message.find(", expected") else {
+        return message.to_string();
+    };
+    let (head, tail) = message.split_at(at);
+    for prefix in ["invalid type", "invalid value"] {
+        if let Some(rest) = head.strip_prefix(prefix) {
+            let rest = rest.trim_start_matches(':').trim_start();
+            let rest = rest.strip_prefix("found ").unwrap_or(rest);
+            let kind = rest.split(['"', '`', ' ']).next().unwrap_or("").trim();
+            return format!("{prefix}: {kind}{tail}");
+        }
+    }
+    if head.starts_with("unknown variant") {
+        return format!("unknown variant{tail}");
+    }
+    message.to_string()
+}
+
+/// Keys whose values are secrets: never echoed in an error.
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    last == "url"
+        || last == "rpc_url"
+        || last.contains("secret")
+        || last.contains("password")
+        || last.contains("api_key")
+        || last.ends_with("_key")
+        || last.contains("keypair")
+        || last.contains("token")
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        struct Keys<'a>(&'a serde_json::Value);
+        impl std::fmt::Debug for Keys<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self.0.as_object() {
+                    Some(o) => f.debug_set().entries(o.keys()).finish(),
+                    None => f.write_str("{}"),
+                }
+            }
+        }
+        f.debug_struct("Config")
+            .field("database", &self.database)
+            .field("worker", &self.worker)
+            .field("queues", &self.queues)
+            .field("enqueue", &self.enqueue)
+            .field("log", &self.log)
+            .field("dev", &self.dev)
+            .field("ingress", &self.ingress)
+            .field("hooks", &self.hooks)
+            .field("scheduler", &self.scheduler)
+            .field("schedules", &self.schedules)
+            .field("metrics", &self.metrics)
+            .field("billing", &Keys(&self.billing))
+            .field("market", &Keys(&self.market))
+            .field("chat", &Keys(&self.chat))
+            .field("probe", &Keys(&self.probe))
+            .finish()
+    }
+}
+
+/// `Debug` shows the pipeline sections (`billing`, `market`, `chat`, `probe`, raw JSON
+/// typed later by the jobs crate) by their keys only: they hold secrets (the vault key,
+/// provider API keys, the RPC URL, keypairs) that are not `secrecy` types until typed.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub worker: WorkerConfig,
+    /// Per-queue settings; `default` applies to every queue, a named table overrides it.
+    pub queues: BTreeMap<String, QueueOverrides>,
+    pub enqueue: EnqueueConfig,
+    pub log: LogConfig,
+    pub dev: DevConfig,
+    pub ingress: IngressConfig,
+    /// Signed webhook sources, by name (`POST /v1/hooks/{name}`).
+    #[serde(default)]
+    pub hooks: BTreeMap<String, HookConfig>,
+    pub scheduler: SchedulerConfig,
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+    pub metrics: MetricsConfig,
+    /// Settings of the usage-billing job kinds; typed and checked by the jobs crate
+    /// ([`Config::section`]), which names any bad key.
+    #[serde(default)]
+    pub billing: serde_json::Value,
+    /// Settings of the market pipeline (`[market]`), typed by the jobs crate.
+    #[serde(default)]
+    pub market: serde_json::Value,
+    /// Settings of the chat pipeline (`[chat]`), typed by the jobs crate.
+    #[serde(default)]
+    pub chat: serde_json::Value,
+    /// Settings of the `probe` job kind (`[probe]`, tests), typed by the jobs crate.
+    #[serde(default)]
+    pub probe: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// How often queue gauges (depth, in flight, …) are sampled from the database.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfig {
+    /// Where `longshore dev` keeps its private PostgreSQL cluster.
+    pub data_dir: String,
+    /// The dev traffic simulator writes HAProxy log files here (the dev schedules scan
+    /// it); "" turns the simulator off.
+    #[serde(default)]
+    pub spool_dir: String,
+    /// Lines per file, one file per `traffic_interval`.
+    #[serde(default)]
+    pub traffic_lines: usize,
+    #[serde(default = "default_traffic_interval", with = "humantime_serde")]
+    pub traffic_interval: Duration,
+}
+
+fn default_traffic_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Config {
+    /// Loads the layers from the current directory and the process environment.
+    pub fn load() -> Result<Config, ConfigError> {
+        let env_name = std::env::var("LONGSHORE_ENV").ok();
+        Self::load_from(Path::new("config"), env_name.as_deref(), std::env::vars())
+    }
+
+    /// Like [`Config::load`], with `default_env` when `LONGSHORE_ENV` is unset
+    /// (`longshore dev` defaults to `dev`).
+    pub fn load_with_default_env(default_env: &str) -> Result<Config, ConfigError> {
+        let env_name = std::env::var("LONGSHORE_ENV")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| default_env.to_string());
+        Self::load_from(Path::new("config"), Some(&env_name), std::env::vars())
+    }
+
+    /// Loads with an explicit config directory, environment name and variables (tests).
+    pub fn load_from(
+        dir: &Path,
+        env_name: Option<&str>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::new().merge(Toml::string(EMBEDDED_DEFAULT));
+        let on_disk = dir.join("default.toml");
+        if on_disk.exists() {
+            fig = fig.merge(Toml::file(on_disk));
+        }
+        if let Some(name) = env_name.filter(|n| !n.is_empty()) {
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError::invalid(
+                    "LONGSHORE_ENV",
+                    "must be a plain name",
+                ));
+            }
+            let file = dir.join(format!("{name}.toml"));
+            // admerge: arrays (tokens, schedules) are appended to the defaults'.
+            if file.exists() {
+                fig = fig.admerge(Toml::file(file));
+            } else if name == "dev" {
+                fig = fig.admerge(Toml::string(EMBEDDED_DEV));
+            } else {
+                return Err(ConfigError::invalid(
+                    "LONGSHORE_ENV",
+                    format!("no file {}", file.display()),
+                ));
+            }
+        }
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        // Env::prefixed reads the real environment; feed our own iterator instead so
+        // tests can pass variables without touching the process environment.
+        let mut env_layer = Figment::new();
+        for (k, v) in &vars {
+            if let Some(rest) = k.strip_prefix("LONGSHORE__") {
+                let key = rest.to_ascii_lowercase().replace("__", ".");
+                let value: figment::value::Value = v.parse().expect("figment parses any string");
+                env_layer = env_layer.merge(Serialized::default(&key, value));
+            }
+        }
+        fig = fig.merge(env_layer);
+        if let Some((_, url)) = vars.iter().find(|(k, _)| k == "DATABASE_URL")
+            && !url.is_empty()
+        {
+            fig = fig.merge(Serialized::default("database.url", url));
+        }
+        let cfg: Config = fig.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let msg = without_source_lines(&e.kind.to_string());
+            if key.is_empty() {
+                ConfigError::Load(without_value(&msg))
+            } else {
+                ConfigError::invalid(key, msg)
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Types a pipeline's section (`billing`, …): an unknown or ill-typed key is an
+    /// error that names it (`billing.charge_threshold_usd: …`).
+    pub fn section<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                name.to_string()
+            } else {
+                format!("{name}.{path}")
+            };
+            // `invalid` hides the message for secret keys.
+            ConfigError::invalid(key, e.into_inner().to_string())
+        })
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
+        self.worker.validate()?;
+        if self.enqueue.idempotency_ttl.is_zero() {
+            return Err(ConfigError::invalid(
+                "enqueue.idempotency_ttl",
+                "must be positive",
+            ));
+        }
+        self.validate_ingress()?;
+        self.validate_schedules()?;
+        if self.metrics.sample_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "metrics.sample_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if !self.queues.contains_key("default") {
+            return Err(ConfigError::invalid("queues.default", "is required"));
+        }
+        for name in self.queues.keys() {
+            if name != "default" {
+                QueueName::parse(name)
+                    .map_err(|e| ConfigError::invalid(format!("queues.{name}"), e.to_string()))?;
+            }
+            // Each table must merge into complete, sane settings.
+            self.queue_settings_checked(name)?;
+        }
+        Ok(())
+    }
+
+    /// The database URL, if one is configured.
+    pub fn database_url(&self) -> Option<&str> {
+        let u = self.database.url.expose_secret();
+        (!u.is_empty()).then_some(u)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_from(Path::new("/nonexistent"), None, vars)
+    }
+
+    #[test]
+    fn a_malformed_file_is_reported_without_its_lines() {
+        let dir = std::env::temp_dir().join(format!("ls-cfg-echo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("test.toml"),
+            "[hooks.x]\nsecret = \"CANARY-SECRET-41\n",
+        )
+        .unwrap();
+        let e = Config::load_from(&dir, Some("test"), std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!e.contains("CANARY-SECRET-41"), "the line was echoed: {e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn embedded_default_loads_and_validates() {
+        let c = load(&[]).unwrap();
+        assert!(c.database_url().is_none());
+        let q = c.queue("anything");
+        assert_eq!(q.on_done, OnDone::Archive);
+        assert!(q.max_attempts >= 1);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = load(&[
+            ("LONGSHORE__WORKER__CONCURRENCY", "7"),
+            ("LONGSHORE__QUEUES__PROBE__MAX_ATTEMPTS", "3"),
+            ("DATABASE_URL", "postgres://u:p@h/db"),
+        ])
+        .unwrap();
+        assert_eq!(c.worker.concurrency, 7);
+        assert_eq!(c.queue("probe").max_attempts, 3);
+        assert_eq!(c.queue("probe").concurrency, 7);
+        assert_eq!(c.database_url(), Some("postgres://u:p@h/db"));
+    }
+
+    #[test]
+    fn bad_value_names_its_key() {
+        let e = load(&[("LONGSHORE__WORKER__CONCURRENCY", "lots")]).unwrap_err();
+        assert!(e.to_string().contains("worker.concurrency"), "{e}");
+        let e = load(&[("LONGSHORE__WORKER__CONCURRENCY", "0")]).unwrap_err();
+        assert!(e.to_string().contains("worker.concurrency"), "{e}");
+        let e = load(&[("LONGSHORE__QUEUES__PROBE__LEASE", "10ms")]).unwrap_err();
+        assert!(e.to_string().contains("queues.probe.lease"), "{e}");
+        let e = load(&[("LONGSHORE__WORKER__POLL_INTERVAL", "soon")]).unwrap_err();
+        assert!(e.to_string().contains("worker.poll_interval"), "{e}");
+    }
+
+    #[test]
+    fn bad_queue_name_in_config_is_rejected() {
+        let e = load(&[("LONGSHORE__QUEUES__BAD-NAME__MAX_ATTEMPTS", "3")]).unwrap_err();
+        assert!(e.to_string().contains("queues.bad-name"), "{e}");
+    }
+
+    /// Canaries in every section that holds a secret: none reaches `Debug`, and a
+    /// secret of the wrong type is not echoed by the error that refuses it.
+    #[test]
+    fn no_secret_of_any_section_reaches_debug_or_an_error() {
+        let canaries = [
+            ("DATABASE_URL", "postgres://u:canary-db-pw@h/db"),
+            ("LONGSHORE__HOOKS__W__SECRET", "canary-hook-secret-0123"),
+            ("LONGSHORE__HOOKS__W__QUEUE", "probe"),
+            ("LONGSHORE__HOOKS__W__SIGNATURE_HEADER", "x-s"),
+            ("LONGSHORE__HOOKS__W__ALLOW_REPLAY", "true"),
+            ("LONGSHORE__BILLING__VAULT_KEY", "canary-vault-key"),
+            (
+                "LONGSHORE__BILLING__CHAIN__RPC_URL",
+                "https://rpc.example/canary-rpc-key",
+            ),
+            (
+                "LONGSHORE__BILLING__CHAIN__DELEGATE_KEYPAIR",
+                "canary-keypair",
+            ),
+            (
+                "LONGSHORE__MARKET__CRYPTOMETER__API_KEY",
+                "canary-cryptometer",
+            ),
+            ("LONGSHORE__CHAT__PROVIDERS__GPT__API_KEY", "canary-openai"),
+            ("LONGSHORE__PROBE__TRACE_DIR", "/tmp/canary-probe"),
+        ];
+        let c = load(&canaries).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("canary"), "a secret in Debug: {dbg}");
+        assert!(dbg.contains("vault_key"), "keys are listed: {dbg}");
+        let e = load(&[
+            ("LONGSHORE__HOOKS__W__SECRET", "918273645"),
+            ("LONGSHORE__HOOKS__W__QUEUE", "probe"),
+            ("LONGSHORE__HOOKS__W__SIGNATURE_HEADER", "x-s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hooks.w.secret"), "{e}");
+        assert!(!e.contains("918273645"), "{e}");
+        // A secret one level down: the key named is not a secret's, its value is.
+        let e = load(&[("LONGSHORE__HOOKS__W", "canary-nested-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hooks.w") && e.contains("string, expected"),
+            "{e}"
+        );
+        assert!(!e.contains("canary"), "{e}");
+        // In a duration (figment's "invalid value" has no colon) and in an enum.
+        for (k, v) in [
+            (
+                "LONGSHORE__ENQUEUE__IDEMPOTENCY_TTL",
+                "canary-in-a-duration",
+            ),
+            ("LONGSHORE__LOG__FORMAT", "canary-in-an-enum"),
+        ] {
+            let e = load(&[(k, v)]).unwrap_err().to_string();
+            assert!(!e.contains("canary"), "{e}");
+            assert!(e.contains("expected"), "what was expected stays: {e}");
+        }
+        let c = load(&[("LONGSHORE__BILLING__VAULT_KEY", "918273645")]).unwrap();
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct B {
+            vault_key: String,
+        }
+        let billing = serde_json::json!({"vault_key": c.billing["vault_key"].clone()});
+        let e = c.section::<B>("billing", &billing).unwrap_err().to_string();
+        assert!(
+            e.contains("billing.vault_key") && !e.contains("918273645"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn database_url_never_in_debug() {
+        let c = load(&[("DATABASE_URL", "postgres://u:hunter2canary@h/db")]).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2canary"), "{dbg}");
+    }
+}
