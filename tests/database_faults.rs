@@ -41,6 +41,7 @@ args = {{ task = "expire_idempotency_keys" }}
 #[derive(Debug)]
 struct Refused {
     status: u16,
+    #[allow(dead_code, reason = "read through Debug, in failure messages")]
     body: String,
 }
 
