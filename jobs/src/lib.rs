@@ -9,9 +9,11 @@ pub mod billing;
 pub mod chat;
 pub mod clients;
 pub mod files;
+pub mod locks;
 pub mod market;
 pub mod probe;
 pub mod prune;
+pub mod telemetry;
 
 use std::sync::Arc;
 

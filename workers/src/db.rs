@@ -367,11 +367,13 @@ pub async fn migrate(
         return Err(DbError::MigrateThroughPooler);
     }
     let mut conn = pool.acquire().await.map_err(DbError::Connect)?;
-    sqlx::query("SELECT pg_advisory_lock(7254001)")
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(crate::locks::MIGRATE)
         .execute(&mut *conn)
         .await?;
     let r = migrate_locked(&mut conn, pool, migrator, registry).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(7254001)")
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(crate::locks::MIGRATE)
         .execute(&mut *conn)
         .await;
     r

@@ -26,6 +26,7 @@ pub mod enqueue;
 pub mod ingress;
 pub mod job;
 pub mod listener;
+pub mod locks;
 pub mod maintenance;
 pub(crate) mod outcome;
 pub mod queue_name;

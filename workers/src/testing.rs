@@ -103,7 +103,8 @@ async fn ensure_template(
     registry.kinds().for_each(|k| k.hash(&mut h));
     crate::store::QUEUE_OBJECTS_VERSION.hash(&mut h);
     let template = format!("ls_tmpl_{:016x}", h.finish());
-    sqlx::query("SELECT pg_advisory_lock(7254002)")
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(crate::locks::TEST_TEMPLATE)
         .execute(&mut *admin)
         .await
         .expect("template lock");
@@ -142,7 +143,8 @@ async fn ensure_template(
             .await
             .expect("publish template");
     }
-    sqlx::query("SELECT pg_advisory_unlock(7254002)")
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(crate::locks::TEST_TEMPLATE)
         .execute(&mut *admin)
         .await
         .expect("template unlock");

@@ -17,8 +17,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgConnection;
 
-use super::ingest_logs::INGEST_LOCK;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AggregateUsage {
     /// Raw rows per transaction (default 1,000,000).
@@ -61,7 +59,7 @@ pub async fn aggregate_chunk(
     chunk: i64,
 ) -> Result<(i64, bool), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(INGEST_LOCK)
+        .bind(crate::locks::INGEST)
         .execute(&mut *tx)
         .await?;
     let last: i64 = sqlx::query_scalar(

@@ -216,7 +216,7 @@ pub async fn run_cycle_on(
                 Ok(c) => Some(c),
                 Err(EscrowRead::Db(e)) => return Err(e),
                 Err(EscrowRead::Chain(e)) => {
-                    metrics::counter!("longshore_billing_balance_unread_total").increment(1);
+                    metrics::counter!(crate::telemetry::BILLING_BALANCE_UNREAD).increment(1);
                     tracing::warn!(customer_id = id, error = %e, "escrow balance unreadable; the customer waits for the next cycle");
                     report.unread.push(id);
                     continue;
@@ -767,7 +767,7 @@ async fn create_intent(
     enqueue_on(tx, &ChargeEscrow { intent_id }, EnqueueOptions::default())
         .await
         .map_err(longshore_workers::EnqueueError::into_sqlx)?;
-    metrics::counter!("longshore_billing_intents_total").increment(1);
+    metrics::counter!(crate::telemetry::BILLING_INTENTS).increment(1);
     tracing::info!(
         customer_id,
         service_type,
@@ -848,7 +848,7 @@ async fn suspend(
     .execute(&mut *tx)
     .await?;
     if changed {
-        metrics::counter!("longshore_billing_suspensions_total", "reason" => refusal.code)
+        metrics::counter!(crate::telemetry::BILLING_SUSPENSIONS, "reason" => refusal.code)
             .increment(1);
         tracing::warn!(
             customer_id,

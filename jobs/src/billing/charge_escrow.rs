@@ -386,7 +386,7 @@ impl Driver<'_> {
                 }
                 MemoSearch::Incomplete(why) => {
                     // For an alert (an intent stuck here never re-signs on its own).
-                    metrics::counter!("longshore_chain_memo_search_incomplete_total").increment(1);
+                    metrics::counter!(crate::telemetry::CHAIN_MEMO_SEARCH_INCOMPLETE).increment(1);
                     tracing::warn!(intent_id = %self.intent_id, why, "memo search incomplete: no proof of expiry; waiting");
                     return Ok(Next::Wait);
                 }
@@ -643,7 +643,7 @@ impl Driver<'_> {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        metrics::counter!("longshore_billing_charges_total", "outcome" => "confirmed").increment(1);
+        metrics::counter!(crate::telemetry::BILLING_CHARGES, "outcome" => "confirmed").increment(1);
         tracing::info!(intent_id = %self.intent_id, customer_id = i.customer_id, amount = %i.amount, signature = sig, "charge confirmed");
         observe_fee_payer(self.chain, self.cfg).await;
         Ok(())
@@ -696,7 +696,7 @@ impl Driver<'_> {
                 .map_err(|e| Step::Db(e.into_sqlx()))?;
         }
         tx.commit().await?;
-        metrics::counter!("longshore_billing_charges_total", "outcome" => "failed").increment(1);
+        metrics::counter!(crate::telemetry::BILLING_CHARGES, "outcome" => "failed").increment(1);
         tracing::warn!(intent_id = %self.intent_id, customer_id = i.customer_id, service_type = i.service_type, reason, "charge failed; service suspended");
         Ok(())
     }
@@ -708,7 +708,7 @@ pub async fn observe_fee_payer(chain: &dyn Chain, cfg: &BillingConfig) {
     match chain.fee_payer_lamports().await {
         Ok(u64::MAX) => {} // a chain without fees (the simulator)
         Ok(lamports) => {
-            metrics::gauge!("longshore_chain_delegate_lamports").set(lamports as f64);
+            metrics::gauge!(crate::telemetry::CHAIN_DELEGATE_LAMPORTS).set(lamports as f64);
             if lamports < cfg.chain.delegate_low_lamports {
                 tracing::warn!(
                     delegate = chain.delegate(),

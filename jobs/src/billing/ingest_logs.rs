@@ -21,8 +21,6 @@ use sqlx::PgConnection;
 use super::haproxy::{LogRecord, parse_line};
 use crate::files::ReadError;
 
-/// Advisory lock: ingests take it shared, the aggregation exclusively.
-pub const INGEST_LOCK: i64 = 7_254_100;
 /// At most this many malformed lines are listed in a job's result (all are counted).
 const MAX_REPORTED: usize = 100;
 
@@ -161,7 +159,7 @@ pub async fn ingest_from(
     let file_key = i64::from_be_bytes(sha[..8].try_into().expect("8 of 32 bytes"));
     let sha = hex::encode(sha);
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-        .bind(INGEST_LOCK)
+        .bind(crate::locks::INGEST)
         .execute(&mut *tx)
         .await?;
     let seen: bool =
@@ -211,7 +209,7 @@ pub async fn ingest_from(
             }
         }
     }
-    metrics::counter!("longshore_log_lines_malformed_total").increment(report.malformed as u64);
+    metrics::counter!(crate::telemetry::LOG_LINES_MALFORMED).increment(report.malformed as u64);
 
     // In key order: index inserts land near each other, and two ingests of overlapping
     // lines take their keys in one order (they wait, never deadlock). The same line
@@ -240,8 +238,8 @@ pub async fn ingest_from(
         report.inserted = store_lines(tx, &rows.finish(), order.len()).await?;
         report.duplicates += order.len() - report.inserted;
     }
-    metrics::counter!("longshore_log_lines_ingested_total").increment(report.inserted as u64);
-    metrics::counter!("longshore_log_lines_duplicate_total").increment(report.duplicates as u64);
+    metrics::counter!(crate::telemetry::LOG_LINES_INGESTED).increment(report.inserted as u64);
+    metrics::counter!(crate::telemetry::LOG_LINES_DUPLICATE).increment(report.duplicates as u64);
     sqlx::query("INSERT INTO ingested_files (sha256, source, lines, inserted, malformed) VALUES ($1, $2, $3, $4, $5)")
         .bind(&sha)
         .bind(source)
@@ -404,8 +402,9 @@ async fn ensure_partition(tx: &mut PgConnection, d: NaiveDate) -> Result<(), sql
         return Ok(());
     }
     // Serialise creators of the same partition.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7254101))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, $2))")
         .bind(&name)
+        .bind(crate::locks::LOG_PARTITION_SEED)
         .execute(&mut *tx)
         .await?;
     let from: DateTime<Utc> = d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();

@@ -36,8 +36,6 @@ use sqlx::{PgConnection, Row};
 
 use super::config::{BillingConfig, Tiers};
 
-/// Advisory lock: one vault writer at a time.
-pub const VAULT_LOCK: i64 = 7_254_110;
 pub const HEADER: &str = "customer_id,encrypted_key,rate_limit,tier,service_type";
 pub const KEY_ENV: &str = "LONGSHORE_VAULT_KEY";
 
@@ -204,7 +202,7 @@ impl Handler for RegenerateVaultHandler {
             Ok(r) => Outcome::done_with(r),
             Err(VaultError::Db(e)) => Err(e.into()),
             Err(e) => {
-                metrics::counter!("longshore_vault_write_errors_total").increment(1);
+                metrics::counter!(crate::telemetry::VAULT_WRITE_ERRORS).increment(1);
                 tracing::error!(error = %e, "vault not written; the old file stands");
                 Err(JobError::retry(e))
             }
@@ -236,7 +234,7 @@ pub async fn regenerate_mode(
     mode: u32,
 ) -> Result<VaultReport, VaultError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(VAULT_LOCK)
+        .bind(crate::locks::VAULT)
         .execute(&mut *tx)
         .await?;
     let rows = sqlx::query(

@@ -215,9 +215,9 @@ async fn record_attempt(
             Some(e.message.as_str()),
         ),
     };
-    metrics::counter!("longshore_llm_attempts_total", "provider" => at.provider.to_string(), "status" => status)
+    metrics::counter!(crate::telemetry::LLM_ATTEMPTS, "provider" => at.provider.to_string(), "status" => status)
         .increment(1);
-    metrics::histogram!("longshore_llm_attempt_seconds", "provider" => at.provider.to_string())
+    metrics::histogram!(crate::telemetry::LLM_ATTEMPT_SECONDS, "provider" => at.provider.to_string())
         .record(f64::from(at.latency_ms) / 1000.0);
     sqlx::query_scalar(
         "INSERT INTO llm_attempts (request_id, job_id, provider, model, status, http_status, input_tokens, output_tokens, latency_ms, error) \
@@ -307,7 +307,7 @@ impl LlmCallHandler {
         credits::release(tx, a.user_id, a.request_id).await?;
         let (credits_charged, balance) = match charged {
             Charge::Charged { credits, balance } => {
-                metrics::counter!("longshore_llm_credits_charged_total", "provider" => s.provider.clone())
+                metrics::counter!(crate::telemetry::LLM_CREDITS_CHARGED, "provider" => s.provider.clone())
                     .increment(credits as u64);
                 (credits, balance)
             }

@@ -76,8 +76,9 @@ impl Handler for ComputeSignalsHandler {
         let history = a.backfill || (a.since.is_some() && a.at.is_none());
         let tx = ctx.tx().await?;
         // One evaluator per symbol at a time: "the previous signal" must be settled.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('signals:' || $1))")
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($2 || $1))")
             .bind(&sym)
+            .bind(crate::locks::SIGNALS_NS)
             .execute(&mut *tx)
             .await?;
         // A live job also evaluates every candle before its own that has indicators but

@@ -161,8 +161,9 @@ impl Handler for SyncWatcherHandler {
             (None, None) => None,
         };
         if let Some(id) = id {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('watcher:' || $1::text))")
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($2 || $1::text))")
                 .bind(id)
+                .bind(crate::locks::WATCHER_NS)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -202,13 +203,12 @@ impl Handler for SyncWatcherHandler {
                 let (symbol, tf) = (r.symbol.to_string(), r.timeframe.as_str());
                 // Serialise changes to one (symbol, timeframe) so "first watcher" is
                 // decided once.
-                sqlx::query(
-                    "SELECT pg_advisory_xact_lock(hashtext('watchers:' || $1 || ':' || $2))",
-                )
-                .bind(&symbol)
-                .bind(tf)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($3 || $1 || ':' || $2))")
+                    .bind(&symbol)
+                    .bind(tf)
+                    .bind(crate::locks::WATCHERS_NS)
+                    .execute(&mut *tx)
+                    .await?;
                 let watched_before: bool = sqlx::query_scalar(
                     "SELECT EXISTS (SELECT 1 FROM watchers WHERE symbol = $1 AND timeframe = $2 AND active)",
                 )

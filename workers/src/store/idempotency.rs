@@ -33,9 +33,10 @@ pub async fn idempotency_lookup(
     body: &Value,
     free_when_dead: bool,
 ) -> Result<Option<KeyEntry>, sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(1) || $2, 7254))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(1) || $2, $3))")
         .bind(queue.as_str())
         .bind(key)
+        .bind(crate::locks::IDEMPOTENCY_SEED)
         .execute(&mut *tx)
         .await?;
     let row = sqlx::query(&format!(

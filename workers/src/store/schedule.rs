@@ -15,8 +15,9 @@ pub async fn fire_schedule(
     fire_at: DateTime<Utc>,
     args: &Value,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7254003))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, $2))")
         .bind(schedule)
+        .bind(crate::locks::SCHEDULE_FIRE_SEED)
         .execute(&mut *tx)
         .await?;
     let taken: bool = sqlx::query_scalar(
