@@ -1229,3 +1229,84 @@ async fn idle_consumers_wake_for_delayed_jobs_and_retries_not_at_the_cap() {
     stop.cancel();
     h.await.unwrap().unwrap();
 }
+
+fn probe(id: i64) -> Probe {
+    Probe {
+        id,
+        sleep_ms: None,
+        fail_times: None,
+        effect: Some(true),
+        hold_ms: None,
+        panic: None,
+        abort: None,
+        block_ms: None,
+    }
+}
+
+/// The test kit (`longshore_workers::testing`) over a real queue: what is enqueued, a
+/// drain through the real worker that leaves delayed jobs alone, and the results.
+#[tokio::test]
+async fn the_test_kit_sees_enqueued_jobs_drains_due_ones_and_reads_results() {
+    use longshore_workers::testing::{
+        all_enqueued, assert_enqueued, count_done, count_enqueued, drain, job_result, job_status,
+        results,
+    };
+    let t = db().await;
+    let mut ids = Vec::new();
+    for id in 1..=3 {
+        ids.push(
+            longshore_workers::enqueue(&t.pool, &probe(id), EnqueueOptions::default())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let later = longshore_workers::enqueue(
+        &t.pool,
+        &probe(4),
+        EnqueueOptions::default().delay(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap()
+    .id;
+    let queued = all_enqueued::<Probe>(&t.pool).await;
+    assert_eq!(
+        queued.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(assert_enqueued::<Probe>(&t.pool, json!({"id": 2})).await, vec![probe(2)]);
+    // A job that is not there fails the assertion, naming what is.
+    let missing = tokio::spawn({
+        let pool = t.pool.clone();
+        async move { assert_enqueued::<Probe>(&pool, json!({"id": 99})).await }
+    })
+    .await
+    .expect_err("no job 99");
+    let msg = missing.into_panic();
+    let msg = msg
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .unwrap_or_default();
+    assert!(msg.contains("the queue holds 4"), "{msg}");
+
+    let cfg = config(&[]);
+    let registry = longshore_jobs::registry(&cfg).unwrap();
+    drain(&t.pool, registry, cfg, &["probe"], Duration::from_secs(30)).await;
+
+    // The delayed job is still waiting; the three due ones ran once each.
+    assert_eq!(count_enqueued(&t.pool, "probe").await, 1);
+    assert_eq!(all_enqueued::<Probe>(&t.pool).await, vec![probe(4)]);
+    assert_eq!(count_done(&t.pool, "probe").await, 3);
+    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 3);
+    let done = results(&t.pool, "probe").await;
+    assert_eq!(done.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        job_result(&t.pool, "probe", ids[1]).await,
+        Some(json!({"id": 2, "attempt": 1, "duplicate": false}))
+    );
+    assert_eq!(
+        job_status(&t.pool, "probe", later).await.map(|s| s.state),
+        Some(longshore_workers::store::JobState::Queued)
+    );
+    assert_eq!(job_result(&t.pool, "probe", later).await, None);
+}

@@ -5,6 +5,13 @@
 //! an advisory lock, so concurrent test processes agree). The server is found like
 //! `longshore dev` finds it: `DATABASE_URL`, else 127.0.0.1:5432, else a private
 //! cluster under the temp directory, started once and left running for later runs.
+//!
+//! For a job author's assertions, in the manner of `Oban.Testing` and `rivertest`:
+//! [`all_enqueued`] / [`assert_enqueued`] (what is waiting in a kind's queue),
+//! [`results`] / [`job_result`] (what finished), [`Fleet`] (a real worker in the
+//! test's process, started and stopped in one place) and [`drain`] (run a kind's queue
+//! through the real claim, execute and completion path until nothing is due). Tests
+//! that use these never name pgmq's tables.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -16,8 +23,19 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
 use crate::embedded::{self, Embedded};
+use crate::job::JobArgs;
+use crate::queue_name::QueueName;
 use crate::registry::Registry;
+use crate::store::{JobStatus, QueueSql};
+use crate::worker::{Worker, WorkerError};
 
 /// The admin URL (database `postgres`) of the server tests use.
 pub fn server_url() -> String {
@@ -169,4 +187,191 @@ async fn drop_orphans(admin: &mut PgConnection) {
                 .await;
         }
     }
+}
+
+/// The queue's validated name (a kind's queue is named after the kind).
+fn queue_of(kind: &str) -> QueueName {
+    QueueName::parse(kind).unwrap_or_else(|e| panic!("{kind:?} is not a queue name: {e}"))
+}
+
+/// The args of every job of kind `A` still in its queue (due, delayed, in backoff or
+/// running), oldest first.
+pub async fn all_enqueued<A: JobArgs>(pool: &PgPool) -> Vec<A> {
+    let q = queue_of(A::KIND);
+    let rows: Vec<Value> =
+        sqlx::query_scalar(&format!("SELECT message FROM pgmq.q_{q} ORDER BY msg_id"))
+            .fetch_all(pool)
+            .await
+            .unwrap_or_else(|e| panic!("reading queue {q}: {e}"));
+    rows.into_iter()
+        .map(|m| {
+            serde_json::from_value(m.clone())
+                .unwrap_or_else(|e| panic!("a {} job's args do not decode ({e}): {m}", A::KIND))
+        })
+        .collect()
+}
+
+/// How many jobs of `kind` are still in its queue (due, delayed, in backoff or
+/// running).
+pub async fn count_enqueued(pool: &PgPool, kind: &str) -> i64 {
+    let q = queue_of(kind);
+    sqlx::query_scalar(&format!("SELECT count(*) FROM pgmq.q_{q}"))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("counting queue {q}: {e}"))
+}
+
+/// Panics, listing what is there, unless a job of kind `A` whose args contain `subset`
+/// (JSON containment, `@>`) is in its queue; returns the matching jobs' args.
+pub async fn assert_enqueued<A: JobArgs>(pool: &PgPool, subset: Value) -> Vec<A> {
+    let q = queue_of(A::KIND);
+    let found: Vec<Value> = sqlx::query_scalar(&format!(
+        "SELECT message FROM pgmq.q_{q} WHERE message @> $1 ORDER BY msg_id"
+    ))
+    .bind(&subset)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("reading queue {q}: {e}"));
+    if found.is_empty() {
+        let all: Vec<Value> =
+            sqlx::query_scalar(&format!("SELECT message FROM pgmq.q_{q} ORDER BY msg_id"))
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+        panic!(
+            "no {} job with args containing {subset} is enqueued; the queue holds {}: {all:?}",
+            A::KIND,
+            all.len()
+        );
+    }
+    found
+        .into_iter()
+        .map(|m| serde_json::from_value(m).expect("the args decode"))
+        .collect()
+}
+
+/// Where job `id` of `kind` stands (queued, running, done, dead), with its attempts,
+/// last error and result; `None` when unknown.
+pub async fn job_status(pool: &PgPool, kind: &str, id: i64) -> Option<JobStatus> {
+    QueueSql::new(queue_of(kind))
+        .status(pool, id)
+        .await
+        .unwrap_or_else(|e| panic!("reading job {kind}/{id}: {e}"))
+}
+
+/// The result a done job of `kind` returned (`Outcome::Done` with a value); `None` if
+/// it is not done or returned none.
+pub async fn job_result(pool: &PgPool, kind: &str, id: i64) -> Option<Value> {
+    job_status(pool, kind, id).await.and_then(|s| s.result)
+}
+
+/// Every done job of `kind` kept in its archive, in the order they were enqueued: its
+/// id and its result (`Value::Null` when it returned none).
+pub async fn results(pool: &PgPool, kind: &str) -> Vec<(i64, Value)> {
+    let q = queue_of(kind);
+    sqlx::query_as(&format!(
+        "SELECT msg_id, coalesce(headers -> 'result', 'null') FROM pgmq.a_{q} ORDER BY msg_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("reading archive {q}: {e}"))
+}
+
+/// How many done jobs of `kind` its archive keeps.
+pub async fn count_done(pool: &PgPool, kind: &str) -> i64 {
+    let q = queue_of(kind);
+    sqlx::query_scalar(&format!("SELECT count(*) FROM pgmq.a_{q}"))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("counting archive {q}: {e}"))
+}
+
+/// A real worker running in the test's process (every queue of `registry`, or some),
+/// stopped as a shutdown signal would stop it.
+pub struct Fleet {
+    stop: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<Result<(), WorkerError>>>,
+}
+
+impl Fleet {
+    /// Starts a worker on every queue of `registry`.
+    pub fn start(pool: &PgPool, registry: Registry, config: Arc<Config>) -> Fleet {
+        Fleet::spawn(Worker::new(pool.clone(), registry, config))
+    }
+
+    /// Starts a worker on the queues of `kinds` only.
+    pub fn start_only(
+        pool: &PgPool,
+        registry: Registry,
+        config: Arc<Config>,
+        kinds: &[&str],
+    ) -> Fleet {
+        let names: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+        let w = Worker::new(pool.clone(), registry, config)
+            .only(&names)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Fleet::spawn(w)
+    }
+
+    fn spawn(w: Worker) -> Fleet {
+        let stop = CancellationToken::new();
+        let handle = Some(tokio::spawn(w.run(stop.clone())));
+        Fleet { stop, handle }
+    }
+
+    /// Stops the worker (drain, then release) and waits for it; panics if it failed.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await
+                .expect("the worker task panicked")
+                .expect("the worker failed");
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // A test that panics before `stop` must not leave a worker running on.
+        self.stop.cancel();
+    }
+}
+
+/// Runs the queues of `kinds` through a real worker until none of them holds a job that
+/// is due or running, then stops it. Jobs scheduled for later, and retries waiting in
+/// backoff, are left where they are (and so is anything another kind enqueues). Panics
+/// after `limit` with what is left.
+pub async fn drain(
+    pool: &PgPool,
+    registry: Registry,
+    config: Arc<Config>,
+    kinds: &[&str],
+    limit: Duration,
+) {
+    let fleet = Fleet::start_only(pool, registry, config, kinds);
+    let queues: Vec<QueueName> = kinds.iter().map(|k| queue_of(k)).collect();
+    let t0 = Instant::now();
+    let mut quiet = 0;
+    loop {
+        let mut busy = 0i64;
+        for q in &queues {
+            busy += sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM pgmq.q_{q} WHERE vt <= clock_timestamp() OR last_read_at IS NOT NULL"
+            ))
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|e| panic!("reading queue {q}: {e}"));
+        }
+        // Twice in a row: a job's completion may enqueue a follow-up of a drained kind.
+        quiet = if busy == 0 { quiet + 1 } else { 0 };
+        if quiet == 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "drain of {kinds:?}: {busy} job(s) still due or running after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.stop().await;
 }
