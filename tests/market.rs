@@ -26,6 +26,10 @@ use longshore_jobs::market::market_tick::MarketTick;
 use longshore_jobs::market::prune_market::PruneMarket;
 use longshore_jobs::market::sync_watcher::{SyncWatcher, SyncWatcherHandler};
 use longshore_jobs::market::types::{Symbol, Timeframe};
+use longshore_workers::testing::{
+    all_enqueued, count_dead, count_done, count_enqueued, job_status, results,
+    results_in_finish_order, visible_at,
+};
 use longshore_workers::{EnqueueOptions, Worker, enqueue};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -524,10 +528,6 @@ async fn put<A: longshore_workers::JobArgs>(pool: &PgPool, args: &A) -> i64 {
         .id
 }
 
-async fn archived(pool: &PgPool, queue: &str) -> i64 {
-    count(pool, &format!("SELECT count(*) FROM pgmq.a_{queue}")).await
-}
-
 #[tokio::test]
 async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guardrails() {
     let t = db().await;
@@ -543,7 +543,7 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
     put(&t.pool, &args).await;
     let env = market_env(&fake, true);
     work(&t.pool, &env, "a signal", || async {
-        (archived(&t.pool, "compute_signals").await == 1).then_some(())
+        (count_done(&t.pool, "compute_signals").await == 1).then_some(())
     })
     .await;
 
@@ -633,14 +633,11 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
     // first (same candle, same key), and nothing is doubled.
     put(&t.pool, &args).await;
     work(&t.pool, &env, "the repeat", || async {
-        (archived(&t.pool, "ingest_indicators").await == 2).then_some(())
+        (count_done(&t.pool, "ingest_indicators").await == 2).then_some(())
     })
     .await;
-    assert_eq!(archived(&t.pool, "compute_signals").await, 1);
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.q_compute_signals").await,
-        0
-    );
+    assert_eq!(count_done(&t.pool, "compute_signals").await, 1);
+    assert_eq!(count_enqueued(&t.pool, "compute_signals").await, 0);
     assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 1);
     assert_eq!(count(&t.pool, "SELECT count(*) FROM candles").await, 200);
 }
@@ -690,21 +687,14 @@ async fn a_bad_answer_is_dead_lettered_and_writes_nothing() {
             "{table}"
         );
     }
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.q_compute_signals").await,
-        0
-    );
+    assert_eq!(count_enqueued(&t.pool, "compute_signals").await, 0);
 
     // 429 with a long Retry-After: the job is snoozed for it, not failed or retried now.
     fake.script("ohlcv", &[Reply::RetryAfter(429, 600)]);
     let id = put(&t.pool, &ingest("BTC/USDT", Timeframe::H4, None)).await;
     work(&t.pool, &env, "the snooze", || async {
-        let n = count(
-            &t.pool,
-            &format!("SELECT count(*) FROM pgmq.q_ingest_indicators WHERE msg_id = {id} AND vt > now() + interval '500 seconds'"),
-        )
-        .await;
-        (n == 1).then_some(())
+        let at = visible_at(&t.pool, "ingest_indicators", id).await?;
+        (at > chrono::Utc::now() + chrono::Duration::seconds(500)).then_some(())
     })
     .await;
     assert_eq!(fake.seen("ohlcv").len(), 3);
@@ -724,7 +714,7 @@ async fn a_quota_answer_is_retried_and_a_dead_ingest_does_not_block_the_next_tic
     fake.script("ohlcv", &[Reply::Json(200, quota)]);
     put(&t.pool, &ingest("BTC/USDT", Timeframe::H1, None)).await;
     work(&t.pool, &env, "the retried ingest", || async {
-        (archived(&t.pool, "ingest_indicators").await == 1).then_some(())
+        (count_done(&t.pool, "ingest_indicators").await == 1).then_some(())
     })
     .await;
     assert_eq!(
@@ -778,24 +768,18 @@ async fn a_quota_answer_is_retried_and_a_dead_ingest_does_not_block_the_next_tic
     )
     .await;
     // A third tick for the same candle: the landed ingest's key holds.
-    tick_until(
-        "the third tick",
-        "SELECT count(*) FROM pgmq.a_market_tick",
-        3,
-    )
+    put(&t.pool, &MarketTick::default()).await;
+    work(&t.pool, &env, "the third tick", || async {
+        (count_done(&t.pool, "market_tick").await == 3).then_some(())
+    })
     .await;
     // Counted where an ingest wrongly enqueued by the third tick would be, run or not.
-    let third: Value = sqlx::query_scalar(
-        "SELECT headers->'result' FROM pgmq.a_market_tick ORDER BY msg_id DESC LIMIT 1",
-    )
-    .fetch_one(&t.pool)
-    .await
-    .unwrap();
+    let (_, third) = results(&t.pool, "market_tick").await.pop().unwrap();
     assert_eq!(third["enqueued"], json!(0), "{third}");
     assert_eq!(third["already_enqueued"], json!(1), "{third}");
     assert_eq!(
-        archived(&t.pool, "ingest_indicators").await
-            + count(&t.pool, "SELECT count(*) FROM pgmq.q_ingest_indicators").await,
+        count_done(&t.pool, "ingest_indicators").await
+            + count_enqueued(&t.pool, "ingest_indicators").await,
         2,
         "the first ingest and the second tick's"
     );
@@ -883,7 +867,7 @@ const W2: &str = "aaaaaaaa-0000-4000-8000-000000000002";
 const W3: &str = "aaaaaaaa-0000-4000-8000-000000000003";
 
 async fn sync(pool: &PgPool, env: &[(&'static str, String)], deliveries: &[Value]) {
-    let before = archived(pool, "sync_watcher").await;
+    let before = count_done(pool, "sync_watcher").await;
     for d in deliveries {
         let args: SyncWatcher = serde_json::from_value(d.clone()).unwrap();
         put(pool, &args).await;
@@ -892,7 +876,7 @@ async fn sync(pool: &PgPool, env: &[(&'static str, String)], deliveries: &[Value
     let (stop, h) = sync_worker(pool, env, 1);
     let want = before + deliveries.len() as i64;
     eventually(Duration::from_secs(30), "the deliveries", || async {
-        (archived(pool, "sync_watcher").await == want).then_some(())
+        (count_done(pool, "sync_watcher").await == want).then_some(())
     })
     .await;
     stop.cancel();
@@ -976,7 +960,7 @@ async fn an_insert_and_a_delete_racing_on_two_workers_leave_the_watcher_deleted(
             "the delivery to block or finish",
             || async {
                 (lock_waiters(&t.pool).await == waiting
-                    || archived(&t.pool, "sync_watcher").await > 0)
+                    || count_done(&t.pool, "sync_watcher").await > 0)
                     .then_some(())
             },
         )
@@ -987,17 +971,16 @@ async fn an_insert_and_a_delete_racing_on_two_workers_leave_the_watcher_deleted(
         .await
         .unwrap();
     eventually(Duration::from_secs(10), "both deliveries", || async {
-        (archived(&t.pool, "sync_watcher").await == 2).then_some(())
+        (count_done(&t.pool, "sync_watcher").await == 2).then_some(())
     })
     .await;
     stop.cancel();
     h.await.unwrap().unwrap();
-    let results: Vec<Value> = sqlx::query_scalar(
-        "SELECT headers->'result'->'applied' FROM pgmq.a_sync_watcher ORDER BY archived_at",
-    )
-    .fetch_all(&t.pool)
-    .await
-    .unwrap();
+    let results: Vec<Value> = results_in_finish_order(&t.pool, "sync_watcher")
+        .await
+        .into_iter()
+        .map(|(_, r)| r["applied"].clone())
+        .collect();
     assert_eq!(results, vec![json!("inserted"), json!("deleted")]);
     assert_eq!(count(&t.pool, "SELECT count(*) FROM watchers").await, 0);
     assert_eq!(
@@ -1059,12 +1042,11 @@ async fn an_undated_delivery_never_wins_over_a_dated_one() {
         watchers().await,
         vec![(W1.into(), true), (W2.into(), false)]
     );
-    let results: Vec<Value> = sqlx::query_scalar(
-        "SELECT headers->'result'->'applied' FROM pgmq.a_sync_watcher ORDER BY msg_id",
-    )
-    .fetch_all(&t.pool)
-    .await
-    .unwrap();
+    let results: Vec<Value> = results(&t.pool, "sync_watcher")
+        .await
+        .into_iter()
+        .map(|(_, r)| r["applied"].clone())
+        .collect();
     assert_eq!(
         results,
         [
@@ -1079,28 +1061,18 @@ async fn an_undated_delivery_never_wins_over_a_dated_one() {
     // applies once W2's DELETE has.
     let (stop, h) = sync_worker(&t.pool, &env, 2);
     let w3: SyncWatcher = serde_json::from_value(undated("INSERT", W3, U2, true)).unwrap();
-    put(&t.pool, &w3).await;
-    eventually(Duration::from_secs(10), "W3 to be retried", || async {
-        (count(
-            &t.pool,
-            "SELECT coalesce(max(read_ct), 0)::int8 FROM pgmq.q_sync_watcher",
-        )
-        .await
-            >= 2)
-            .then_some(())
+    let w3_job = put(&t.pool, &w3).await;
+    let error = eventually(Duration::from_secs(10), "W3 to be retried", || async {
+        let s = job_status(&t.pool, "sync_watcher", w3_job).await?;
+        (s.attempts >= 2).then_some(s.last_error.unwrap_or_default())
     })
     .await;
-    let error: String =
-        sqlx::query_scalar("SELECT headers->>'last_error' FROM pgmq.q_sync_watcher")
-            .fetch_one(&t.pool)
-            .await
-            .unwrap_or_default();
     let del: SyncWatcher =
         serde_json::from_value(delivery("DELETE", W2, U2, "BTC/USDT", "1h", true, "unused"))
             .unwrap();
     put(&t.pool, &del).await;
     eventually(Duration::from_secs(20), "W3 applied", || async {
-        (archived(&t.pool, "sync_watcher").await == 6).then_some(())
+        (count_done(&t.pool, "sync_watcher").await == 6).then_some(())
     })
     .await;
     stop.cancel();
@@ -1168,7 +1140,7 @@ async fn shuffled_deliveries_on_eight_slots_end_at_each_watchers_newest_state() 
     }
     let (stop, h) = sync_worker(&t.pool, &env, 8);
     eventually(Duration::from_secs(60), "every delivery", || async {
-        (archived(&t.pool, "sync_watcher").await == deliveries.len() as i64).then_some(())
+        (count_done(&t.pool, "sync_watcher").await == deliveries.len() as i64).then_some(())
     })
     .await;
     stop.cancel();
@@ -1189,14 +1161,7 @@ async fn shuffled_deliveries_on_eight_slots_end_at_each_watchers_newest_state() 
         left, want,
         "the deleted stay deleted, the rest are inactive (the UPDATE)"
     );
-    assert_eq!(
-        count(
-            &t.pool,
-            "SELECT count(*) FROM pgmq.a_sync_watcher WHERE headers ? 'error'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(count_dead(&t.pool, "sync_watcher").await, 0);
 }
 
 #[tokio::test]
@@ -1274,13 +1239,9 @@ async fn webhook_deliveries_apply_once_in_any_order_and_a_new_pair_is_backfilled
     );
     // BTC/USDT 1h got its first active watcher twice (W1, then W2 after W1 went
     // inactive): one backfill (the key collapses the second).
-    let backfills: Vec<Value> = sqlx::query_scalar("SELECT message FROM pgmq.q_ingest_indicators")
-        .fetch_all(&t.pool)
-        .await
-        .unwrap();
     assert_eq!(
-        backfills,
-        vec![json!({"symbol": "BTC/USDT", "timeframe": "1h", "backfill": 150})]
+        all_enqueued::<IngestIndicators>(&t.pool).await,
+        vec![ingest("BTC/USDT", Timeframe::H1, Some(150))]
     );
 
     // DELETE, then a late UPDATE of the same watcher: it stays deleted.
@@ -1340,12 +1301,11 @@ async fn webhook_deliveries_apply_once_in_any_order_and_a_new_pair_is_backfilled
         watchers().await,
         vec![(W3.into(), "BTC/USDT".into(), "1h".into(), true)]
     );
-    let results: Vec<Value> = sqlx::query_scalar(
-        "SELECT headers->'result'->'applied' FROM pgmq.a_sync_watcher ORDER BY msg_id",
-    )
-    .fetch_all(&t.pool)
-    .await
-    .unwrap();
+    let results: Vec<Value> = results(&t.pool, "sync_watcher")
+        .await
+        .into_iter()
+        .map(|(_, r)| r["applied"].clone())
+        .collect();
     assert_eq!(
         results,
         vec![
@@ -1394,12 +1354,12 @@ async fn a_tick_enqueues_one_ingest_per_pair_and_candle_however_often_it_runs() 
         put(&t.pool, &MarketTick::default()).await;
     }
     work(&t.pool, &env, "signals for both pairs", || async {
-        (archived(&t.pool, "compute_signals").await == 2).then_some(())
+        (count_done(&t.pool, "compute_signals").await == 2).then_some(())
     })
     .await;
-    assert_eq!(archived(&t.pool, "market_tick").await, 3);
+    assert_eq!(count_done(&t.pool, "market_tick").await, 3);
     assert_eq!(
-        archived(&t.pool, "ingest_indicators").await,
+        count_done(&t.pool, "ingest_indicators").await,
         2,
         "one per (symbol, timeframe), not per tick or watcher"
     );
@@ -1491,10 +1451,10 @@ async fn the_win_rate_counts_directional_signals_with_known_outcomes() {
             timeframe: Timeframe::H1,
             lookback_days,
         };
-        let before = archived(p, "compute_winrate").await;
+        let before = count_done(p, "compute_winrate").await;
         put(p, &args).await;
         work(p, env, "the win rate", || async {
-            (archived(p, "compute_winrate").await == before + 1).then_some(())
+            (count_done(p, "compute_winrate").await == before + 1).then_some(())
         })
         .await;
         let row: (Option<f64>, i32, Value) = sqlx::query_as(
@@ -1585,7 +1545,7 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
     .await
     .unwrap();
     work(p, &[], "the prune", || async {
-        (archived(p, "prune_market").await == 1
+        (count_done(p, "prune_market").await == 1
             && count(p, "SELECT count(*) FROM longshore.dead_letters").await == 1)
             .then_some(())
     })
@@ -1603,11 +1563,7 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
             "{table}: the 10-day-old row is kept"
         );
     }
-    let deleted: Value =
-        sqlx::query_scalar("SELECT headers->'result'->'deleted' FROM pgmq.a_prune_market")
-            .fetch_one(p)
-            .await
-            .unwrap();
+    let deleted = results(p, "prune_market").await[0].1["deleted"].clone();
     assert_eq!(
         deleted,
         json!({"candles": 12_001, "indicators": 1, "risk_metric": 1, "liq_clusters": 1, "watcher_tombstones": 1})
@@ -1730,10 +1686,10 @@ allow_replay = true
     // finds nothing new and enqueues no evaluation (and nothing is doubled).
     tick_from_the_cli(&t.url, r#"{"task":"ingest_indicators"}"#).await;
     eventually(Duration::from_secs(30), "the tick's ingest", || async {
-        (archived(&t.pool, "ingest_indicators").await == 2).then_some(())
+        (count_done(&t.pool, "ingest_indicators").await == 2).then_some(())
     })
     .await;
-    assert_eq!(archived(&t.pool, "compute_signals").await, 1);
+    assert_eq!(count_done(&t.pool, "compute_signals").await, 1);
     assert_eq!(count(&t.pool, "SELECT count(*) FROM signals").await, 150);
     let reasons: Value = sqlx::query_scalar("SELECT reasons FROM signals ORDER BY at DESC LIMIT 1")
         .fetch_one(&t.pool)
@@ -1858,7 +1814,7 @@ async fn signal_at(
     };
     put(pool, &args).await;
     work(pool, env, "the signal", || async {
-        (archived(pool, "compute_signals").await == done_before + 1).then_some(())
+        (count_done(pool, "compute_signals").await == done_before + 1).then_some(())
     })
     .await;
 }
@@ -2090,7 +2046,7 @@ async fn a_catch_up_doubles_only_on_its_newest_candle() {
     put(&t.pool, &args).await;
     let env = market_env(&FakeCryptometer::start().await, true);
     work(&t.pool, &env, "the catch-up", || async {
-        (archived(&t.pool, "compute_signals").await == 1).then_some(())
+        (count_done(&t.pool, "compute_signals").await == 1).then_some(())
     })
     .await;
     let rows: Vec<(String, bool, bool)> = sqlx::query_as(
@@ -2152,12 +2108,7 @@ async fn the_next_job_fills_a_candle_an_earlier_job_never_signalled() {
             (t1 + chrono::Duration::hours(3), "long".into(), true),
         ]
     );
-    let result: Value = sqlx::query_scalar(
-        "SELECT headers->'result' FROM pgmq.a_compute_signals ORDER BY msg_id DESC LIMIT 1",
-    )
-    .fetch_one(&t.pool)
-    .await
-    .unwrap();
+    let (_, result) = results(&t.pool, "compute_signals").await.pop().unwrap();
     assert_eq!(
         result["unreadable"].as_array().unwrap().len(),
         1,

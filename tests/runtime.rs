@@ -1274,7 +1274,10 @@ async fn the_test_kit_sees_enqueued_jobs_drains_due_ones_and_reads_results() {
         queued.iter().map(|p| p.id).collect::<Vec<_>>(),
         vec![1, 2, 3, 4]
     );
-    assert_eq!(assert_enqueued::<Probe>(&t.pool, json!({"id": 2})).await, vec![probe(2)]);
+    assert_eq!(
+        assert_enqueued::<Probe>(&t.pool, json!({"id": 2})).await,
+        vec![probe(2)]
+    );
     // A job that is not there fails the assertion, naming what is.
     let missing = tokio::spawn({
         let pool = t.pool.clone();
@@ -1297,7 +1300,10 @@ async fn the_test_kit_sees_enqueued_jobs_drains_due_ones_and_reads_results() {
     assert_eq!(count_enqueued(&t.pool, "probe").await, 1);
     assert_eq!(all_enqueued::<Probe>(&t.pool).await, vec![probe(4)]);
     assert_eq!(count_done(&t.pool, "probe").await, 3);
-    assert_eq!(count(&t.pool, "SELECT count(*) FROM probe_effects").await, 3);
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects").await,
+        3
+    );
     let done = results(&t.pool, "probe").await;
     assert_eq!(done.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
     assert_eq!(

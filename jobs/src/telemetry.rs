@@ -48,7 +48,10 @@ mod tests {
             super::LOG_LINES_MALFORMED,
             super::VAULT_WRITE_ERRORS,
         ] {
-            assert!(doc.contains(&format!("`{name}")), "{name} is not in docs/operations.md");
+            assert!(
+                doc.contains(&format!("`{name}")),
+                "{name} is not in docs/operations.md"
+            );
         }
     }
 }

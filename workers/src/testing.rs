@@ -8,7 +8,7 @@
 //!
 //! For a job author's assertions, in the manner of `Oban.Testing` and `rivertest`:
 //! [`all_enqueued`] / [`assert_enqueued`] (what is waiting in a kind's queue),
-//! [`results`] / [`job_result`] (what finished), [`Fleet`] (a real worker in the
+//! [`results`] / [`job_result`] / [`count_dead`] (what finished), [`visible_at`], [`Fleet`] (a real worker in the
 //! test's process, started and stopped in one place) and [`drain`] (run a kind's queue
 //! through the real claim, execute and completion path until nothing is due). Tests
 //! that use these never name pgmq's tables.
@@ -275,6 +275,42 @@ pub async fn results(pool: &PgPool, kind: &str) -> Vec<(i64, Value)> {
     .fetch_all(pool)
     .await
     .unwrap_or_else(|e| panic!("reading archive {q}: {e}"))
+}
+
+/// Like [`results`], in the order the jobs finished (jobs acknowledged together, by id).
+pub async fn results_in_finish_order(pool: &PgPool, kind: &str) -> Vec<(i64, Value)> {
+    let q = queue_of(kind);
+    sqlx::query_as(&format!(
+        "SELECT msg_id, coalesce(headers -> 'result', 'null') FROM pgmq.a_{q} \
+         ORDER BY archived_at, msg_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("reading archive {q}: {e}"))
+}
+
+/// How many jobs of `kind` are dead letters.
+pub async fn count_dead(pool: &PgPool, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM longshore.dead_letters WHERE queue = $1")
+        .bind(queue_of(kind).as_str())
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("counting dead letters of {kind}: {e}"))
+}
+
+/// When job `id` of `kind` becomes visible to a claim (its delay, backoff, snooze or
+/// lease end); `None` when it is no longer in its queue.
+pub async fn visible_at(
+    pool: &PgPool,
+    kind: &str,
+    id: i64,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let q = queue_of(kind);
+    sqlx::query_scalar(&format!("SELECT vt FROM pgmq.q_{q} WHERE msg_id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap_or_else(|e| panic!("reading job {kind}/{id}: {e}"))
 }
 
 /// How many done jobs of `kind` its archive keeps.
