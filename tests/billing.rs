@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{Proc, count, db, eventually};
 use longshore_jobs::billing::aggregate_usage::{AggregateUsage, aggregate_chunk};
 use longshore_jobs::billing::ingest_logs::{IngestLogs, ingest};
+use longshore_workers::testing::{clear_jobs, count_done, results};
 use longshore_workers::{EnqueueOptions, enqueue};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -113,10 +114,10 @@ async fn a_file_is_ingested_once_and_malformed_lines_are_reported() {
     let result: Value = eventually(Duration::from_secs(10), "re-ingest done", || {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, Value>("SELECT headers->'result' FROM pgmq.a_ingest_logs")
-                .fetch_optional(&pool)
+            results(&pool, "ingest_logs")
                 .await
-                .unwrap()
+                .first()
+                .map(|(_, r)| r.clone())
         }
     })
     .await;
@@ -176,8 +177,8 @@ async fn the_spool_scan_enqueues_each_file_once() {
     eventually(Duration::from_secs(15), "two files ingested", || {
         let pool = pool.clone();
         async move {
-            let scans = count(&pool, "SELECT count(*) FROM pgmq.a_scan_log_spool").await;
-            let ingests = count(&pool, "SELECT count(*) FROM pgmq.a_ingest_logs").await;
+            let scans = count_done(&pool, "scan_log_spool").await;
+            let ingests = count_done(&pool, "ingest_logs").await;
             (scans == 2 && ingests == 2).then_some(())
         }
     })
@@ -245,26 +246,12 @@ async fn the_spool_scan_enqueues_each_file_once() {
         async move {
             eventually(Duration::from_secs(15), "the scan done", || {
                 let pool = pool.clone();
-                async move {
-                    (count(
-                        &pool,
-                        "SELECT count(*) FROM longshore.completions WHERE queue = 'scan_log_spool'",
-                    )
-                    .await
-                        + count(&pool, "SELECT count(*) FROM pgmq.a_scan_log_spool").await
-                        >= n)
-                        .then_some(())
-                }
+                async move { (count_done(&pool, "scan_log_spool").await >= n).then_some(()) }
             })
             .await
         }
     };
-    let before = count(&t.pool, "SELECT count(*) FROM pgmq.a_scan_log_spool").await
-        + count(
-            &t.pool,
-            "SELECT count(*) FROM longshore.completions WHERE queue = 'scan_log_spool'",
-        )
-        .await;
+    let before = count_done(&t.pool, "scan_log_spool").await;
     enqueue(&t.pool, &scan, EnqueueOptions::default())
         .await
         .unwrap();
@@ -414,10 +401,7 @@ async fn row3_aggregation_killed_at_random_points_counts_each_row_once() {
             .execute(&t.pool)
             .await
             .unwrap();
-        sqlx::query("TRUNCATE pgmq.q_aggregate_usage, pgmq.a_aggregate_usage")
-            .execute(&t.pool)
-            .await
-            .unwrap();
+        clear_jobs(&t.pool, "aggregate_usage").await;
         enqueue(
             &t.pool,
             &AggregateUsage { chunk: Some(1_000) },
@@ -459,10 +443,7 @@ async fn row3_aggregation_killed_at_random_points_counts_each_row_once() {
             "aggregation done after the kill",
             || {
                 let pool = pool.clone();
-                async move {
-                    (count(&pool, "SELECT count(*) FROM pgmq.a_aggregate_usage").await == 1)
-                        .then_some(())
-                }
+                async move { (count_done(&pool, "aggregate_usage").await == 1).then_some(()) }
             },
         )
         .await;
@@ -507,10 +488,10 @@ async fn raw_log_retention_drops_old_aggregated_days_only() {
     let result: Value = eventually(Duration::from_secs(10), "prune done", || {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, Value>("SELECT headers->'result' FROM pgmq.a_prune_raw_logs")
-                .fetch_optional(&pool)
+            results(&pool, "prune_raw_logs")
                 .await
-                .unwrap()
+                .first()
+                .map(|(_, r)| r.clone())
         }
     })
     .await;

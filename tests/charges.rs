@@ -16,6 +16,7 @@ use longshore_jobs::billing::charge_escrow::Driver;
 use longshore_jobs::billing::config::BillingConfig;
 use longshore_jobs::clients::chain::Chain;
 use longshore_jobs::clients::chain_sim::SimulatedChain;
+use longshore_workers::testing::{count_done, count_enqueued, enqueued_args, ever_enqueued};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -131,11 +132,10 @@ async fn below_the_threshold_waits_at_it_one_intent_covers_exactly_those_records
         ]
     );
     // charge_escrow {intent_id} is enqueued in the same transaction.
-    let args: Value = sqlx::query_scalar("SELECT message FROM pgmq.q_charge_escrow")
-        .fetch_one(&t.pool)
-        .await
-        .unwrap();
-    assert_eq!(args, json!({"intent_id": i[0].0}));
+    assert_eq!(
+        enqueued_args(&t.pool, "charge_escrow").await,
+        [json!({"intent_id": i[0].0})]
+    );
 }
 
 #[tokio::test]
@@ -166,11 +166,10 @@ async fn insufficient_balance_suspends_with_details_the_vault_drops_the_keys_a_d
     assert_eq!(r.suspended.len(), 1);
     assert_suspended(&t.pool, 1, "insufficient_balance", json!({"current_balance_usd": "0.00", "estimated_cost_usd": "3.00", "required_deposit_usd": "3.00"})).await;
     // A coalesced vault regeneration is requested in the same transaction...
-    let vault_job: Value = sqlx::query_scalar("SELECT message FROM pgmq.q_regenerate_vault")
-        .fetch_one(&t.pool)
-        .await
-        .unwrap();
-    assert_eq!(vault_job, json!({"path": vault.to_str().unwrap()}));
+    assert_eq!(
+        enqueued_args(&t.pool, "regenerate_vault").await,
+        [json!({"path": vault.to_str().unwrap()})]
+    );
     // ...and the file it writes has only customer 2's key.
     let key = longshore_jobs::billing::regenerate_vault::VaultKey::from_base64(
         "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
@@ -472,18 +471,21 @@ async fn a_cycle_run_twice_gives_the_same_result() {
     }
     let first = cycle(&t.pool, &cfg).await;
     assert_eq!((first.intents.len(), first.suspended.len()), (4, 1));
-    let snapshot = |pool: PgPool| async move {
+    let tables = |pool: PgPool| async move {
         sqlx::query_scalar::<_, Value>(
             "SELECT json_build_array( \
                (SELECT json_agg(x ORDER BY customer_id, service_type) FROM (SELECT customer_id, service_type, amount, state, base_fee_month FROM charge_intents) x), \
                (SELECT json_agg(x ORDER BY record_id) FROM (SELECT record_id, billed_count FROM usage_records) x), \
                (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, state, suspend_reason, suspend_details FROM service_instances) x), \
-               (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, current_balance_usd_cents, current_month_charged_usd_cents FROM customers) x), \
-               (SELECT count(*) FROM pgmq.q_charge_escrow))",
+               (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, current_balance_usd_cents, current_month_charged_usd_cents FROM customers) x))",
         )
         .fetch_one(&pool)
         .await
         .unwrap()
+    };
+    let snapshot = |pool: PgPool| async move {
+        let charges = count_enqueued(&pool, "charge_escrow").await;
+        (tables(pool).await, charges)
     };
     let before = snapshot(t.pool.clone()).await;
     let second = cycle(&t.pool, &cfg).await;
@@ -511,10 +513,7 @@ async fn row20_racing_cycles_make_one_intent_and_a_request_cannot_be_billed_twic
         count(&t.pool, "SELECT count(*) FROM charge_intents").await,
         1
     );
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.q_charge_escrow").await,
-        1
-    );
+    assert_eq!(count_enqueued(&t.pool, "charge_escrow").await, 1);
     // The constraint itself: the same slice in a second intent is refused.
     let err = sqlx::query(
         "WITH i AS (INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, billing_month, state) \
@@ -774,20 +773,12 @@ async fn the_sweep_re_drives_stuck_intents_once_per_window() {
         "two sweeps done",
         || {
             let pool = pool.clone();
-            async move {
-                (count(&pool, "SELECT count(*) FROM pgmq.a_sweep_charge_intents").await == 2)
-                    .then_some(())
-            }
+            async move { (count_done(&pool, "sweep_charge_intents").await == 2).then_some(()) }
         },
     )
     .await;
     // One charge_escrow job for the intent (the chain is "none" here, so it waits).
-    let jobs: Vec<Value> = sqlx::query_scalar(
-        "SELECT message FROM pgmq.q_charge_escrow UNION ALL SELECT message FROM pgmq.a_charge_escrow",
-    )
-    .fetch_all(&t.pool)
-    .await
-    .unwrap();
+    let jobs: Vec<Value> = ever_enqueued(&t.pool, "charge_escrow").await;
     let i = intents(&t.pool, 1).await;
     assert_eq!(jobs, [json!({"intent_id": i[0].0})]);
     assert_eq!(i[0].2, "created", "no chain configured: nothing moved");

@@ -22,6 +22,7 @@ use longshore_jobs::chat::config::{Chat, Hint};
 use longshore_jobs::chat::llm_call::{LlmCall, Messages};
 use longshore_jobs::clients::llm::{ChatRequest, Failure, Message, Role};
 use longshore_workers::testing::TestDb;
+use longshore_workers::testing::{ever_enqueued, job_result};
 use longshore_workers::{EnqueueOptions, Worker, enqueue, enqueue_many};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -321,14 +322,7 @@ async fn run(pool: &PgPool, a: &LlmCall) -> Value {
 
 async fn result(pool: &PgPool, id: i64) -> Value {
     eventually(Duration::from_secs(30), "the llm_call result", || async {
-        sqlx::query_scalar::<_, Option<Value>>(
-            "SELECT headers->'result' FROM pgmq.a_llm_call WHERE msg_id = $1",
-        )
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .flatten()
+        job_result(pool, "llm_call", id).await
     })
     .await
 }
@@ -1181,11 +1175,7 @@ async fn end_to_end_through_the_ingress_with_wait() {
             "{text}"
         );
     }
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.q_llm_call").await
-            + count(&t.pool, "SELECT count(*) FROM pgmq.a_llm_call").await,
-        1
-    );
+    assert_eq!(ever_enqueued(&t.pool, "llm_call").await.len(), 1);
     for p in [&ingress, &worker] {
         assert!(!p.logs().contains(KEY), "the provider key is in a log");
     }
@@ -1243,14 +1233,7 @@ async fn prune_llm_drops_attempts_and_answers_past_the_retention() {
     .unwrap()
     .id;
     let r: Value = eventually(Duration::from_secs(30), "the prune", || async {
-        sqlx::query_scalar::<_, Option<Value>>(
-            "SELECT headers->'result' FROM pgmq.a_prune_llm WHERE msg_id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&t.pool)
-        .await
-        .unwrap()
-        .flatten()
+        job_result(&t.pool, "prune_llm", id).await
     })
     .await;
     assert_eq!(r["deleted"], json!({"llm_answers": 1, "llm_attempts": 1}));

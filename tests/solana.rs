@@ -20,7 +20,7 @@ use longshore_jobs::billing::charge_escrow::{Driver, EXPIRY_MARGIN_BLOCKS, Step}
 use longshore_jobs::billing::config::BillingConfig;
 use longshore_jobs::clients::chain::{Chain, ChainError};
 use longshore_jobs::clients::chain_rpc::RpcChain;
-use longshore_workers::testing::TestDb;
+use longshore_workers::testing::{TestDb, count_enqueued};
 use serde_json::Value;
 use solana::{FakeSolana, Node, VALID_BLOCKS, until};
 use sqlx::PgPool;
@@ -925,9 +925,7 @@ async fn stop_when_done(pool: &PgPool, w: &mut Proc) {
     let pool = pool.clone();
     eventually(Duration::from_secs(10), "the job is done", || {
         let pool = pool.clone();
-        async move {
-            (count(&pool, "SELECT count(*) FROM pgmq.q_charge_escrow").await == 0).then_some(())
-        }
+        async move { (count_enqueued(&pool, "charge_escrow").await == 0).then_some(()) }
     })
     .await;
     w.signal("TERM");

@@ -13,6 +13,7 @@ use longshore_jobs::billing::config::{BillingConfig, Tiers};
 use longshore_jobs::billing::regenerate_vault::{
     HEADER, KEY_ENV, RegenerateVault, VaultKey, regenerate,
 };
+use longshore_workers::testing::{count_done, count_enqueued, enqueued_args};
 use longshore_workers::{EnqueueOptions, enqueue};
 use sqlx::PgPool;
 
@@ -385,8 +386,8 @@ async fn row25_a_full_disk_leaves_the_old_file_and_retries() {
             async move {
                 // (The seeding's own trigger-made job may run too; the second finds the
                 // content unchanged.)
-                (count(&pool, "SELECT count(*) FROM pgmq.q_regenerate_vault").await == 0
-                    && count(&pool, "SELECT count(*) FROM pgmq.a_regenerate_vault").await >= 1)
+                (count_enqueued(&pool, "regenerate_vault").await == 0
+                    && count_done(&pool, "regenerate_vault").await >= 1)
                     .then_some(())
             }
         },
@@ -407,10 +408,7 @@ async fn key_tier_and_suspension_changes_ask_for_one_regeneration() {
     seed(&t.pool, 2).await;
     let path = vault_dir("trigger").join("ma_vault.csv");
     // Before any vault was written there is nothing to regenerate.
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.q_regenerate_vault").await,
-        0
-    );
+    assert_eq!(count_enqueued(&t.pool, "regenerate_vault").await, 0);
     regen(&t.pool, &path).await;
     for sql in [
         "INSERT INTO api_keys (api_key_id, customer_id, service_type) VALUES ('sk_new', 1, 'seal')",
@@ -421,11 +419,7 @@ async fn key_tier_and_suspension_changes_ask_for_one_regeneration() {
         sqlx::query(sql).execute(&t.pool).await.unwrap();
     }
     // A burst of four changes: one waiting job, for this file.
-    let jobs: Vec<serde_json::Value> =
-        sqlx::query_scalar("SELECT message FROM pgmq.q_regenerate_vault")
-            .fetch_all(&t.pool)
-            .await
-            .unwrap();
+    let jobs = enqueued_args(&t.pool, "regenerate_vault").await;
     assert_eq!(jobs, [serde_json::json!({"path": path.to_str().unwrap()})]);
     // Changes to columns the vault does not show ask for nothing.
     sqlx::query("SELECT pgmq.purge_queue('regenerate_vault')")
@@ -436,8 +430,5 @@ async fn key_tier_and_suspension_changes_ask_for_one_regeneration() {
         .execute(&t.pool)
         .await
         .unwrap();
-    assert_eq!(
-        count(&t.pool, "SELECT count(*) FROM pgmq.q_regenerate_vault").await,
-        0
-    );
+    assert_eq!(count_enqueued(&t.pool, "regenerate_vault").await, 0);
 }

@@ -313,13 +313,50 @@ pub async fn visible_at(
         .unwrap_or_else(|e| panic!("reading job {kind}/{id}: {e}"))
 }
 
-/// How many done jobs of `kind` its archive keeps.
+/// How many jobs of `kind` are done: kept in its archive, or recorded as completed on a
+/// queue whose `on_done` is `delete`.
 pub async fn count_done(pool: &PgPool, kind: &str) -> i64 {
     let q = queue_of(kind);
-    sqlx::query_scalar(&format!("SELECT count(*) FROM pgmq.a_{q}"))
-        .fetch_one(pool)
+    sqlx::query_scalar(&format!(
+        "SELECT (SELECT count(*) FROM pgmq.a_{q}) \
+              + (SELECT count(*) FROM longshore.completions WHERE queue = $1)"
+    ))
+    .bind(q.as_str())
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("counting done jobs of {q}: {e}"))
+}
+
+/// The args of every job of `kind` still in its queue, as JSON, oldest first (for
+/// comparing with `json!`; [`all_enqueued`] decodes them).
+pub async fn enqueued_args(pool: &PgPool, kind: &str) -> Vec<Value> {
+    let q = queue_of(kind);
+    sqlx::query_scalar(&format!("SELECT message FROM pgmq.q_{q} ORDER BY msg_id"))
+        .fetch_all(pool)
         .await
-        .unwrap_or_else(|e| panic!("counting archive {q}: {e}"))
+        .unwrap_or_else(|e| panic!("reading queue {q}: {e}"))
+}
+
+/// The args of every job of `kind` waiting or kept in its archive, by id: what was
+/// ever enqueued and not pruned, run or not.
+pub async fn ever_enqueued(pool: &PgPool, kind: &str) -> Vec<Value> {
+    let q = queue_of(kind);
+    sqlx::query_scalar(&format!(
+        "SELECT message FROM (SELECT msg_id, message FROM pgmq.q_{q} \
+                              UNION ALL SELECT msg_id, message FROM pgmq.a_{q}) j ORDER BY msg_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("reading queue {q}: {e}"))
+}
+
+/// Deletes every job of `kind`, waiting or archived (a test resetting between rounds).
+pub async fn clear_jobs(pool: &PgPool, kind: &str) {
+    let q = queue_of(kind);
+    sqlx::query(&format!("TRUNCATE pgmq.q_{q}, pgmq.a_{q}"))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("clearing {q}: {e}"));
 }
 
 /// A real worker running in the test's process (every queue of `registry`, or some),
