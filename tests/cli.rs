@@ -300,8 +300,8 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
         &["dev"],
         &[
             ("LONGSHORE__INGRESS__LISTEN", &listen),
-            ("LONGSHORE__DEV__TRAFFIC_INTERVAL", "1s"),
-            ("LONGSHORE__DEV__TRAFFIC_LINES", "1000"),
+            ("LONGSHORE__TRAFFIC__INTERVAL", "1s"),
+            ("LONGSHORE__TRAFFIC__LINES", "1000"),
             // The dev overlay's own roots (relative to `dir`), not the suite's.
             ("LONGSHORE__BILLING__LOG_ROOTS", common::UNSET),
             ("LONGSHORE__BILLING__VAULT_ROOTS", common::UNSET),
@@ -420,19 +420,17 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
         },
     )
     .await;
-    // The ledger agrees with the intents.
-    assert_eq!(
-        count(
-            &t.pool,
-            "SELECT count(*) FROM charge_intents WHERE state = 'confirmed'"
-        )
-        .await,
-        count(
-            &t.pool,
-            "SELECT count(*) FROM escrow_transactions WHERE tx_type = 'charge'"
-        )
-        .await
-    );
+    // The ledger agrees with the intents, read in one statement (one snapshot: the
+    // fleet is still charging, and a charge commits its ledger row and its intent's
+    // state together, so two separate counts could straddle a commit).
+    let (confirmed, charges): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM charge_intents WHERE state = 'confirmed'), \
+                (SELECT count(*) FROM escrow_transactions WHERE tx_type = 'charge')",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(confirmed, charges);
     // The market pipeline on the simulator: the seeded watchers are backfilled into
     // signals, and the win-rate tick scores them.
     eventually(

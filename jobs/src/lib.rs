@@ -43,7 +43,13 @@ pub fn door_registry(cfg: &Config) -> Result<Registry, ConfigError> {
     build(cfg, Clients::Skip)
 }
 
+/// The configuration sections the pipelines own (`[billing]`, …); any other top-level
+/// table that is not the runtime's is refused at load.
+pub const SECTIONS: &[&str] = &["billing", "market", "chat", "probe", "traffic"];
+
 fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
+    cfg.check_sections(SECTIONS)?;
+    billing::traffic::TrafficConfig::from_config(cfg)?;
     let billing = Arc::new(billing::config::BillingConfig::from_config_for(
         cfg, clients,
     )?);

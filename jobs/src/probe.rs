@@ -98,10 +98,10 @@ pub struct ProbeHandler {
 
 impl ProbeHandler {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
-        let c: ProbeConfig = if cfg.probe.is_null() {
+        let c: ProbeConfig = if cfg.raw_section("probe").is_null() {
             ProbeConfig::default()
         } else {
-            cfg.section("probe", &cfg.probe)?
+            cfg.section("probe")?
         };
         let trace_dir = (!c.trace_dir.is_empty()).then(|| PathBuf::from(c.trace_dir));
         if let Some(d) = &trace_dir {

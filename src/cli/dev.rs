@@ -8,42 +8,6 @@ use super::app::{self, CliError, CliResult};
 #[derive(clap::Args)]
 pub struct Args {}
 
-/// The dev traffic simulator: a file of HAProxy lines for the demo customers every
-/// `every`, written under a dot name and renamed when complete (as a log shipper does),
-/// so the spool scan never reads half a file.
-async fn traffic_simulator(
-    dir: String,
-    lines: usize,
-    every: std::time::Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    use rand::SeedableRng as _;
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        tracing::error!(dir, error = %e, "dev traffic simulator: cannot create the spool directory");
-        return;
-    }
-    tracing::info!(dir, lines, every = ?every, "dev traffic simulator: writing HAProxy log files (simulated traffic, not real requests)");
-    let mut rng = rand::rngs::StdRng::from_os_rng();
-    let mut tick = tokio::time::interval(every);
-    let mut n = 0u64;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        n += 1;
-        let now = chrono::Utc::now();
-        let text = longshore_jobs::billing::seed::demo_lines(lines, now, &mut rng);
-        let name = format!("haproxy-{}-{n}.log", now.format("%Y%m%dT%H%M%S%3f"));
-        let tmp = std::path::Path::new(&dir).join(format!(".{name}"));
-        let r = std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, std::path::Path::new(&dir).join(&name)));
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "dev traffic simulator: write failed");
-        }
-    }
-}
-
 pub async fn run(_args: Args) -> CliResult {
     let cfg = Config::load_with_default_env("dev").map_err(CliError::usage)?;
     telemetry::init_logging(&cfg.log);
@@ -72,11 +36,11 @@ pub async fn run(_args: Args) -> CliResult {
             tracing::error!(dir = %dir.display(), error = %e, "dev: cannot create the vault directory");
         }
         let stop = app::shutdown_on_signals();
-        let traffic = (!cfg.dev.spool_dir.is_empty()).then(|| {
-            tokio::spawn(traffic_simulator(
-                cfg.dev.spool_dir.clone(),
-                cfg.dev.traffic_lines,
-                cfg.dev.traffic_interval,
+        let traffic = longshore_jobs::billing::traffic::TrafficConfig::from_config(&cfg)
+            .map_err(CliError::usage)?;
+        let traffic = traffic.enabled().then(|| {
+            tokio::spawn(longshore_jobs::billing::traffic::simulate(
+                traffic,
                 stop.clone(),
             ))
         });

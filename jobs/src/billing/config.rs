@@ -427,7 +427,7 @@ impl BillingConfig {
     /// With [`crate::Clients::Skip`], the chain's RPC settings (the delegate keypair
     /// among them) are not required: the process never charges.
     pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
-        let mut b: BillingConfig = cfg.section("billing", &cfg.billing)?;
+        let mut b: BillingConfig = cfg.section("billing")?;
         if b.file_roots.is_some() {
             return Err(ConfigError::Invalid {
                 key: "billing.file_roots".into(),

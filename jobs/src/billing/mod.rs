@@ -24,3 +24,4 @@ pub mod report;
 pub mod scan_log_spool;
 pub mod seed;
 pub mod sweep_charge_intents;
+pub mod traffic;

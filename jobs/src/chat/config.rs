@@ -99,7 +99,7 @@ impl Chat {
 
     /// With [`crate::Clients::Skip`], no provider client is built (and no key needed).
     pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
-        let c: ChatConfig = cfg.section("chat", &cfg.chat)?;
+        let c: ChatConfig = cfg.section("chat")?;
         c.credits.validate()?;
         c.check()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;

@@ -106,8 +106,12 @@ fn default_hold_ttl() -> std::time::Duration {
 impl CreditsConfig {
     pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
         // Only the credits part is typed here; the providers are the llm_call's.
-        let credits = cfg.chat.get("credits").cloned().unwrap_or(Value::Null);
-        let c: CreditsConfig = cfg.section("chat.credits", &credits)?;
+        let credits = cfg
+            .raw_section("chat")
+            .get("credits")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let c: CreditsConfig = cfg.typed("chat.credits", &credits)?;
         c.validate()?;
         Ok(c)
     }

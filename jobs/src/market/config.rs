@@ -90,7 +90,7 @@ impl Market {
 
     /// With [`crate::Clients::Skip`], no source is built (and no API key needed).
     pub fn from_config_for(cfg: &Config, clients: crate::Clients) -> Result<Self, ConfigError> {
-        let m: MarketConfig = cfg.section("market", &cfg.market)?;
+        let m: MarketConfig = cfg.section("market")?;
         let bad = |key: &str, msg: String| ConfigError::Invalid {
             key: format!("market.{key}"),
             message: msg,

@@ -536,7 +536,8 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         ));
         let mut llm_cfg = (*cfg).clone();
         for p in ["grok", "gpt", "claude"] {
-            llm_cfg.chat["providers"][p] = json!({"kind": "echo", "model": "bench-echo"});
+            llm_cfg.sections.entry("chat".into()).or_default()["providers"][p] =
+                json!({"kind": "echo", "model": "bench-echo"});
         }
         let llm_cfg = Arc::new(llm_cfg);
         let pool = fresh_db(&llm_cfg, &opts).await?;

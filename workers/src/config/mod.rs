@@ -130,10 +130,14 @@ impl std::fmt::Debug for Config {
             .field("scheduler", &self.scheduler)
             .field("schedules", &self.schedules)
             .field("metrics", &self.metrics)
-            .field("billing", &Keys(&self.billing))
-            .field("market", &Keys(&self.market))
-            .field("chat", &Keys(&self.chat))
-            .field("probe", &Keys(&self.probe))
+            .field(
+                "sections",
+                &self
+                    .sections
+                    .iter()
+                    .map(|(k, v)| (k, Keys(v)))
+                    .collect::<BTreeMap<_, _>>(),
+            )
             .finish()
     }
 }
@@ -142,7 +146,8 @@ impl std::fmt::Debug for Config {
 /// typed later by the jobs crate) by their keys only: they hold secrets (the vault key,
 /// provider API keys, the RPC URL, keypairs) that are not `secrecy` types until typed.
 #[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+// Not `deny_unknown_fields`: unknown top-level tables are the pipelines' sections,
+// read below and checked by `check_sections`.
 pub struct Config {
     pub database: DatabaseConfig,
     pub worker: WorkerConfig,
@@ -159,20 +164,29 @@ pub struct Config {
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
     pub metrics: MetricsConfig,
-    /// Settings of the usage-billing job kinds; typed and checked by the jobs crate
-    /// ([`Config::section`]), which names any bad key.
-    #[serde(default)]
-    pub billing: serde_json::Value,
-    /// Settings of the market pipeline (`[market]`), typed by the jobs crate.
-    #[serde(default)]
-    pub market: serde_json::Value,
-    /// Settings of the chat pipeline (`[chat]`), typed by the jobs crate.
-    #[serde(default)]
-    pub chat: serde_json::Value,
-    /// Settings of the `probe` job kind (`[probe]`, tests), typed by the jobs crate.
-    #[serde(default)]
-    pub probe: serde_json::Value,
+    /// Every other top-level table: a pipeline's own section (`[billing]`, `[market]`,
+    /// `[chat]`, …), kept as JSON for its owner to type ([`Config::section`]). The
+    /// runtime knows none of them by name; a table that no owner claims is an error
+    /// ([`Config::check_sections`]), so a misspelt one is not silently ignored.
+    #[serde(skip)]
+    pub sections: BTreeMap<String, serde_json::Value>,
 }
+
+/// The top-level tables the runtime itself reads (the fields of [`Config`]); every
+/// other one is a pipeline's section.
+pub const RUNTIME_TABLES: &[&str] = &[
+    "database",
+    "worker",
+    "queues",
+    "enqueue",
+    "log",
+    "dev",
+    "ingress",
+    "hooks",
+    "scheduler",
+    "schedules",
+    "metrics",
+];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -202,19 +216,6 @@ pub enum LogFormat {
 pub struct DevConfig {
     /// Where `longshore dev` keeps its private PostgreSQL cluster.
     pub data_dir: String,
-    /// The dev traffic simulator writes HAProxy log files here (the dev schedules scan
-    /// it); "" turns the simulator off.
-    #[serde(default)]
-    pub spool_dir: String,
-    /// Lines per file, one file per `traffic_interval`.
-    #[serde(default)]
-    pub traffic_lines: usize,
-    #[serde(default = "default_traffic_interval", with = "humantime_serde")]
-    pub traffic_interval: Duration,
-}
-
-fn default_traffic_interval() -> Duration {
-    Duration::from_secs(5)
 }
 
 impl Config {
@@ -285,7 +286,7 @@ impl Config {
         {
             fig = fig.merge(Serialized::default("database.url", url));
         }
-        let cfg: Config = fig.extract().map_err(|e| {
+        let figment_error = |e: figment::Error| {
             let key = e.path.join(".");
             let msg = without_source_lines(&e.kind.to_string());
             if key.is_empty() {
@@ -293,14 +294,33 @@ impl Config {
             } else {
                 ConfigError::invalid(key, msg)
             }
-        })?;
+        };
+        let mut cfg: Config = fig.extract().map_err(figment_error)?;
+        let tables: BTreeMap<String, serde_json::Value> = fig.extract().map_err(figment_error)?;
+        cfg.sections = tables
+            .into_iter()
+            .filter(|(k, _)| !RUNTIME_TABLES.contains(&k.as_str()))
+            .collect();
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Types a pipeline's section (`billing`, …): an unknown or ill-typed key is an
-    /// error that names it (`billing.charge_threshold_usd: …`).
-    pub fn section<T: serde::de::DeserializeOwned>(
+    /// A pipeline's section as configured (`Null` when absent).
+    pub fn raw_section(&self, name: &str) -> &serde_json::Value {
+        static NULL: serde_json::Value = serde_json::Value::Null;
+        self.sections.get(name).unwrap_or(&NULL)
+    }
+
+    /// Types a pipeline's section (`[billing]`, …; absent: typed from `null`): an
+    /// unknown or ill-typed key is an error that names it
+    /// (`billing.charge_threshold_usd: …`).
+    pub fn section<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
+        self.typed(name, self.raw_section(name))
+    }
+
+    /// Types `value`, a part of a section found under `name` (`chat.credits`), naming
+    /// the key of any error as [`Config::section`] does.
+    pub fn typed<T: serde::de::DeserializeOwned>(
         &self,
         name: &str,
         value: &serde_json::Value,
@@ -315,6 +335,23 @@ impl Config {
             // `invalid` hides the message for secret keys.
             ConfigError::invalid(key, e.into_inner().to_string())
         })
+    }
+
+    /// Refuses a top-level table that is neither the runtime's nor one of `known` (the
+    /// sections the binary's pipelines read): a misspelt `[biling]` is an error, not
+    /// settings silently ignored.
+    pub fn check_sections(&self, known: &[&str]) -> Result<(), ConfigError> {
+        match self.sections.keys().find(|k| !known.contains(&k.as_str())) {
+            None => Ok(()),
+            Some(k) => {
+                let mut all: Vec<&str> = RUNTIME_TABLES.iter().chain(known).copied().collect();
+                all.sort_unstable();
+                Err(ConfigError::invalid(
+                    k.clone(),
+                    format!("is not a table anything reads (known: {})", all.join(", ")),
+                ))
+            }
+        }
     }
 
     /// Checks what types alone cannot.
@@ -489,12 +526,41 @@ mod tests {
         struct B {
             vault_key: String,
         }
-        let billing = serde_json::json!({"vault_key": c.billing["vault_key"].clone()});
-        let e = c.section::<B>("billing", &billing).unwrap_err().to_string();
+        let billing =
+            serde_json::json!({"vault_key": c.raw_section("billing")["vault_key"].clone()});
+        let e = c.typed::<B>("billing", &billing).unwrap_err().to_string();
         assert!(
             e.contains("billing.vault_key") && !e.contains("918273645"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pipeline_sections_are_kept_and_an_unclaimed_table_is_refused() {
+        let c = load(&[("LONGSHORE__BILLING__VAULT_PATH", "/tmp/v.csv")]).unwrap();
+        assert_eq!(c.raw_section("billing")["vault_path"], "/tmp/v.csv");
+        assert!(c.raw_section("nothing").is_null());
+        assert!(
+            !c.sections.contains_key("worker"),
+            "runtime tables are not sections"
+        );
+        let known = ["billing", "market", "chat", "probe", "traffic"];
+        let c = load(&[("LONGSHORE__BILING__VAULT_PATH", "/tmp/v.csv")]).unwrap();
+        let e = c.check_sections(&known).unwrap_err().to_string();
+        assert!(e.contains("biling") && e.contains("known: billing"), "{e}");
+        load(&[]).unwrap().check_sections(&known).unwrap();
+    }
+
+    /// Every field of [`Config`] is in [`RUNTIME_TABLES`], and nothing else is: a new
+    /// runtime table must not be taken for a pipeline's section.
+    #[test]
+    fn runtime_tables_are_the_config_fields() {
+        let v = serde_json::to_value(load(&[]).unwrap()).unwrap();
+        let mut fields: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        let mut listed = RUNTIME_TABLES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(fields, listed);
     }
 
     #[test]
