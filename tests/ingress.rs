@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Proc, config_dir, count, db, eventually};
+use common::{Proc, config, config_dir, count, db, eventually};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -718,9 +718,11 @@ async fn health_readiness_metrics_and_openapi() {
         .json()
         .await
         .unwrap();
-    let checked_in: Value = serde_json::from_str(longshore_workers::ingress::OPENAPI).unwrap();
-    assert_eq!(served, checked_in);
+    let registry = longshore_jobs::door_registry(&config(&[])).unwrap();
+    let documented = longshore_workers::ingress::openapi_document(registry.text_routes());
+    assert_eq!(served, documented);
     for path in [
+        "/v1/logs",
         "/v1/queues/{queue}/jobs",
         "/v1/queues/{queue}/jobs:batch",
         "/v1/jobs/{queue}/{id}",
@@ -1075,8 +1077,9 @@ async fn a_done_job_on_a_delete_queue_answers_done() {
 #[test]
 fn every_error_code_is_documented() {
     let errors = longshore_workers::ingress::ERRORS;
-    let openapi: Value =
-        serde_json::from_str(longshore_workers::ingress::OPENAPI).expect("valid JSON");
+    // The document as served: the runtime's and the pipelines' text routes (`/v1/logs`).
+    let registry = longshore_jobs::door_registry(&config(&[])).unwrap();
+    let openapi = longshore_workers::ingress::openapi_document(registry.text_routes());
     let readme = std::fs::read_to_string("docs/ingress.md").unwrap();
     let listed: Vec<&str> = openapi["components"]["schemas"]["Error"]["properties"]["error"]
         ["properties"]["code"]["enum"]
@@ -1178,4 +1181,45 @@ fn error_pairs(src: &str, call: &str) -> Vec<(u16, String)> {
         }
     }
     out
+}
+
+/// The scopes a token may hold are the runtime's (`read_all`) and those of the text
+/// routes the pipelines mount (`logs` for `/v1/logs`); any other is refused at start,
+/// naming the key and the known scopes.
+#[test]
+fn a_scope_that_no_route_offers_is_refused_at_start() {
+    let registry = longshore_jobs::door_registry(&config(&[])).unwrap();
+    let with_scopes = |scopes: &str| {
+        let dir = config_dir(&format!(
+            r#"
+[[ingress.tokens]]
+name = "t"
+sha256 = "{}"
+queues = ["*"]
+scopes = {scopes}
+rate_per_second = 10
+burst = 10
+"#,
+            hex::encode(Sha256::digest(b"tok"))
+        ));
+        let vars = common::test_env();
+        let c = longshore_workers::Config::load_from(&dir.join("config"), Some("test"), vars)
+            .expect("loads");
+        std::fs::remove_dir_all(&dir).unwrap();
+        c
+    };
+    longshore_workers::ingress::check_config(&with_scopes(r#"["logs", "read_all"]"#), &registry)
+        .expect("both scopes exist");
+    let e = longshore_workers::ingress::check_config(&with_scopes(r#"["log"]"#), &registry)
+        .unwrap_err();
+    assert!(
+        e.contains("ingress.tokens[0].scopes")
+            && e.contains(r#"known scopes are "logs", "read_all""#),
+        "{e}"
+    );
+    // Without the pipelines' routes, `logs` is not a scope at all.
+    let bare = longshore_workers::Registry::new();
+    let e =
+        longshore_workers::ingress::check_config(&with_scopes(r#"["logs"]"#), &bare).unwrap_err();
+    assert!(e.contains(r#"known scopes are "read_all""#), "{e}");
 }

@@ -58,6 +58,7 @@ fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
     Ok(Registry::new()
         .register(probe::ProbeHandler::from_config(cfg)?)
         .register(billing::ingest_logs::IngestLogsHandler(billing.clone()))
+        .text_route(billing::ingest_logs::log_route())
         .register(billing::scan_log_spool::ScanLogSpoolHandler(
             billing.clone(),
         ))

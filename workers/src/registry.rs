@@ -109,6 +109,8 @@ impl<H: Handler> ErasedHandler for Typed<H> {
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn ErasedHandler>>,
+    /// Routes the pipelines add to the ingress.
+    text_routes: Vec<crate::ingress::TextRoute>,
 }
 
 impl Registry {
@@ -140,6 +142,28 @@ impl Registry {
         );
         assert!(prev.is_none(), "job kind {kind:?} registered twice");
         self
+    }
+
+    /// Adds a route to the ingress: a text body that becomes one job of `route.queue`
+    /// (see [`crate::ingress::TextRoute`]).
+    ///
+    /// # Panics
+    /// If the path is taken by another text route (a programming error found at
+    /// start-up). That the queue is registered and the path is not the runtime's is
+    /// checked by [`crate::ingress::check_config`].
+    pub fn text_route(mut self, route: crate::ingress::TextRoute) -> Self {
+        assert!(
+            self.text_routes.iter().all(|r| r.path != route.path),
+            "text route {} registered twice",
+            route.path
+        );
+        self.text_routes.push(route);
+        self
+    }
+
+    /// The routes the pipelines add to the ingress.
+    pub fn text_routes(&self) -> &[crate::ingress::TextRoute] {
+        &self.text_routes
     }
 
     pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {

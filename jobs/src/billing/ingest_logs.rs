@@ -24,6 +24,38 @@ use crate::files::ReadError;
 /// At most this many malformed lines are listed in a job's result (all are counted).
 const MAX_REPORTED: usize = 100;
 
+/// `POST /v1/logs`, the ingress route of this kind: raw HAProxy lines as text (one per
+/// line; blank lines ignored) → one `ingest_logs {lines}` job, for a token with the
+/// `logs` scope only (billable usage is the log shipper's to post). A token restricted
+/// to some customers passes them on (`customers`), and only their lines are ingested.
+/// Re-posting the same content ingests nothing twice.
+pub fn log_route() -> longshore_workers::ingress::TextRoute {
+    longshore_workers::ingress::TextRoute {
+        path: "/v1/logs",
+        scope: "logs",
+        queue: <IngestLogs as JobArgs>::KIND,
+        to_args: log_args,
+        openapi: include_str!("logs_route.openapi.json"),
+    }
+}
+
+fn log_args(
+    text: &str,
+    caller: longshore_workers::ingress::Caller<'_>,
+) -> Result<serde_json::Value, longshore_workers::ingress::Refusal> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return Err(longshore_workers::ingress::Refusal::Empty(
+            "the body has no log lines".into(),
+        ));
+    }
+    let mut args = json!({ "lines": lines });
+    if let Some(c) = caller.customers {
+        args["customers"] = json!(c);
+    }
+    Ok(args)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IngestLogs {
     /// A file to read (from the spool directory).
@@ -417,4 +449,32 @@ async fn ensure_partition(tx: &mut PgConnection, d: NaiveDate) -> Result<(), sql
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use longshore_workers::ingress::{Caller, Refusal};
+
+    use super::*;
+
+    #[test]
+    fn the_log_route_keeps_every_non_blank_line_and_the_tokens_customers() {
+        let all = Caller { customers: None };
+        assert_eq!(
+            log_args("a\n\n  \nb \r\n", all).unwrap(),
+            json!({"lines": ["a", "b "]})
+        );
+        let some = Caller {
+            customers: Some(&[1001, 1002]),
+        };
+        assert_eq!(
+            log_args("a", some).unwrap(),
+            json!({"lines": ["a"], "customers": [1001, 1002]})
+        );
+        assert!(matches!(log_args(" \n\t\n", all), Err(Refusal::Empty(_))));
+        // The args it makes are what the kind accepts.
+        let args: IngestLogs = serde_json::from_value(log_args("x", some).unwrap()).unwrap();
+        assert_eq!(args.lines, Some(vec!["x".to_string()]));
+        assert_eq!(args.customers, Some(vec![1001, 1002]));
+    }
 }

@@ -4,6 +4,8 @@
 //! - `GET /v1/jobs/{queue}/{id}[?wait=N]` → queued | running | done | dead
 //! - `POST /v1/hooks/{source}` → signed webhooks
 //! - `GET /healthz`, `/readyz`, `/metrics`, `/openapi.json`
+//! - the pipelines' text routes ([`TextRoute`], from the registry; the binary's
+//!   `POST /v1/logs` is one): a text body → one job
 //!
 //! Every failure is one JSON envelope, `{"error":{"code","message","request_id"}}`,
 //! rendered in one place (`envelope`) from an [`ApiError`] or, for failures axum
@@ -14,6 +16,7 @@ mod auth;
 mod codes;
 mod routes;
 mod serve;
+mod text_route;
 mod waiters;
 
 use std::sync::{Arc, Mutex};
@@ -41,6 +44,7 @@ use crate::telemetry as t;
 
 pub use auth::hash_token;
 pub use codes::ERRORS;
+pub use text_route::{Caller, Refusal, TextRoute, openapi_document};
 
 /// The OpenAPI document of these endpoints (checked in beside this file).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -59,6 +63,36 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
                     "ingress.tokens[{n}].queues: {q:?} is an internal kind and is never enqueued over HTTP"
                 ));
             }
+        }
+    }
+    // Scopes: `read_all` is the runtime's; the others are the text routes'.
+    for (n, t) in cfg.ingress.tokens.iter().enumerate() {
+        for s in &t.scopes {
+            let known = s == "read_all" || registry.text_routes().iter().any(|r| r.scope == s);
+            if !known {
+                let mut all: Vec<&str> = registry.text_routes().iter().map(|r| r.scope).collect();
+                all.push("read_all");
+                all.sort_unstable();
+                all.dedup();
+                return Err(format!(
+                    "ingress.tokens[{n}].scopes: {s:?}: known scopes are {}",
+                    all.iter()
+                        .map(|a| format!("{a:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+    for r in registry.text_routes() {
+        if !registry.contains(r.queue) {
+            return Err(format!("text route {}: no job kind {:?}", r.path, r.queue));
+        }
+        if Ingress::RUNTIME_PATHS.contains(&r.path) || !r.path.starts_with("/v1/") {
+            return Err(format!(
+                "text route {}: the path must be under /v1/ and not one of the runtime's",
+                r.path
+            ));
         }
     }
     for (name, h) in &cfg.hooks {
@@ -98,6 +132,8 @@ pub struct Ingress {
     /// `ingress.trusted_proxies`.
     proxies: Vec<ipnet::IpNet>,
     metrics: Option<PrometheusHandle>,
+    /// `/openapi.json`: the runtime's document with the text routes' path items.
+    openapi: String,
 }
 
 /// The client's address, put into each request by the accept loop.
@@ -111,6 +147,7 @@ impl Ingress {
         cfg: Arc<Config>,
         metrics: Option<PrometheusHandle>,
     ) -> Arc<Self> {
+        let registry_routes = &registry.text_routes().to_vec();
         Arc::new(Ingress {
             tokens: auth::Tokens::from_config(&cfg.ingress.tokens),
             anonymous: auth::Anonymous::new(
@@ -134,6 +171,7 @@ impl Ingress {
             waiters: Waiters::default(),
             status_reads: Default::default(),
             metrics,
+            openapi: openapi_document(registry_routes).to_string(),
         })
     }
 
@@ -154,15 +192,40 @@ impl Ingress {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        self.layered(Self::routes())
+        self.layered(self.routes())
     }
 
-    fn routes() -> Router<Arc<Self>> {
-        Router::new()
+    /// The paths the runtime serves itself.
+    const RUNTIME_PATHS: &[&str] = &[
+        "/v1/queues/{queue}/jobs",
+        "/v1/queues/{queue}/jobs:batch",
+        "/v1/jobs/{queue}/{id}",
+        "/v1/hooks/{source}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ];
+
+    fn routes(&self) -> Router<Arc<Self>> {
+        let mut r = Router::new()
             .route("/v1/queues/{queue}/jobs", post(routes::enqueue_one))
-            .route("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch))
-            .route("/v1/logs", post(routes::logs))
-            .route("/v1/jobs/{queue}/{id}", get(routes::job_status))
+            .route("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch));
+        for (i, t) in self.registry.text_routes().iter().enumerate() {
+            r = r.route(
+                t.path,
+                post(
+                    move |st: axum::extract::State<Arc<Ingress>>,
+                          slot: axum::Extension<CallerSlot>,
+                          peer: Option<axum::Extension<Peer>>,
+                          headers: axum::http::HeaderMap,
+                          body: axum::body::Body| {
+                        routes::text(st, slot, peer, headers, body, i)
+                    },
+                ),
+            );
+        }
+        r.route("/v1/jobs/{queue}/{id}", get(routes::job_status))
             .route("/v1/hooks/{source}", post(routes::hook))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
@@ -488,7 +551,7 @@ mod tests {
         async fn boom() -> &'static str {
             panic!("a bug in a route")
         }
-        let app = ingress.layered(Ingress::routes().route("/boom", get(boom)));
+        let app = ingress.layered(ingress.routes().route("/boom", get(boom)));
         let req = Request::builder()
             .uri("/boom")
             .header("x-request-id", "req-42")

@@ -326,35 +326,34 @@ fn key_conflict(what: &str) -> ApiError {
     )
 }
 
-/// `POST /v1/logs`: raw HAProxy lines (text) → one `ingest_logs {lines}` job. Bytes
-/// that are not UTF-8 become U+FFFD (the line is still parsed or reported, never
-/// dropped); blank lines are ignored. Re-posting the same content ingests nothing twice.
-pub(super) async fn logs(
+/// A pipeline's text route (see [`super::TextRoute`]): the body as text (bytes that are
+/// not UTF-8, and NUL, which cannot be stored, become U+FFFD, so nothing is dropped)
+/// into the route's args, then one job, as any enqueue.
+pub(super) async fn text(
     State(st): State<Arc<Ingress>>,
     Extension(slot): Extension<CallerSlot>,
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     body: Body,
+    route: usize,
 ) -> ApiResult<Response> {
+    let r = st.registry.text_routes()[route].clone();
     let token = caller(&st, &headers, &slot, peer)?;
-    // Billable usage: only the log shipper's token (scope `logs`) may post lines.
-    token.require("logs")?;
-    let queue = known_queue(&st, "ingest_logs")?;
+    token.require(r.scope)?;
+    let queue = known_queue(&st, r.queue)?;
     let bytes = read_body(&st, &headers, body).await?;
-    // NUL cannot be stored; like a byte that is not UTF-8, it becomes U+FFFD.
     let text = String::from_utf8_lossy(&bytes).replace('\0', "\u{FFFD}");
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "empty_batch",
-            "the body has no log lines",
-        ));
-    }
-    let mut args = serde_json::json!({ "lines": lines });
-    if let Some(c) = &token.customers {
-        args["customers"] = json!(c);
-    }
+    let caller = super::Caller {
+        customers: token.customers.as_deref(),
+    };
+    let args = (r.to_args)(&text, caller).map_err(|refusal| match refusal {
+        super::Refusal::Empty(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "empty_batch", m)
+        }
+        super::Refusal::Invalid(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_args", m)
+        }
+    })?;
     validate(&st, &queue, &args)?;
     let opts = EnqueueOptions {
         principal: Some(token.principal.clone()),
@@ -659,8 +658,12 @@ pub(super) async fn metrics(State(st): State<Arc<Ingress>>) -> Response {
     }
 }
 
-pub(super) async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI).into_response()
+pub(super) async fn openapi(State(st): State<Arc<Ingress>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        st.openapi.clone(),
+    )
+        .into_response()
 }
 
 pub(super) async fn not_found() -> ApiError {
