@@ -26,10 +26,10 @@ fn line(c: i32, s: &str, day: u32, hour: u32, min: u32, status: i32, bytes: i64)
 /// Sums per (customer, service, hour) from the raw rows vs. the usage records.
 async fn assert_usage_matches_raw(pool: &PgPool) {
     let diff: i64 = sqlx::query_scalar(
-        "WITH raw AS (SELECT customer_id, service_type, date_trunc('hour', ts) w, count(*) n, \
-            count(*) FILTER (WHERE status_code BETWEEN 200 AND 399) b, sum(bytes_out) by FROM haproxy_logs GROUP BY 1,2,3), \
-         agg AS (SELECT customer_id, service_type, window_start w, request_count n, billable_count b, bytes_transferred by FROM usage_records) \
-         SELECT count(*) FROM (SELECT * FROM raw EXCEPT SELECT * FROM agg UNION ALL SELECT * FROM agg EXCEPT SELECT * FROM raw) d",
+        r#"WITH raw AS (SELECT customer_id, service_type, date_trunc('hour', ts) w, count(*) n,
+            count(*) FILTER (WHERE status_code BETWEEN 200 AND 399) b, sum(bytes_out) by FROM haproxy_logs GROUP BY 1,2,3),
+         agg AS (SELECT customer_id, service_type, window_start w, request_count n, billable_count b, bytes_transferred by FROM usage_records)
+         SELECT count(*) FROM (SELECT * FROM raw EXCEPT SELECT * FROM agg UNION ALL SELECT * FROM agg EXCEPT SELECT * FROM raw) d"#,
     )
     .fetch_one(pool)
     .await
@@ -838,8 +838,8 @@ async fn binary_rows_are_what_postgres_reads() {
         uuid::Uuid,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT ts, customer_id, service_type, method, status_code, bytes_out, duration_ms, \
-                client_ip, backend, server, line_no, line_key FROM haproxy_logs ORDER BY ts, line_no",
+        r#"SELECT ts, customer_id, service_type, method, status_code, bytes_out, duration_ms,
+                client_ip, backend, server, line_no, line_key FROM haproxy_logs ORDER BY ts, line_no"#,
     )
     .fetch_all(&t.pool)
     .await

@@ -473,11 +473,11 @@ async fn a_cycle_run_twice_gives_the_same_result() {
     assert_eq!((first.intents.len(), first.suspended.len()), (4, 1));
     let tables = |pool: PgPool| async move {
         sqlx::query_scalar::<_, Value>(
-            "SELECT json_build_array( \
-               (SELECT json_agg(x ORDER BY customer_id, service_type) FROM (SELECT customer_id, service_type, amount, state, base_fee_month FROM charge_intents) x), \
-               (SELECT json_agg(x ORDER BY record_id) FROM (SELECT record_id, billed_count FROM usage_records) x), \
-               (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, state, suspend_reason, suspend_details FROM service_instances) x), \
-               (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, current_balance_usd_cents, current_month_charged_usd_cents FROM customers) x))",
+            r#"SELECT json_build_array(
+               (SELECT json_agg(x ORDER BY customer_id, service_type) FROM (SELECT customer_id, service_type, amount, state, base_fee_month FROM charge_intents) x),
+               (SELECT json_agg(x ORDER BY record_id) FROM (SELECT record_id, billed_count FROM usage_records) x),
+               (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, state, suspend_reason, suspend_details FROM service_instances) x),
+               (SELECT json_agg(x ORDER BY customer_id) FROM (SELECT customer_id, current_balance_usd_cents, current_month_charged_usd_cents FROM customers) x))"#,
         )
         .fetch_one(&pool)
         .await
@@ -516,10 +516,10 @@ async fn row20_racing_cycles_make_one_intent_and_a_request_cannot_be_billed_twic
     assert_eq!(count_enqueued(&t.pool, "charge_escrow").await, 1);
     // The constraint itself: the same slice in a second intent is refused.
     let err = sqlx::query(
-        "WITH i AS (INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, billing_month, state) \
-                    VALUES (gen_random_uuid(), 1, 'seal', 7, current_date, 'confirmed') RETURNING intent_id) \
-         INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount) \
-         SELECT i.intent_id, r.record_id, 0, 70000, 7 FROM i, usage_records r",
+        r#"WITH i AS (INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, billing_month, state)
+                    VALUES (gen_random_uuid(), 1, 'seal', 7, current_date, 'confirmed') RETURNING intent_id)
+         INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount)
+         SELECT i.intent_id, r.record_id, 0, 70000, 7 FROM i, usage_records r"#,
     )
     .execute(&t.pool)
     .await
@@ -791,8 +791,8 @@ fn at(s: &str) -> chrono::DateTime<Utc> {
 /// Usage of customer `c` in the hour starting at `window` (UTC).
 async fn usage_at(pool: &PgPool, c: i32, window: &str, billable: i64) {
     sqlx::query(
-        "INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred) \
-         VALUES ($1, 'seal', $2::timestamptz, $2::timestamptz + interval '1 hour', $3, $3, 0)",
+        r#"INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred)
+         VALUES ($1, 'seal', $2::timestamptz, $2::timestamptz + interval '1 hour', $3, $3, 0)"#,
     )
     .bind(c)
     .bind(window)

@@ -424,8 +424,8 @@ async fn dev_runs_the_billing_pipeline_on_simulated_traffic() {
     // fleet is still charging, and a charge commits its ledger row and its intent's
     // state together, so two separate counts could straddle a commit).
     let (confirmed, charges): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM charge_intents WHERE state = 'confirmed'), \
-                (SELECT count(*) FROM escrow_transactions WHERE tx_type = 'charge')",
+        r#"SELECT (SELECT count(*) FROM charge_intents WHERE state = 'confirmed'),
+                (SELECT count(*) FROM escrow_transactions WHERE tx_type = 'charge')"#,
     )
     .fetch_one(&t.pool)
     .await
@@ -568,9 +568,9 @@ async fn json_logs_are_one_json_object_per_line() {
 async fn dlq_retry_of_a_whole_queue_works_in_bounded_batches() {
     let t = db().await;
     sqlx::query(
-        "INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at) \
-         SELECT 'probe', i, jsonb_build_object('id', i), '{\"free_reads\": 2, \"deaths\": 1}', 3, 'boom', now() \
-         FROM generate_series(1, 2500) i",
+        r#"INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at)
+         SELECT 'probe', i, jsonb_build_object('id', i), '{"free_reads": 2, "deaths": 1}', 3, 'boom', now()
+         FROM generate_series(1, 2500) i"#,
     )
     .execute(&t.pool)
     .await

@@ -303,8 +303,8 @@ async fn row11_terminated_backends_roll_back_and_jobs_retry() {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(4) {
         terminated += sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE 'longshore-worker%'",
+            r#"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'longshore-worker%'"#,
         )
         .fetch_one(&t.pool)
         .await
@@ -541,9 +541,9 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
         || async {
             let n = count(
                 pool,
-                "SELECT count(*) FROM pgmq.a_maintenance \
-              WHERE jsonb_array_length(headers->'result'->'vacuumed') > 0 \
-                AND jsonb_array_length(headers->'result'->'failed') = 0",
+                r#"SELECT count(*) FROM pgmq.a_maintenance
+              WHERE jsonb_array_length(headers->'result'->'vacuumed') > 0
+                AND jsonb_array_length(headers->'result'->'failed') = 0"#,
             )
             .await;
             (n > 0).then_some(())
@@ -570,8 +570,8 @@ async fn the_runtime_core_runs_through_pgbouncer_in_transaction_mode() {
         .collect();
     assert!((1..=2).contains(&servers.len()), "{}", pgb.show("SERVERS"));
     let ours: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-          AND application_name LIKE 'longshore-%'",
+        r#"SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+          AND application_name LIKE 'longshore-%'"#,
     )
     .fetch_all(pool)
     .await

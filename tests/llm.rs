@@ -774,8 +774,8 @@ async fn a_retry_with_a_stored_answer_does_not_call_again_and_charges_once() {
     let (t, fake, fleet, user) = setup(&[]).await;
     let c = call(user, "stored", None);
     sqlx::query(
-        "INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens) \
-         VALUES ($1, $2, 'claude', 'claude-test-model', 'From the first run.', 2000, 3000)",
+        r#"INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens)
+         VALUES ($1, $2, 'claude', 'claude-test-model', 'From the first run.', 2000, 3000)"#,
     )
     .bind(c.request_id)
     .bind(user)
@@ -1074,8 +1074,8 @@ async fn kill9_between_the_answer_and_the_charge_neither_calls_again_nor_charges
         Duration::from_secs(15),
         "the charge waiting on the lock",
         || async {
-            let sql = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+            let sql = r#"SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'"#;
             (count(&t.pool, sql).await > 0).then_some(())
         },
     )
@@ -1191,8 +1191,8 @@ async fn prune_llm_drops_attempts_and_answers_past_the_retention() {
     let (old, new) = (Uuid::new_v4(), Uuid::new_v4());
     for (req, age) in [(old, "100 days"), (new, "1 day")] {
         let attempt: i64 = sqlx::query_scalar(
-            "INSERT INTO llm_attempts (request_id, job_id, provider, model, status, latency_ms, created_at) \
-             VALUES ($1, 1, 'grok', 'm', 'ok', 5, now() - $2::interval) RETURNING id",
+            r#"INSERT INTO llm_attempts (request_id, job_id, provider, model, status, latency_ms, created_at)
+             VALUES ($1, 1, 'grok', 'm', 'ok', 5, now() - $2::interval) RETURNING id"#,
         )
         .bind(req)
         .bind(age)
@@ -1200,8 +1200,8 @@ async fn prune_llm_drops_attempts_and_answers_past_the_retention() {
         .await
         .unwrap();
         sqlx::query(
-            "INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens, attempt_id, created_at) \
-             VALUES ($1, $2, 'grok', 'm', 'c', 1, 1, $3, now() - $4::interval)",
+            r#"INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens, attempt_id, created_at)
+             VALUES ($1, $2, 'grok', 'm', 'c', 1, 1, $3, now() - $4::interval)"#,
         )
         .bind(req)
         .bind(Uuid::new_v4())

@@ -911,8 +911,8 @@ fn sync_worker(
 async fn lock_waiters(pool: &PgPool) -> i64 {
     count(
         pool,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        r#"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"#,
     )
     .await
 }
@@ -1417,8 +1417,8 @@ async fn the_win_rate_counts_directional_signals_with_known_outcomes() {
     for (ago, dir, entry, outcome, quality) in seeded {
         let at = now - chrono::Duration::hours(ago);
         sqlx::query(
-            "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons, metadata) \
-             VALUES ('BTC/USDT', '1h', $1, $2, 0.7, $3::float8, 0.7, '[]', jsonb_build_object('quality', $4::text))",
+            r#"INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons, metadata)
+             VALUES ('BTC/USDT', '1h', $1, $2, 0.7, $3::float8, 0.7, '[]', jsonb_build_object('quality', $4::text))"#,
         )
         .bind(at)
         .bind(dir)
@@ -1512,8 +1512,8 @@ async fn prune_market_drops_candles_and_indicators_past_the_retention() {
     // More old candles than one delete batch (5,000) takes, and each other pruned table
     // with a row on either side of the retention.
     sqlx::query(
-        "INSERT INTO candles SELECT 'ETH/USDT', '1m', t, 1, 1, 1, 1, 1 \
-         FROM generate_series(now() - interval '200 days', now() - interval '200 days' + interval '11999 minutes', interval '1 minute') t",
+        r#"INSERT INTO candles SELECT 'ETH/USDT', '1m', t, 1, 1, 1, 1, 1
+         FROM generate_series(now() - interval '200 days', now() - interval '200 days' + interval '11999 minutes', interval '1 minute') t"#,
     )
     .execute(p)
     .await
@@ -1871,9 +1871,9 @@ async fn the_previous_signal_is_of_the_same_timeframe_and_direction() {
     let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
     let before = t1 - chrono::Duration::minutes(1);
     sqlx::query(
-        "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons) VALUES \
-         ('BTC/USDT', '1h', $1, 'short', 0.65, 100, 0.65, '[]'), \
-         ('BTC/USDT', '4h', $1, 'long', 0.75, 100, 0.75, '[]')",
+        r#"INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, confidence, reasons) VALUES
+         ('BTC/USDT', '1h', $1, 'short', 0.65, 100, 0.65, '[]'),
+         ('BTC/USDT', '4h', $1, 'long', 0.75, 100, 0.75, '[]')"#,
     )
     .bind(before)
     .execute(&t.pool)
@@ -1930,8 +1930,8 @@ async fn clusters_are_per_timeframe_and_stale_extras_are_left_out() {
     // t2: a 1h cluster and an L/S ratio, both fetched two hours after the close.
     clusters("1h", t2, close(t2) + chrono::Duration::hours(2)).await;
     sqlx::query(
-        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, \
-         jsonb_build_object('ls_ratio', 0.5, 'fetched_at', $2::timestamptz), 'cryptometer')",
+        r#"INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1,
+         jsonb_build_object('ls_ratio', 0.5, 'fetched_at', $2::timestamptz), 'cryptometer')"#,
     )
     .bind(t2)
     .bind(close(t2) + chrono::Duration::hours(2))
@@ -1946,8 +1946,8 @@ async fn clusters_are_per_timeframe_and_stale_extras_are_left_out() {
         signal_at(&t.pool, &env, at, long_row(101.0), i as i64).await;
     }
     let rows: Vec<(Vec<String>, Value)> = sqlx::query_as(
-        "SELECT array(SELECT coalesce(r->>'rule', r::text) FROM jsonb_array_elements(reasons) r), metadata->'stale' \
-         FROM signals WHERE timeframe = '1h' ORDER BY at",
+        r#"SELECT array(SELECT coalesce(r->>'rule', r::text) FROM jsonb_array_elements(reasons) r), metadata->'stale'
+         FROM signals WHERE timeframe = '1h' ORDER BY at"#,
     )
     .fetch_all(&t.pool)
     .await

@@ -251,15 +251,15 @@ async fn unknown_fields_are_ignored_by_workers_and_logged_once() {
 async fn acknowledgements_in_flight_are_not_counted_as_lost_leases() {
     let t = db().await;
     sqlx::raw_sql(
-        "CREATE FUNCTION slow_settle() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN \
-           IF (current_query() LIKE '%INSERT INTO longshore.dead_letters%' \
-               OR current_query() LIKE '%INSERT INTO pgmq.a_probe%') \
-              AND current_query() NOT LIKE '%SKIP LOCKED%' THEN PERFORM pg_sleep(2.5); END IF; \
-           RETURN NULL; \
-         END $$; \
-         CREATE TRIGGER slow_settle BEFORE DELETE ON pgmq.q_probe \
-         FOR EACH STATEMENT EXECUTE FUNCTION slow_settle();",
+        r#"CREATE FUNCTION slow_settle() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF (current_query() LIKE '%INSERT INTO longshore.dead_letters%'
+               OR current_query() LIKE '%INSERT INTO pgmq.a_probe%')
+              AND current_query() NOT LIKE '%SKIP LOCKED%' THEN PERFORM pg_sleep(2.5); END IF;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER slow_settle BEFORE DELETE ON pgmq.q_probe
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_settle();"#,
     )
     .execute(&t.pool)
     .await
@@ -375,10 +375,10 @@ async fn a_claim_in_flight_at_the_signal_is_released() {
     // Let the claims every consumer makes at start finish before the claim is slowed.
     tokio::time::sleep(Duration::from_millis(500)).await;
     sqlx::raw_sql(
-        "CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF current_query() LIKE '%normal AS%' THEN PERFORM pg_sleep(2); END IF; RETURN NULL; END $$; \
-         CREATE TRIGGER slow_claim BEFORE UPDATE ON pgmq.q_probe \
-         FOR EACH STATEMENT EXECUTE FUNCTION slow_claim();",
+        r#"CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF current_query() LIKE '%normal AS%' THEN PERFORM pg_sleep(2); END IF; RETURN NULL; END $$;
+         CREATE TRIGGER slow_claim BEFORE UPDATE ON pgmq.q_probe
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_claim();"#,
     )
     .execute(&t.pool)
     .await
@@ -389,8 +389,8 @@ async fn a_claim_in_flight_at_the_signal_is_released() {
     eventually(Duration::from_secs(10), "the claim is running", || async {
         let n = count(
             &t.pool,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND query LIKE '%normal AS%pgmq.q_probe%' AND wait_event = 'PgSleep'",
+            r#"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND query LIKE '%normal AS%pgmq.q_probe%' AND wait_event = 'PgSleep'"#,
         )
         .await;
         (n >= 1).then_some(())
@@ -406,8 +406,8 @@ async fn a_claim_in_flight_at_the_signal_is_released() {
     assert_eq!(
         count(
             &t.pool,
-            "SELECT count(*) FROM pgmq.q_probe WHERE vt <= now() AND last_read_at IS NULL \
-             AND longshore.header_int(headers, 'free_reads') = 1"
+            r#"SELECT count(*) FROM pgmq.q_probe WHERE vt <= now() AND last_read_at IS NULL
+             AND longshore.header_int(headers, 'free_reads') = 1"#
         )
         .await,
         5,

@@ -194,9 +194,9 @@ async fn maintenance_prunes_what_is_past_retention() {
     // Fire rows: two old ones of "a" (the older goes, the newer stays as "a"'s latest),
     // one old "b" (its latest: kept), one recent "a".
     sqlx::query(
-        "INSERT INTO longshore.schedule_fires (schedule, fire_at, msg_id) VALUES \
-         ('a', now() - interval '20 days', 1), ('a', now() - interval '10 days', 2), \
-         ('b', now() - interval '20 days', 3), ('a', now() - interval '1 hour', 4)",
+        r#"INSERT INTO longshore.schedule_fires (schedule, fire_at, msg_id) VALUES
+         ('a', now() - interval '20 days', 1), ('a', now() - interval '10 days', 2),
+         ('b', now() - interval '20 days', 3), ('a', now() - interval '1 hour', 4)"#,
     )
     .execute(&t.pool)
     .await
@@ -323,17 +323,17 @@ async fn retention_deletes_in_committed_batches_under_the_statement_timeout() {
     let t = db().await;
     for (q, n) in [("probe", 3_000), ("maintenance", 10_000)] {
         sqlx::query(&format!(
-            "INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, archived_at, vt, message) \
-             SELECT i, 1, now() - interval '9 days', now() - interval '8 days' + i * interval '1 ms', now(), '{{}}' \
-             FROM generate_series(1, $1::bigint) i"
+            r#"INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, archived_at, vt, message)
+             SELECT i, 1, now() - interval '9 days', now() - interval '8 days' + i * interval '1 ms', now(), '{{}}'
+             FROM generate_series(1, $1::bigint) i"#
         ))
         .bind(n as i64)
         .execute(&t.pool)
         .await
         .unwrap();
         sqlx::query(&format!(
-            "INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, archived_at, vt, message) \
-             VALUES ($1, 1, now(), now(), now(), '{{}}')"
+            r#"INSERT INTO pgmq.a_{q} (msg_id, read_ct, enqueued_at, archived_at, vt, message)
+             VALUES ($1, 1, now(), now(), now(), '{{}}')"#
         ))
         .bind(n as i64 + 1)
         .execute(&t.pool)
@@ -342,18 +342,18 @@ async fn retention_deletes_in_committed_batches_under_the_statement_timeout() {
     }
     // And completion records of `delete` queues: 1,000 old, one young.
     sqlx::query(
-        "INSERT INTO longshore.completions (queue, msg_id, attempts, done_at) \
-         SELECT 'probe', i, 1, CASE WHEN i > 1000 THEN now() ELSE now() - interval '8 days' END \
-         FROM generate_series(1, 1001) i",
+        r#"INSERT INTO longshore.completions (queue, msg_id, attempts, done_at)
+         SELECT 'probe', i, 1, CASE WHEN i > 1000 THEN now() ELSE now() - interval '8 days' END
+         FROM generate_series(1, 1001) i"#,
     )
     .execute(&t.pool)
     .await
     .unwrap();
     for ddl in [
-        "CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(0.001); RETURN OLD; END $$",
-        "CREATE TRIGGER slow_delete BEFORE DELETE ON pgmq.a_probe \
-         FOR EACH ROW EXECUTE FUNCTION slow_delete()",
+        r#"CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN PERFORM pg_sleep(0.001); RETURN OLD; END $$"#,
+        r#"CREATE TRIGGER slow_delete BEFORE DELETE ON pgmq.a_probe
+         FOR EACH ROW EXECUTE FUNCTION slow_delete()"#,
         "ANALYZE pgmq.a_probe",
     ] {
         sqlx::query(ddl).execute(&t.pool).await.unwrap();
@@ -462,8 +462,8 @@ async fn vacuum_queues_reclaims_the_bloated_queue_tables_only() {
     assert!(dead("q_probe").await < 100, "{}", dead("q_probe").await);
     assert!(dead("q_maintenance").await >= 1);
     let vacuumed: Vec<String> = sqlx::query_scalar(
-        "SELECT relname::text FROM pg_stat_user_tables WHERE schemaname = 'pgmq' \
-          AND last_vacuum IS NOT NULL",
+        r#"SELECT relname::text FROM pg_stat_user_tables WHERE schemaname = 'pgmq'
+          AND last_vacuum IS NOT NULL"#,
     )
     .fetch_all(&t.pool)
     .await

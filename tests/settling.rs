@@ -131,8 +131,8 @@ async fn one_poison_value_in_a_batch_affects_only_its_job() {
             json!({})
         };
         sqlx::query(
-            "INSERT INTO pgmq.q_probe (vt, message, headers) \
-             SELECT now(), m, CASE WHEN m->>'id' = '1000' THEN $2 ELSE NULL END FROM unnest($1::jsonb[]) m",
+            r#"INSERT INTO pgmq.q_probe (vt, message, headers)
+             SELECT now(), m, CASE WHEN m->>'id' = '1000' THEN $2 ELSE NULL END FROM unnest($1::jsonb[]) m"#,
         )
         .bind(&jobs)
         .bind(&headers)
@@ -152,9 +152,9 @@ async fn one_poison_value_in_a_batch_affects_only_its_job() {
                 async move {
                     let good = count(&pool, "SELECT count(*) FROM pgmq.a_probe WHERE message->>'id' <> '1000'").await;
                     let bad_settled = count(&pool,
-                        "SELECT (SELECT count(*) FROM pgmq.a_probe WHERE message->>'id' = '1000') \
-                              + (SELECT count(*) FROM longshore.dead_letters) \
-                              + (SELECT count(*) FROM pgmq.q_probe WHERE vt > now() + interval '3000 days')").await;
+                        r#"SELECT (SELECT count(*) FROM pgmq.a_probe WHERE message->>'id' = '1000')
+                              + (SELECT count(*) FROM longshore.dead_letters)
+                              + (SELECT count(*) FROM pgmq.q_probe WHERE vt > now() + interval '3000 days')"#).await;
                     (good == 499 && bad_settled == 1).then_some(())
                 }
             },
@@ -171,9 +171,9 @@ async fn one_poison_value_in_a_batch_affects_only_its_job() {
         );
         assert_eq!(counts.stale.load(Ordering::SeqCst), 0, "{mode}");
         let bad: Option<(String, Value)> = sqlx::query_as(
-            "SELECT 'done', headers FROM pgmq.a_probe WHERE message->>'id' = '1000' \
-             UNION ALL SELECT 'dead', to_jsonb(last_error) FROM longshore.dead_letters \
-             UNION ALL SELECT 'snoozed', to_jsonb(extract(epoch FROM vt - now())) FROM pgmq.q_probe",
+            r#"SELECT 'done', headers FROM pgmq.a_probe WHERE message->>'id' = '1000'
+             UNION ALL SELECT 'dead', to_jsonb(last_error) FROM longshore.dead_letters
+             UNION ALL SELECT 'snoozed', to_jsonb(extract(epoch FROM vt - now())) FROM pgmq.q_probe"#,
         )
         .fetch_optional(&t.pool)
         .await
@@ -219,9 +219,9 @@ async fn one_poison_value_in_a_batch_affects_only_its_job() {
 async fn a_batch_that_still_fails_is_settled_row_by_row() {
     let t = db().await;
     sqlx::raw_sql(
-        "CREATE FUNCTION refuse_13() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.message->>'id' = '13' THEN RAISE EXCEPTION 'job 13 may not be archived'; END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER refuse_13 BEFORE INSERT ON pgmq.a_probe FOR EACH ROW EXECUTE FUNCTION refuse_13();",
+        r#"CREATE FUNCTION refuse_13() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.message->>'id' = '13' THEN RAISE EXCEPTION 'job 13 may not be archived'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER refuse_13 BEFORE INSERT ON pgmq.a_probe FOR EACH ROW EXECUTE FUNCTION refuse_13();"#,
     )
     .execute(&t.pool)
     .await
@@ -392,8 +392,8 @@ async fn settling_statements_lock_in_msg_id_order() {
             async move {
                 let waiting = count(
                     &pool,
-                    "SELECT count(*) FROM pg_stat_activity \
-                WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    r#"SELECT count(*) FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'"#,
                 )
                 .await;
                 (waiting == 1).then_some(())

@@ -41,8 +41,8 @@ async fn seed_range(pool: &PgPool, from: i32, to: i32, tier: Option<&str>) {
             .await
             .unwrap();
         sqlx::query(
-            "INSERT INTO service_instances (instance_id, customer_id, service_type, tier) \
-             VALUES (gen_random_uuid(), $1, 'seal', $2)",
+            r#"INSERT INTO service_instances (instance_id, customer_id, service_type, tier)
+             VALUES (gen_random_uuid(), $1, 'seal', $2)"#,
         )
         .bind(c)
         .bind(tier)

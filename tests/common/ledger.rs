@@ -15,8 +15,8 @@ pub async fn customer(
     tier: &str,
 ) {
     sqlx::query(
-        "INSERT INTO customers (customer_id, wallet_address, escrow_account, current_balance_usd_cents, max_monthly_usd_cents) \
-         VALUES ($1, $2, $2, $3, $4)",
+        r#"INSERT INTO customers (customer_id, wallet_address, escrow_account, current_balance_usd_cents, max_monthly_usd_cents)
+         VALUES ($1, $2, $2, $3, $4)"#,
     )
     .bind(c)
     .bind(escrow)
@@ -47,11 +47,11 @@ pub async fn customer(
 /// the aggregation does.
 pub async fn usage(pool: &PgPool, c: i32, hours_ago: i32, billable: i64) {
     sqlx::query(
-        "INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred) \
-         SELECT $1, 'seal', w, w + interval '1 hour', $3, $3, 0 FROM (SELECT date_trunc('hour', now()) - make_interval(hours => $2) AS w) x \
-         ON CONFLICT (customer_id, service_type, window_start) DO UPDATE SET \
-           request_count = usage_records.request_count + excluded.request_count, \
-           billable_count = usage_records.billable_count + excluded.billable_count",
+        r#"INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred)
+         SELECT $1, 'seal', w, w + interval '1 hour', $3, $3, 0 FROM (SELECT date_trunc('hour', now()) - make_interval(hours => $2) AS w) x
+         ON CONFLICT (customer_id, service_type, window_start) DO UPDATE SET
+           request_count = usage_records.request_count + excluded.request_count,
+           billable_count = usage_records.billable_count + excluded.billable_count"#,
     )
     .bind(c)
     .bind(hours_ago)

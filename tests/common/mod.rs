@@ -287,8 +287,8 @@ impl Drop for PrivatePg {
 /// merged into its args (e.g. `{"effect": true, "sleep_ms": 2}`).
 pub async fn send_probes(pool: &PgPool, n: i64, extra: serde_json::Value) {
     sqlx::query(
-        "SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i) || $2::jsonb)) \
-         FROM generate_series(1, $1::bigint) i",
+        r#"SELECT pgmq.send_batch('probe', array_agg(jsonb_build_object('id', i) || $2::jsonb))
+         FROM generate_series(1, $1::bigint) i"#,
     )
     .bind(n)
     .bind(extra)

@@ -92,8 +92,8 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
     // Due a little early: a sampler whose sleeps drift keeps the interval.
     let counted = run(pool, async |c| {
         sqlx::query_scalar::<_, bool>(
-            "UPDATE longshore.queue_sampler SET sampled_at = now() \
-              WHERE id AND sampled_at <= now() - make_interval(secs => $1) RETURNING true",
+            r#"UPDATE longshore.queue_sampler SET sampled_at = now()
+              WHERE id AND sampled_at <= now() - make_interval(secs => $1) RETURNING true"#,
         )
         .bind(every.as_secs_f64() * 0.9)
         .fetch_optional(c)
@@ -118,12 +118,12 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
                 }
             };
             let write = sqlx::query(
-                "INSERT INTO longshore.queue_samples AS s \
-                   (queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, sampled_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, now()) \
-                 ON CONFLICT (queue) DO UPDATE SET visible = excluded.visible, in_flight = excluded.in_flight, \
-                   delayed = excluded.delayed, oldest_age_seconds = excluded.oldest_age_seconds, \
-                   dead_letters = excluded.dead_letters, sampled_at = excluded.sampled_at",
+                r#"INSERT INTO longshore.queue_samples AS s
+                   (queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, sampled_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, now())
+                 ON CONFLICT (queue) DO UPDATE SET visible = excluded.visible, in_flight = excluded.in_flight,
+                   delayed = excluded.delayed, oldest_age_seconds = excluded.oldest_age_seconds,
+                   dead_letters = excluded.dead_letters, sampled_at = excluded.sampled_at"#,
             )
             .bind(&r.queue)
             .bind(r.visible)
@@ -143,9 +143,9 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
     }
     let rows = run(pool, async |c| {
         sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64)>(
-            "SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, \
-                    extract(epoch FROM now() - sampled_at)::float8 \
-               FROM longshore.queue_samples ORDER BY queue",
+            r#"SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters,
+                    extract(epoch FROM now() - sampled_at)::float8
+               FROM longshore.queue_samples ORDER BY queue"#,
         )
         .fetch_all(c)
         .await

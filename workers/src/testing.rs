@@ -281,8 +281,8 @@ pub async fn results(pool: &PgPool, kind: &str) -> Vec<(i64, Value)> {
 pub async fn results_in_finish_order(pool: &PgPool, kind: &str) -> Vec<(i64, Value)> {
     let q = queue_of(kind);
     sqlx::query_as(&format!(
-        "SELECT msg_id, coalesce(headers -> 'result', 'null') FROM pgmq.a_{q} \
-         ORDER BY archived_at, msg_id"
+        r#"SELECT msg_id, coalesce(headers -> 'result', 'null') FROM pgmq.a_{q}
+         ORDER BY archived_at, msg_id"#
     ))
     .fetch_all(pool)
     .await
@@ -318,8 +318,8 @@ pub async fn visible_at(
 pub async fn count_done(pool: &PgPool, kind: &str) -> i64 {
     let q = queue_of(kind);
     sqlx::query_scalar(&format!(
-        "SELECT (SELECT count(*) FROM pgmq.a_{q}) \
-              + (SELECT count(*) FROM longshore.completions WHERE queue = $1)"
+        r#"SELECT (SELECT count(*) FROM pgmq.a_{q})
+              + (SELECT count(*) FROM longshore.completions WHERE queue = $1)"#
     ))
     .bind(q.as_str())
     .fetch_one(pool)
@@ -342,8 +342,8 @@ pub async fn enqueued_args(pool: &PgPool, kind: &str) -> Vec<Value> {
 pub async fn ever_enqueued(pool: &PgPool, kind: &str) -> Vec<Value> {
     let q = queue_of(kind);
     sqlx::query_scalar(&format!(
-        "SELECT message FROM (SELECT msg_id, message FROM pgmq.q_{q} \
-                              UNION ALL SELECT msg_id, message FROM pgmq.a_{q}) j ORDER BY msg_id"
+        r#"SELECT message FROM (SELECT msg_id, message FROM pgmq.q_{q}
+                              UNION ALL SELECT msg_id, message FROM pgmq.a_{q}) j ORDER BY msg_id"#
     ))
     .fetch_all(pool)
     .await

@@ -76,19 +76,19 @@ pub async fn aggregate_chunk(
     };
     let hi = max.min(last.saturating_add(chunk));
     let rows: i64 = sqlx::query_scalar(
-        "WITH agg AS ( \
-           SELECT customer_id, service_type, date_trunc('hour', ts) AS w, count(*) AS n, \
-                  count(*) FILTER (WHERE status_code BETWEEN 200 AND 399) AS billable, \
-                  coalesce(sum(bytes_out), 0) AS bytes \
-           FROM haproxy_logs WHERE id > $1 AND id <= $2 GROUP BY 1, 2, 3), \
-         up AS ( \
-           INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred) \
-           SELECT customer_id, service_type, w, w + interval '1 hour', n, billable, bytes FROM agg \
-           ON CONFLICT (customer_id, service_type, window_start) DO UPDATE SET \
-             request_count = usage_records.request_count + excluded.request_count, \
-             billable_count = usage_records.billable_count + excluded.billable_count, \
-             bytes_transferred = usage_records.bytes_transferred + excluded.bytes_transferred) \
-         SELECT coalesce(sum(n), 0)::bigint FROM agg",
+        r#"WITH agg AS (
+           SELECT customer_id, service_type, date_trunc('hour', ts) AS w, count(*) AS n,
+                  count(*) FILTER (WHERE status_code BETWEEN 200 AND 399) AS billable,
+                  coalesce(sum(bytes_out), 0) AS bytes
+           FROM haproxy_logs WHERE id > $1 AND id <= $2 GROUP BY 1, 2, 3),
+         up AS (
+           INSERT INTO usage_records (customer_id, service_type, window_start, window_end, request_count, billable_count, bytes_transferred)
+           SELECT customer_id, service_type, w, w + interval '1 hour', n, billable, bytes FROM agg
+           ON CONFLICT (customer_id, service_type, window_start) DO UPDATE SET
+             request_count = usage_records.request_count + excluded.request_count,
+             billable_count = usage_records.billable_count + excluded.billable_count,
+             bytes_transferred = usage_records.bytes_transferred + excluded.bytes_transferred)
+         SELECT coalesce(sum(n), 0)::bigint FROM agg"#,
     )
     .bind(last)
     .bind(hi)

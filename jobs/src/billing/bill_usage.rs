@@ -190,20 +190,20 @@ pub async fn run_cycle_on(
     // Customers with something to do: a reset, unbilled usage, a base fee owed, or a
     // service suspended for a billing reason.
     let ids: Vec<i32> = sqlx::query_scalar(
-        "SELECT customer_id FROM customers WHERE current_month_start < $1 \
-         UNION SELECT customer_id FROM usage_records WHERE billable_count > billed_count \
-         UNION SELECT customer_id FROM service_instances s WHERE is_enabled AND ( \
-            suspend_reason IN ('insufficient_balance', 'monthly_limit_exceeded') \
-            OR (state = 'active' AND (NOT EXISTS (SELECT 1 FROM charge_intents i \
-                WHERE i.customer_id = s.customer_id AND i.service_type = s.service_type \
-                AND i.base_fee_month = $1 AND i.state <> 'failed') \
-              OR EXISTS (SELECT 1 FROM charge_intents f \
-                WHERE f.customer_id = s.customer_id AND f.service_type = s.service_type \
-                AND f.state = 'failed' AND f.base_fee_month < $1 \
-                AND NOT EXISTS (SELECT 1 FROM charge_intents g \
-                    WHERE g.customer_id = f.customer_id AND g.service_type = f.service_type \
-                    AND g.base_fee_month = f.base_fee_month AND g.state <> 'failed'))))) \
-         ORDER BY 1",
+        r#"SELECT customer_id FROM customers WHERE current_month_start < $1
+         UNION SELECT customer_id FROM usage_records WHERE billable_count > billed_count
+         UNION SELECT customer_id FROM service_instances s WHERE is_enabled AND (
+            suspend_reason IN ('insufficient_balance', 'monthly_limit_exceeded')
+            OR (state = 'active' AND (NOT EXISTS (SELECT 1 FROM charge_intents i
+                WHERE i.customer_id = s.customer_id AND i.service_type = s.service_type
+                AND i.base_fee_month = $1 AND i.state <> 'failed')
+              OR EXISTS (SELECT 1 FROM charge_intents f
+                WHERE f.customer_id = s.customer_id AND f.service_type = s.service_type
+                AND f.state = 'failed' AND f.base_fee_month < $1
+                AND NOT EXISTS (SELECT 1 FROM charge_intents g
+                    WHERE g.customer_id = f.customer_id AND g.service_type = f.service_type
+                    AND g.base_fee_month = f.base_fee_month AND g.state <> 'failed')))))
+         ORDER BY 1"#,
     )
     .bind(month)
     .fetch_all(pool)
@@ -288,9 +288,9 @@ async fn read_escrow(
         });
     };
     let flying: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT i.intent_id, s.signature FROM charge_intents i \
-         JOIN charge_intent_signatures s USING (intent_id) \
-         WHERE i.customer_id = $1 AND i.state IN ('signed', 'sent')",
+        r#"SELECT i.intent_id, s.signature FROM charge_intents i
+         JOIN charge_intent_signatures s USING (intent_id)
+         WHERE i.customer_id = $1 AND i.state IN ('signed', 'sent')"#,
     )
     .bind(id)
     .fetch_all(pool)
@@ -354,9 +354,9 @@ async fn bill_customer(
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
     let Some(c) = sqlx::query(
-        "SELECT current_balance_usd_cents, current_month_charged_usd_cents, \
-                max_monthly_usd_cents, current_month_start \
-         FROM customers WHERE customer_id = $1 FOR UPDATE",
+        r#"SELECT current_balance_usd_cents, current_month_charged_usd_cents,
+                max_monthly_usd_cents, current_month_start
+         FROM customers WHERE customer_id = $1 FOR UPDATE"#,
     )
     .bind(customer_id)
     .fetch_optional(&mut *tx)
@@ -384,8 +384,8 @@ async fn bill_customer(
         let cents = read.cents;
         if cents != balance {
             sqlx::query(
-                "UPDATE customers SET current_balance_usd_cents = $2, updated_at = now() \
-                 WHERE customer_id = $1",
+                r#"UPDATE customers SET current_balance_usd_cents = $2, updated_at = now()
+                 WHERE customer_id = $1"#,
             )
             .bind(customer_id)
             .bind(cents)
@@ -410,9 +410,9 @@ async fn bill_customer(
             0
         };
         sqlx::query(
-            "UPDATE customers SET last_month_charged_usd_cents = $2, \
-             current_month_charged_usd_cents = 0, current_month_start = $3, updated_at = now() \
-             WHERE customer_id = $1",
+            r#"UPDATE customers SET last_month_charged_usd_cents = $2,
+             current_month_charged_usd_cents = 0, current_month_start = $3, updated_at = now()
+             WHERE customer_id = $1"#,
         )
         .bind(customer_id)
         .bind(last)
@@ -429,9 +429,9 @@ async fn bill_customer(
     // against the month, not again against the balance.
     let landed: Vec<Uuid> = on_chain.map(|r| r.landed.clone()).unwrap_or_default();
     let pending = sqlx::query(
-        "SELECT coalesce(sum(ceil(amount * 100)) FILTER (WHERE intent_id <> ALL($3)), 0)::bigint, \
-                coalesce(sum(ceil(amount * 100)) FILTER (WHERE billing_month = $2), 0)::bigint \
-         FROM charge_intents WHERE customer_id = $1 AND state IN ('created', 'signed', 'sent')",
+        r#"SELECT coalesce(sum(ceil(amount * 100)) FILTER (WHERE intent_id <> ALL($3)), 0)::bigint,
+                coalesce(sum(ceil(amount * 100)) FILTER (WHERE billing_month = $2), 0)::bigint
+         FROM charge_intents WHERE customer_id = $1 AND state IN ('created', 'signed', 'sent')"#,
     )
     .bind(customer_id)
     .bind(month)
@@ -444,12 +444,12 @@ async fn bill_customer(
     // Services with an intent in flight too: their unbilled usage is still judged by
     // both rules (on top of what is in flight), only no second intent is made.
     let services: Vec<Service> = sqlx::query(
-        "SELECT service_type::text, tier, state, suspend_reason, config, \
-                EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = s.customer_id \
-                    AND i.service_type = s.service_type \
-                    AND i.state IN ('created', 'signed', 'sent')) \
-         FROM service_instances s WHERE customer_id = $1 AND is_enabled \
-         ORDER BY service_type FOR UPDATE",
+        r#"SELECT service_type::text, tier, state, suspend_reason, config,
+                EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = s.customer_id
+                    AND i.service_type = s.service_type
+                    AND i.state IN ('created', 'signed', 'sent'))
+         FROM service_instances s WHERE customer_id = $1 AND is_enabled
+         ORDER BY service_type FOR UPDATE"#,
     )
     .bind(customer_id)
     .fetch_all(&mut *tx)
@@ -479,9 +479,9 @@ async fn bill_customer(
         let price = decimal_in(&s.config, "price_per_10k_usd").unwrap_or(cfg.price_per_10k_usd);
         // The unbilled slices, oldest first.
         let slices = sqlx::query(
-            "SELECT record_id, billed_count, billable_count, window_start < $3 AS ended \
-             FROM usage_records WHERE customer_id = $1 AND service_type = $2 \
-               AND billable_count > billed_count ORDER BY record_id FOR UPDATE",
+            r#"SELECT record_id, billed_count, billable_count, window_start < $3 AS ended
+             FROM usage_records WHERE customer_id = $1 AND service_type = $2
+               AND billable_count > billed_count ORDER BY record_id FOR UPDATE"#,
         )
         .bind(customer_id)
         .bind(&s.service_type)
@@ -510,13 +510,13 @@ async fn bill_customer(
         // intent failed (the chain refused it; the service resumed since), one month
         // per intent.
         let fee_month: Option<NaiveDate> = sqlx::query_scalar(
-            "SELECT m FROM (SELECT base_fee_month AS m FROM charge_intents \
-                             WHERE customer_id = $1 AND service_type = $2 \
-                               AND state = 'failed' AND base_fee_month < $3 \
-                            UNION SELECT $3::date) x \
-             WHERE NOT EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = $1 \
-                 AND i.service_type = $2 AND i.base_fee_month = x.m AND i.state <> 'failed') \
-             ORDER BY m LIMIT 1",
+            r#"SELECT m FROM (SELECT base_fee_month AS m FROM charge_intents
+                             WHERE customer_id = $1 AND service_type = $2
+                               AND state = 'failed' AND base_fee_month < $3
+                            UNION SELECT $3::date) x
+             WHERE NOT EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = $1
+                 AND i.service_type = $2 AND i.base_fee_month = x.m AND i.state <> 'failed')
+             ORDER BY m LIMIT 1"#,
         )
         .bind(customer_id)
         .bind(&s.service_type)
@@ -728,9 +728,9 @@ async fn create_intent(
     let intent_id = Uuid::new_v4();
     let amount = Decimal::new(amount_cents, 2);
     sqlx::query(
-        "INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, usage_amount, \
-           base_fee_amount, base_fee_month, billing_month, first_record_id, last_record_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        r#"INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, usage_amount,
+           base_fee_amount, base_fee_month, billing_month, first_record_id, last_record_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"#,
     )
     .bind(intent_id)
     .bind(customer_id)
@@ -750,11 +750,11 @@ async fn create_intent(
         let tos: Vec<i64> = parts.iter().map(|p| p.2).collect();
         let amounts: Vec<Decimal> = parts.iter().map(|p| p.3).collect();
         sqlx::query(
-            "WITH s AS (SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::numeric[]) \
-                        AS t(record_id, from_count, to_count, amount)), \
-             ins AS (INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount) \
-                     SELECT $1, record_id, from_count, to_count, amount FROM s) \
-             UPDATE usage_records u SET billed_count = s.to_count FROM s WHERE u.record_id = s.record_id",
+            r#"WITH s AS (SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::numeric[])
+                        AS t(record_id, from_count, to_count, amount)),
+             ins AS (INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount)
+                     SELECT $1, record_id, from_count, to_count, amount FROM s)
+             UPDATE usage_records u SET billed_count = s.to_count FROM s WHERE u.record_id = s.record_id"#,
         )
         .bind(intent_id)
         .bind(&ids)
@@ -837,9 +837,9 @@ async fn suspend(
 ) -> Result<(), sqlx::Error> {
     let changed = s.state != "suspended" || s.suspend_reason.as_deref() != Some(refusal.code);
     sqlx::query(
-        "UPDATE service_instances SET state = 'suspended', suspend_reason = $3, suspend_details = $4, \
-           suspended_at = CASE WHEN state = 'suspended' THEN suspended_at ELSE now() END \
-         WHERE customer_id = $1 AND service_type = $2",
+        r#"UPDATE service_instances SET state = 'suspended', suspend_reason = $3, suspend_details = $4,
+           suspended_at = CASE WHEN state = 'suspended' THEN suspended_at ELSE now() END
+         WHERE customer_id = $1 AND service_type = $2"#,
     )
     .bind(customer_id)
     .bind(&s.service_type)
@@ -876,9 +876,9 @@ async fn resume(
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE service_instances SET state = 'active', suspend_reason = NULL, \
-           suspend_details = NULL, suspended_at = NULL \
-         WHERE customer_id = $1 AND service_type = $2",
+        r#"UPDATE service_instances SET state = 'active', suspend_reason = NULL,
+           suspend_details = NULL, suspended_at = NULL
+         WHERE customer_id = $1 AND service_type = $2"#,
     )
     .bind(customer_id)
     .bind(service_type)

@@ -197,17 +197,17 @@ pub struct Driver<'a> {
 impl Driver<'_> {
     async fn load(&self) -> Result<Intent, Step> {
         let r = sqlx::query(
-            "SELECT i.state, i.customer_id, i.service_type::text, i.amount, i.signature::text, \
-                    i.rejection, c.escrow_account::text \
-             FROM charge_intents i JOIN customers c USING (customer_id) WHERE intent_id = $1",
+            r#"SELECT i.state, i.customer_id, i.service_type::text, i.amount, i.signature::text,
+                    i.rejection, c.escrow_account::text
+             FROM charge_intents i JOIN customers c USING (customer_id) WHERE intent_id = $1"#,
         )
         .bind(self.intent_id)
         .fetch_optional(&self.pool)
         .await?
         .ok_or(Step::Missing)?;
         let sigs = sqlx::query(
-            "SELECT signature::text, signed_tx, last_valid_block_height, signed_slot, source \
-             FROM charge_intent_signatures WHERE intent_id = $1 ORDER BY created_at, signature",
+            r#"SELECT signature::text, signed_tx, last_valid_block_height, signed_slot, source
+             FROM charge_intent_signatures WHERE intent_id = $1 ORDER BY created_at, signature"#,
         )
         .bind(self.intent_id)
         .fetch_all(&self.pool)
@@ -499,11 +499,11 @@ impl Driver<'_> {
         let replacing = i.current.as_deref();
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE charge_intents SET state = 'signed', signature = $2, signed_tx = $3, \
-               last_valid_block_height = $4, attempts = attempts + 1, sends = 0, \
-               rejection = NULL, updated_at = now() \
-             WHERE intent_id = $1 AND ((state = 'created' AND $5::text IS NULL) \
-                                       OR (state IN ('signed', 'sent') AND signature = $5))",
+            r#"UPDATE charge_intents SET state = 'signed', signature = $2, signed_tx = $3,
+               last_valid_block_height = $4, attempts = attempts + 1, sends = 0,
+               rejection = NULL, updated_at = now()
+             WHERE intent_id = $1 AND ((state = 'created' AND $5::text IS NULL)
+                                       OR (state IN ('signed', 'sent') AND signature = $5))"#,
         )
         .bind(self.intent_id)
         .bind(&signed.signature)
@@ -516,9 +516,9 @@ impl Driver<'_> {
             return Ok(()); // another driver got there first
         }
         sqlx::query(
-            "INSERT INTO charge_intent_signatures \
-               (intent_id, signature, signed_tx, last_valid_block_height, signed_slot, source) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            r#"INSERT INTO charge_intent_signatures
+               (intent_id, signature, signed_tx, last_valid_block_height, signed_slot, source)
+             VALUES ($1, $2, $3, $4, $5, $6)"#,
         )
         .bind(self.intent_id)
         .bind(&signed.signature)
@@ -538,12 +538,12 @@ impl Driver<'_> {
     /// a concurrent `fail` on a first refusal and this count serialise on its lock.
     async fn count_send(&self, sig: &str) -> Result<Option<i32>, Step> {
         Ok(sqlx::query_scalar(
-            "WITH i AS (UPDATE charge_intents SET sends = sends + 1, updated_at = now() \
-                        WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2 \
-                        RETURNING sends), \
-                  s AS (UPDATE charge_intent_signatures SET sends = sends + 1 \
-                        WHERE signature = $2 AND EXISTS (SELECT 1 FROM i)) \
-             SELECT sends FROM i",
+            r#"WITH i AS (UPDATE charge_intents SET sends = sends + 1, updated_at = now()
+                        WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2
+                        RETURNING sends),
+                  s AS (UPDATE charge_intent_signatures SET sends = sends + 1
+                        WHERE signature = $2 AND EXISTS (SELECT 1 FROM i))
+             SELECT sends FROM i"#,
         )
         .bind(self.intent_id)
         .bind(sig)
@@ -553,8 +553,8 @@ impl Driver<'_> {
 
     async fn touch(&self) -> Result<(), Step> {
         sqlx::query(
-            "UPDATE charge_intents SET updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('signed', 'sent')",
+            r#"UPDATE charge_intents SET updated_at = now()
+             WHERE intent_id = $1 AND state IN ('signed', 'sent')"#,
         )
         .bind(self.intent_id)
         .execute(&self.pool)
@@ -564,8 +564,8 @@ impl Driver<'_> {
 
     async fn mark_sent(&self, sig: &str) -> Result<(), Step> {
         sqlx::query(
-            "UPDATE charge_intents SET state = 'sent', rejection = NULL, updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2",
+            r#"UPDATE charge_intents SET state = 'sent', rejection = NULL, updated_at = now()
+             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2"#,
         )
         .bind(self.intent_id)
         .bind(sig)
@@ -576,8 +576,8 @@ impl Driver<'_> {
 
     async fn note_rejection(&self, sig: &str, reason: &str) -> Result<(), Step> {
         sqlx::query(
-            "UPDATE charge_intents SET rejection = $3, last_error = $3, updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2",
+            r#"UPDATE charge_intents SET rejection = $3, last_error = $3, updated_at = now()
+             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2"#,
         )
         .bind(self.intent_id)
         .bind(sig)
@@ -592,10 +592,10 @@ impl Driver<'_> {
     async fn confirm(&self, i: &Intent, sig: &str) -> Result<(), Step> {
         let mut tx = self.pool.begin().await?;
         let won = sqlx::query(
-            "UPDATE charge_intents SET state = 'confirmed', signature = $2, last_error = NULL, \
-               rejection = NULL, updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $3 \
-             RETURNING billing_month",
+            r#"UPDATE charge_intents SET state = 'confirmed', signature = $2, last_error = NULL,
+               rejection = NULL, updated_at = now()
+             WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $3
+             RETURNING billing_month"#,
         )
         .bind(self.intent_id)
         .bind(sig)
@@ -610,9 +610,9 @@ impl Driver<'_> {
             .to_i64()
             .expect("whole cents");
         sqlx::query(
-            "UPDATE usage_records u SET charged_amount = coalesce(u.charged_amount, 0) + r.amount \
-             FROM charge_intent_records r \
-             WHERE r.intent_id = $1 AND NOT r.released AND u.record_id = r.record_id",
+            r#"UPDATE usage_records u SET charged_amount = coalesce(u.charged_amount, 0) + r.amount
+             FROM charge_intent_records r
+             WHERE r.intent_id = $1 AND NOT r.released AND u.record_id = r.record_id"#,
         )
         .bind(self.intent_id)
         .execute(&mut *tx)
@@ -620,13 +620,13 @@ impl Driver<'_> {
         // The month it counts against: this month, or last month if it was created
         // before a monthly reset (older months are history only).
         sqlx::query(
-            "UPDATE customers SET current_balance_usd_cents = current_balance_usd_cents - $2, \
-               current_month_charged_usd_cents = current_month_charged_usd_cents \
-                 + CASE WHEN $3 = current_month_start THEN $2 ELSE 0 END, \
-               last_month_charged_usd_cents = last_month_charged_usd_cents \
-                 + CASE WHEN $3 = (current_month_start - interval '1 month')::date THEN $2 ELSE 0 END, \
-               updated_at = now() \
-             WHERE customer_id = $1",
+            r#"UPDATE customers SET current_balance_usd_cents = current_balance_usd_cents - $2,
+               current_month_charged_usd_cents = current_month_charged_usd_cents
+                 + CASE WHEN $3 = current_month_start THEN $2 ELSE 0 END,
+               last_month_charged_usd_cents = last_month_charged_usd_cents
+                 + CASE WHEN $3 = (current_month_start - interval '1 month')::date THEN $2 ELSE 0 END,
+               updated_at = now()
+             WHERE customer_id = $1"#,
         )
         .bind(i.customer_id)
         .bind(cents)
@@ -634,8 +634,8 @@ impl Driver<'_> {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO escrow_transactions (customer_id, tx_digest, tx_type, amount, asset_type) \
-             VALUES ($1, $2, 'charge', $3, 'USDC')",
+            r#"INSERT INTO escrow_transactions (customer_id, tx_digest, tx_type, amount, asset_type)
+             VALUES ($1, $2, 'charge', $3, 'USDC')"#,
         )
         .bind(i.customer_id)
         .bind(sig)
@@ -655,10 +655,10 @@ impl Driver<'_> {
     async fn fail(&self, i: &Intent, reason: &str, max_sends: Option<i32>) -> Result<(), Step> {
         let mut tx = self.pool.begin().await?;
         let won = sqlx::query(
-            "UPDATE charge_intents SET state = 'failed', last_error = $2, updated_at = now() \
-             WHERE intent_id = $1 AND state IN ('created', 'signed', 'sent') \
-               AND signature IS NOT DISTINCT FROM $3 \
-               AND ($4::int IS NULL OR sends <= $4)",
+            r#"UPDATE charge_intents SET state = 'failed', last_error = $2, updated_at = now()
+             WHERE intent_id = $1 AND state IN ('created', 'signed', 'sent')
+               AND signature IS NOT DISTINCT FROM $3
+               AND ($4::int IS NULL OR sends <= $4)"#,
         )
         .bind(self.intent_id)
         .bind(reason)
@@ -670,19 +670,19 @@ impl Driver<'_> {
             return Ok(());
         }
         sqlx::query(
-            "WITH rel AS (UPDATE charge_intent_records SET released = true \
-                          WHERE intent_id = $1 AND NOT released RETURNING record_id, from_count) \
-             UPDATE usage_records u SET billed_count = rel.from_count FROM rel \
-             WHERE u.record_id = rel.record_id",
+            r#"WITH rel AS (UPDATE charge_intent_records SET released = true
+                          WHERE intent_id = $1 AND NOT released RETURNING record_id, from_count)
+             UPDATE usage_records u SET billed_count = rel.from_count FROM rel
+             WHERE u.record_id = rel.record_id"#,
         )
         .bind(self.intent_id)
         .execute(&mut *tx)
         .await?;
         let details = json!({"intent_id": self.intent_id, "error": reason});
         sqlx::query(
-            "UPDATE service_instances SET state = 'suspended', suspend_reason = $3, \
-               suspend_details = $4, suspended_at = coalesce(suspended_at, now()) \
-             WHERE customer_id = $1 AND service_type = $2",
+            r#"UPDATE service_instances SET state = 'suspended', suspend_reason = $3,
+               suspend_details = $4, suspended_at = coalesce(suspended_at, now())
+             WHERE customer_id = $1 AND service_type = $2"#,
         )
         .bind(i.customer_id)
         .bind(&i.service_type)

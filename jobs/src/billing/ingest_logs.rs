@@ -283,8 +283,8 @@ pub async fn ingest_from(
     Ok(report)
 }
 
-const COLUMNS: &str = "ts, customer_id, service_type, method, status_code, bytes_out, \
-                       duration_ms, client_ip, backend, server, file_key, line_no, line_key";
+const COLUMNS: &str = r#"ts, customer_id, service_type, method, status_code, bytes_out,
+                       duration_ms, client_ip, backend, server, file_key, line_no, line_key"#;
 
 /// Stores `n` COPY rows, each line once; how many were new. The common case (no line
 /// seen before) is one COPY straight into the table, whose unique key refuses the
@@ -319,18 +319,18 @@ async fn store_lines(tx: &mut PgConnection, rows: &[u8], n: usize) -> Result<usi
             .await?;
     } else {
         sqlx::query(
-            "CREATE TEMP TABLE ingest_stage (ts timestamptz, customer_id integer, \
-               service_type text, method text, status_code smallint, bytes_out bigint, \
-               duration_ms integer, client_ip text, backend text, server text, \
-               file_key bigint, line_no integer, line_key uuid) ON COMMIT DELETE ROWS",
+            r#"CREATE TEMP TABLE ingest_stage (ts timestamptz, customer_id integer,
+               service_type text, method text, status_code smallint, bytes_out bigint,
+               duration_ms integer, client_ip text, backend text, server text,
+               file_key bigint, line_no integer, line_key uuid) ON COMMIT DELETE ROWS"#,
         )
         .execute(&mut *tx)
         .await?;
     }
     copy_rows(tx, "ingest_stage", rows).await?;
     let inserted = sqlx::query(&format!(
-        "INSERT INTO haproxy_logs ({COLUMNS}) SELECT {COLUMNS} FROM ingest_stage \
-         ORDER BY ts, line_key ON CONFLICT (ts, line_key) WHERE line_key IS NOT NULL DO NOTHING"
+        r#"INSERT INTO haproxy_logs ({COLUMNS}) SELECT {COLUMNS} FROM ingest_stage
+         ORDER BY ts, line_key ON CONFLICT (ts, line_key) WHERE line_key IS NOT NULL DO NOTHING"#
     ))
     .execute(&mut *tx)
     .await?

@@ -29,8 +29,8 @@ impl Handler for PruneRawLogsHandler {
         let cutoff = crate::prune::cutoff(a.older_than)?;
         let tx = ctx.tx().await?;
         let parts: Vec<String> = sqlx::query_scalar(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = 'haproxy_logs'::regclass ORDER BY 1",
+            r#"SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'haproxy_logs'::regclass ORDER BY 1"#,
         )
         .fetch_all(&mut *tx)
         .await?;

@@ -238,10 +238,10 @@ pub async fn regenerate_mode(
         .execute(&mut *tx)
         .await?;
     let rows = sqlx::query(
-        "SELECT k.customer_id, k.api_key_id::text, s.tier, k.service_type::text \
-         FROM api_keys k JOIN service_instances s ON s.customer_id = k.customer_id AND s.service_type = k.service_type \
-         WHERE k.is_active AND k.revoked_at IS NULL AND s.is_enabled AND s.state = 'active' \
-         ORDER BY k.customer_id, k.api_key_id",
+        r#"SELECT k.customer_id, k.api_key_id::text, s.tier, k.service_type::text
+         FROM api_keys k JOIN service_instances s ON s.customer_id = k.customer_id AND s.service_type = k.service_type
+         WHERE k.is_active AND k.revoked_at IS NULL AND s.is_enabled AND s.state = 'active'
+         ORDER BY k.customer_id, k.api_key_id"#,
     )
     .fetch_all(&mut *tx)
     .await?;

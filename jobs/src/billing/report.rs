@@ -44,20 +44,20 @@ pub async fn report(
     .expect("valid month");
     let to: DateTime<Utc> = next.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     sqlx::query_as(
-        "SELECT c.customer_id, u.service_type::text, s.tier, s.state, s.suspend_reason, \
-           coalesce(sum(u.request_count), 0)::bigint AS requests, \
-           coalesce(sum(u.billable_count), 0)::bigint AS billable, \
-           coalesce(sum(u.bytes_transferred), 0)::bigint AS bytes, \
-           coalesce(sum(u.billable_count - u.billed_count), 0)::bigint AS unbilled_billable, \
-           coalesce(sum(u.charged_amount), 0)::text AS charged_usd, \
-           c.current_balance_usd_cents AS balance_usd_cents, c.max_monthly_usd_cents, \
-           c.current_month_charged_usd_cents AS month_charged_usd_cents \
-         FROM customers c \
-         JOIN usage_records u ON u.customer_id = c.customer_id AND u.window_start >= $2 AND u.window_start < $3 \
-         LEFT JOIN service_instances s ON s.customer_id = c.customer_id AND s.service_type = u.service_type \
-         WHERE $1::int IS NULL OR c.customer_id = $1 \
-         GROUP BY c.customer_id, u.service_type, s.tier, s.state, s.suspend_reason \
-         ORDER BY c.customer_id, u.service_type",
+        r#"SELECT c.customer_id, u.service_type::text, s.tier, s.state, s.suspend_reason,
+           coalesce(sum(u.request_count), 0)::bigint AS requests,
+           coalesce(sum(u.billable_count), 0)::bigint AS billable,
+           coalesce(sum(u.bytes_transferred), 0)::bigint AS bytes,
+           coalesce(sum(u.billable_count - u.billed_count), 0)::bigint AS unbilled_billable,
+           coalesce(sum(u.charged_amount), 0)::text AS charged_usd,
+           c.current_balance_usd_cents AS balance_usd_cents, c.max_monthly_usd_cents,
+           c.current_month_charged_usd_cents AS month_charged_usd_cents
+         FROM customers c
+         JOIN usage_records u ON u.customer_id = c.customer_id AND u.window_start >= $2 AND u.window_start < $3
+         LEFT JOIN service_instances s ON s.customer_id = c.customer_id AND s.service_type = u.service_type
+         WHERE $1::int IS NULL OR c.customer_id = $1
+         GROUP BY c.customer_id, u.service_type, s.tier, s.state, s.suspend_reason
+         ORDER BY c.customer_id, u.service_type"#,
     )
     .bind(customer)
     .bind(from)

@@ -30,9 +30,9 @@ pub async fn seed_demo(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let mut new = 0;
     for (id, tier, balance, cap) in DEMO_CUSTOMERS {
         let r = sqlx::query(
-            "INSERT INTO customers (customer_id, wallet_address, escrow_account, \
-               current_balance_usd_cents, max_monthly_usd_cents) \
-             VALUES ($1, $2, $2, $3, $4) ON CONFLICT DO NOTHING",
+            r#"INSERT INTO customers (customer_id, wallet_address, escrow_account,
+               current_balance_usd_cents, max_monthly_usd_cents)
+             VALUES ($1, $2, $2, $3, $4) ON CONFLICT DO NOTHING"#,
         )
         .bind(id)
         .bind(demo_escrow(id))
@@ -42,8 +42,8 @@ pub async fn seed_demo(pool: &PgPool) -> Result<u64, sqlx::Error> {
         .await?;
         new += r.rows_affected();
         sqlx::query(
-            "INSERT INTO service_instances (instance_id, customer_id, service_type, tier, enabled_at) \
-             VALUES (gen_random_uuid(), $1, 'seal', $2, now()) ON CONFLICT DO NOTHING",
+            r#"INSERT INTO service_instances (instance_id, customer_id, service_type, tier, enabled_at)
+             VALUES (gen_random_uuid(), $1, 'seal', $2, now()) ON CONFLICT DO NOTHING"#,
         )
         .bind(id)
         .bind(tier)
@@ -51,8 +51,8 @@ pub async fn seed_demo(pool: &PgPool) -> Result<u64, sqlx::Error> {
         .await?;
         for k in 1..=2 {
             sqlx::query(
-                "INSERT INTO api_keys (api_key_id, customer_id, service_type) \
-                 VALUES ($1, $2, 'seal') ON CONFLICT DO NOTHING",
+                r#"INSERT INTO api_keys (api_key_id, customer_id, service_type)
+                 VALUES ($1, $2, 'seal') ON CONFLICT DO NOTHING"#,
             )
             .bind(format!("demo_{id}_{k}"))
             .bind(id)

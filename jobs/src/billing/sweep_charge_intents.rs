@@ -37,8 +37,8 @@ impl Handler for SweepChargeIntentsHandler {
         ctx: &mut JobContext,
     ) -> Result<Outcome, JobError> {
         let ids: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT intent_id FROM charge_intents WHERE state IN ('created', 'signed', 'sent') \
-             AND updated_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT 10000",
+            r#"SELECT intent_id FROM charge_intents WHERE state IN ('created', 'signed', 'sent')
+             AND updated_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT 10000"#,
         )
         .bind(a.older_than.as_secs_f64())
         .fetch_all(ctx.pool())

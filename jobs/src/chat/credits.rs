@@ -256,16 +256,16 @@ pub async fn held_by_others(
     ttl: std::time::Duration,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query(
-        "DELETE FROM credit_holds WHERE user_id = $1 \
-         AND created_at <= now() - make_interval(secs => $2)",
+        r#"DELETE FROM credit_holds WHERE user_id = $1
+         AND created_at <= now() - make_interval(secs => $2)"#,
     )
     .bind(user)
     .bind(ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     sqlx::query_scalar(
-        "SELECT coalesce(sum(credits), 0)::bigint FROM credit_holds \
-         WHERE user_id = $1 AND request_id <> $2 AND created_at > now() - make_interval(secs => $3)",
+        r#"SELECT coalesce(sum(credits), 0)::bigint FROM credit_holds
+         WHERE user_id = $1 AND request_id <> $2 AND created_at > now() - make_interval(secs => $3)"#,
     )
     .bind(user)
     .bind(request_id)
@@ -283,9 +283,9 @@ pub async fn hold(
     credits: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO credit_holds (request_id, user_id, credits) VALUES ($1, $2, $3) \
-         ON CONFLICT (request_id) DO UPDATE SET credits = EXCLUDED.credits, created_at = now() \
-         WHERE credit_holds.user_id = EXCLUDED.user_id",
+        r#"INSERT INTO credit_holds (request_id, user_id, credits) VALUES ($1, $2, $3)
+         ON CONFLICT (request_id) DO UPDATE SET credits = EXCLUDED.credits, created_at = now()
+         WHERE credit_holds.user_id = EXCLUDED.user_id"#,
     )
     .bind(request_id)
     .bind(user)
@@ -362,8 +362,8 @@ pub async fn charge(
     }
     if credits > 0 {
         sqlx::query(
-            "INSERT INTO credits_ledger (user_id, delta, provider, units, reason, request_id) \
-             VALUES ($1, $2, $3, $4, 'charge', $5)",
+            r#"INSERT INTO credits_ledger (user_id, delta, provider, units, reason, request_id)
+             VALUES ($1, $2, $3, $4, 'charge', $5)"#,
         )
         .bind(user)
         .bind(-(credits as i32))

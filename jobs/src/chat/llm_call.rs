@@ -176,8 +176,8 @@ fn refusal_result(r: &Refusal) -> Value {
 
 async fn stored_answer(pool: &PgPool, request_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT user_id, provider, model, content, input_tokens, output_tokens, usage_estimated, finish_reason \
-         FROM llm_answers WHERE request_id = $1",
+        r#"SELECT user_id, provider, model, content, input_tokens, output_tokens, usage_estimated, finish_reason
+         FROM llm_answers WHERE request_id = $1"#,
     )
     .bind(request_id)
     .fetch_optional(pool)
@@ -220,8 +220,8 @@ async fn record_attempt(
     metrics::histogram!(crate::telemetry::LLM_ATTEMPT_SECONDS, "provider" => at.provider.to_string())
         .record(f64::from(at.latency_ms) / 1000.0);
     sqlx::query_scalar(
-        "INSERT INTO llm_attempts (request_id, job_id, provider, model, status, http_status, input_tokens, output_tokens, latency_ms, error) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        r#"INSERT INTO llm_attempts (request_id, job_id, provider, model, status, http_status, input_tokens, output_tokens, latency_ms, error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id"#,
     )
     .bind(a.request_id)
     .bind(job_id)
@@ -248,12 +248,12 @@ async fn store_answer(
 ) -> Result<Stored, sqlx::Error> {
     // With its tombstone (llm_requests), which outlives the answer's retention.
     sqlx::query(
-        "WITH answer AS (\
-           INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens, usage_estimated, finish_reason, attempt_id) \
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (request_id) DO NOTHING \
-           RETURNING request_id, user_id) \
-         INSERT INTO llm_requests (request_id, user_id) SELECT request_id, user_id FROM answer \
-         ON CONFLICT (request_id) DO NOTHING",
+        r#"WITH answer AS (
+           INSERT INTO llm_answers (request_id, user_id, provider, model, content, input_tokens, output_tokens, usage_estimated, finish_reason, attempt_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (request_id) DO NOTHING
+           RETURNING request_id, user_id)
+         INSERT INTO llm_requests (request_id, user_id) SELECT request_id, user_id FROM answer
+         ON CONFLICT (request_id) DO NOTHING"#,
     )
     .bind(a.request_id)
     .bind(a.user_id)

@@ -91,15 +91,15 @@ impl Handler for ComputeSignalsHandler {
         };
         let mut unreadable = Vec::new();
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT i.at, i.data, x.data, l.clusters, l.fetched_at FROM indicators i \
-             LEFT JOIN indicators x ON x.symbol = i.symbol AND x.timeframe = i.timeframe AND x.at = i.at AND x.source = 'cryptometer' \
-             LEFT JOIN liq_clusters l ON l.symbol = i.symbol AND l.timeframe = i.timeframe AND l.at = i.at \
-             WHERE i.symbol = $1 AND i.timeframe = $2 AND i.source = 'internal' \
-               AND i.at >= coalesce(least($3::timestamptz, $6::timestamptz), $5::timestamptz, \
-                     (SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal')) \
-               AND ($5::timestamptz IS NULL OR i.at <= $5) \
-               AND NOT EXISTS (SELECT 1 FROM signals s WHERE s.symbol = i.symbol AND s.timeframe = i.timeframe AND s.at = i.at AND s.strategy_version = $4) \
-             ORDER BY i.at",
+            r#"SELECT i.at, i.data, x.data, l.clusters, l.fetched_at FROM indicators i
+             LEFT JOIN indicators x ON x.symbol = i.symbol AND x.timeframe = i.timeframe AND x.at = i.at AND x.source = 'cryptometer'
+             LEFT JOIN liq_clusters l ON l.symbol = i.symbol AND l.timeframe = i.timeframe AND l.at = i.at
+             WHERE i.symbol = $1 AND i.timeframe = $2 AND i.source = 'internal'
+               AND i.at >= coalesce(least($3::timestamptz, $6::timestamptz), $5::timestamptz,
+                     (SELECT max(at) FROM indicators WHERE symbol = $1 AND timeframe = $2 AND source = 'internal'))
+               AND ($5::timestamptz IS NULL OR i.at <= $5)
+               AND NOT EXISTS (SELECT 1 FROM signals s WHERE s.symbol = i.symbol AND s.timeframe = i.timeframe AND s.at = i.at AND s.strategy_version = $4)
+             ORDER BY i.at"#,
         )
         .bind(&sym)
         .bind(tf)
@@ -173,9 +173,9 @@ impl Handler for ComputeSignalsHandler {
             // view) pointing the same way: a long's conviction is measured against the
             // last long, whatever flats came between; with none, it rose from nothing.
             let previous: Option<(i64, f64)> = sqlx::query_as(
-                "SELECT id, score::float8 FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3 \
-                   AND timeframe = $4 AND direction = $5 \
-                 ORDER BY at DESC, id DESC LIMIT 1",
+                r#"SELECT id, score::float8 FROM signals WHERE symbol = $1 AND strategy_version = $2 AND at < $3
+                   AND timeframe = $4 AND direction = $5
+                 ORDER BY at DESC, id DESC LIMIT 1"#,
             )
             .bind(&sym)
             .bind(&strategy.version)
@@ -216,10 +216,10 @@ impl Handler for ComputeSignalsHandler {
                 "simulated": market.get("simulated").cloned().unwrap_or(Value::Bool(false)),
             });
             let inserted = sqlx::query(
-                "INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, stop_loss, take_profit, \
-                   confidence, reasons, strategy_version, metadata) \
-                 VALUES ($1, $2, $3, $4, $5::float8, $6::float8, $7::float8, $8::float8[]::numeric[], $5::float8, $9, $10, $11) \
-                 ON CONFLICT (symbol, timeframe, at, strategy_version) DO NOTHING",
+                r#"INSERT INTO signals (symbol, timeframe, at, direction, score, entry_price, stop_loss, take_profit,
+                   confidence, reasons, strategy_version, metadata)
+                 VALUES ($1, $2, $3, $4, $5::float8, $6::float8, $7::float8, $8::float8[]::numeric[], $5::float8, $9, $10, $11)
+                 ON CONFLICT (symbol, timeframe, at, strategy_version) DO NOTHING"#,
             )
             .bind(&sym)
             .bind(tf)

@@ -55,33 +55,33 @@ impl Handler for ComputeWinrateHandler {
         let lookback = (a.lookback_days as i32).min(retention_days);
         let tx = ctx.tx().await?;
         let row: Value = sqlx::query_scalar(
-            "WITH s AS ( \
-               SELECT s.direction, s.entry_price, \
-                 coalesce(s.metadata->>'quality', 'ok') = 'ok' AS sound, \
-                 (SELECT c.close FROM candles c WHERE c.symbol = s.symbol AND c.timeframe = s.timeframe \
-                    AND c.open_time = s.at + make_interval(secs => $5)) AS outcome, \
-                 EXISTS (SELECT 1 FROM candles c WHERE c.symbol = s.symbol AND c.timeframe = s.timeframe \
-                    AND c.open_time > s.at + make_interval(secs => $5)) AS later \
-               FROM signals s \
-               WHERE s.symbol = $1 AND s.timeframe = $2 AND s.strategy_version = $3 \
-                 AND s.at >= now() - make_interval(days => $4)), \
-             k AS ( \
-               SELECT CASE WHEN sound THEN direction ELSE 'unsound' END AS direction, \
-                 outcome IS NOT NULL AS known, outcome IS NULL AND later AS gap, \
-                 CASE direction WHEN 'long' THEN outcome > entry_price * (1 + $6::numeric) \
-                                WHEN 'short' THEN outcome < entry_price * (1 - $6::numeric) END AS won \
-               FROM s) \
-             SELECT jsonb_build_object( \
-               'sample_size', count(*) FILTER (WHERE direction IN ('long', 'short') AND known), \
-               'wins', count(*) FILTER (WHERE direction IN ('long', 'short') AND known AND won), \
-               'long_sample', count(*) FILTER (WHERE direction = 'long' AND known), \
-               'long_wins', count(*) FILTER (WHERE direction = 'long' AND known AND won), \
-               'short_sample', count(*) FILTER (WHERE direction = 'short' AND known), \
-               'short_wins', count(*) FILTER (WHERE direction = 'short' AND known AND won), \
-               'flat_excluded', count(*) FILTER (WHERE direction = 'flat'), \
-               'excluded_quality', count(*) FILTER (WHERE direction = 'unsound'), \
-               'gap', count(*) FILTER (WHERE direction IN ('long', 'short') AND gap), \
-               'pending', count(*) FILTER (WHERE direction IN ('long', 'short') AND NOT known AND NOT gap)) FROM k",
+            r#"WITH s AS (
+               SELECT s.direction, s.entry_price,
+                 coalesce(s.metadata->>'quality', 'ok') = 'ok' AS sound,
+                 (SELECT c.close FROM candles c WHERE c.symbol = s.symbol AND c.timeframe = s.timeframe
+                    AND c.open_time = s.at + make_interval(secs => $5)) AS outcome,
+                 EXISTS (SELECT 1 FROM candles c WHERE c.symbol = s.symbol AND c.timeframe = s.timeframe
+                    AND c.open_time > s.at + make_interval(secs => $5)) AS later
+               FROM signals s
+               WHERE s.symbol = $1 AND s.timeframe = $2 AND s.strategy_version = $3
+                 AND s.at >= now() - make_interval(days => $4)),
+             k AS (
+               SELECT CASE WHEN sound THEN direction ELSE 'unsound' END AS direction,
+                 outcome IS NOT NULL AS known, outcome IS NULL AND later AS gap,
+                 CASE direction WHEN 'long' THEN outcome > entry_price * (1 + $6::numeric)
+                                WHEN 'short' THEN outcome < entry_price * (1 - $6::numeric) END AS won
+               FROM s)
+             SELECT jsonb_build_object(
+               'sample_size', count(*) FILTER (WHERE direction IN ('long', 'short') AND known),
+               'wins', count(*) FILTER (WHERE direction IN ('long', 'short') AND known AND won),
+               'long_sample', count(*) FILTER (WHERE direction = 'long' AND known),
+               'long_wins', count(*) FILTER (WHERE direction = 'long' AND known AND won),
+               'short_sample', count(*) FILTER (WHERE direction = 'short' AND known),
+               'short_wins', count(*) FILTER (WHERE direction = 'short' AND known AND won),
+               'flat_excluded', count(*) FILTER (WHERE direction = 'flat'),
+               'excluded_quality', count(*) FILTER (WHERE direction = 'unsound'),
+               'gap', count(*) FILTER (WHERE direction IN ('long', 'short') AND gap),
+               'pending', count(*) FILTER (WHERE direction IN ('long', 'short') AND NOT known AND NOT gap)) FROM k"#,
         )
         .bind(a.symbol.to_string())
         .bind(a.timeframe.as_str())
@@ -100,11 +100,11 @@ impl Handler for ComputeWinrateHandler {
         params["lookback_days_used"] = json!(lookback);
         params["threshold"] = json!(m.winrate.threshold);
         sqlx::query(
-            "INSERT INTO win_rate (symbol, timeframe, lookback_days, strategy_version, win_rate, sample_size, params, computed_at) \
-             VALUES ($1, $2, $3, $4, $5::float8, $6, $7, now()) \
-             ON CONFLICT (symbol, timeframe, lookback_days, strategy_version) DO UPDATE SET \
-               win_rate = excluded.win_rate, sample_size = excluded.sample_size, params = excluded.params, \
-               computed_at = excluded.computed_at",
+            r#"INSERT INTO win_rate (symbol, timeframe, lookback_days, strategy_version, win_rate, sample_size, params, computed_at)
+             VALUES ($1, $2, $3, $4, $5::float8, $6, $7, now())
+             ON CONFLICT (symbol, timeframe, lookback_days, strategy_version) DO UPDATE SET
+               win_rate = excluded.win_rate, sample_size = excluded.sample_size, params = excluded.params,
+               computed_at = excluded.computed_at"#,
         )
         .bind(a.symbol.to_string())
         .bind(a.timeframe.as_str())

@@ -402,10 +402,10 @@ impl Handler for IngestIndicatorsHandler {
         let tx = ctx.tx().await?;
         upsert_candles(tx, &sym, tfs, &closed).await?;
         sqlx::query(
-            "INSERT INTO indicators (symbol, timeframe, at, data, source) \
-             SELECT $1, $2, at, data, 'internal' FROM unnest($3::timestamptz[], $4::jsonb[]) AS x(at, data) \
-             ON CONFLICT (symbol, timeframe, at, source) DO UPDATE SET data = excluded.data \
-             WHERE indicators.data IS DISTINCT FROM excluded.data",
+            r#"INSERT INTO indicators (symbol, timeframe, at, data, source)
+             SELECT $1, $2, at, data, 'internal' FROM unnest($3::timestamptz[], $4::jsonb[]) AS x(at, data)
+             ON CONFLICT (symbol, timeframe, at, source) DO UPDATE SET data = excluded.data
+             WHERE indicators.data IS DISTINCT FROM excluded.data"#,
         )
         .bind(&sym)
         .bind(tfs)
@@ -422,8 +422,8 @@ impl Handler for IngestIndicatorsHandler {
             "fetched_at": fetched_at,
         });
         sqlx::query(
-            "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ($1, $2, $3, $4, 'cryptometer') \
-             ON CONFLICT (symbol, timeframe, at, source) DO UPDATE SET data = excluded.data",
+            r#"INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ($1, $2, $3, $4, 'cryptometer')
+             ON CONFLICT (symbol, timeframe, at, source) DO UPDATE SET data = excluded.data"#,
         )
         .bind(&sym)
         .bind(tfs)
@@ -432,8 +432,8 @@ impl Handler for IngestIndicatorsHandler {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO risk_metric (symbol, timeframe, at, metrics) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (symbol, timeframe, at) DO UPDATE SET metrics = excluded.metrics",
+            r#"INSERT INTO risk_metric (symbol, timeframe, at, metrics) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (symbol, timeframe, at) DO UPDATE SET metrics = excluded.metrics"#,
         )
         .bind(&sym)
         .bind(tfs)
@@ -443,8 +443,8 @@ impl Handler for IngestIndicatorsHandler {
         .await?;
         if let Clusters::Known(cs) = &clusters {
             sqlx::query(
-                "INSERT INTO liq_clusters (symbol, timeframe, at, clusters, fetched_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (symbol, timeframe, at) DO UPDATE SET clusters = excluded.clusters, fetched_at = excluded.fetched_at",
+                r#"INSERT INTO liq_clusters (symbol, timeframe, at, clusters, fetched_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (symbol, timeframe, at) DO UPDATE SET clusters = excluded.clusters, fetched_at = excluded.fetched_at"#,
             )
             .bind(&sym)
             .bind(tfs)
@@ -496,13 +496,13 @@ async fn upsert_candles(
     closed: &[Candle],
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO candles (symbol, timeframe, open_time, open, high, low, close, volume) \
-         SELECT $1, $2, t, o, h, l, c, v FROM unnest($3::timestamptz[], $4::float8[], $5::float8[], \
-           $6::float8[], $7::float8[], $8::float8[]) AS x(t, o, h, l, c, v) \
-         ON CONFLICT (symbol, timeframe, open_time) DO UPDATE SET open = excluded.open, \
-           high = excluded.high, low = excluded.low, close = excluded.close, volume = excluded.volume \
-         WHERE (candles.open, candles.high, candles.low, candles.close, candles.volume) \
-           IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume)",
+        r#"INSERT INTO candles (symbol, timeframe, open_time, open, high, low, close, volume)
+         SELECT $1, $2, t, o, h, l, c, v FROM unnest($3::timestamptz[], $4::float8[], $5::float8[],
+           $6::float8[], $7::float8[], $8::float8[]) AS x(t, o, h, l, c, v)
+         ON CONFLICT (symbol, timeframe, open_time) DO UPDATE SET open = excluded.open,
+           high = excluded.high, low = excluded.low, close = excluded.close, volume = excluded.volume
+         WHERE (candles.open, candles.high, candles.low, candles.close, candles.volume)
+           IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume)"#,
     )
     .bind(sym)
     .bind(tf)

@@ -222,8 +222,8 @@ impl Handler for SyncWatcherHandler {
                 let updated_at: Option<DateTime<Utc>> = r.updated_at;
                 // A re-added watcher: the older row for the same key makes way.
                 sqlx::query(
-                    "DELETE FROM watchers WHERE user_id = $1 AND symbol = $2 AND timeframe = $3 \
-                     AND id <> $4 AND $5::timestamptz IS NOT NULL AND updated_at <= $5",
+                    r#"DELETE FROM watchers WHERE user_id = $1 AND symbol = $2 AND timeframe = $3
+                     AND id <> $4 AND $5::timestamptz IS NOT NULL AND updated_at <= $5"#,
                 )
                 .bind(r.user_id)
                 .bind(&symbol)
@@ -233,13 +233,13 @@ impl Handler for SyncWatcherHandler {
                 .execute(&mut *tx)
                 .await?;
                 let applied: Option<bool> = sqlx::query_scalar(
-                    "INSERT INTO watchers (id, user_id, symbol, timeframe, strategy, active, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), coalesce($8, '-infinity')) \
-                     ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, symbol = excluded.symbol, \
-                       timeframe = excluded.timeframe, strategy = excluded.strategy, active = excluded.active, \
-                       updated_at = excluded.updated_at \
-                     WHERE watchers.updated_at <= excluded.updated_at \
-                     RETURNING (xmax = 0)",
+                    r#"INSERT INTO watchers (id, user_id, symbol, timeframe, strategy, active, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), coalesce($8, '-infinity'))
+                     ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, symbol = excluded.symbol,
+                       timeframe = excluded.timeframe, strategy = excluded.strategy, active = excluded.active,
+                       updated_at = excluded.updated_at
+                     WHERE watchers.updated_at <= excluded.updated_at
+                     RETURNING (xmax = 0)"#,
                 )
                 .bind(r.id)
                 .bind(r.user_id)

@@ -637,8 +637,8 @@ async fn llm_phase(pool: &PgPool, cfg: &Arc<Config>, n: usize) -> Result<f64, Cl
         return Err(anyhow::anyhow!("the llm phase did not finish within 10 minutes").into());
     }
     let (charged, answers): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM credits_ledger WHERE reason = 'charge'), \
-                (SELECT count(*) FROM llm_answers)",
+        r#"SELECT (SELECT count(*) FROM credits_ledger WHERE reason = 'charge'),
+                (SELECT count(*) FROM llm_answers)"#,
     )
     .fetch_one(pool)
     .await?;
@@ -781,10 +781,10 @@ async fn aggregate_phase(pool: &PgPool, rows: i64) -> Result<f64, CliError> {
     .await?;
     tx.commit().await?;
     sqlx::query(
-        "INSERT INTO haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, duration_ms, client_ip, backend, server, file_sha256, line_no) \
-         SELECT '2026-01-27'::timestamptz + (i % 86400) * interval '1 second', 1 + i % 500, 'seal', 'POST', \
-           (ARRAY[200, 200, 301, 404, 500])[1 + i % 5], 100 + i % 900, 2, '10.0.0.1', 'be_seal', 's1', repeat('0', 64), i \
-         FROM generate_series(1, $1::bigint) i",
+        r#"INSERT INTO haproxy_logs (ts, customer_id, service_type, method, status_code, bytes_out, duration_ms, client_ip, backend, server, file_sha256, line_no)
+         SELECT '2026-01-27'::timestamptz + (i % 86400) * interval '1 second', 1 + i % 500, 'seal', 'POST',
+           (ARRAY[200, 200, 301, 404, 500])[1 + i % 5], 100 + i % 900, 2, '10.0.0.1', 'be_seal', 's1', repeat('0', 64), i
+         FROM generate_series(1, $1::bigint) i"#,
     )
     .bind(rows - 1)
     .execute(pool)

@@ -599,10 +599,10 @@ pub(super) async fn sampler(
     while filled < archived_rows {
         let n = slice.min(archived_rows - filled);
         sqlx::query(
-            "INSERT INTO pgmq.a_probe (msg_id, read_ct, enqueued_at, archived_at, vt, message, headers) \
-             SELECT i, 1, now() - interval '1 day', now() - (i % 86400) * interval '1 second', now(), \
-                    jsonb_build_object('id', i), NULL \
-               FROM generate_series($1::bigint, $2::bigint) i",
+            r#"INSERT INTO pgmq.a_probe (msg_id, read_ct, enqueued_at, archived_at, vt, message, headers)
+             SELECT i, 1, now() - interval '1 day', now() - (i % 86400) * interval '1 second', now(),
+                    jsonb_build_object('id', i), NULL
+               FROM generate_series($1::bigint, $2::bigint) i"#,
         )
         .bind(filled + 1)
         .bind(filled + n)

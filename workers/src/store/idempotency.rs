@@ -40,11 +40,11 @@ pub async fn idempotency_lookup(
         .execute(&mut *tx)
         .await?;
     let row = sqlx::query(&format!(
-        "SELECT msg_id, body_hash IS NOT DISTINCT FROM {BODY_HASH}, msg_ids \
-           FROM longshore.idempotency_keys \
-          WHERE queue = $1 AND key = $2 AND expires_at > now() \
-            AND NOT ($4 AND EXISTS (SELECT 1 FROM longshore.dead_letters d \
-                                     WHERE d.queue = $1 AND d.msg_id = idempotency_keys.msg_id))"
+        r#"SELECT msg_id, body_hash IS NOT DISTINCT FROM {BODY_HASH}, msg_ids
+           FROM longshore.idempotency_keys
+          WHERE queue = $1 AND key = $2 AND expires_at > now()
+            AND NOT ($4 AND EXISTS (SELECT 1 FROM longshore.dead_letters d
+                                     WHERE d.queue = $1 AND d.msg_id = idempotency_keys.msg_id))"#
     ))
     .bind(queue.as_str())
     .bind(key)
@@ -74,10 +74,10 @@ pub async fn idempotency_record(
     ttl: Duration,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
-        "INSERT INTO longshore.idempotency_keys (queue, key, msg_id, body_hash, expires_at, msg_ids) \
-         VALUES ($1, $2, $4, {BODY_HASH}, now() + make_interval(secs => $5), $6) \
-         ON CONFLICT (queue, key) DO UPDATE SET msg_id = excluded.msg_id, body_hash = excluded.body_hash, \
-           created_at = now(), expires_at = excluded.expires_at, msg_ids = excluded.msg_ids"
+        r#"INSERT INTO longshore.idempotency_keys (queue, key, msg_id, body_hash, expires_at, msg_ids)
+         VALUES ($1, $2, $4, {BODY_HASH}, now() + make_interval(secs => $5), $6)
+         ON CONFLICT (queue, key) DO UPDATE SET msg_id = excluded.msg_id, body_hash = excluded.body_hash,
+           created_at = now(), expires_at = excluded.expires_at, msg_ids = excluded.msg_ids"#
     ))
     .bind(queue.as_str())
     .bind(key)

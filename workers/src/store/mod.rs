@@ -185,8 +185,8 @@ LIMIT 1
 /// How long until the earliest message of the queue is due (negative: one is due now),
 /// NULL for an empty queue: the first row of the vt index. Leased messages count (their
 /// lease ends), so do messages this process holds.
-const NEXT_DUE: &str = "SELECT extract(epoch FROM vt - clock_timestamp())::float8 \
-                        FROM {q} ORDER BY vt LIMIT 1";
+const NEXT_DUE: &str = r#"SELECT extract(epoch FROM vt - clock_timestamp())::float8
+                        FROM {q} ORDER BY vt LIMIT 1"#;
 
 impl QueueSql {
     pub fn new(name: QueueName) -> Self {
@@ -316,11 +316,11 @@ pub async fn create_queue(
         .execute(&mut *ex)
         .await?;
     for ddl in [
-        "CREATE OR REPLACE TRIGGER longshore_notify AFTER INSERT ON {q} \
-         FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_enqueue()",
-        "CREATE OR REPLACE TRIGGER longshore_done_notify AFTER INSERT ON {a} \
-         REFERENCING NEW TABLE AS new_rows \
-         FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_archived()",
+        r#"CREATE OR REPLACE TRIGGER longshore_notify AFTER INSERT ON {q}
+         FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_enqueue()"#,
+        r#"CREATE OR REPLACE TRIGGER longshore_done_notify AFTER INSERT ON {a}
+         REFERENCING NEW TABLE AS new_rows
+         FOR EACH STATEMENT EXECUTE FUNCTION longshore.notify_archived()"#,
         // The enqueue notification's debounce clock (see the notify_budget migration).
         "CREATE UNLOGGED SEQUENCE IF NOT EXISTS longshore.enq_{name}",
         "CREATE INDEX IF NOT EXISTS q_{name}_read_idx ON {q} (msg_id) WHERE last_read_at IS NOT NULL",
@@ -334,17 +334,17 @@ pub async fn create_queue(
     // once, when the table has no autovacuum settings yet: an operator's own tuning
     // stays, and a migrate takes no lock for it.
     let tuned: bool = sqlx::query_scalar(
-        "SELECT coalesce(bool_or(o LIKE 'autovacuum\\_%'), false) \
-           FROM pg_class c LEFT JOIN LATERAL unnest(c.reloptions) o ON true \
-          WHERE c.oid = $1::regclass",
+        r#"SELECT coalesce(bool_or(o LIKE 'autovacuum\_%'), false)
+           FROM pg_class c LEFT JOIN LATERAL unnest(c.reloptions) o ON true
+          WHERE c.oid = $1::regclass"#,
     )
     .bind(format!("pgmq.q_{name}"))
     .fetch_one(&mut *ex)
     .await?;
     if !tuned {
-        let ddl = "ALTER TABLE {q} SET (autovacuum_vacuum_scale_factor = 0.02, \
-                     autovacuum_vacuum_threshold = 1000, \
-                     autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 1000)";
+        let ddl = r#"ALTER TABLE {q} SET (autovacuum_vacuum_scale_factor = 0.02,
+                     autovacuum_vacuum_threshold = 1000,
+                     autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 1000)"#;
         sqlx::query(&render(ddl, name)).execute(&mut *ex).await?;
     }
     Ok(())

@@ -44,19 +44,19 @@ pub async fn prune_archives(
         // `IN (subquery)` was planned as a hash join over the whole archive. The age is
         // checked again on the row deleted, and rows another pass holds are skipped.
         statements.push(format!(
-            "DELETE FROM pgmq.a_{name} WHERE msg_id = ANY (ARRAY( \
-               SELECT msg_id FROM pgmq.a_{name} WHERE archived_at < $1 \
-                ORDER BY archived_at LIMIT $2 FOR UPDATE SKIP LOCKED)) \
-               AND archived_at < $1"
+            r#"DELETE FROM pgmq.a_{name} WHERE msg_id = ANY (ARRAY(
+               SELECT msg_id FROM pgmq.a_{name} WHERE archived_at < $1
+                ORDER BY archived_at LIMIT $2 FOR UPDATE SKIP LOCKED))
+               AND archived_at < $1"#
         ));
     }
     // By row address: a completion's key is (queue, msg_id), and a completion refreshed
     // meanwhile (its done_at moved) is kept.
     statements.push(
-        "DELETE FROM longshore.completions WHERE ctid = ANY (ARRAY( \
-           SELECT ctid FROM longshore.completions WHERE done_at < $1 \
-            ORDER BY done_at LIMIT $2 FOR UPDATE SKIP LOCKED)) \
-           AND done_at < $1"
+        r#"DELETE FROM longshore.completions WHERE ctid = ANY (ARRAY(
+           SELECT ctid FROM longshore.completions WHERE done_at < $1
+            ORDER BY done_at LIMIT $2 FOR UPDATE SKIP LOCKED))
+           AND done_at < $1"#
             .to_string(),
     );
     let mut n = 0;
@@ -160,11 +160,11 @@ pub struct Vacuumed {
 pub async fn vacuum_queues(pool: &sqlx::PgPool, min_dead: i64) -> Result<Vacuumed, sqlx::Error> {
     let bloated: Vec<(String, i64)> = db::run(pool, Deadline::Statement, async |c| {
         sqlx::query_as(
-            "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables \
-              WHERE schemaname = 'pgmq' \
-                AND (starts_with(relname, 'q_') OR starts_with(relname, 'a_')) \
-                AND n_dead_tup >= $1 \
-              ORDER BY n_dead_tup DESC",
+            r#"SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
+              WHERE schemaname = 'pgmq'
+                AND (starts_with(relname, 'q_') OR starts_with(relname, 'a_'))
+                AND n_dead_tup >= $1
+              ORDER BY n_dead_tup DESC"#,
         )
         .bind(min_dead)
         .fetch_all(c)

@@ -176,8 +176,8 @@ impl Worker {
             // leave the server's defaults).
             let got = db::run(&control, Deadline::Control, async |c| {
                 sqlx::query_as::<_, (String, String, String)>(
-                    "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), \
-                            current_setting('plan_cache_mode')",
+                    r#"SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),
+                            current_setting('plan_cache_mode')"#,
                 )
                 .fetch_one(c)
                 .await
