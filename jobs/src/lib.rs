@@ -43,6 +43,14 @@ pub fn door_registry(cfg: &Config) -> Result<Registry, ConfigError> {
     build(cfg, Clients::Skip)
 }
 
+/// The pipelines' defaults (`jobs/defaults.toml`): their sections, queue overrides and
+/// schedules, loaded after the runtime's.
+pub const DEFAULTS: &str = include_str!("../defaults.toml");
+
+/// The embedded defaults of a fleet that runs these pipelines, in load order (the
+/// runtime's, then [`DEFAULTS`]): [`longshore_workers::config::Layers::defaults`].
+pub const DEFAULT_LAYERS: &[&str] = &[longshore_workers::config::RUNTIME_DEFAULTS, DEFAULTS];
+
 /// The configuration sections the pipelines own (`[billing]`, …); any other top-level
 /// table that is not the runtime's is refused at load.
 pub const SECTIONS: &[&str] = &["billing", "market", "chat", "probe", "traffic"];
@@ -85,4 +93,43 @@ fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
         .register(chat::llm_call::LlmCallHandler(chat))
         .register(chat::prune_llm::PruneLlmHandler)
         .register(longshore_workers::maintenance::MaintenanceHandler))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use longshore_workers::config::Layers;
+
+    use super::*;
+
+    fn names(cfg: &Config) -> Vec<&str> {
+        cfg.schedules.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// The runtime's defaults carry no pipeline; the fleet's layers add the pipelines'
+    /// sections and append their schedules to the runtime's maintenance ones.
+    #[test]
+    fn the_pipelines_defaults_layer_over_the_runtimes() {
+        let nowhere = Path::new("/nonexistent");
+        let runtime = Config::load_from(nowhere, None, std::iter::empty()).unwrap();
+        assert!(runtime.sections.is_empty(), "{:?}", runtime.sections.keys());
+        assert!(names(&runtime).contains(&"prune_archives"));
+        assert!(!names(&runtime).contains(&"bill_usage"));
+
+        let layers = Layers {
+            defaults: DEFAULT_LAYERS,
+            dev: None,
+        };
+        let fleet = Config::load_layers(&layers, nowhere, None, std::iter::empty()).unwrap();
+        for s in ["billing", "market", "chat"] {
+            assert!(fleet.sections.contains_key(s), "{s}");
+        }
+        let all = names(&fleet);
+        for n in ["prune_archives", "vacuum_queues", "bill_usage", "market_ingest"] {
+            assert!(all.contains(&n), "{n} in {all:?}");
+        }
+        assert_eq!(fleet.queue("llm_call").max_attempts, 3);
+        fleet.check_sections(SECTIONS).unwrap();
+    }
 }

@@ -9,7 +9,7 @@ use super::app::{self, CliError, CliResult};
 pub struct Args {}
 
 pub async fn run(_args: Args) -> CliResult {
-    let cfg = Config::load_with_default_env("dev").map_err(CliError::usage)?;
+    let cfg = Config::load_with_default_env(&app::LAYERS, "dev").map_err(CliError::usage)?;
     telemetry::init_logging(&cfg.log);
     let cfg = std::sync::Arc::new(cfg);
     let schedules = super::scheduler::compile(&cfg)?;

@@ -48,7 +48,13 @@ pub fn config(vars: &[(&str, &str)]) -> Arc<Config> {
     let mut all = test_env();
     all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let vars = all.into_iter();
-    Arc::new(Config::load_from(&PathBuf::from("config"), None, vars).expect("test config"))
+    let layers = longshore_workers::config::Layers {
+        defaults: longshore_jobs::DEFAULT_LAYERS,
+        dev: None,
+    };
+    Arc::new(
+        Config::load_layers(&layers, &PathBuf::from("config"), None, vars).expect("test config"),
+    )
 }
 
 /// Polls `f` until it returns Some or `limit` passes.

@@ -71,12 +71,14 @@ pub struct TokenConfig {
     /// (maintenance, files, pipeline steps) cannot be named: they are never enqueued
     /// over HTTP.
     pub queues: Vec<String>,
-    /// Extra rights: `logs` (POST /v1/logs, the log shipper's), `read_all` (GET any job
-    /// of its queues, not only the ones it enqueued).
+    /// Extra rights: `read_all` (GET any job of its queues, not only the ones it
+    /// enqueued), or the scope of a route a pipeline mounts (the billing pipeline's
+    /// `logs`: POST /v1/logs).
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// With `logs`: the customers whose log lines it may post; lines of any other
-    /// customer are refused (counted as malformed with the reason). Unset: any.
+    /// The tenants (customer ids) this token may act for, handed to a pipeline's route
+    /// ([`crate::ingress::Caller`]), which decides what that means (the log route
+    /// refuses lines of any other customer). Unset: any.
     #[serde(default)]
     pub customers: Option<Vec<i64>>,
     /// Sustained requests per second (token bucket refill).

@@ -1,7 +1,8 @@
 //! Typed, layered configuration.
 //!
-//! Layers, later wins: the embedded `config/default.toml` (compiled into the binary so
-//! it runs from any directory) → `config/default.toml` on disk, if present →
+//! Layers, later wins: the embedded defaults ([`RUNTIME_DEFAULTS`], this crate's
+//! `defaults.toml`, then each pipeline's the binary adds, see [`Layers`]; compiled in so
+//! the binary runs from any directory) → `config/default.toml` on disk, if present →
 //! `config/{LONGSHORE_ENV}.toml` → `LONGSHORE__SECTION__KEY` environment variables →
 //! `DATABASE_URL`. Every value is checked at start; an error names the key.
 
@@ -25,10 +26,29 @@ pub use self::queues::{EnqueueConfig, OnDone, QueueOverrides, QueueSettings, Wor
 pub use self::scheduler::{Missed, ScheduleConfig, SchedulerConfig};
 use crate::queue_name::QueueName;
 
-/// The defaults every build carries; `config/default.toml` in the repository.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../../../config/default.toml");
-/// The `dev` overlay, also compiled in so `longshore dev` works from any directory.
-pub const EMBEDDED_DEV: &str = include_str!("../../../config/dev.toml");
+/// The runtime's defaults (`workers/defaults.toml`): its own tables and the
+/// maintenance schedules. Pipelines' sections are not here; a binary adds their
+/// defaults as further [`Layers::defaults`].
+pub const RUNTIME_DEFAULTS: &str = include_str!("../../defaults.toml");
+
+/// The embedded layers a binary loads under the files and the environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Layers<'a> {
+    /// TOML texts, in order: [`RUNTIME_DEFAULTS`] first, then each pipeline's. A later
+    /// one overrides keys and appends to arrays (its schedules join the runtime's).
+    pub defaults: &'a [&'a str],
+    /// The `dev` environment when `config/dev.toml` is not on disk (so `longshore dev`
+    /// works from any directory); `None`: `LONGSHORE_ENV=dev` needs the file.
+    pub dev: Option<&'a str>,
+}
+
+impl Layers<'static> {
+    /// The runtime's defaults alone.
+    pub const RUNTIME: Layers<'static> = Layers {
+        defaults: &[RUNTIME_DEFAULTS],
+        dev: None,
+    };
+}
 
 /// A parse error without the lines of the file it quotes (TOML's errors show the
 /// offending line, which may hold a secret): "at line N, column M" and the reason
@@ -219,29 +239,60 @@ pub struct DevConfig {
 }
 
 impl Config {
-    /// Loads the layers from the current directory and the process environment.
-    pub fn load() -> Result<Config, ConfigError> {
+    /// Loads `layers`, then the files under `config/` of the current directory and the
+    /// process environment.
+    pub fn load(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         let env_name = std::env::var("LONGSHORE_ENV").ok();
-        Self::load_from(Path::new("config"), env_name.as_deref(), std::env::vars())
+        Self::load_layers(
+            layers,
+            Path::new("config"),
+            env_name.as_deref(),
+            std::env::vars(),
+        )
     }
 
     /// Like [`Config::load`], with `default_env` when `LONGSHORE_ENV` is unset
     /// (`longshore dev` defaults to `dev`).
-    pub fn load_with_default_env(default_env: &str) -> Result<Config, ConfigError> {
+    pub fn load_with_default_env(
+        layers: &Layers<'_>,
+        default_env: &str,
+    ) -> Result<Config, ConfigError> {
         let env_name = std::env::var("LONGSHORE_ENV")
             .ok()
             .filter(|e| !e.is_empty())
             .unwrap_or_else(|| default_env.to_string());
-        Self::load_from(Path::new("config"), Some(&env_name), std::env::vars())
+        Self::load_layers(
+            layers,
+            Path::new("config"),
+            Some(&env_name),
+            std::env::vars(),
+        )
     }
 
-    /// Loads with an explicit config directory, environment name and variables (tests).
+    /// The runtime's defaults alone ([`Layers::RUNTIME`]) with an explicit config
+    /// directory, environment name and variables (tests).
     pub fn load_from(
         dir: &Path,
         env_name: Option<&str>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut fig = Figment::new().merge(Toml::string(EMBEDDED_DEFAULT));
+        Self::load_layers(&Layers::RUNTIME, dir, env_name, vars)
+    }
+
+    /// Loads `layers` with an explicit config directory, environment name and
+    /// variables.
+    pub fn load_layers(
+        layers: &Layers<'_>,
+        dir: &Path,
+        env_name: Option<&str>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::new();
+        for text in layers.defaults {
+            // admerge: a pipeline's schedules are appended to the runtime's.
+            fig = fig.admerge(Toml::string(text));
+        }
+        // merge: an array it sets (schedules, tokens) replaces the defaults'.
         let on_disk = dir.join("default.toml");
         if on_disk.exists() {
             fig = fig.merge(Toml::file(on_disk));
@@ -260,8 +311,8 @@ impl Config {
             // admerge: arrays (tokens, schedules) are appended to the defaults'.
             if file.exists() {
                 fig = fig.admerge(Toml::file(file));
-            } else if name == "dev" {
-                fig = fig.admerge(Toml::string(EMBEDDED_DEV));
+            } else if let (Some(dev), "dev") = (layers.dev, name) {
+                fig = fig.admerge(Toml::string(dev));
             } else {
                 return Err(ConfigError::invalid(
                     "LONGSHORE_ENV",
