@@ -126,7 +126,12 @@ mod tests {
             assert!(fleet.sections.contains_key(s), "{s}");
         }
         let all = names(&fleet);
-        for n in ["prune_archives", "vacuum_queues", "bill_usage", "market_ingest"] {
+        for n in [
+            "prune_archives",
+            "vacuum_queues",
+            "bill_usage",
+            "market_ingest",
+        ] {
             assert!(all.contains(&n), "{n} in {all:?}");
         }
         assert_eq!(fleet.queue("llm_call").max_attempts, 3);

@@ -213,35 +213,36 @@ pub async fn open_account(
     user: Uuid,
     cfg: &CreditsConfig,
 ) -> Result<Tier, sqlx::Error> {
-    let created: Option<String> = sqlx::query_scalar(
+    let created: Option<String> = sqlx::query_scalar!(
         "INSERT INTO credit_accounts (user_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING tier",
+        user,
     )
-    .bind(user)
     .fetch_optional(&mut *tx)
     .await?;
     if created.is_some() && cfg.signup_bonus > 0 {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, $2, 'signup_bonus')",
+            user,
+            cfg.signup_bonus as i32,
         )
-        .bind(user)
-        .bind(cfg.signup_bonus as i32)
         .execute(&mut *tx)
         .await?;
     }
-    let tier: String =
-        sqlx::query_scalar("SELECT tier FROM credit_accounts WHERE user_id = $1 FOR UPDATE")
-            .bind(user)
-            .fetch_one(&mut *tx)
-            .await?;
+    let tier: String = sqlx::query_scalar!(
+        "SELECT tier FROM credit_accounts WHERE user_id = $1 FOR UPDATE",
+        user
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     Ok(Tier::parse(&tier).unwrap_or(Tier::Free))
 }
 
 /// Σ delta of a user (0 without an account).
 pub async fn balance(conn: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum(delta), 0)::bigint FROM credits_ledger WHERE user_id = $1",
+    sqlx::query_scalar!(
+        r#"SELECT coalesce(sum(delta), 0)::bigint AS "balance!" FROM credits_ledger WHERE user_id = $1"#,
+        user,
     )
-    .bind(user)
     .fetch_one(conn)
     .await
 }
@@ -255,21 +256,21 @@ pub async fn held_by_others(
     request_id: Uuid,
     ttl: std::time::Duration,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         r#"DELETE FROM credit_holds WHERE user_id = $1
          AND created_at <= now() - make_interval(secs => $2)"#,
+        user,
+        ttl.as_secs_f64(),
     )
-    .bind(user)
-    .bind(ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
-    sqlx::query_scalar(
-        r#"SELECT coalesce(sum(credits), 0)::bigint FROM credit_holds
+    sqlx::query_scalar!(
+        r#"SELECT coalesce(sum(credits), 0)::bigint AS "held!" FROM credit_holds
          WHERE user_id = $1 AND request_id <> $2 AND created_at > now() - make_interval(secs => $3)"#,
+        user,
+        request_id,
+        ttl.as_secs_f64(),
     )
-    .bind(user)
-    .bind(request_id)
-    .bind(ttl.as_secs_f64())
     .fetch_one(&mut *tx)
     .await
 }
@@ -282,14 +283,14 @@ pub async fn hold(
     request_id: Uuid,
     credits: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         r#"INSERT INTO credit_holds (request_id, user_id, credits) VALUES ($1, $2, $3)
          ON CONFLICT (request_id) DO UPDATE SET credits = EXCLUDED.credits, created_at = now()
          WHERE credit_holds.user_id = EXCLUDED.user_id"#,
+        request_id,
+        user,
+        i32::try_from(credits).unwrap_or(i32::MAX),
     )
-    .bind(request_id)
-    .bind(user)
-    .bind(i32::try_from(credits).unwrap_or(i32::MAX))
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -301,11 +302,11 @@ pub async fn release(
     user: Uuid,
     request_id: Uuid,
 ) -> Result<Option<i64>, sqlx::Error> {
-    let held: Option<i32> = sqlx::query_scalar(
+    let held: Option<i32> = sqlx::query_scalar!(
         "DELETE FROM credit_holds WHERE request_id = $1 AND user_id = $2 RETURNING credits",
+        request_id,
+        user,
     )
-    .bind(request_id)
-    .bind(user)
     .fetch_optional(&mut *tx)
     .await?;
     Ok(held.map(i64::from))
@@ -319,11 +320,11 @@ pub async fn owned_by(
     user: Uuid,
     principal: &str,
 ) -> Result<bool, sqlx::Error> {
-    let owner: Option<String> = sqlx::query_scalar(
+    let owner: Option<String> = sqlx::query_scalar!(
         "UPDATE credit_accounts SET owner = coalesce(owner, $2) WHERE user_id = $1 RETURNING owner",
+        user,
+        principal,
     )
-    .bind(user)
-    .bind(principal)
     .fetch_one(&mut *tx)
     .await?;
     Ok(owner.as_deref() == Some(principal))
@@ -341,10 +342,10 @@ pub async fn charge(
     units: serde_json::Value,
 ) -> Result<Charge, sqlx::Error> {
     open_account(tx, user, cfg).await?;
-    let earlier: Option<i32> = sqlx::query_scalar(
-        "SELECT -delta FROM credits_ledger WHERE request_id = $1 AND reason = 'charge'",
+    let earlier: Option<i32> = sqlx::query_scalar!(
+        r#"SELECT -delta AS "credits!" FROM credits_ledger WHERE request_id = $1 AND reason = 'charge'"#,
+        request_id,
     )
-    .bind(request_id)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(c) = earlier {
@@ -361,15 +362,15 @@ pub async fn charge(
         });
     }
     if credits > 0 {
-        sqlx::query(
+        sqlx::query!(
             r#"INSERT INTO credits_ledger (user_id, delta, provider, units, reason, request_id)
              VALUES ($1, $2, $3, $4, 'charge', $5)"#,
+            user,
+            -(credits as i32),
+            provider,
+            units,
+            request_id,
         )
-        .bind(user)
-        .bind(-(credits as i32))
-        .bind(provider)
-        .bind(units)
-        .bind(request_id)
         .execute(&mut *tx)
         .await?;
     }
@@ -388,11 +389,13 @@ pub async fn grant(
     credits: i64,
 ) -> Result<i64, sqlx::Error> {
     open_account(tx, user, cfg).await?;
-    sqlx::query("INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, $2, 'grant')")
-        .bind(user)
-        .bind(credits as i32)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO credits_ledger (user_id, delta, reason) VALUES ($1, $2, 'grant')",
+        user,
+        credits as i32,
+    )
+    .execute(&mut *tx)
+    .await?;
     balance(tx, user).await
 }
 
