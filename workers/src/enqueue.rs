@@ -21,6 +21,7 @@ use crate::store::{self, NewMessage, QueueSql};
 /// Default idempotency-key lifetime when the caller does not set one.
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// How to enqueue a job: when it becomes visible, its idempotency key, and who enqueued it.
 #[derive(Debug, Clone, Default)]
 pub struct EnqueueOptions {
     /// Visible after this long.
@@ -45,18 +46,22 @@ pub struct EnqueueOptions {
 }
 
 impl EnqueueOptions {
+    /// Visible after `d` (clamped to ten years, so no caller can overflow the clock).
     pub fn delay(mut self, d: Duration) -> Self {
         self.delay = Some(d);
         self
     }
+    /// Visible at `t` (wins over [`EnqueueOptions::delay`]).
     pub fn run_at(mut self, t: DateTime<Utc>) -> Self {
         self.run_at = Some(t);
         self
     }
+    /// The idempotency key: a second enqueue with it, within its TTL, returns the first job.
     pub fn key(mut self, k: impl Into<String>) -> Self {
         self.idempotency_key = Some(k.into());
         self
     }
+    /// How long the idempotency key holds (default [`DEFAULT_IDEMPOTENCY_TTL`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.idempotency_ttl = Some(ttl);
         self
@@ -84,6 +89,7 @@ impl EnqueueOptions {
 /// The answer to an enqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
+    /// The job's id in its queue (the pgmq `msg_id`); for a duplicate, the first job's.
     pub id: i64,
     /// True when an earlier job with the same idempotency key was returned instead.
     pub duplicate: bool,
@@ -91,17 +97,23 @@ pub struct Enqueued {
     pub same_body: bool,
 }
 
+/// Why an enqueue was refused; nothing was enqueued.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
     #[error("invalid queue name: {0}")]
+    /// The queue name is not a valid one.
     QueueName(#[from] QueueNameError),
     #[error("queue {0:?} does not exist (run `longshore migrate`)")]
+    /// The queue's table does not exist: the database is not migrated for this kind.
     UnknownQueue(String),
     #[error("job args are not serialisable: {0}")]
+    /// The args did not serialise to JSON.
     Serialize(#[from] serde_json::Error),
     #[error("idempotency key must be 1 to 300 printable characters")]
+    /// The idempotency key is empty, too long or not printable.
     BadKey,
     #[error("database: {0}")]
+    /// The database refused or could not be reached.
     Database(#[source] sqlx::Error),
 }
 

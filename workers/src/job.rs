@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The arguments of a job kind. `KIND` is the queue name: `[a-z0-9_]`, at most 47 chars.
 pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The kind's name, also its queue's: `[a-z0-9_]`, at most 47 characters.
     const KIND: &'static str;
     /// Whether the door (ingress, CLI, schedules) refuses args with fields this type
     /// does not know, at any depth (true), or accepts them (false: a kind whose body is
@@ -39,8 +40,10 @@ pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// dead-letters at once. Use [`ResultExt::retryable`] / [`ResultExt::fatal`] to
 /// classify foreign errors with `?`. A panic or a timeout counts as a retry.
 pub trait Handler: Send + Sync + 'static {
+    /// The args this handler runs on.
     type Args: JobArgs;
 
+    /// Runs one attempt of a job. Effects written through `ctx.tx()` commit with the job's completion, or not at all.
     fn handle(
         &self,
         args: Self::Args,
@@ -81,10 +84,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Done, with no result.
     pub fn done() -> Result<Outcome, JobError> {
         Ok(Outcome::Done(None))
     }
 
+    /// Done, with `result` stored as the job's result (what `GET …?wait=` answers).
     pub fn done_with(result: impl Serialize) -> Result<Outcome, JobError> {
         match serde_json::to_value(result) {
             Ok(v) => Ok(Outcome::Done(Some(v))),
@@ -92,6 +97,7 @@ impl Outcome {
         }
     }
 
+    /// Not now: run again after `after`, without counting an attempt.
     pub fn snooze(after: Duration) -> Result<Outcome, JobError> {
         Ok(Outcome::Snooze(after))
     }
@@ -120,9 +126,11 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// A transient error: retried with backoff.
     pub fn retry(msg: impl std::fmt::Display) -> Self {
         JobError::Retry(msg.to_string())
     }
+    /// A permanent error: dead-lettered at once.
     pub fn fail(msg: impl std::fmt::Display) -> Self {
         JobError::Fail(msg.to_string())
     }
@@ -147,7 +155,9 @@ impl From<sqlx::Error> for JobError {
 
 /// Classify any error for `?` in a handler: `client.get(..).await.retryable()?`.
 pub trait ResultExt<T> {
+    /// Any error becomes [`JobError::Retry`].
     fn retryable(self) -> Result<T, JobError>;
+    /// Any error becomes [`JobError::Fail`].
     fn fatal(self) -> Result<T, JobError>;
 }
 
@@ -164,10 +174,13 @@ impl<T, E: std::fmt::Display> ResultExt<T> for Result<T, E> {
 pub struct JobContext {
     /// The pgmq `msg_id`.
     pub job_id: i64,
+    /// The queue (the kind's name).
     pub queue: &'static str,
     /// 1 for the first run; snoozes and shutdown releases do not count.
     pub attempt: u32,
+    /// The queue's `max_attempts`: the run after the last one is dead-lettered.
     pub max_attempts: u32,
+    /// When the job was first enqueued.
     pub enqueued_at: DateTime<Utc>,
     /// Who enqueued it (`token:<name>`, `hook:<source>`), when it came through the
     /// ingress; `None` for jobs enqueued by the scheduler, the CLI or SQL.

@@ -42,8 +42,10 @@ pub enum Event<'a> {
     Notified(&'a str),
 }
 
+/// What [`run`] calls on every [`Event`].
 pub type OnEvent = Arc<dyn Fn(Event<'_>) + Send + Sync>;
 
+/// LISTENs on `channel` until `stop`, reconnecting with backoff, and reports each event to `on_event`.
 pub async fn run(pool: PgPool, channel: &'static str, on_event: OnEvent, stop: CancellationToken) {
     // A pool of its own (the LISTEN connection and its pings): handlers holding every
     // connection of the main pool must not make it look deaf, and a connection it drops

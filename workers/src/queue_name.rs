@@ -5,23 +5,29 @@
 
 use std::fmt;
 
+/// The longest queue name pgmq accepts.
 pub const MAX_LEN: usize = 47;
 
 /// A validated queue name: safe to interpolate into an identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueName(String);
 
+/// Why a string is not a queue name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueNameError {
     #[error("queue name is empty")]
+    /// The name is empty.
     Empty,
     #[error("queue name is longer than {MAX_LEN} characters")]
+    /// The name is longer than [`MAX_LEN`].
     TooLong,
     #[error("queue name may only contain a-z, 0-9 and _")]
+    /// The name has a character outside `[a-z0-9_]`.
     BadChar,
 }
 
 impl QueueName {
+    /// Checks `s` and wraps it.
     pub fn parse(s: &str) -> Result<Self, QueueNameError> {
         if s.is_empty() {
             return Err(QueueNameError::Empty);
@@ -38,6 +44,7 @@ impl QueueName {
         Ok(QueueName(s.to_owned()))
     }
 
+    /// The name, safe to interpolate into an identifier.
     pub fn as_str(&self) -> &str {
         &self.0
     }

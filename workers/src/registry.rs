@@ -114,6 +114,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// An empty registry; add kinds with `register`.
     pub fn new() -> Self {
         Self::default()
     }
@@ -166,10 +167,12 @@ impl Registry {
         &self.text_routes
     }
 
+    /// The registered kinds (each a queue).
     pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.kinds.keys().copied()
     }
 
+    /// Whether `kind` is registered.
     pub fn contains(&self, kind: &str) -> bool {
         self.kinds.contains_key(kind)
     }

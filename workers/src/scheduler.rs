@@ -25,15 +25,18 @@ use crate::registry::Registry;
 use crate::store;
 use crate::telemetry as t;
 
+/// Why a schedule was refused at start.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
     #[error("schedule {0:?}: {1}")]
+    /// The schedule (by name) and what is wrong with it.
     Invalid(String, String),
 }
 
 /// A schedule ready to run.
 #[derive(Debug, Clone)]
 pub struct Schedule {
+    /// The schedule's name, unique in the configuration.
     pub name: String,
     cron: cron::Schedule,
     tz: Tz,

@@ -64,15 +64,18 @@ pub fn server_url() -> String {
 
 /// A database of one's own, migrated, with every registered queue.
 pub struct TestDb {
+    /// The database's name.
     pub name: String,
     /// URL of this database (give it to a spawned `longshore` as `DATABASE_URL`).
     pub url: String,
+    /// A pool on this database.
     pub pool: PgPool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestDb {
+    /// Creates a database from a migrated template (made once per server and migration set), with a queue for every kind of `registry`.
     pub async fn create(migrator: &Migrator, registry: &Registry) -> TestDb {
         let admin_url = server_url();
         let mut admin = PgConnection::connect(&admin_url)

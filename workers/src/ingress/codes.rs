@@ -3,6 +3,7 @@
 //! in the source is missing here); [`super::ApiError::new`] refuses, in debug builds,
 //! a pair that is not listed.
 
+/// Every `(HTTP status, machine code)` the ingress answers with.
 pub const ERRORS: &[(u16, &str)] = &[
     (400, "invalid_json"),
     (400, "bad_request"),

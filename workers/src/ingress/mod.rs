@@ -116,6 +116,7 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
     Ok(())
 }
 
+/// The HTTP ingress: authenticates, limits and validates requests and only enqueues; see `docs/ingress.md`.
 pub struct Ingress {
     pool: PgPool,
     registry: Registry,
@@ -141,6 +142,7 @@ pub struct Ingress {
 pub(crate) struct Peer(pub std::net::IpAddr);
 
 impl Ingress {
+    /// An ingress over `pool` for the kinds of `registry` (and the routes its pipelines mount), with `cfg`'s tokens, hooks and limits.
     pub fn new(
         pool: PgPool,
         registry: Registry,
@@ -191,6 +193,7 @@ impl Ingress {
         self.status_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The ingress's routes with every limit layered on (body size, timeouts, connection caps).
     pub fn router(self: &Arc<Self>) -> Router {
         self.layered(self.routes())
     }
@@ -330,13 +333,18 @@ impl CallerSlot {
 /// A failure with its machine code. Rendered into the envelope by `envelope`.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The machine code (`invalid_args`, `rate_limited`, …), one of [`ERRORS`].
     pub code: &'static str,
+    /// The human message; never a secret or a caller's body.
     pub message: String,
+    /// Seconds for a `Retry-After` header, if the caller should come back.
     pub retry_after: Option<u64>,
 }
 
 impl ApiError {
+    /// An error with its status and code; in debug builds the pair must be listed in [`ERRORS`].
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         debug_assert!(
             codes::is_known(status.as_u16(), code),
@@ -350,6 +358,7 @@ impl ApiError {
         }
     }
 
+    /// Asks the caller to retry after `secs` seconds (at least 1).
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs.max(1));
         self

@@ -65,11 +65,14 @@ pub trait Observer: Send + Sync + 'static {
     fn lease_lost(&self, _queue: &str, _job_id: i64) {}
 }
 
+/// Why a worker could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("no handler is registered for queue {0:?} (known: {1})")]
+    /// A queue was asked for that no handler serves (the queue, and the known ones).
     UnknownQueue(String, String),
     #[error("no queues to work")]
+    /// The worker was given no queue to work.
     NoQueues,
 }
 
@@ -123,11 +126,13 @@ impl Worker {
         Ok(self)
     }
 
+    /// Watches the runtime from inside (benchmarks, tests).
     pub fn observer(mut self, o: Arc<dyn Observer>) -> Self {
         self.observer = Some(o);
         self
     }
 
+    /// The queues this worker consumes.
     pub fn queue_names(&self) -> &[&'static str] {
         &self.queues
     }
