@@ -1183,6 +1183,27 @@ fn error_pairs(src: &str, call: &str) -> Vec<(u16, String)> {
     out
 }
 
+/// A pipeline's route cannot claim the runtime's `read_all` as its scope (every token
+/// that may read would then post to it), nor a scope no token could be given.
+#[test]
+fn a_route_whose_scope_is_read_all_or_malformed_is_refused_at_start() {
+    let cfg = config(&[]);
+    for scope in ["read_all", "", "Logs"] {
+        let registry = common::registry().text_route(longshore_workers::ingress::TextRoute {
+            path: "/v1/other_logs",
+            scope,
+            queue: "ingest_logs",
+            to_args: |_, _| Ok(json!({})),
+            openapi: "{}",
+        });
+        let e = longshore_workers::ingress::check_config(&cfg, &registry).unwrap_err();
+        assert!(
+            e.contains("/v1/other_logs") && e.contains("scope"),
+            "{scope:?}: {e}"
+        );
+    }
+}
+
 /// The scopes a token may hold are the runtime's (`read_all`) and those of the text
 /// routes the pipelines mount (`logs` for `/v1/logs`); any other is refused at start,
 /// naming the key and the known scopes.

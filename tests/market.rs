@@ -27,8 +27,8 @@ use longshore_jobs::market::prune_market::PruneMarket;
 use longshore_jobs::market::sync_watcher::{SyncWatcher, SyncWatcherHandler};
 use longshore_jobs::market::types::{Symbol, Timeframe};
 use longshore_workers::testing::{
-    all_enqueued, count_dead, count_done, count_enqueued, job_status, results,
-    results_in_finish_order, visible_at,
+    count_dead, count_done, count_enqueued, job_status, results, results_in_finish_order,
+    visible_at,
 };
 use longshore_workers::{EnqueueOptions, Worker, enqueue};
 use serde_json::{Value, json};
@@ -1240,8 +1240,8 @@ async fn webhook_deliveries_apply_once_in_any_order_and_a_new_pair_is_backfilled
     // BTC/USDT 1h got its first active watcher twice (W1, then W2 after W1 went
     // inactive): one backfill (the key collapses the second).
     assert_eq!(
-        all_enqueued::<IngestIndicators>(&t.pool).await,
-        vec![ingest("BTC/USDT", Timeframe::H1, Some(150))]
+        longshore_workers::testing::enqueued_args(&t.pool, "ingest_indicators").await,
+        vec![json!({"symbol": "BTC/USDT", "timeframe": "1h", "backfill": 150})]
     );
 
     // DELETE, then a late UPDATE of the same watcher: it stays deleted.

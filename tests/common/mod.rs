@@ -52,9 +52,11 @@ pub fn config(vars: &[(&str, &str)]) -> Arc<Config> {
         defaults: longshore_jobs::DEFAULT_LAYERS,
         dev: None,
     };
-    Arc::new(
-        Config::load_layers(&layers, &PathBuf::from("config"), None, vars).expect("test config"),
-    )
+    let cfg =
+        Config::load_layers(&layers, &PathBuf::from("config"), None, vars).expect("test config");
+    cfg.check_sections(longshore_jobs::SECTIONS)
+        .expect("test config: every table is known");
+    Arc::new(cfg)
 }
 
 /// Polls `f` until it returns Some or `limit` passes.

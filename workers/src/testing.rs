@@ -75,7 +75,7 @@ pub struct TestDb {
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestDb {
-    /// Creates a database from a migrated template (made once per server and migration set), with a queue for every kind of `registry`.
+    /// Creates a database from a migrated template (made once per server, migration set and registry), with a queue for every kind of `registry`.
     pub async fn create(migrator: &Migrator, registry: &Registry) -> TestDb {
         let admin_url = server_url();
         let mut admin = PgConnection::connect(&admin_url)

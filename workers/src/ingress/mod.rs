@@ -88,6 +88,17 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
         if !registry.contains(r.queue) {
             return Err(format!("text route {}: no job kind {:?}", r.path, r.queue));
         }
+        // A route's scope is its own right: never the runtime's `read_all` (every
+        // reading token could post), and spelt as a token's scopes must be.
+        if r.scope == "read_all"
+            || r.scope.is_empty()
+            || !r.scope.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            return Err(format!(
+                "text route {}: scope {:?} must be [a-z_]+ and not \"read_all\"",
+                r.path, r.scope
+            ));
+        }
         if Ingress::RUNTIME_PATHS.contains(&r.path) || !r.path.starts_with("/v1/") {
             return Err(format!(
                 "text route {}: the path must be under /v1/ and not one of the runtime's",
@@ -193,7 +204,9 @@ impl Ingress {
         self.status_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The ingress's routes with every limit layered on (body size, timeouts, connection caps).
+    /// The routes with the not-found fallback, the panic guard and the error envelope (each
+    /// route keeps its own body limit). The connection caps and the header timeout are
+    /// not here: [`Ingress::serve`] applies them to the listener.
     pub fn router(self: &Arc<Self>) -> Router {
         self.layered(self.routes())
     }
