@@ -47,9 +47,16 @@ pub fn door_registry(cfg: &Config) -> Result<Registry, ConfigError> {
 /// schedules, loaded after the runtime's.
 pub const DEFAULTS: &str = include_str!("../defaults.toml");
 
-/// The embedded defaults of a fleet that runs these pipelines, in load order (the
-/// runtime's, then [`DEFAULTS`]): [`longshore_workers::config::Layers::defaults`].
-pub const DEFAULT_LAYERS: &[&str] = &[longshore_workers::config::RUNTIME_DEFAULTS, DEFAULTS];
+/// The embedded configuration of a fleet that runs these pipelines: the runtime's
+/// defaults, then [`DEFAULTS`], with [`SECTIONS`] the only other tables accepted, and
+/// `dev` as the embedded `dev` environment (the binary's `config/dev.toml`).
+pub const fn layers(dev: Option<&'static str>) -> longshore_workers::config::Layers<'static> {
+    longshore_workers::config::Layers {
+        defaults: &[longshore_workers::config::RUNTIME_DEFAULTS, DEFAULTS],
+        dev,
+        sections: Some(SECTIONS),
+    }
+}
 
 /// The configuration sections the pipelines own (`[billing]`, …); any other top-level
 /// table that is not the runtime's is refused at load.
@@ -99,8 +106,6 @@ fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
 mod tests {
     use std::path::Path;
 
-    use longshore_workers::config::Layers;
-
     use super::*;
 
     fn names(cfg: &Config) -> Vec<&str> {
@@ -117,11 +122,7 @@ mod tests {
         assert!(names(&runtime).contains(&"prune_archives"));
         assert!(!names(&runtime).contains(&"bill_usage"));
 
-        let layers = Layers {
-            defaults: DEFAULT_LAYERS,
-            dev: None,
-        };
-        let fleet = Config::load_layers(&layers, nowhere, None, std::iter::empty()).unwrap();
+        let fleet = Config::load_layers(&layers(None), nowhere, None, std::iter::empty()).unwrap();
         for s in ["billing", "market", "chat"] {
             assert!(fleet.sections.contains_key(s), "{s}");
         }
@@ -135,6 +136,16 @@ mod tests {
             assert!(all.contains(&n), "{n} in {all:?}");
         }
         assert_eq!(fleet.queue("llm_call").max_attempts, 3);
-        fleet.check_sections(SECTIONS).unwrap();
+
+        // A table no pipeline owns is refused at load, naming the known ones.
+        let typo = [(
+            "LONGSHORE__BILING__PRICE_PER_10K_USD".to_string(),
+            "2".to_string(),
+        )];
+        let e = Config::load_layers(&layers(None), nowhere, None, typo).unwrap_err();
+        assert!(
+            e.to_string().contains("biling") && e.to_string().contains("billing"),
+            "{e}"
+        );
     }
 }

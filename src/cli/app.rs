@@ -54,10 +54,8 @@ pub type CliResult = Result<(), CliError>;
 
 /// The fleet's embedded configuration: the runtime's and the pipelines' defaults, and
 /// the `dev` environment (`config/dev.toml`) for `longshore dev` from any directory.
-pub const LAYERS: longshore_workers::config::Layers<'static> = longshore_workers::config::Layers {
-    defaults: longshore_jobs::DEFAULT_LAYERS,
-    dev: Some(include_str!("../../config/dev.toml")),
-};
+pub const LAYERS: longshore_workers::config::Layers<'static> =
+    longshore_jobs::layers(Some(include_str!("../../config/dev.toml")));
 
 /// Loads and validates configuration (every pipeline setting; the secrets of outside
 /// clients are checked where a handler runs: the worker, `dev`), installs logging.

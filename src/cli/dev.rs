@@ -10,10 +10,6 @@ pub struct Args {}
 
 pub async fn run(_args: Args) -> CliResult {
     let cfg = Config::load_with_default_env(&app::LAYERS, "dev").map_err(CliError::usage)?;
-    // A misspelt table is refused before anything starts (the runtime keeps unknown
-    // tables for their pipelines; the pipelines' crate knows which exist).
-    cfg.check_sections(longshore_jobs::SECTIONS)
-        .map_err(CliError::usage)?;
     telemetry::init_logging(&cfg.log);
     let cfg = std::sync::Arc::new(cfg);
     let schedules = super::scheduler::compile(&cfg)?;

@@ -48,15 +48,15 @@ pub fn config(vars: &[(&str, &str)]) -> Arc<Config> {
     let mut all = test_env();
     all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let vars = all.into_iter();
-    let layers = longshore_workers::config::Layers {
-        defaults: longshore_jobs::DEFAULT_LAYERS,
-        dev: None,
-    };
-    let cfg =
-        Config::load_layers(&layers, &PathBuf::from("config"), None, vars).expect("test config");
-    cfg.check_sections(longshore_jobs::SECTIONS)
-        .expect("test config: every table is known");
-    Arc::new(cfg)
+    Arc::new(
+        Config::load_layers(
+            &longshore_jobs::layers(None),
+            &PathBuf::from("config"),
+            None,
+            vars,
+        )
+        .expect("test config"),
+    )
 }
 
 /// Polls `f` until it returns Some or `limit` passes.

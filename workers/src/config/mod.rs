@@ -40,6 +40,10 @@ pub struct Layers<'a> {
     /// The `dev` environment when `config/dev.toml` is not on disk (so `longshore dev`
     /// works from any directory); `None`: `LONGSHORE_ENV=dev` needs the file.
     pub dev: Option<&'a str>,
+    /// The pipelines' top-level tables: loading refuses any other table that is not
+    /// the runtime's (a misspelt `[biling]`, `LONGSHORE__WORKR__…`), naming the known
+    /// ones. `None`: every other table is kept for whoever reads it.
+    pub sections: Option<&'a [&'a str]>,
 }
 
 impl Layers<'static> {
@@ -47,6 +51,7 @@ impl Layers<'static> {
     pub const RUNTIME: Layers<'static> = Layers {
         defaults: &[RUNTIME_DEFAULTS],
         dev: None,
+        sections: None,
     };
 }
 
@@ -352,6 +357,9 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| !RUNTIME_TABLES.contains(&k.as_str()))
             .collect();
+        if let Some(known) = layers.sections {
+            cfg.check_sections(known)?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
