@@ -718,21 +718,75 @@ async fn health_readiness_metrics_and_openapi() {
         .json()
         .await
         .unwrap();
+    // Exactly the routes served, each by the methods it documents: every route is
+    // documented (the runtime's paths are the list its router is built from, plus the
+    // pipelines' text routes), and every documented operation reaches a handler (not
+    // the fallback, not 405).
+    let documented: std::collections::BTreeSet<&str> = served["paths"]
+        .as_object()
+        .expect("paths")
+        .keys()
+        .map(String::as_str)
+        .collect();
     let registry = longshore_jobs::door_registry(&config(&[])).unwrap();
-    let documented = longshore_workers::ingress::openapi_document(registry.text_routes());
-    assert_eq!(served, documented);
-    for path in [
-        "/v1/logs",
-        "/v1/queues/{queue}/jobs",
-        "/v1/queues/{queue}/jobs:batch",
-        "/v1/jobs/{queue}/{id}",
-        "/v1/hooks/{source}",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/openapi.json",
-    ] {
-        assert!(served["paths"].get(path).is_some(), "{path} documented");
+    let mut routed: std::collections::BTreeSet<&str> =
+        longshore_workers::ingress::Ingress::runtime_paths()
+            .into_iter()
+            .collect();
+    routed.extend(registry.text_routes().iter().map(|r| r.path));
+    assert!(routed.contains("/v1/logs") && routed.contains("/v1/hooks/{source}"));
+    assert_eq!(documented, routed);
+    for (path, item) in served["paths"].as_object().unwrap() {
+        let url = path
+            .replace("{queue}", "probe")
+            .replace("{id}", "1")
+            .replace("{source}", "nosuchhook");
+        let operations: Vec<&String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| ["get", "put", "post", "delete", "patch"].contains(&k.as_str()))
+            .collect();
+        assert!(!operations.is_empty(), "{path} documents no operation");
+        for method in operations {
+            let method: reqwest::Method = method.to_uppercase().parse().unwrap();
+            let r = env
+                .http
+                .request(method.clone(), format!("{}{url}", env.base))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            // The fallback's own answer (the served document quotes its message too).
+            let fallback = serde_json::from_str::<Value>(&body).is_ok_and(|b| {
+                b["error"]["code"] == "not_found" && b["error"]["message"] == "no such route"
+            });
+            assert!(
+                status != 405 && !fallback,
+                "{method} {path} is documented but not served: {status} {body}"
+            );
+        }
+    }
+    // Every reference inside the document resolves.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(r)) = o.get("$ref") {
+                    out.push(r);
+                }
+                o.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(&served, &mut found);
+    assert!(!found.is_empty(), "the document uses references");
+    for r in found {
+        let pointer = r.strip_prefix('#').expect("local reference");
+        assert!(served.pointer(pointer).is_some(), "{r} does not resolve");
     }
 }
 
@@ -1204,6 +1258,51 @@ fn a_route_whose_scope_is_read_all_or_malformed_is_refused_at_start() {
     }
 }
 
+/// A text route may not take a path the router would give to the runtime, or the
+/// runtime's route would give to it: not only an equal path but one that matches the
+/// same requests (`/v1/queues/logs/jobs` would take every enqueue to `logs`), nor a
+/// catch-all, nor a path another text route already matches. Each is refused at start,
+/// naming the path (axum itself would panic for some and silently shadow the others).
+#[test]
+fn a_route_whose_path_overlaps_another_is_refused_at_start() {
+    let cfg = config(&[]);
+    let route = |path: &'static str| longshore_workers::ingress::TextRoute {
+        path,
+        scope: "other",
+        queue: "ingest_logs",
+        to_args: |_, _| Ok(json!({})),
+        openapi: "{}",
+    };
+    let runtime = "matches requests of the runtime's";
+    for (path, why) in [
+        ("/v1/queues/{queue}/jobs", runtime),
+        ("/v1/queues/logs/jobs", runtime),
+        ("/v1/queues/{q}/jobs:batch", runtime),
+        ("/v1/jobs/{a}/{b}", runtime),
+        ("/v1/hooks/mine", runtime),
+        ("/v1/{anything}", "match the same requests"),
+        ("/v1/files/{*rest}", "no catch-all"),
+        ("/v1/x/{a}.json", "not a route pattern"),
+        ("/v1/x/a}", "not a route pattern"),
+        ("/healthz", "under /v1/"),
+        ("/v2/logs", "under /v1/"),
+    ] {
+        let registry = common::registry().text_route(route(path));
+        let e = longshore_workers::ingress::check_config(&cfg, &registry)
+            .expect_err(&format!("{path} is refused"));
+        assert!(e.contains(path) && e.contains(why), "{path}: {e}");
+    }
+    // Two text routes that match the same requests.
+    let registry = longshore_jobs::door_registry(&cfg)
+        .unwrap()
+        .text_route(route("/v1/{kind}"));
+    let e = longshore_workers::ingress::check_config(&cfg, &registry).unwrap_err();
+    assert!(e.contains("/v1/{kind}") && e.contains("/v1/logs"), "{e}");
+    // A path beside them is fine.
+    let registry = common::registry().text_route(route("/v1/queues/{queue}/stats"));
+    longshore_workers::ingress::check_config(&cfg, &registry).expect("no overlap");
+}
+
 /// The scopes a token may hold are the runtime's (`read_all`) and those of the text
 /// routes the pipelines mount (`logs` for `/v1/logs`); any other is refused at start,
 /// naming the key and the known scopes.
@@ -1224,8 +1323,9 @@ burst = 10
             hex::encode(Sha256::digest(b"tok"))
         ));
         let vars = common::test_env();
-        let c = longshore_workers::Config::load_from(&dir.join("config"), Some("test"), vars)
-            .expect("loads");
+        let c =
+            longshore_workers::Config::load_runtime_from(&dir.join("config"), Some("test"), vars)
+                .expect("loads");
         std::fs::remove_dir_all(&dir).unwrap();
         c
     };

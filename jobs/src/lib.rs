@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn the_pipelines_defaults_layer_over_the_runtimes() {
         let nowhere = Path::new("/nonexistent");
-        let runtime = Config::load_from(nowhere, None, std::iter::empty()).unwrap();
+        let runtime = Config::load_runtime_from(nowhere, None, std::iter::empty()).unwrap();
         assert!(runtime.sections.is_empty(), "{:?}", runtime.sections.keys());
         assert!(names(&runtime).contains(&"prune_archives"));
         assert!(!names(&runtime).contains(&"bill_usage"));

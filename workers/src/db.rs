@@ -16,17 +16,22 @@ use crate::queue_name::QueueName;
 use crate::registry::Registry;
 use crate::store;
 
+/// Why a pool, a migration or the pgmq install failed. No variant holds the URL.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The URL is not echoed: it may hold a password.
     #[error("database url is not valid (check DATABASE_URL / database.url)")]
     BadUrl,
+    /// The server could not be reached or refused the session.
     #[error("cannot connect to the database: {0}")]
     Connect(#[source] sqlx::Error),
+    /// A statement failed.
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
+    /// A migration failed or the applied ones differ from the binary's.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// pgmq's embedded SQL did not install.
     #[error("pgmq install failed: {0}")]
     Pgmq(String),
     /// Migrations hold a session-level advisory lock across many transactions, which a
@@ -35,6 +40,7 @@ pub enum DbError {
         "E_MIGRATE_POOLER: migrations need a session of their own; run `longshore migrate` against the server directly (a DATABASE_URL without the pooler, database.pooler = \"none\")"
     )]
     MigrateThroughPooler,
+    /// A second pool asked for another `database.pooler` than the first.
     #[error(
         "E_POOLER_CONFLICT: this process already connected with another database.pooler; one process reaches its database one way"
     )]
@@ -187,6 +193,8 @@ enum SessionConn {
 }
 
 impl Session {
+    /// A connection from `pool`; through a transaction-mode pooler, a transaction
+    /// opened with `d`'s timeouts.
     pub async fn open(pool: &PgPool, d: Deadline) -> Result<Session, sqlx::Error> {
         Ok(Session(match pooled_begin(d) {
             None => SessionConn::Direct(pool.acquire().await?),

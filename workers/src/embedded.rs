@@ -12,14 +12,23 @@ use std::process::Command;
 
 use tracing::info;
 
+/// Why the private cluster did not start or stop.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
+    /// PostgreSQL's server binaries are not installed.
     #[error(
         "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; install PostgreSQL or set DATABASE_URL"
     )]
     NoBinaries,
+    /// A command (`initdb`, `pg_ctl start`, …) exited with an error.
     #[error("{step} failed: {detail}")]
-    Command { step: String, detail: String },
+    Command {
+        /// Which command.
+        step: String,
+        /// What it wrote to stderr.
+        detail: String,
+    },
+    /// A file operation or starting a command failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -110,6 +119,7 @@ impl Embedded {
         }
     }
 
+    /// The port the cluster listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -119,6 +129,7 @@ impl Embedded {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// `pg_ctl status` says it runs and its port takes a connection.
     pub fn is_running(&self) -> bool {
         let mut c = self.pg_command("pg_ctl");
         c.arg("-D").arg(&self.data_dir).arg("status");

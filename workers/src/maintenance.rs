@@ -1,8 +1,7 @@
 //! Maintenance as ordinary scheduled jobs (config `[[schedules]]` on queue
 //! `maintenance`): archive retention, dead-letter retention, idempotency-key expiry and
 //! scheduler-fire retention, and vacuuming bloated queue tables. Retention periods are
-//! the jobs' args, so each schedule
-//! carries its own.
+//! the jobs' args, so each schedule carries its own.
 
 use std::time::Duration;
 
@@ -12,8 +11,10 @@ use serde_json::json;
 use crate::job::{Handler, JobArgs, JobContext, JobError, Outcome};
 use crate::store;
 
+/// The args of a `maintenance` job: one task, with its retention.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Maintenance {
+    /// What to do.
     pub task: Task,
     /// Age beyond which rows go (required by the prune tasks), e.g. `"7d"`.
     #[serde(
@@ -29,10 +30,16 @@ pub struct Maintenance {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// One maintenance task.
 pub enum Task {
+    /// Delete archived (done) messages older than `older_than`, in committed batches.
     PruneArchives,
+    /// Delete dead letters that failed longer than `older_than` ago.
     PruneDeadLetters,
+    /// Delete idempotency keys past their expiry (each key's TTL was fixed at enqueue).
     ExpireIdempotencyKeys,
+    /// Delete schedule fires older than `older_than` (each schedule's latest stays:
+    /// it is the fence of the next fire).
     PruneScheduleFires,
     /// `VACUUM (ANALYZE)` of the queue tables with at least `min_dead_tuples` dead
     /// tuples (default 10,000): the fallback where autovacuum is off or behind.
@@ -43,6 +50,7 @@ impl JobArgs for Maintenance {
     const KIND: &'static str = "maintenance";
 }
 
+/// Runs [`Maintenance`] jobs; registered by every fleet.
 pub struct MaintenanceHandler;
 
 impl Handler for MaintenanceHandler {

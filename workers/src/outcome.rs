@@ -26,6 +26,14 @@ pub(crate) enum Action {
 }
 
 impl Action {
+    /// A release: visible again now, the read not counted as an attempt (a shutdown,
+    /// or a run that never started).
+    pub(crate) const RELEASE: Action = Action::Reschedule {
+        delay: Duration::ZERO,
+        error: None,
+        free: true,
+    };
+
     /// The `outcome` label of `longshore_jobs_total`.
     pub(crate) fn label(&self, from: &Outcome) -> &'static str {
         match (self, from) {

@@ -9,13 +9,18 @@ use serde::{Deserialize, Serialize};
 use super::ConfigError;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[database]`: where the fleet's PostgreSQL is and how it is used.
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// Empty: `DATABASE_URL`, else the embedded default (`dev` only). May hold a
     /// password, so it is a secret and never printed.
     #[serde(serialize_with = "ser_secret")]
     pub url: SecretString,
+    /// Size of each process's main pool, at least 2: in a worker, the handlers' pool
+    /// (jobs' queries and completion transactions); in the ingress, each of its two
+    /// pools; the scheduler's and the CLI's.
     pub max_connections: u32,
+    /// Longest wait for a pooled connection before the caller gets an error.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
     /// Server-side `statement_timeout` for every pooled connection; 0 disables it.
@@ -53,11 +58,17 @@ pub enum Pooler {
     Transaction,
 }
 
+/// A secret serializes as `"[redacted]"` (or `""` when unset): a serialized
+/// configuration is for showing, never for carrying secrets.
 pub(super) fn ser_secret<S: serde::Serializer>(
     s: &SecretString,
     ser: S,
 ) -> Result<S::Ok, S::Error> {
-    ser.serialize_str(s.expose_secret())
+    ser.serialize_str(if s.expose_secret().is_empty() {
+        ""
+    } else {
+        "[redacted]"
+    })
 }
 
 impl DatabaseConfig {

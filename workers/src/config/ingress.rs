@@ -11,6 +11,7 @@ use super::{Config, ConfigError};
 use crate::queue_name::QueueName;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[ingress]`: the HTTP ingress's listener, limits and bearer tokens.
 #[serde(deny_unknown_fields)]
 pub struct IngressConfig {
     /// Address the HTTP ingress listens on.
@@ -54,6 +55,7 @@ pub struct IngressConfig {
     /// Requests per second (and burst) per client address that no token vouches for:
     /// failed authentications, webhooks, `/readyz`. Past it: 429.
     pub anonymous_rate_per_second: u32,
+    /// Bucket size of that unauthenticated budget.
     pub anonymous_burst: u32,
     /// Bearer tokens, stored as SHA-256 hashes.
     #[serde(default)]
@@ -61,6 +63,7 @@ pub struct IngressConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// One `[[ingress.tokens]]` entry: a bearer token's hash, rights and rate.
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Who holds it (logs and metrics name this, never the token).
@@ -91,6 +94,7 @@ pub struct TokenConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// One `[hooks.NAME]` table: a signed webhook source, served at `POST /v1/hooks/NAME`.
 #[serde(deny_unknown_fields)]
 pub struct HookConfig {
     /// HMAC-SHA256 key. A secret: never logged.
@@ -121,6 +125,7 @@ pub struct HookConfig {
     /// `delivery_header`.
     #[serde(default)]
     pub sign_delivery_id: bool,
+    /// How far a delivery's timestamp may be from now (either way) and still verify.
     #[serde(default = "default_tolerance", with = "humantime_serde")]
     pub tolerance: Duration,
 }

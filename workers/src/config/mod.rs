@@ -72,12 +72,21 @@ fn without_source_lines(msg: &str) -> String {
         .join(": ")
 }
 
+/// Why a configuration did not load. Neither variant is meant to hold a secret's value:
+/// values are left out of type errors, and a secret's key never shows its value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A file could not be read or parsed, or a value could not be typed.
     #[error("configuration: {0}")]
     Load(String),
+    /// A value was read but is not allowed.
     #[error("configuration key `{key}`: {message}")]
-    Invalid { key: String, message: String },
+    Invalid {
+        /// The dotted key (`queues.llm_call.lease`, `schedules[2].cron`).
+        key: String,
+        /// What is wrong with it; for a secret's key, never the value.
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -167,6 +176,9 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// The whole configuration of a Longshore process, layered (see [`Layers`]) and
+/// checked at load.
+///
 /// `Debug` shows the pipeline sections (`billing`, `market`, `chat`, `probe`, raw JSON
 /// typed later by the jobs crate) by their keys only: they hold secrets (the vault key,
 /// provider API keys, the RPC URL, keypairs) that are not `secrecy` types until typed.
@@ -174,20 +186,29 @@ impl std::fmt::Debug for Config {
 // Not `deny_unknown_fields`: unknown top-level tables are the pipelines' sections,
 // read below and checked by `check_sections`.
 pub struct Config {
+    /// `[database]`.
     pub database: DatabaseConfig,
+    /// `[worker]`.
     pub worker: WorkerConfig,
     /// Per-queue settings; `default` applies to every queue, a named table overrides it.
     pub queues: BTreeMap<String, QueueOverrides>,
+    /// `[enqueue]`.
     pub enqueue: EnqueueConfig,
+    /// `[log]`.
     pub log: LogConfig,
+    /// `[dev]`.
     pub dev: DevConfig,
+    /// `[ingress]`.
     pub ingress: IngressConfig,
     /// Signed webhook sources, by name (`POST /v1/hooks/{name}`).
     #[serde(default)]
     pub hooks: BTreeMap<String, HookConfig>,
+    /// `[scheduler]`.
     pub scheduler: SchedulerConfig,
+    /// `[[schedules]]`: the runtime's maintenance schedules and the pipelines' own.
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
+    /// `[metrics]`.
     pub metrics: MetricsConfig,
     /// Every other top-level table: a pipeline's own section (`[billing]`, `[market]`,
     /// `[chat]`, …), kept as JSON for its owner to type ([`Config::section`]). The
@@ -214,6 +235,7 @@ pub const RUNTIME_TABLES: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[metrics]`: what the processes export.
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// How often queue gauges (depth, in flight, …) are sampled from the database.
@@ -222,8 +244,10 @@ pub struct MetricsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[log]`: how processes log.
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
+    /// Human-readable lines or one JSON object per line.
     pub format: LogFormat,
     /// A tracing `EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
@@ -231,12 +255,16 @@ pub struct LogConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
+/// The shape of a log line.
 pub enum LogFormat {
+    /// tracing's human-readable format.
     Text,
+    /// One JSON object per line, for a log pipeline.
     Json,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[dev]`: `longshore dev` only.
 #[serde(deny_unknown_fields)]
 pub struct DevConfig {
     /// Where `longshore dev` keeps its private PostgreSQL cluster.
@@ -276,7 +304,7 @@ impl Config {
 
     /// The runtime's defaults alone ([`Layers::RUNTIME`]) with an explicit config
     /// directory, environment name and variables (tests).
-    pub fn load_from(
+    pub fn load_runtime_from(
         dir: &Path,
         env_name: Option<&str>,
         vars: impl IntoIterator<Item = (String, String)>,
@@ -431,8 +459,14 @@ impl Config {
                 "must be at least 100ms",
             ));
         }
-        if !self.queues.contains_key("default") {
+        let Some(default) = self.queues.get("default") else {
             return Err(ConfigError::invalid("queues.default", "is required"));
+        };
+        if default.concurrency.is_some() {
+            return Err(ConfigError::invalid(
+                "queues.default.concurrency",
+                "is not a queue default: set worker.concurrency (every queue's), or concurrency in a queue's own table",
+            ));
         }
         for name in self.queues.keys() {
             if name != "default" {
@@ -458,7 +492,7 @@ mod tests {
 
     fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        Config::load_from(Path::new("/nonexistent"), None, vars)
+        Config::load_runtime_from(Path::new("/nonexistent"), None, vars)
     }
 
     #[test]
@@ -470,12 +504,28 @@ mod tests {
             "[hooks.x]\nsecret = \"CANARY-SECRET-41\n",
         )
         .unwrap();
-        let e = Config::load_from(&dir, Some("test"), std::iter::empty())
+        let e = Config::load_runtime_from(&dir, Some("test"), std::iter::empty())
             .unwrap_err()
             .to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(!e.contains("CANARY-SECRET-41"), "the line was echoed: {e}");
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    /// `[queues.default]` is what every queue inherits, but a queue's concurrency falls
+    /// back to `worker.concurrency`: a default there would be silently ignored, so it is
+    /// refused, naming the key to use.
+    #[test]
+    fn a_default_concurrency_is_refused_not_ignored() {
+        let e = load(&[("LONGSHORE__QUEUES__DEFAULT__CONCURRENCY", "4")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("queues.default.concurrency") && e.contains("worker.concurrency"),
+            "{e}"
+        );
+        let c = load(&[("LONGSHORE__QUEUES__PROBE__CONCURRENCY", "4")]).unwrap();
+        assert_eq!(c.queue("probe").concurrency, 4);
     }
 
     #[test]
@@ -627,5 +677,21 @@ mod tests {
         let c = load(&[("DATABASE_URL", "postgres://u:hunter2canary@h/db")]).unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2canary"), "{dbg}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_when_serialized() {
+        let c = load(&[
+            ("DATABASE_URL", "postgres://u:hunter2canary@h/db"),
+            ("LONGSHORE__HOOKS__GH__SECRET", "hooksecretcanary"),
+            ("LONGSHORE__HOOKS__GH__QUEUE", "probe"),
+            ("LONGSHORE__HOOKS__GH__SIGNATURE_HEADER", "x-sig"),
+            ("LONGSHORE__HOOKS__GH__ALLOW_REPLAY", "true"),
+        ])
+        .unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""url":"[redacted]""#), "{json}");
+        assert!(json.contains(r#""secret":"[redacted]""#), "{json}");
+        assert!(!json.contains("canary"), "{json}");
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{Config, ConfigError};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[worker]`: how a worker process claims, runs and acknowledges.
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Handlers running at once, per queue.
@@ -40,6 +41,11 @@ pub struct WorkerConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// One `[queues.NAME]` table (or `[queues.default]`): every field is optional in a
+/// queue's table, and an unset one is `default`'s. `default` must set `lease`,
+/// `timeout`, `max_attempts`, `backoff_base` and `backoff_cap`; `on_done` falls back to
+/// `archive`; `concurrency` is only a queue's own (else `worker.concurrency`), and
+/// refused in `default`. See [`QueueSettings`] for what each means.
 #[serde(deny_unknown_fields)]
 pub struct QueueOverrides {
     #[serde(
@@ -47,13 +53,16 @@ pub struct QueueOverrides {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    /// [`QueueSettings::lease`].
     pub lease: Option<Duration>,
     #[serde(
         default,
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    /// [`QueueSettings::timeout`].
     pub timeout: Option<Duration>,
+    /// [`QueueSettings::max_attempts`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     #[serde(
@@ -61,15 +70,19 @@ pub struct QueueOverrides {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    /// [`QueueSettings::backoff_base`].
     pub backoff_base: Option<Duration>,
     #[serde(
         default,
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    /// [`QueueSettings::backoff_cap`].
     pub backoff_cap: Option<Duration>,
+    /// [`QueueSettings::on_done`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_done: Option<OnDone>,
+    /// [`QueueSettings::concurrency`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
 }
@@ -91,14 +104,24 @@ pub struct QueueSettings {
     pub lease: Duration,
     /// A run longer than this is cut off and retried.
     pub timeout: Duration,
+    /// Attempts at most, the first included. Snoozes and releases spend none; a run
+    /// that crashed or lost its lease spends one. A retry asked for on the last attempt
+    /// dead-letters the job (a `fail` does on any attempt).
     pub max_attempts: u32,
+    /// Retry delay before jitter: attempt `n` waits up to
+    /// `min(backoff_cap, backoff_base * 2^(n-1))`, drawn uniformly (full jitter).
     pub backoff_base: Duration,
+    /// The ceiling of a retry delay.
     pub backoff_cap: Duration,
+    /// What becomes of a done job's message.
     pub on_done: OnDone,
+    /// Handlers of this queue running at once in one process.
     pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[enqueue]`: settings of the enqueues this configuration makes: the ingress's, the
+/// CLI's and webhooks' (an in-process enqueue passes its own options).
 #[serde(deny_unknown_fields)]
 pub struct EnqueueConfig {
     /// How long an idempotency key holds.

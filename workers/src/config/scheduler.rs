@@ -6,6 +6,7 @@ use super::{Config, ConfigError};
 use crate::queue_name::QueueName;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[scheduler]`: the scheduler process.
 #[serde(deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// Port for `/metrics` of a scheduler process; 0 = do not serve.
@@ -13,12 +14,18 @@ pub struct SchedulerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// One `[[schedules]]` entry: a job enqueued on a cron, each fire exactly once across
+/// scheduler replicas.
 #[serde(deny_unknown_fields)]
 pub struct ScheduleConfig {
+    /// Unique; the fence of its fires, so renaming a schedule starts it afresh.
     pub name: String,
     /// Cron with seconds: `sec min hour day-of-month month day-of-week [year]`.
     pub cron: String,
+    /// The queue (job kind) each fire enqueues to.
     pub queue: String,
+    /// The job's arguments; they must decode as the kind's args (checked when an enabled
+    /// schedule is compiled: by the scheduler and `longshore dev` at start).
     #[serde(default = "empty_object")]
     pub args: serde_json::Value,
     /// IANA time zone the cron is read in.
@@ -27,6 +34,7 @@ pub struct ScheduleConfig {
     /// After downtime: `skip` missed fires, or enqueue the `latest` one.
     #[serde(default)]
     pub missed: Missed,
+    /// A disabled schedule never fires; only its form (name, cron, time zone) is checked.
     #[serde(default = "yes")]
     pub enabled: bool,
 }
@@ -43,9 +51,12 @@ fn yes() -> bool {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
+/// What a schedule does about fires that fell in a downtime.
 pub enum Missed {
+    /// Enqueue none of them; the next fire is the next one due.
     #[default]
     Skip,
+    /// Enqueue the most recent missed fire once, then go on.
     Latest,
 }
 

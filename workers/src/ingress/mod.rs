@@ -27,7 +27,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use sqlx::PgPool;
@@ -99,10 +99,42 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
                 r.path, r.scope
             ));
         }
-        if Ingress::RUNTIME_PATHS.contains(&r.path) || !r.path.starts_with("/v1/") {
+        if !r.path.starts_with("/v1/") || r.path.contains("{*") {
             return Err(format!(
-                "text route {}: the path must be under /v1/ and not one of the runtime's",
+                "text route {}: the path must be under /v1/ and have no catch-all segment",
                 r.path
+            ));
+        }
+        if let Some(p) = Ingress::runtime_paths()
+            .into_iter()
+            .find(|p| paths_overlap(p, r.path))
+        {
+            return Err(format!(
+                "text route {}: the path matches requests of the runtime's {p}",
+                r.path
+            ));
+        }
+    }
+    // A path axum cannot take (`/v1/{a}.json`, an unclosed brace) would panic when the
+    // ingress builds its router, after it started listening: refuse it here instead.
+    let mut scratch = matchit::Router::new();
+    for r in registry.text_routes() {
+        scratch.insert(r.path, ()).map_err(|e| {
+            format!(
+                "text route {}: the path is not a route pattern: {e}",
+                r.path
+            )
+        })?;
+    }
+    let routes = registry.text_routes();
+    for (i, a) in routes.iter().enumerate() {
+        if let Some(b) = routes[i + 1..]
+            .iter()
+            .find(|b| paths_overlap(a.path, b.path))
+        {
+            return Err(format!(
+                "text routes {} and {}: the paths match the same requests",
+                a.path, b.path
             ));
         }
     }
@@ -211,22 +243,31 @@ impl Ingress {
         self.layered(self.routes())
     }
 
-    /// The paths the runtime serves itself.
-    const RUNTIME_PATHS: &[&str] = &[
-        "/v1/queues/{queue}/jobs",
-        "/v1/queues/{queue}/jobs:batch",
-        "/v1/jobs/{queue}/{id}",
-        "/v1/hooks/{source}",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/openapi.json",
-    ];
+    /// The runtime's own routes: the one list its router is built from and the text
+    /// routes are checked against.
+    fn runtime_routes() -> [(&'static str, MethodRouter<Arc<Self>>); 8] {
+        [
+            ("/v1/queues/{queue}/jobs", post(routes::enqueue_one)),
+            ("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch)),
+            ("/v1/jobs/{queue}/{id}", get(routes::job_status)),
+            ("/v1/hooks/{source}", post(routes::hook)),
+            ("/healthz", get(routes::healthz)),
+            ("/readyz", get(routes::readyz)),
+            ("/metrics", get(routes::public_metrics)),
+            ("/openapi.json", get(routes::openapi)),
+        ]
+    }
+
+    /// The paths the runtime serves itself (the pipelines' text routes come on top).
+    pub fn runtime_paths() -> Vec<&'static str> {
+        Self::runtime_routes().into_iter().map(|(p, _)| p).collect()
+    }
 
     fn routes(&self) -> Router<Arc<Self>> {
-        let mut r = Router::new()
-            .route("/v1/queues/{queue}/jobs", post(routes::enqueue_one))
-            .route("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch));
+        let mut r = Router::new();
+        for (path, method) in Self::runtime_routes() {
+            r = r.route(path, method);
+        }
         for (i, t) in self.registry.text_routes().iter().enumerate() {
             r = r.route(
                 t.path,
@@ -241,12 +282,7 @@ impl Ingress {
                 ),
             );
         }
-        r.route("/v1/jobs/{queue}/{id}", get(routes::job_status))
-            .route("/v1/hooks/{source}", post(routes::hook))
-            .route("/healthz", get(routes::healthz))
-            .route("/readyz", get(routes::readyz))
-            .route("/metrics", get(routes::public_metrics))
-            .route("/openapi.json", get(routes::openapi))
+        r
     }
 
     /// The routes with the fallback, the panic guard and the envelope.
@@ -553,6 +589,18 @@ pub(crate) fn clamp_wait(secs: f64, max: Duration) -> Duration {
     Duration::from_secs_f64(secs.min(max.as_secs_f64()))
 }
 
+/// Whether some request path matches both route patterns: as many segments, each pair
+/// equal or either one a `{parameter}` (a segment with a parameter in it, such as
+/// `v{n}`, is taken to match anything: a refusal too many is the safe side).
+fn paths_overlap(a: &str, b: &str) -> bool {
+    let param = |s: &str| s.contains('{');
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|(x, y)| x == y || param(x) || param(y))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -564,7 +612,7 @@ mod tests {
     /// connection is not reset.
     #[tokio::test]
     async fn a_panicking_handler_is_a_500_envelope() {
-        let cfg = Config::load_from(std::path::Path::new("/nonexistent"), None, Vec::new())
+        let cfg = Config::load_runtime_from(std::path::Path::new("/nonexistent"), None, Vec::new())
             .expect("defaults load");
         let pool = sqlx::postgres::PgPoolOptions::new()
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")

@@ -12,11 +12,15 @@ use super::{Fence, QueueSql, split};
 /// A message as claimed by a worker.
 #[derive(Debug, Clone)]
 pub struct Claimed {
+    /// The job's id.
     pub msg_id: i64,
     /// The fencing token: every later write about this message must present it.
     pub read_ct: i32,
+    /// When it was enqueued.
     pub enqueued_at: DateTime<Utc>,
+    /// The job's args.
     pub message: Value,
+    /// Its pgmq headers.
     pub headers: Value,
     /// Its previous run ended with no outcome (the worker died or lost its lease).
     pub orphan: bool,
@@ -64,6 +68,8 @@ fn header_int(h: &Value, key: &str) -> i64 {
 pub struct ClaimRequest {
     /// Most messages to claim (the consumer's free slots).
     pub limit: usize,
+    /// How long the claim holds before the message is visible again, unless a
+    /// heartbeat extends it.
     pub lease: Duration,
     /// Most suspects to claim (0 or 1: the process's suspect slot is free).
     pub suspects: usize,
@@ -76,7 +82,9 @@ pub struct ClaimRequest {
 /// caller, alone, instead of failing the whole claim after it committed.
 #[derive(Debug, Clone)]
 pub struct Undecodable {
+    /// The claim to bury.
     pub fence: Fence,
+    /// What the decoder said.
     pub error: String,
 }
 
@@ -84,16 +92,22 @@ pub struct Undecodable {
 /// run returned an outcome to bury it (a crash loop).
 #[derive(Debug, Clone)]
 pub struct BuriedAtClaim {
+    /// The job's id.
     pub msg_id: i64,
+    /// Attempts it spent.
     pub attempts: i32,
+    /// The error its dead letter records.
     pub reason: String,
 }
 
 /// What a claim got.
 #[derive(Debug, Clone, Default)]
 pub struct ClaimResult {
+    /// Messages now leased to the caller, to run.
     pub claimed: Vec<Claimed>,
+    /// Messages the claim dead-lettered instead (attempts spent in a crash loop).
     pub buried: Vec<BuriedAtClaim>,
+    /// Messages leased to the caller that it must dead-letter (cannot be decoded).
     pub undecodable: Vec<Undecodable>,
 }
 

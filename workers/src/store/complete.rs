@@ -16,7 +16,9 @@ use crate::outcome::Action;
 /// Put a claimed message back: visible again after `delay`.
 #[derive(Debug, Clone)]
 pub struct Reschedule {
+    /// The claim it settles.
     pub fence: Fence,
+    /// From now until the message is visible again.
     pub delay: Duration,
     /// Recorded as `last_error` (retries).
     pub error: Option<String>,
@@ -27,8 +29,11 @@ pub struct Reschedule {
 /// Move a claimed message to the dead letters.
 #[derive(Debug, Clone)]
 pub struct Bury {
+    /// The claim it settles.
     pub fence: Fence,
+    /// Attempts spent, as the dead letter records them.
     pub attempts: i32,
+    /// Why it died (the last attempt's error, or the reason it was discarded).
     pub error: String,
 }
 
@@ -48,9 +53,13 @@ pub enum Completion {
 /// The statement that writes a [`Completion`]: a batch runs one per kind present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Statement {
+    /// Writes [`Completion::Archive`]s.
     Archive,
+    /// Writes [`Completion::Delete`]s.
     Delete,
+    /// Writes [`Completion::Reschedule`]s.
     Reschedule,
+    /// Writes [`Completion::Bury`]s.
     Bury,
 }
 
@@ -80,14 +89,11 @@ impl Completion {
     /// A release: visible now, the read not counted as an attempt (shutdown, or a run
     /// that never started).
     pub fn release(fence: Fence) -> Completion {
-        Completion::Reschedule(Reschedule {
-            fence,
-            delay: Duration::ZERO,
-            error: None,
-            free: true,
-        })
+        // `on_done` only matters for a done action; never the one that deletes.
+        Completion::of(fence, Action::RELEASE, OnDone::Archive)
     }
 
+    /// The claim this completion settles.
     pub fn fence(&self) -> Fence {
         match self {
             Completion::Archive(f, _) | Completion::Delete(f) => *f,
@@ -96,6 +102,7 @@ impl Completion {
         }
     }
 
+    /// Which of the batch's statements writes it.
     pub fn statement(&self) -> Statement {
         match self {
             Completion::Archive(..) => Statement::Archive,

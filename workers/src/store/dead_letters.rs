@@ -10,17 +10,28 @@ use crate::queue_name::QueueName;
 /// A dead letter as listed by operators.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
+    /// The dead letter's own id (what `dlq retry` and `dlq purge` take).
     pub id: i64,
+    /// The queue the job died in.
     pub queue: String,
+    /// The job's id while it was queued.
     pub msg_id: i64,
+    /// The job's args as enqueued (`null` if they could not be kept).
     pub message: Value,
+    /// Its headers at death.
     pub headers: Value,
+    /// Attempts it spent.
     pub attempts: i32,
+    /// Why it died.
     pub last_error: String,
+    /// When it was first enqueued.
     pub enqueued_at: DateTime<Utc>,
+    /// When it was dead-lettered.
     pub failed_at: DateTime<Utc>,
 }
 
+/// The dead letters of `queue` with the given `ids` (all when empty), oldest first, at
+/// most `limit`.
 pub async fn dead_letters(
     ex: impl PgExecutor<'_>,
     queue: &QueueName,
@@ -67,7 +78,12 @@ pub enum Selection<'a> {
     /// The oldest `limit` of the queue's dead letters with an id up to `up_to` (taken
     /// when the operator asked, so jobs that die again meanwhile are not re-sent in the
     /// same run).
-    Oldest { up_to: i64, limit: i64 },
+    Oldest {
+        /// The newest dead-letter id to consider.
+        up_to: i64,
+        /// Most to re-send.
+        limit: i64,
+    },
 }
 
 /// Re-sends dead letters to their queue as fresh jobs (attempts start over), removes
@@ -154,6 +170,8 @@ pub async fn newest_dead_letter(
     .await
 }
 
+/// Deletes the dead letters of `queue` with the given `ids` (all when empty); returns
+/// how many went.
 pub async fn purge_dead_letters(
     ex: impl PgExecutor<'_>,
     queue: &QueueName,

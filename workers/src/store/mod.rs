@@ -55,14 +55,18 @@ pub const QUEUE_OBJECTS_VERSION: u32 = 6;
 /// The fencing pair of a claimed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fence {
+    /// The message (the job's id).
     pub msg_id: i64,
+    /// pgmq's read count at the claim: the claim's generation.
     pub read_ct: i32,
 }
 
 /// A message to insert.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
+    /// The job's args.
     pub body: Value,
+    /// pgmq headers (a JSON object: `principal`, `idempotency_key`, `run_at`, …).
     pub headers: Value,
     /// None = visible now.
     pub visible_at: Option<DateTime<Utc>>,
@@ -72,25 +76,36 @@ pub struct NewMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
+    /// Waiting: visible, delayed, or in retry backoff.
     Queued,
+    /// Claimed and its lease running.
     Running,
+    /// Finished with a done outcome (archived, or deleted with a completion record).
     Done,
+    /// Dead-lettered: failed its last attempt, discarded, or undecodable.
     Dead,
 }
 
 impl JobState {
+    /// Done or dead: the state cannot change any more (short of a dead-letter retry,
+    /// which enqueues a new job).
     pub fn is_final(self) -> bool {
         matches!(self, JobState::Done | JobState::Dead)
     }
 }
 
+/// One job's status, as `GET /v1/jobs/{queue}/{id}` answers it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct JobStatus {
+    /// The job's id (its pgmq `msg_id`).
     pub id: i64,
+    /// Where it stands.
     pub state: JobState,
     /// Attempts spent so far (snoozes and releases not counted).
     pub attempts: i32,
+    /// The error of its latest failed attempt, if any.
     pub last_error: Option<String>,
+    /// What a done handler returned with `Outcome::done_with` (archived jobs only).
     pub result: Option<Value>,
     /// Who enqueued it (the `principal` header); not part of the answer.
     #[serde(skip)]
@@ -100,6 +115,7 @@ pub struct JobStatus {
 /// Counts for one queue.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueStats {
+    /// The queue's name.
     pub queue: String,
     /// Visible now: waiting to be claimed.
     pub visible: i64,
@@ -109,7 +125,9 @@ pub struct QueueStats {
     pub delayed: i64,
     /// Age of the oldest visible message, seconds (0 when none).
     pub oldest_age_seconds: f64,
+    /// Dead letters of this queue.
     pub dead_letters: i64,
+    /// Done messages in its archive (left 0 by the gauges' sampler).
     pub archived: i64,
 }
 
@@ -118,6 +136,7 @@ pub struct QueueStats {
 /// statements per connection.
 #[derive(Debug, Clone)]
 pub struct QueueSql {
+    /// The queue these statements are for.
     pub name: QueueName,
     claim: String,
     ack_archive: String,
@@ -189,6 +208,7 @@ const NEXT_DUE: &str = r#"SELECT extract(epoch FROM vt - clock_timestamp())::flo
                         FROM {q} ORDER BY vt LIMIT 1"#;
 
 impl QueueSql {
+    /// Renders every statement for `name`.
     pub fn new(name: QueueName) -> Self {
         let held = |extra: &str| HELD_LOCKED.replace("{extra}", extra);
         let with_held = |t: &str, extra: &str| render(&t.replace("{held}", &held(extra)), &name);

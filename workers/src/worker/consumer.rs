@@ -223,11 +223,7 @@ impl Consumer {
                                         msg_id: msg.msg_id,
                                         read_ct: msg.read_ct,
                                     },
-                                    action: Action::Reschedule {
-                                        delay: Duration::ZERO,
-                                        error: None,
-                                        free: true,
-                                    },
+                                    action: Action::RELEASE,
                                 });
                             }
                             break;

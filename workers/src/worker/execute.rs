@@ -176,19 +176,11 @@ impl Consumer {
             }
             Some(Stop::Shutdown | Stop::LeaseLapsed) if !started => {
                 info!("job cancelled before it started; released (its attempt is not spent)");
-                Action::Reschedule {
-                    delay: Duration::ZERO,
-                    error: None,
-                    free: true,
-                }
+                Action::RELEASE
             }
             Some(Stop::Shutdown) => {
                 info!("job cancelled by shutdown; released (its attempt is not spent)");
-                Action::Reschedule {
-                    delay: Duration::ZERO,
-                    error: None,
-                    free: true,
-                }
+                Action::RELEASE
             }
             Some(Stop::LeaseLapsed) => {
                 let lease = self.settings.lease;
