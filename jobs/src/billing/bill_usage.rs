@@ -38,7 +38,7 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::charge_escrow::ChargeEscrow;
@@ -189,8 +189,8 @@ pub async fn run_cycle_on(
     let month = month_start(now);
     // Customers with something to do: a reset, unbilled usage, a base fee owed, or a
     // service suspended for a billing reason.
-    let ids: Vec<i32> = sqlx::query_scalar(
-        r#"SELECT customer_id FROM customers WHERE current_month_start < $1
+    let ids: Vec<i32> = sqlx::query_scalar!(
+        r#"SELECT customer_id AS "customer_id!" FROM customers WHERE current_month_start < $1
          UNION SELECT customer_id FROM usage_records WHERE billable_count > billed_count
          UNION SELECT customer_id FROM service_instances s WHERE is_enabled AND (
             suspend_reason IN ('insufficient_balance', 'monthly_limit_exceeded')
@@ -204,8 +204,8 @@ pub async fn run_cycle_on(
                     WHERE g.customer_id = f.customer_id AND g.service_type = f.service_type
                     AND g.base_fee_month = f.base_fee_month AND g.state <> 'failed')))))
          ORDER BY 1"#,
+        month,
     )
-    .bind(month)
     .fetch_all(pool)
     .await?;
     let mut report = BillReport::default();
@@ -287,15 +287,18 @@ async fn read_escrow(
             settled,
         });
     };
-    let flying: Vec<(Uuid, String)> = sqlx::query_as(
+    let flying: Vec<(Uuid, String)> = sqlx::query!(
         r#"SELECT i.intent_id, s.signature FROM charge_intents i
          JOIN charge_intent_signatures s USING (intent_id)
          WHERE i.customer_id = $1 AND i.state IN ('signed', 'sent')"#,
+        id,
     )
-    .bind(id)
     .fetch_all(pool)
     .await
-    .map_err(EscrowRead::Db)?;
+    .map_err(EscrowRead::Db)?
+    .into_iter()
+    .map(|r| (r.intent_id, r.signature))
+    .collect();
     let mut landed = Vec::new();
     let mut min_slot = None;
     if !flying.is_empty() {
@@ -353,18 +356,18 @@ async fn bill_customer(
     on_chain: Option<&EscrowBalance>,
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
-    let Some(c) = sqlx::query(
+    let Some(c) = sqlx::query!(
         r#"SELECT current_balance_usd_cents, current_month_charged_usd_cents,
                 max_monthly_usd_cents, current_month_start
          FROM customers WHERE customer_id = $1 FOR UPDATE"#,
+        customer_id,
     )
-    .bind(customer_id)
     .fetch_optional(&mut *tx)
     .await?
     else {
         return Ok(());
     };
-    let mut balance: i64 = c.try_get(0)?;
+    let mut balance = c.current_balance_usd_cents;
     if let Some(read) = on_chain {
         // Under the row lock, which a charge's booking takes too: one that settled
         // since the read was taken makes the read stale (its amount may be in neither
@@ -383,20 +386,20 @@ async fn bill_customer(
         }
         let cents = read.cents;
         if cents != balance {
-            sqlx::query(
+            sqlx::query!(
                 r#"UPDATE customers SET current_balance_usd_cents = $2, updated_at = now()
                  WHERE customer_id = $1"#,
+                customer_id,
+                cents,
             )
-            .bind(customer_id)
-            .bind(cents)
             .execute(&mut *tx)
             .await?;
         }
         balance = cents;
     }
-    let mut month_charged: i64 = c.try_get(1)?;
-    let max_monthly: i64 = c.try_get(2)?;
-    let started: NaiveDate = c.try_get(3)?;
+    let mut month_charged = c.current_month_charged_usd_cents;
+    let max_monthly = c.max_monthly_usd_cents;
+    let started = c.current_month_start;
     // The month is the row's when the row is ahead of this cycle's clock: a cycle that
     // began at 23:58 on the 31st and reaches a customer another cycle already reset
     // bills February against February's counter, not January against it.
@@ -409,14 +412,14 @@ async fn bill_customer(
         } else {
             0
         };
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE customers SET last_month_charged_usd_cents = $2,
              current_month_charged_usd_cents = 0, current_month_start = $3, updated_at = now()
              WHERE customer_id = $1"#,
+            customer_id,
+            last,
+            month,
         )
-        .bind(customer_id)
-        .bind(last)
-        .bind(month)
         .execute(&mut *tx)
         .await?;
         month_charged = 0;
@@ -428,44 +431,33 @@ async fn bill_customer(
     // Those already landed on chain left the balance read from it: they count
     // against the month, not again against the balance.
     let landed: Vec<Uuid> = on_chain.map(|r| r.landed.clone()).unwrap_or_default();
-    let pending = sqlx::query(
-        r#"SELECT coalesce(sum(ceil(amount * 100)) FILTER (WHERE intent_id <> ALL($3)), 0)::bigint,
-                coalesce(sum(ceil(amount * 100)) FILTER (WHERE billing_month = $2), 0)::bigint
+    let pending = sqlx::query!(
+        r#"SELECT coalesce(sum(ceil(amount * 100)) FILTER (WHERE intent_id <> ALL($3)), 0)::bigint AS "all!",
+                coalesce(sum(ceil(amount * 100)) FILTER (WHERE billing_month = $2), 0)::bigint AS "month!"
          FROM charge_intents WHERE customer_id = $1 AND state IN ('created', 'signed', 'sent')"#,
+        customer_id,
+        month,
+        &landed,
     )
-    .bind(customer_id)
-    .bind(month)
-    .bind(&landed)
     .fetch_one(&mut *tx)
     .await?;
-    let mut pending_cents: i64 = pending.try_get(0)?;
-    let mut pending_month_cents: i64 = pending.try_get(1)?;
+    let mut pending_cents = pending.all;
+    let mut pending_month_cents = pending.month;
 
     // Services with an intent in flight too: their unbilled usage is still judged by
     // both rules (on top of what is in flight), only no second intent is made.
-    let services: Vec<Service> = sqlx::query(
-        r#"SELECT service_type::text, tier, state, suspend_reason, config,
+    let services: Vec<Service> = sqlx::query_as!(
+        Service,
+        r#"SELECT service_type, tier, state, suspend_reason, config,
                 EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = s.customer_id
                     AND i.service_type = s.service_type
-                    AND i.state IN ('created', 'signed', 'sent'))
+                    AND i.state IN ('created', 'signed', 'sent')) AS "in_flight!"
          FROM service_instances s WHERE customer_id = $1 AND is_enabled
          ORDER BY service_type FOR UPDATE"#,
+        customer_id,
     )
-    .bind(customer_id)
     .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|r| {
-        Ok(Service {
-            service_type: r.try_get(0)?,
-            tier: r.try_get(1)?,
-            state: r.try_get(2)?,
-            suspend_reason: r.try_get(3)?,
-            config: r.try_get(4)?,
-            in_flight: r.try_get(5)?,
-        })
-    })
-    .collect::<Result<_, sqlx::Error>>()?;
+    .await?;
 
     for s in services {
         let billing_suspension = s.state == "suspended"
@@ -478,22 +470,21 @@ async fn bill_customer(
         }
         let price = decimal_in(&s.config, "price_per_10k_usd").unwrap_or(cfg.price_per_10k_usd);
         // The unbilled slices, oldest first.
-        let slices = sqlx::query(
-            r#"SELECT record_id, billed_count, billable_count, window_start < $3 AS ended
+        let slices = sqlx::query!(
+            r#"SELECT record_id, billed_count, billable_count, window_start < $3 AS "ended!"
              FROM usage_records WHERE customer_id = $1 AND service_type = $2
                AND billable_count > billed_count ORDER BY record_id FOR UPDATE"#,
+            customer_id,
+            &s.service_type,
+            month.and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
         )
-        .bind(customer_id)
-        .bind(&s.service_type)
-        .bind(month.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
         .fetch_all(&mut *tx)
         .await?;
         let mut usage = Decimal::ZERO;
         let mut month_ended = false;
         let mut parts = Vec::with_capacity(slices.len());
         for r in &slices {
-            let (id, from, to, ended): (i64, i64, i64, bool) =
-                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            let (id, from, to, ended) = (r.record_id, r.billed_count, r.billable_count, r.ended);
             // Checked: a count and a price within their bounds fit, but a total that
             // would not is the maximum, which no balance covers.
             let amount = Decimal::from(to - from)
@@ -509,18 +500,18 @@ async fn bill_customer(
         // oldest month owed first: this month's, or an earlier one whose base-fee
         // intent failed (the chain refused it; the service resumed since), one month
         // per intent.
-        let fee_month: Option<NaiveDate> = sqlx::query_scalar(
-            r#"SELECT m FROM (SELECT base_fee_month AS m FROM charge_intents
+        let fee_month: Option<NaiveDate> = sqlx::query_scalar!(
+            r#"SELECT m AS "m!" FROM (SELECT base_fee_month AS m FROM charge_intents
                              WHERE customer_id = $1 AND service_type = $2
                                AND state = 'failed' AND base_fee_month < $3
                             UNION SELECT $3::date) x
              WHERE NOT EXISTS (SELECT 1 FROM charge_intents i WHERE i.customer_id = $1
                  AND i.service_type = $2 AND i.base_fee_month = x.m AND i.state <> 'failed')
              ORDER BY m LIMIT 1"#,
+            customer_id,
+            &s.service_type,
+            month,
         )
-        .bind(customer_id)
-        .bind(&s.service_type)
-        .bind(month)
         .fetch_optional(&mut *tx)
         .await?;
         let base_fee = match fee_month {
@@ -727,21 +718,21 @@ async fn create_intent(
 ) -> Result<(), sqlx::Error> {
     let intent_id = Uuid::new_v4();
     let amount = Decimal::new(amount_cents, 2);
-    sqlx::query(
+    sqlx::query!(
         r#"INSERT INTO charge_intents (intent_id, customer_id, service_type, amount, usage_amount,
            base_fee_amount, base_fee_month, billing_month, first_record_id, last_record_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"#,
+        intent_id,
+        customer_id,
+        service_type,
+        amount,
+        usage,
+        base_fee,
+        fee_month,
+        month,
+        parts.first().map(|p| p.0),
+        parts.last().map(|p| p.0),
     )
-    .bind(intent_id)
-    .bind(customer_id)
-    .bind(service_type)
-    .bind(amount)
-    .bind(usage)
-    .bind(base_fee)
-    .bind(fee_month)
-    .bind(month)
-    .bind(parts.first().map(|p| p.0))
-    .bind(parts.last().map(|p| p.0))
     .execute(&mut *tx)
     .await?;
     if !parts.is_empty() {
@@ -749,18 +740,18 @@ async fn create_intent(
         let froms: Vec<i64> = parts.iter().map(|p| p.1).collect();
         let tos: Vec<i64> = parts.iter().map(|p| p.2).collect();
         let amounts: Vec<Decimal> = parts.iter().map(|p| p.3).collect();
-        sqlx::query(
+        sqlx::query!(
             r#"WITH s AS (SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::numeric[])
                         AS t(record_id, from_count, to_count, amount)),
              ins AS (INSERT INTO charge_intent_records (intent_id, record_id, from_count, to_count, amount)
                      SELECT $1, record_id, from_count, to_count, amount FROM s)
              UPDATE usage_records u SET billed_count = s.to_count FROM s WHERE u.record_id = s.record_id"#,
+            intent_id,
+            &ids,
+            &froms,
+            &tos,
+            &amounts,
         )
-        .bind(intent_id)
-        .bind(&ids)
-        .bind(&froms)
-        .bind(&tos)
-        .bind(&amounts)
         .execute(&mut *tx)
         .await?;
     }
@@ -836,15 +827,15 @@ async fn suspend(
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
     let changed = s.state != "suspended" || s.suspend_reason.as_deref() != Some(refusal.code);
-    sqlx::query(
+    sqlx::query!(
         r#"UPDATE service_instances SET state = 'suspended', suspend_reason = $3, suspend_details = $4,
            suspended_at = CASE WHEN state = 'suspended' THEN suspended_at ELSE now() END
          WHERE customer_id = $1 AND service_type = $2"#,
+        customer_id,
+        &s.service_type,
+        refusal.code,
+        &refusal.details,
     )
-    .bind(customer_id)
-    .bind(&s.service_type)
-    .bind(refusal.code)
-    .bind(&refusal.details)
     .execute(&mut *tx)
     .await?;
     if changed {
@@ -875,13 +866,13 @@ async fn resume(
     service_type: &str,
     report: &mut BillReport,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         r#"UPDATE service_instances SET state = 'active', suspend_reason = NULL,
            suspend_details = NULL, suspended_at = NULL
          WHERE customer_id = $1 AND service_type = $2"#,
+        customer_id,
+        service_type,
     )
-    .bind(customer_id)
-    .bind(service_type)
     .execute(&mut *tx)
     .await?;
     tracing::info!(customer_id, service_type, "service resumed");

@@ -45,7 +45,7 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::config::BillingConfig;
@@ -196,41 +196,39 @@ pub struct Driver<'a> {
 
 impl Driver<'_> {
     async fn load(&self) -> Result<Intent, Step> {
-        let r = sqlx::query(
-            r#"SELECT i.state, i.customer_id, i.service_type::text, i.amount, i.signature::text,
-                    i.rejection, c.escrow_account::text
+        let r = sqlx::query!(
+            r#"SELECT i.state, i.customer_id, i.service_type, i.amount, i.signature,
+                    i.rejection, c.escrow_account
              FROM charge_intents i JOIN customers c USING (customer_id) WHERE intent_id = $1"#,
+            self.intent_id,
         )
-        .bind(self.intent_id)
         .fetch_optional(&self.pool)
         .await?
         .ok_or(Step::Missing)?;
-        let sigs = sqlx::query(
-            r#"SELECT signature::text, signed_tx, last_valid_block_height, signed_slot, source
+        let sigs = sqlx::query!(
+            r#"SELECT signature, signed_tx, last_valid_block_height, signed_slot, source
              FROM charge_intent_signatures WHERE intent_id = $1 ORDER BY created_at, signature"#,
+            self.intent_id,
         )
-        .bind(self.intent_id)
         .fetch_all(&self.pool)
         .await?
         .into_iter()
-        .map(|r| {
-            Ok(Sig {
-                signature: r.try_get(0)?,
-                bytes: r.try_get(1)?,
-                lvbh: r.try_get::<i64, _>(2)?.max(0) as u64,
-                signed_slot: r.try_get::<i64, _>(3)?.max(0) as u64,
-                source: r.try_get(4)?,
-            })
+        .map(|r| Sig {
+            signature: r.signature,
+            bytes: r.signed_tx,
+            lvbh: r.last_valid_block_height.max(0) as u64,
+            signed_slot: r.signed_slot.max(0) as u64,
+            source: r.source,
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect();
         Ok(Intent {
-            state: r.try_get(0)?,
-            customer_id: r.try_get(1)?,
-            service_type: r.try_get(2)?,
-            amount: r.try_get(3)?,
-            current: r.try_get(4)?,
-            rejection: r.try_get(5)?,
-            escrow_account: r.try_get(6)?,
+            state: r.state,
+            customer_id: r.customer_id,
+            service_type: r.service_type,
+            amount: r.amount,
+            current: r.signature,
+            rejection: r.rejection,
+            escrow_account: r.escrow_account,
             sigs,
         })
     }
@@ -498,34 +496,34 @@ impl Driver<'_> {
     ) -> Result<(), Step> {
         let replacing = i.current.as_deref();
         let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
+        let r = sqlx::query!(
             r#"UPDATE charge_intents SET state = 'signed', signature = $2, signed_tx = $3,
                last_valid_block_height = $4, attempts = attempts + 1, sends = 0,
                rejection = NULL, updated_at = now()
              WHERE intent_id = $1 AND ((state = 'created' AND $5::text IS NULL)
                                        OR (state IN ('signed', 'sent') AND signature = $5))"#,
+            self.intent_id,
+            &signed.signature,
+            &signed.bytes,
+            bh.last_valid_block_height as i64,
+            replacing,
         )
-        .bind(self.intent_id)
-        .bind(&signed.signature)
-        .bind(&signed.bytes)
-        .bind(bh.last_valid_block_height as i64)
-        .bind(replacing)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 0 {
             return Ok(()); // another driver got there first
         }
-        sqlx::query(
+        sqlx::query!(
             r#"INSERT INTO charge_intent_signatures
                (intent_id, signature, signed_tx, last_valid_block_height, signed_slot, source)
              VALUES ($1, $2, $3, $4, $5, $6)"#,
+            self.intent_id,
+            &signed.signature,
+            &signed.bytes,
+            bh.last_valid_block_height as i64,
+            bh.slot as i64,
+            source,
         )
-        .bind(self.intent_id)
-        .bind(&signed.signature)
-        .bind(&signed.bytes)
-        .bind(bh.last_valid_block_height as i64)
-        .bind(bh.slot as i64)
-        .bind(source)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -537,51 +535,51 @@ impl Driver<'_> {
     /// longer carries it (another driver moved it). The count is on the intent's row:
     /// a concurrent `fail` on a first refusal and this count serialise on its lock.
     async fn count_send(&self, sig: &str) -> Result<Option<i32>, Step> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar!(
             r#"WITH i AS (UPDATE charge_intents SET sends = sends + 1, updated_at = now()
                         WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2
                         RETURNING sends),
                   s AS (UPDATE charge_intent_signatures SET sends = sends + 1
                         WHERE signature = $2 AND EXISTS (SELECT 1 FROM i))
-             SELECT sends FROM i"#,
+             SELECT sends AS "sends!" FROM i"#,
+            self.intent_id,
+            sig,
         )
-        .bind(self.intent_id)
-        .bind(sig)
         .fetch_optional(&self.pool)
         .await?)
     }
 
     async fn touch(&self) -> Result<(), Step> {
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE charge_intents SET updated_at = now()
              WHERE intent_id = $1 AND state IN ('signed', 'sent')"#,
+            self.intent_id,
         )
-        .bind(self.intent_id)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     async fn mark_sent(&self, sig: &str) -> Result<(), Step> {
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE charge_intents SET state = 'sent', rejection = NULL, updated_at = now()
              WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2"#,
+            self.intent_id,
+            sig,
         )
-        .bind(self.intent_id)
-        .bind(sig)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     async fn note_rejection(&self, sig: &str, reason: &str) -> Result<(), Step> {
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE charge_intents SET rejection = $3, last_error = $3, updated_at = now()
              WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $2"#,
+            self.intent_id,
+            sig,
+            reason,
         )
-        .bind(self.intent_id)
-        .bind(sig)
-        .bind(reason)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -591,35 +589,34 @@ impl Driver<'_> {
     /// signature this driver judged by (two drivers cannot settle it differently).
     async fn confirm(&self, i: &Intent, sig: &str) -> Result<(), Step> {
         let mut tx = self.pool.begin().await?;
-        let won = sqlx::query(
+        let won = sqlx::query_scalar!(
             r#"UPDATE charge_intents SET state = 'confirmed', signature = $2, last_error = NULL,
                rejection = NULL, updated_at = now()
              WHERE intent_id = $1 AND state IN ('signed', 'sent') AND signature = $3
              RETURNING billing_month"#,
+            self.intent_id,
+            sig,
+            i.current.as_deref(),
         )
-        .bind(self.intent_id)
-        .bind(sig)
-        .bind(i.current.as_deref())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = won else {
+        let Some(billing_month) = won else {
             return Ok(()); // another run confirmed, failed or re-signed it
         };
-        let billing_month: chrono::NaiveDate = row.try_get(0)?;
         let cents = (i.amount * Decimal::ONE_HUNDRED)
             .to_i64()
             .expect("whole cents");
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE usage_records u SET charged_amount = coalesce(u.charged_amount, 0) + r.amount
              FROM charge_intent_records r
              WHERE r.intent_id = $1 AND NOT r.released AND u.record_id = r.record_id"#,
+            self.intent_id,
         )
-        .bind(self.intent_id)
         .execute(&mut *tx)
         .await?;
         // The month it counts against: this month, or last month if it was created
         // before a monthly reset (older months are history only).
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE customers SET current_balance_usd_cents = current_balance_usd_cents - $2,
                current_month_charged_usd_cents = current_month_charged_usd_cents
                  + CASE WHEN $3 = current_month_start THEN $2 ELSE 0 END,
@@ -627,19 +624,19 @@ impl Driver<'_> {
                  + CASE WHEN $3 = (current_month_start - interval '1 month')::date THEN $2 ELSE 0 END,
                updated_at = now()
              WHERE customer_id = $1"#,
+            i.customer_id,
+            cents,
+            billing_month,
         )
-        .bind(i.customer_id)
-        .bind(cents)
-        .bind(billing_month)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             r#"INSERT INTO escrow_transactions (customer_id, tx_digest, tx_type, amount, asset_type)
              VALUES ($1, $2, 'charge', $3, 'USDC')"#,
+            i.customer_id,
+            sig,
+            i.amount,
         )
-        .bind(i.customer_id)
-        .bind(sig)
-        .bind(i.amount)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -654,40 +651,40 @@ impl Driver<'_> {
     /// signature was sent no more often than that (a concurrent resend may be out).
     async fn fail(&self, i: &Intent, reason: &str, max_sends: Option<i32>) -> Result<(), Step> {
         let mut tx = self.pool.begin().await?;
-        let won = sqlx::query(
+        let won = sqlx::query!(
             r#"UPDATE charge_intents SET state = 'failed', last_error = $2, updated_at = now()
              WHERE intent_id = $1 AND state IN ('created', 'signed', 'sent')
                AND signature IS NOT DISTINCT FROM $3
                AND ($4::int IS NULL OR sends <= $4)"#,
+            self.intent_id,
+            reason,
+            i.current.as_deref(),
+            max_sends,
         )
-        .bind(self.intent_id)
-        .bind(reason)
-        .bind(i.current.as_deref())
-        .bind(max_sends)
         .execute(&mut *tx)
         .await?;
         if won.rows_affected() == 0 {
             return Ok(());
         }
-        sqlx::query(
+        sqlx::query!(
             r#"WITH rel AS (UPDATE charge_intent_records SET released = true
                           WHERE intent_id = $1 AND NOT released RETURNING record_id, from_count)
              UPDATE usage_records u SET billed_count = rel.from_count FROM rel
              WHERE u.record_id = rel.record_id"#,
+            self.intent_id,
         )
-        .bind(self.intent_id)
         .execute(&mut *tx)
         .await?;
         let details = json!({"intent_id": self.intent_id, "error": reason});
-        sqlx::query(
+        sqlx::query!(
             r#"UPDATE service_instances SET state = 'suspended', suspend_reason = $3,
                suspend_details = $4, suspended_at = coalesce(suspended_at, now())
              WHERE customer_id = $1 AND service_type = $2"#,
+            i.customer_id,
+            &i.service_type,
+            CHARGE_FAILED,
+            &details,
         )
-        .bind(i.customer_id)
-        .bind(&i.service_type)
-        .bind(CHARGE_FAILED)
-        .bind(&details)
         .execute(&mut *tx)
         .await?;
         if !self.cfg.vault_path.is_empty() {
