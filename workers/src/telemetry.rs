@@ -13,26 +13,45 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 use crate::store::QueueStats;
 
+// Every series is described for operators in docs/operations.md.
+
+/// Gauge `{queue}`: messages visible now, waiting to be claimed.
 pub const QUEUE_DEPTH: &str = "longshore_queue_depth";
+/// Gauge `{queue}`: messages claimed, lease running.
 pub const QUEUE_INFLIGHT: &str = "longshore_queue_inflight";
+/// Gauge `{queue}`: messages not yet due (delayed, in backoff, snoozed).
 pub const QUEUE_DELAYED: &str = "longshore_queue_delayed";
+/// Gauge `{queue}`: age of the oldest visible message, seconds.
 pub const QUEUE_OLDEST_AGE: &str = "longshore_queue_oldest_age_seconds";
+/// Gauge `{queue}`: dead letters.
 pub const DEAD_LETTERS: &str = "longshore_dead_letters";
 /// Age of the oldest queue figures exported (they are counted once per interval for
 /// the fleet; a count that keeps failing shows here).
 pub const QUEUE_SAMPLE_AGE: &str = "longshore_queue_sample_age_seconds";
+/// Counter `{queue,outcome}`: how runs ended (done, retry, snooze, fail, exhausted,
+/// released, lapsed, lost), and messages dead-lettered at claim without a run
+/// (`exhausted`, or `fail` when undecodable). Jobs handed back unrun at a shutdown are
+/// not counted.
 pub const JOBS_TOTAL: &str = "longshore_jobs_total";
+/// Histogram `{queue}`: how long a run took.
 pub const JOB_DURATION: &str = "longshore_job_duration_seconds";
+/// Histogram `{queue}`: from due to started, first attempts only.
 pub const JOB_WAIT: &str = "longshore_job_wait_seconds";
+/// Counter `{queue}`: fenced writes that changed nothing (another claim held the
+/// message), and running jobs found no longer held.
 pub const STALE_ACKS: &str = "longshore_stale_acks_total";
 /// Runs cancelled because their lease could not be extended in time.
 pub const LEASES_LAPSED: &str = "longshore_leases_lapsed_total";
+/// Counter `{route,method,status}`: ingress requests answered.
 pub const HTTP_REQUESTS: &str = "longshore_http_requests_total";
+/// Histogram `{route}`: ingress request durations.
 pub const HTTP_DURATION: &str = "longshore_http_request_duration_seconds";
 /// Idle connections closed to make room for a new one at `ingress.max_connections`.
 pub const HTTP_EVICTED: &str = "longshore_http_connections_evicted_total";
 /// Connections refused because every open one was busy at the cap.
 pub const HTTP_REFUSED: &str = "longshore_http_connections_refused_total";
+/// Counter `{schedule,result}`: fires this process enqueued (`fired`) or found taken
+/// by another replica (`taken`).
 pub const SCHEDULE_FIRES: &str = "longshore_schedule_fires_total";
 
 /// Keeps the per-queue gauges every `every` until `stop`. Every process that serves
@@ -72,6 +91,7 @@ pub struct Sample {
     pub counted: bool,
     /// Queues whose count failed in this call (they keep their last figures).
     pub failed: Vec<String>,
+    /// The figures of every queue (fresh or, for a failed count, the last ones).
     pub queues: Vec<QueueStats>,
     /// Age of the oldest figures in `queues`, seconds.
     pub age_seconds: f64,
@@ -269,8 +289,11 @@ fn inner_newline(buf: &[u8]) -> bool {
     buf.len() > 1 && buf[..buf.len() - 1].contains(&b'\n')
 }
 
-/// Installs the Prometheus recorder; serves `/metrics` on `listen` when given.
-pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, String> {
+/// The exporter's histogram buckets. Every histogram named `*_seconds` is a Prometheus
+/// histogram (aggregatable across processes, as the alert rules need), the pipelines'
+/// too; without buckets the exporter would make it a summary, whose quantiles cannot be
+/// combined. A metric named in full takes its own buckets over the suffix's.
+fn builder() -> Result<PrometheusBuilder, String> {
     let latency = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
@@ -278,11 +301,15 @@ pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, Stri
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         60.0, 300.0,
     ];
-    let mut b = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), &buckets)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_WAIT.into()), &buckets))
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), &latency))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// Installs the Prometheus recorder; serves `/metrics` on `listen` when given.
+pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, String> {
+    let mut b = builder()?;
     if let Some(addr) = listen {
         b = b.with_http_listener(addr);
         let (recorder, exporter) = b.build().map_err(|e| e.to_string())?;
@@ -300,6 +327,34 @@ mod tests {
     use std::io::Write;
 
     use super::Escaping;
+
+    /// A pipeline's `*_seconds` histogram is exported with buckets (not as a summary),
+    /// and the HTTP latency keeps its finer ones.
+    #[test]
+    fn seconds_histograms_have_buckets() {
+        let recorder = super::builder().unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("longshore_some_pipeline_seconds", "provider" => "p").record(7.0);
+            metrics::histogram!(super::HTTP_DURATION).record(0.2);
+            metrics::histogram!(super::JOB_WAIT).record(0.2);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(r#"longshore_some_pipeline_seconds_bucket{provider="p",le="10"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("quantile="), "{text}");
+        assert!(
+            text.contains(r#"longshore_http_request_duration_seconds_bucket{le="30"} 1"#)
+                && !text.contains(r#"longshore_http_request_duration_seconds_bucket{le="60"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"longshore_job_wait_seconds_bucket{le="300"} 1"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn control_characters_inside_a_line_are_escaped() {
