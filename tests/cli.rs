@@ -611,3 +611,141 @@ async fn dlq_retry_of_a_whole_queue_works_in_bounded_batches() {
     let (code, _, err) = run_cli(&t.url, &["dlq", "retry", "probe", "--batch", "0"], &[]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// Issue 19: `longshore queue pause` stops every worker of the fleet claiming from the
+/// queue (two processes here), while the queue still takes enqueues and a job already
+/// running finishes; `queues` and the metrics show the pause; `resume` wakes the fleet
+/// and the queue drains. Each action is recorded with who did it. An unknown queue is a
+/// usage error.
+#[tokio::test]
+async fn a_paused_queue_takes_jobs_no_worker_claims_them_and_resume_drains_it() {
+    let t = db().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let env = [
+        ("LONGSHORE__WORKER__POLL_INTERVAL", "100ms"),
+        ("LONGSHORE__METRICS__SAMPLE_INTERVAL", "200ms"),
+    ];
+    let _w1 = Proc::spawn(&t.url, &["worker", "--metrics-port", &port], &env);
+    let _w2 = Proc::spawn(&t.url, &["worker"], &env);
+    let status = |id: i64| {
+        let pool = t.pool.clone();
+        async move {
+            longshore_workers::testing::job_status(&pool, "probe", id)
+                .await
+                .map(|s| (s.state, s.attempts))
+        }
+    };
+    let enqueue = |args: &str| {
+        let (code, out, err) = run_cli(&t.url, &["enqueue", "probe", args], &[]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["id"]
+            .as_i64()
+            .unwrap()
+    };
+    // A job running when the pause comes.
+    let running = enqueue(r#"{"id":1,"sleep_ms":1500}"#);
+    eventually(Duration::from_secs(10), "the first job running", || async {
+        (status(running).await?.0 == longshore_workers::store::JobState::Running).then_some(())
+    })
+    .await;
+
+    let (code, out, err) = run_cli(
+        &t.url,
+        &[
+            "queue",
+            "pause",
+            "probe",
+            "--reason",
+            "maintenance window",
+            "--by",
+            "ops:ana",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (answer["paused"].as_bool(), answer["changed"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let waiting: Vec<i64> = (2..=6)
+        .map(|i| enqueue(&format!(r#"{{"id":{i}}}"#)))
+        .collect();
+
+    // The running job finishes; the queued ones stay unclaimed by either worker, over
+    // many polls of both (100 ms each) and one idle sleep's cap.
+    eventually(Duration::from_secs(10), "the running job done", || async {
+        (status(running).await?.0 == longshore_workers::store::JobState::Done).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &waiting {
+        assert_eq!(
+            status(*id).await,
+            Some((longshore_workers::store::JobState::Queued, 0)),
+            "job {id} was claimed from a paused queue"
+        );
+    }
+    let (_, out, _) = run_cli(&t.url, &["queues", "--json"], &[]);
+    let probe: serde_json::Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["queue"] == "probe")
+        .unwrap();
+    assert_eq!(
+        (probe["paused"].as_bool(), probe["visible"].as_i64()),
+        (Some(true), Some(5))
+    );
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    eventually(Duration::from_secs(10), "the paused gauge", || {
+        let url = url.clone();
+        async move {
+            let m = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            m.contains(r#"longshore_queue_paused{queue="probe"} 1"#)
+                .then_some(())
+        }
+    })
+    .await;
+
+    let (code, out, err) = run_cli(
+        &t.url,
+        &["queue", "resume", "probe", "--by", "ops:ana"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#""changed":true"#), "{out}");
+    for id in &waiting {
+        let id = *id;
+        eventually(
+            Duration::from_secs(10),
+            "resumed jobs done",
+            || async move {
+                (status(id).await?.0 == longshore_workers::store::JobState::Done).then_some(())
+            },
+        )
+        .await;
+    }
+    let actions: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT actor, action, detail FROM longshore.operator_actions WHERE queue = 'probe' ORDER BY id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        actions
+            .iter()
+            .map(|(a, b, _)| (a.as_str(), b.as_str()))
+            .collect::<Vec<_>>(),
+        [("ops:ana", "pause"), ("ops:ana", "resume")]
+    );
+    assert_eq!(actions[0].2["reason"], "maintenance window");
+
+    let (code, _, err) = run_cli(&t.url, &["queue", "pause", "nosuchqueue"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("E_UNKNOWN_QUEUE"), "{err}");
+}

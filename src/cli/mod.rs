@@ -9,6 +9,7 @@ mod dlq;
 mod enqueue;
 mod ingress;
 mod migrate;
+mod queue;
 mod queues;
 mod scheduler;
 mod worker;
@@ -44,6 +45,8 @@ enum Command {
     Enqueue(enqueue::Args),
     /// Per-queue counts: visible, in flight, delayed, oldest age, dead letters.
     Queues(queues::Args),
+    /// Operator controls of one queue: pause, resume.
+    Queue(queue::Args),
     /// Dead letters: list, retry (re-send to their queue) or purge.
     Dlq(dlq::Args),
     /// Throughput and latency benchmark on the `probe` kind.
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
             Command::Dev(a) => dev::run(a).await,
             Command::Enqueue(a) => enqueue::run(a).await,
             Command::Queues(a) => queues::run(a).await,
+            Command::Queue(a) => queue::run(a).await,
             Command::Dlq(a) => dlq::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Billing(a) => billing::run(a).await,

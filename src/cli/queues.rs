@@ -34,6 +34,7 @@ pub async fn run(args: Args) -> CliResult {
                 serde_json::json!({
                     "queue": r.queue, "visible": r.visible, "in_flight": r.in_flight, "delayed": r.delayed,
                     "oldest_age_seconds": r.oldest_age_seconds, "dead_letters": r.dead_letters, "archived": r.archived,
+                    "paused": r.paused,
                 })
             );
         }
@@ -45,19 +46,20 @@ pub async fn run(args: Args) -> CliResult {
 
 fn table(rows: &[QueueStats]) -> String {
     let mut out = format!(
-        "{:<24} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10}\n",
-        "QUEUE", "VISIBLE", "IN_FLIGHT", "DELAYED", "OLDEST_AGE", "DEAD", "ARCHIVED"
+        "{:<24} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10} {:>7}\n",
+        "QUEUE", "VISIBLE", "IN_FLIGHT", "DELAYED", "OLDEST_AGE", "DEAD", "ARCHIVED", "PAUSED"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<24} {:>9} {:>9} {:>9} {:>11.1}s {:>9} {:>10}\n",
+            "{:<24} {:>9} {:>9} {:>9} {:>11.1}s {:>9} {:>10} {:>7}\n",
             r.queue,
             r.visible,
             r.in_flight,
             r.delayed,
             r.oldest_age_seconds,
             r.dead_letters,
-            r.archived
+            r.archived,
+            if r.paused { "yes" } else { "" }
         ));
     }
     out

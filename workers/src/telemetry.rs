@@ -25,6 +25,8 @@ pub const QUEUE_DELAYED: &str = "longshore_queue_delayed";
 pub const QUEUE_OLDEST_AGE: &str = "longshore_queue_oldest_age_seconds";
 /// Gauge `{queue}`: dead letters.
 pub const DEAD_LETTERS: &str = "longshore_dead_letters";
+/// Gauge `{queue}`: 1 while an operator has the queue paused, else 0.
+pub const QUEUE_PAUSED: &str = "longshore_queue_paused";
 /// Age of the oldest queue figures exported (they are counted once per interval for
 /// the fleet; a count that keeps failing shows here).
 pub const QUEUE_SAMPLE_AGE: &str = "longshore_queue_sample_age_seconds";
@@ -162,10 +164,12 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
         .await?;
     }
     let rows = run(pool, async |c| {
-        sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64)>(
-            r#"SELECT queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters,
-                    extract(epoch FROM now() - sampled_at)::float8
-               FROM longshore.queue_samples ORDER BY queue"#,
+        // The pause is read live (a small table), not sampled.
+        sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64, bool)>(
+            r#"SELECT s.queue, s.visible, s.in_flight, s.delayed, s.oldest_age_seconds, s.dead_letters,
+                    extract(epoch FROM now() - s.sampled_at)::float8, coalesce(c.paused, false)
+               FROM longshore.queue_samples s LEFT JOIN longshore.queue_controls c USING (queue)
+              ORDER BY s.queue"#,
         )
         .fetch_all(c)
         .await
@@ -175,7 +179,7 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
     let queues = rows
         .into_iter()
         .map(
-            |(queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, _)| {
+            |(queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, _, paused)| {
                 QueueStats {
                     queue,
                     visible,
@@ -184,6 +188,7 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
                     oldest_age_seconds,
                     dead_letters,
                     archived: 0,
+                    paused,
                 }
             },
         )
@@ -211,7 +216,8 @@ fn export(sample: &Sample, exported: &mut std::collections::BTreeSet<String>) {
         metrics::gauge!(QUEUE_INFLIGHT, "queue" => q.clone()).set(s.in_flight as f64);
         metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(s.delayed as f64);
         metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q.clone()).set(s.oldest_age_seconds);
-        metrics::gauge!(DEAD_LETTERS, "queue" => q).set(s.dead_letters as f64);
+        metrics::gauge!(DEAD_LETTERS, "queue" => q.clone()).set(s.dead_letters as f64);
+        metrics::gauge!(QUEUE_PAUSED, "queue" => q).set(if s.paused { 1.0 } else { 0.0 });
     }
     metrics::gauge!(QUEUE_SAMPLE_AGE).set(sample.age_seconds);
     *exported = now;

@@ -152,10 +152,15 @@ pub enum Beat {
 /// while a queue was empty seq-scans it once it is full, arrays or not (194 ms per
 /// claim, found in review). Planning this statement costs about 1.5 ms, running it
 /// 0.3 ms; that is what is left of the idle fleet's latency (docs/scale.md).
+///
+/// A paused queue (`longshore.queue_controls`) gives nothing: the pause is an
+/// uncorrelated subquery, evaluated once per claim (a one-time filter in the plan, one
+/// primary-key probe), so every consumer sees a pause at its next claim.
 pub(super) const CLAIM: &str = r#"
 WITH normal AS (
     SELECT msg_id, read_ct, headers, last_read_at FROM {q}
      WHERE vt <= (SELECT clock_timestamp())
+       AND NOT EXISTS (SELECT 1 FROM longshore.queue_controls WHERE queue = '{name}' AND paused)
        AND (last_read_at IS NULL OR longshore.header_int(headers, 'deaths') = 0)
        AND msg_id <> ALL ($5::bigint[])
      ORDER BY vt
@@ -166,6 +171,7 @@ suspect AS (
     SELECT msg_id, read_ct, headers, last_read_at FROM {q}
      WHERE last_read_at IS NOT NULL
        AND vt <= clock_timestamp()
+       AND NOT EXISTS (SELECT 1 FROM longshore.queue_controls WHERE queue = '{name}' AND paused)
        AND longshore.header_int(headers, 'deaths') > 0
        AND msg_id <> ALL ($5::bigint[])
      ORDER BY msg_id

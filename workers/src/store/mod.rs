@@ -24,6 +24,7 @@
 
 pub mod claim;
 pub mod complete;
+pub mod controls;
 pub mod dead_letters;
 pub mod idempotency;
 pub mod retention;
@@ -37,6 +38,7 @@ pub use self::claim::{Beat, BuriedAtClaim, ClaimRequest, ClaimResult, Claimed, U
 use self::claim::{CLAIM, HEARTBEAT};
 use self::complete::{ACK_ARCHIVE, ACK_DELETE, BURY, HELD_LOCKED, RESCHEDULE};
 pub use self::complete::{Bury, Completion, Reschedule, Statement};
+pub use self::controls::{QueueControl, queue_controls, set_paused};
 pub use self::dead_letters::{
     DeadLetter, Selection, dead_letters, newest_dead_letter, purge_dead_letters, retry_dead_letters,
 };
@@ -129,6 +131,8 @@ pub struct QueueStats {
     pub dead_letters: i64,
     /// Done messages in its archive (left 0 by the gauges' sampler).
     pub archived: i64,
+    /// Paused by an operator: no worker claims from it.
+    pub paused: bool,
 }
 
 /// The prepared SQL of one queue. Table names are interpolated from a validated
@@ -175,7 +179,8 @@ SELECT count(*) FILTER (WHERE vt <= now())                              AS visib
        count(*) FILTER (WHERE vt > now() AND last_read_at IS NULL)      AS delayed,
        coalesce(extract(epoch FROM now() - min(enqueued_at) FILTER (WHERE vt <= now())), 0)::float8 AS oldest,
        (SELECT count(*) FROM longshore.dead_letters WHERE queue = '{name}') AS dead,
-       (SELECT count(*) FROM {a})                                         AS archived
+       (SELECT count(*) FROM {a})                                         AS archived,
+       EXISTS (SELECT 1 FROM longshore.queue_controls WHERE queue = '{name}' AND paused) AS paused
   FROM {q}
 "#;
 
@@ -203,9 +208,13 @@ LIMIT 1
 
 /// How long until the earliest message of the queue is due (negative: one is due now),
 /// NULL for an empty queue: the first row of the vt index. Leased messages count (their
-/// lease ends), so do messages this process holds.
+/// lease ends), so do messages this process holds. NULL for a paused queue too: nothing
+/// in it is due to this consumer until a resume, which notifies.
 const NEXT_DUE: &str = r#"SELECT extract(epoch FROM vt - clock_timestamp())::float8
-                        FROM {q} ORDER BY vt LIMIT 1"#;
+                        FROM {q}
+                       WHERE NOT EXISTS (SELECT 1 FROM longshore.queue_controls
+                                          WHERE queue = '{name}' AND paused)
+                       ORDER BY vt LIMIT 1"#;
 
 impl QueueSql {
     /// Renders every statement for `name`.
@@ -308,6 +317,7 @@ impl QueueSql {
             oldest_age_seconds: r.try_get(3)?,
             dead_letters: r.try_get(4)?,
             archived: r.try_get(5)?,
+            paused: r.try_get(6)?,
         })
     }
 }
