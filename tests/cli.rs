@@ -749,3 +749,105 @@ async fn a_paused_queue_takes_jobs_no_worker_claims_them_and_resume_drains_it() 
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("E_UNKNOWN_QUEUE"), "{err}");
 }
+
+/// Issue 19: `longshore job cancel` takes a waiting job out for good (it is recorded as
+/// `cancelled` and never runs: its effect is never written), refuses a job a worker
+/// holds (which then finishes), and says so for a job already ended or unknown;
+/// `longshore job retry` makes a delayed job visible now. Every action is recorded.
+#[tokio::test]
+async fn job_cancel_and_retry_now() {
+    use longshore_workers::store::JobState;
+    let t = db().await;
+    let enqueue = |args: &[&str]| {
+        let mut all = vec!["enqueue", "probe"];
+        all.extend_from_slice(args);
+        let (code, out, err) = run_cli(&t.url, &all, &[]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["id"]
+            .as_i64()
+            .unwrap()
+    };
+    let state = |id: i64| {
+        let pool = t.pool.clone();
+        async move {
+            longshore_workers::testing::job_status(&pool, "probe", id)
+                .await
+                .map(|s| s.state)
+        }
+    };
+    let job = |args: &[&str]| {
+        let mut all = vec!["job"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--by", "ops:ana"]);
+        run_cli(&t.url, &all, &[])
+    };
+
+    // Waiting jobs, no worker yet: one visible, one delayed an hour.
+    let visible = enqueue(&[r#"{"id":1,"effect":true}"#]);
+    let delayed = enqueue(&[r#"{"id":2,"effect":true}"#, "--delay", "1h"]);
+    for id in [visible, delayed] {
+        let (code, out, err) = job(&["cancel", "probe", &id.to_string()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(r#""outcome":"cancelled""#), "{out}");
+        assert_eq!(state(id).await, Some(JobState::Cancelled));
+    }
+    let (code, out, _) = job(&["cancel", "probe", &visible.to_string()]);
+    assert_eq!(code, 0);
+    assert!(out.contains(r#""outcome":"final""#), "{out}");
+    let (code, _, err) = job(&["cancel", "probe", "999999"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("E_UNKNOWN_JOB"), "{err}");
+
+    // retry: a delayed job becomes visible now.
+    let later = enqueue(&[r#"{"id":3,"effect":true}"#, "--delay", "1h"]);
+    let (code, out, err) = job(&["retry", "probe", &later.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#""outcome":"visible""#), "{out}");
+    let (_, out, _) = job(&["retry", "probe", &later.to_string()]);
+    assert!(out.contains(r#""outcome":"unchanged""#), "{out}");
+
+    // A worker now: the retried job runs, the cancelled ones never do.
+    let _w = Proc::spawn(
+        &t.url,
+        &["worker"],
+        &[("LONGSHORE__WORKER__POLL_INTERVAL", "100ms")],
+    );
+    eventually(Duration::from_secs(10), "the retried job done", || async {
+        (state(later).await? == JobState::Done).then_some(())
+    })
+    .await;
+    // A running job is not cancelled, and finishes.
+    let running = enqueue(&[r#"{"id":4,"sleep_ms":1500}"#]);
+    eventually(Duration::from_secs(10), "a running job", || async {
+        (state(running).await? == JobState::Running).then_some(())
+    })
+    .await;
+    let (code, _, err) = job(&["cancel", "probe", &running.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("E_JOB_RUNNING"), "{err}");
+    eventually(Duration::from_secs(10), "the running job done", || async {
+        (state(running).await? == JobState::Done).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM probe_effects WHERE id IN (1, 2)"
+        )
+        .await,
+        0,
+        "a cancelled job ran"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM probe_effects WHERE id = 3").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM longshore.operator_actions WHERE actor = 'ops:ana'"
+        )
+        .await,
+        7
+    );
+}

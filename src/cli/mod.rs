@@ -8,6 +8,7 @@ mod dev;
 mod dlq;
 mod enqueue;
 mod ingress;
+mod job;
 mod migrate;
 mod queue;
 mod queues;
@@ -47,6 +48,8 @@ enum Command {
     Queues(queues::Args),
     /// Operator controls of one queue: pause, resume.
     Queue(queue::Args),
+    /// Operator actions on one job: cancel, retry now.
+    Job(job::Args),
     /// Dead letters: list, retry (re-send to their queue) or purge.
     Dlq(dlq::Args),
     /// Throughput and latency benchmark on the `probe` kind.
@@ -93,6 +96,7 @@ pub fn main() -> ExitCode {
             Command::Enqueue(a) => enqueue::run(a).await,
             Command::Queues(a) => queues::run(a).await,
             Command::Queue(a) => queue::run(a).await,
+            Command::Job(a) => job::run(a).await,
             Command::Dlq(a) => dlq::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Billing(a) => billing::run(a).await,

@@ -42,12 +42,7 @@ pub async fn run(args: Args) -> CliResult {
         Action::Resume { queue, by } => (queue, false, None, by),
     };
     let q = QueueName::parse(&queue).map_err(|e| CliError::usage(anyhow!("{queue:?}: {e}")))?;
-    let actor = by.unwrap_or_else(|| {
-        format!(
-            "cli:{}",
-            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-        )
-    });
+    let actor = super::job::actor(by);
     let pool = app::pool(&cfg, "longshore-cli").await?;
     let existing = db::run(&pool, db::Deadline::Statement, async |c| {
         store::existing_queues(c).await

@@ -34,7 +34,8 @@ pub struct Maintenance {
 pub enum Task {
     /// Delete archived (done) messages older than `older_than`, in committed batches.
     PruneArchives,
-    /// Delete dead letters that failed longer than `older_than` ago.
+    /// Delete dead letters that failed, and jobs cancelled, longer than `older_than`
+    /// ago.
     PruneDeadLetters,
     /// Delete idempotency keys past their expiry (each key's TTL was fixed at enqueue).
     ExpireIdempotencyKeys,

@@ -97,3 +97,139 @@ pub async fn queue_controls(ex: &mut PgConnection) -> Result<Vec<QueueControl>, 
         })
         .collect())
 }
+
+/// What [`cancel_job`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cancel {
+    /// It was waiting (visible, delayed or in backoff): it is out of the queue and
+    /// recorded as cancelled; it never runs.
+    Cancelled,
+    /// A worker holds it now (running, or settling): not cancelled. Cancelling a
+    /// running job is not built yet (issue 19).
+    Running,
+    /// It had already ended: done, dead or cancelled.
+    Final,
+    /// No such job (never enqueued, or pruned).
+    Unknown,
+}
+
+/// Cancels job `msg_id` of `sql`'s queue if no worker holds it, recording `actor`; in
+/// the caller's transaction. A claim racing with it either takes the job first (then
+/// the row's lock makes this wait, and it finds the job held) or finds it gone.
+pub async fn cancel_job(
+    tx: &mut PgConnection,
+    sql: &super::QueueSql,
+    msg_id: i64,
+    actor: &str,
+) -> Result<Cancel, sqlx::Error> {
+    let q = &sql.name;
+    // Not held: never claimed, or back in the queue (a retry, a release: their
+    // `last_read_at` is cleared), or a lease that ran out with no outcome.
+    let cancelled: Option<i64> = sqlx::query_scalar(&super::render(
+        r#"
+WITH gone AS (
+    DELETE FROM {q}
+     WHERE msg_id = $1 AND (last_read_at IS NULL OR vt <= clock_timestamp())
+    RETURNING msg_id, read_ct, message, headers, enqueued_at
+)
+INSERT INTO longshore.cancelled_jobs (queue, msg_id, message, headers, attempts, enqueued_at, cancelled_by)
+SELECT '{name}', msg_id, message, headers, longshore.attempts(read_ct, headers),
+       enqueued_at, $2
+  FROM gone
+RETURNING msg_id
+"#,
+        q,
+    ))
+    .bind(msg_id)
+    .bind(actor)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let outcome = match cancelled {
+        Some(_) => Cancel::Cancelled,
+        None => match sql.status(&mut *tx, msg_id).await? {
+            None => Cancel::Unknown,
+            Some(s) if s.state.is_final() => Cancel::Final,
+            Some(_) => Cancel::Running,
+        },
+    };
+    record(
+        tx,
+        actor,
+        "cancel",
+        q,
+        serde_json::json!({"id": msg_id, "outcome": outcome}),
+    )
+    .await?;
+    Ok(outcome)
+}
+
+/// What [`retry_now`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryNow {
+    /// It was delayed or waiting in backoff: it is visible now.
+    Visible,
+    /// It was visible already, held by a worker, or not in the queue (ended or unknown).
+    Unchanged,
+}
+
+/// Makes job `msg_id` visible now if it waits for later (a delayed job, a retry in
+/// backoff) and no worker holds it; notifies the queue's workers. In the caller's
+/// transaction.
+pub async fn retry_now(
+    tx: &mut PgConnection,
+    sql: &super::QueueSql,
+    msg_id: i64,
+    actor: &str,
+) -> Result<RetryNow, sqlx::Error> {
+    let q = &sql.name;
+    let n = sqlx::query(&super::render(
+        "UPDATE {q} SET vt = clock_timestamp() WHERE msg_id = $1 AND last_read_at IS NULL AND vt > clock_timestamp()",
+        q,
+    ))
+    .bind(msg_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let outcome = if n == 1 {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(listener::ENQUEUE)
+            .bind(q.as_str())
+            .execute(&mut *tx)
+            .await?;
+        RetryNow::Visible
+    } else {
+        RetryNow::Unchanged
+    };
+    record(
+        tx,
+        actor,
+        "retry_now",
+        q,
+        serde_json::json!({"id": msg_id, "outcome": outcome}),
+    )
+    .await?;
+    Ok(outcome)
+}
+
+/// One row of `longshore.operator_actions`, and the same in the log.
+async fn record(
+    tx: &mut PgConnection,
+    actor: &str,
+    action: &str,
+    queue: &QueueName,
+    detail: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    tracing::info!(actor, action, queue = queue.as_str(), %detail, "operator action");
+    sqlx::query(
+        "INSERT INTO longshore.operator_actions (actor, action, queue, detail) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(queue.as_str())
+    .bind(detail)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

@@ -38,7 +38,9 @@ pub use self::claim::{Beat, BuriedAtClaim, ClaimRequest, ClaimResult, Claimed, U
 use self::claim::{CLAIM, HEARTBEAT};
 use self::complete::{ACK_ARCHIVE, ACK_DELETE, BURY, HELD_LOCKED, RESCHEDULE};
 pub use self::complete::{Bury, Completion, Reschedule, Statement};
-pub use self::controls::{QueueControl, queue_controls, set_paused};
+pub use self::controls::{
+    Cancel, QueueControl, RetryNow, cancel_job, queue_controls, retry_now, set_paused,
+};
 pub use self::dead_letters::{
     DeadLetter, Selection, dead_letters, newest_dead_letter, purge_dead_letters, retry_dead_letters,
 };
@@ -86,13 +88,15 @@ pub enum JobState {
     Done,
     /// Dead-lettered: failed its last attempt, discarded, or undecodable.
     Dead,
+    /// Cancelled by an operator before it ran (again).
+    Cancelled,
 }
 
 impl JobState {
     /// Done or dead: the state cannot change any more (short of a dead-letter retry,
     /// which enqueues a new job).
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Done | JobState::Dead)
+        matches!(self, JobState::Done | JobState::Dead | JobState::Cancelled)
     }
 }
 
@@ -203,6 +207,9 @@ SELECT 'done', attempts, false, NULL, NULL, principal
 UNION ALL
 SELECT 'dead', attempts, false, headers, last_error, longshore.headers(headers) ->> 'principal'
   FROM longshore.dead_letters WHERE queue = '{name}' AND msg_id = $1
+UNION ALL
+SELECT 'cancelled', attempts, false, NULL, NULL, longshore.headers(headers) ->> 'principal'
+  FROM longshore.cancelled_jobs WHERE queue = '{name}' AND msg_id = $1
 LIMIT 1
 "#;
 
@@ -265,6 +272,7 @@ impl QueueSql {
             ("queued", true) => JobState::Running,
             ("queued", false) => JobState::Queued,
             ("done", _) => JobState::Done,
+            ("cancelled", _) => JobState::Cancelled,
             _ => JobState::Dead,
         };
         Ok(Some(JobStatus {

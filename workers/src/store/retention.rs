@@ -87,13 +87,17 @@ pub async fn prune_dead_letters(
     ex: impl PgExecutor<'_>,
     older_than: Duration,
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "DELETE FROM longshore.dead_letters WHERE failed_at < now() - make_interval(secs => $1)",
+    // Cancelled jobs are kept as long: one statement, both tables.
+    Ok(sqlx::query_scalar::<_, i64>(
+        r#"WITH d AS (DELETE FROM longshore.dead_letters
+                      WHERE failed_at < now() - make_interval(secs => $1) RETURNING 1),
+                c AS (DELETE FROM longshore.cancelled_jobs
+                      WHERE cancelled_at < now() - make_interval(secs => $1) RETURNING 1)
+           SELECT (SELECT count(*) FROM d) + (SELECT count(*) FROM c)"#,
     )
     .bind(older_than.as_secs_f64())
-    .execute(ex)
-    .await?
-    .rows_affected())
+    .fetch_one(ex)
+    .await? as u64)
 }
 
 /// Deletes expired idempotency keys.
