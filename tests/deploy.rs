@@ -102,6 +102,55 @@ fn alert_rules_pass_promtool() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The label values the rules match on are ones the fleet uses: each outcome is a
+    // label the runtime writes, and each schedule one the pipelines define (a rename
+    // would silence a rule without failing promtool's tests, which invent the series).
+    let text = std::fs::read_to_string("deploy/prometheus/alerts.yml").unwrap();
+    let mut runtime_src = String::new();
+    for f in [
+        "workers/src/outcome.rs",
+        "workers/src/worker/execute.rs",
+        "workers/src/worker/consumer.rs",
+    ] {
+        runtime_src.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    let defaults = std::fs::read_to_string("jobs/defaults.toml").unwrap();
+    let values = |label: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices(label) {
+            let rest = &text[i + label.len()..];
+            let Some(rest) = ["=~\"", "!~\"", "=\""]
+                .iter()
+                .find_map(|op| rest.strip_prefix(op))
+            else {
+                continue;
+            };
+            let v = &rest[..rest.find('"').unwrap()];
+            out.extend(v.split('|').map(str::to_string));
+        }
+        out
+    };
+    let outcomes = values("outcome");
+    assert!(outcomes.len() >= 7, "{outcomes:?}");
+    for o in outcomes {
+        assert!(
+            runtime_src.contains(&format!("\"{o}\"")),
+            "outcome {o:?} in alerts.yml is not a label the runtime writes"
+        );
+    }
+    for s in values("schedule") {
+        assert!(
+            defaults.contains(&format!("name = \"{s}\"")),
+            "schedule {s:?} in alerts.yml is not in jobs/defaults.toml"
+        );
+    }
+    let scheduler_src = std::fs::read_to_string("workers/src/scheduler.rs").unwrap();
+    for r in values("result") {
+        assert!(
+            scheduler_src.contains(&format!("\"result\" => \"{r}\"")),
+            "result {r:?} in alerts.yml is not a label the scheduler writes"
+        );
+    }
     // Every alerting rule has a unit test.
     let rules = &load("deploy/prometheus/alerts.yml")[0];
     let tests = std::fs::read_to_string("deploy/prometheus/alerts.test.yml").unwrap();

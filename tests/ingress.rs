@@ -1282,6 +1282,8 @@ fn a_route_whose_path_overlaps_another_is_refused_at_start() {
         ("/v1/hooks/mine", runtime),
         ("/v1/{anything}", "match the same requests"),
         ("/v1/files/{*rest}", "no catch-all"),
+        ("/v1/files/*rest", "no catch-all"),
+        ("/v1/x/:id", "no catch-all"),
         ("/v1/x/{a}.json", "not a route pattern"),
         ("/v1/x/a}", "not a route pattern"),
         ("/healthz", "under /v1/"),

@@ -42,6 +42,10 @@ pub async fn serve(
     let mut dbcfg = cfg.database.clone();
     dbcfg.acquire_timeout = cfg.ingress.db_timeout;
     let ingress_pool = db::connect_like(&pool, &dbcfg, "longshore-ingress");
+    // Checked before the port is bound: a refused configuration never listens.
+    let registry = app::door_registry(&cfg)?;
+    longshore_workers::ingress::check_config(&cfg, &registry)
+        .map_err(|e| CliError::usage(anyhow::anyhow!("configuration: {e}")))?;
     let listener = tokio::net::TcpListener::bind(&cfg.ingress.listen)
         .await
         .map_err(|e| {
@@ -58,9 +62,6 @@ pub async fn serve(
         cfg.metrics.sample_interval,
         stop.clone(),
     ));
-    let registry = app::door_registry(&cfg)?;
-    longshore_workers::ingress::check_config(&cfg, &registry)
-        .map_err(|e| CliError::usage(anyhow::anyhow!("configuration: {e}")))?;
     let ingress = Ingress::new(ingress_pool, registry, cfg, Some(metrics));
     ingress.serve(listener, stop).await?;
     let _ = sampler.await;

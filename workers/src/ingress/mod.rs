@@ -99,9 +99,11 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
                 r.path, r.scope
             ));
         }
-        if !r.path.starts_with("/v1/") || r.path.contains("{*") {
+        // axum refuses (panics on) a segment in its old `:param` / `*rest` syntax.
+        let old_syntax = r.path.split('/').any(|s| s.starts_with([':', '*']));
+        if !r.path.starts_with("/v1/") || r.path.contains("{*") || old_syntax {
             return Err(format!(
-                "text route {}: the path must be under /v1/ and have no catch-all segment",
+                "text route {}: the path must be under /v1/ and have no catch-all segment nor a `:`/`*` one",
                 r.path
             ));
         }
