@@ -751,8 +751,9 @@ async fn a_paused_queue_takes_jobs_no_worker_claims_them_and_resume_drains_it() 
 }
 
 /// Issue 19: `longshore job cancel` takes a waiting job out for good (it is recorded as
-/// `cancelled` and never runs: its effect is never written), refuses a job a worker
-/// holds (which then finishes), and says so for a job already ended or unknown;
+/// `cancelled` and never runs: its effect is never written), stops a running one at its
+/// worker's next heartbeat (its transaction rolled back), and says so for a job already
+/// ended or unknown;
 /// `longshore job retry` makes a delayed job visible now. Every action is recorded.
 #[tokio::test]
 async fn job_cancel_and_retry_now() {
@@ -810,29 +811,97 @@ async fn job_cancel_and_retry_now() {
     let _w = Proc::spawn(
         &t.url,
         &["worker"],
-        &[("LONGSHORE__WORKER__POLL_INTERVAL", "100ms")],
+        &[
+            ("LONGSHORE__WORKER__POLL_INTERVAL", "100ms"),
+            ("LONGSHORE__QUEUES__PROBE__LEASE", "3s"),
+        ],
     );
     eventually(Duration::from_secs(10), "the retried job done", || async {
         (state(later).await? == JobState::Done).then_some(())
     })
     .await;
-    // A running job is not cancelled, and finishes.
-    let running = enqueue(&[r#"{"id":4,"sleep_ms":1500}"#]);
+    // A running job: its worker sees the request at its next heartbeat (the lease is
+    // 3 s here, a heartbeat every second) and stops it; the effect it wrote in its
+    // transaction is rolled back, and it ends cancelled long before its 20 s hold.
+    let running = enqueue(&[r#"{"id":4,"effect":true,"hold_ms":20000}"#]);
     eventually(Duration::from_secs(10), "a running job", || async {
         (state(running).await? == JobState::Running).then_some(())
     })
     .await;
-    let (code, _, err) = job(&["cancel", "probe", &running.to_string()]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("E_JOB_RUNNING"), "{err}");
-    eventually(Duration::from_secs(10), "the running job done", || async {
-        (state(running).await? == JobState::Done).then_some(())
-    })
+    let (code, out, err) = job(&["cancel", "probe", &running.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#""outcome":"requested""#), "{out}");
+    eventually(
+        Duration::from_secs(10),
+        "the running job cancelled",
+        || async { (state(running).await? == JobState::Cancelled).then_some(()) },
+    )
+    .await;
+    // By the worker that ran it, at its heartbeat: the first and only attempt, not
+    // re-claimed after its lease ran out (`deaths`) nor released (`free_reads`).
+    let (attempts, headers): (i32, serde_json::Value) = sqlx::query_as(
+        "SELECT attempts, headers FROM longshore.cancelled_jobs WHERE queue = 'probe' AND msg_id = $1",
+    )
+    .bind(running)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1, "{headers}");
+    assert!(
+        headers.get("deaths").is_none() && headers.get("free_reads").is_none(),
+        "{headers}"
+    );
+    assert_eq!(headers["cancel_requested"]["by"], "ops:ana");
+    // A job put back with a cancel request on it (its run ended in a retry before its
+    // worker saw the request) is recorded cancelled by the next claim, not run.
+    let put_back: i64 = sqlx::query_scalar(
+        r#"SELECT pgmq.send('probe', '{"id":5,"effect":true}', '{"cancel_requested":{"by":"ops:ana"}}'::jsonb, 0)"#,
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the put-back job cancelled",
+        || async { (state(put_back).await? == JobState::Cancelled).then_some(()) },
+    )
+    .await;
+    let by: String = sqlx::query_scalar(
+        "SELECT cancelled_by FROM longshore.cancelled_jobs WHERE queue = 'probe' AND msg_id = $1",
+    )
+    .bind(put_back)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(by, "ops:ana");
+    // A dead letter that still carries a cancel request (its run failed before the
+    // request was seen): an operator's `dlq retry` runs it, the request dropped.
+    sqlx::query(
+        r#"INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at)
+           VALUES ('probe', 424242, '{"id":6,"effect":true}', '{"cancel_requested":{"by":"ops:ana"}}', 1, 'x', now())"#,
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let (code, _, err) = run_cli(&t.url, &["dlq", "retry", "probe"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let pool = t.pool.clone();
+    eventually(
+        Duration::from_secs(10),
+        "the retried dead letter run",
+        || {
+            let pool = pool.clone();
+            async move {
+                (count(&pool, "SELECT count(*) FROM probe_effects WHERE id = 6").await == 1)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     assert_eq!(
         count(
             &t.pool,
-            "SELECT count(*) FROM probe_effects WHERE id IN (1, 2)"
+            "SELECT count(*) FROM probe_effects WHERE id IN (1, 2, 4, 5)"
         )
         .await,
         0,

@@ -15,9 +15,9 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Action {
-    /// Cancel a job that is waiting (visible, delayed, or in retry backoff): it never
-    /// runs and is recorded as `cancelled`. A job a worker holds is not cancelled (exit
-    /// 1, E_JOB_RUNNING).
+    /// Cancel a job: a waiting one (visible, delayed, in retry backoff) never runs
+    /// (`outcome`: cancelled); a running one is stopped at its worker's next heartbeat,
+    /// its transaction rolled back (`outcome`: requested). Either ends `cancelled`.
     Cancel {
         queue: String,
         id: i64,
@@ -62,13 +62,7 @@ pub async fn run(args: Args) -> CliResult {
             let c = store::cancel_job(&mut tx, &sql, id, &actor).await?;
             tx.commit().await?;
             match c {
-                Cancel::Cancelled | Cancel::Final => {}
-                Cancel::Running => {
-                    return Err(anyhow!(
-                        "E_JOB_RUNNING: job {id} of {queue} is held by a worker; it was not cancelled (cancelling a running job is not built yet)"
-                    )
-                    .into());
-                }
+                Cancel::Cancelled | Cancel::Requested | Cancel::Final => {}
                 Cancel::Unknown => {
                     return Err(CliError::usage(anyhow!(
                         "E_UNKNOWN_JOB: {queue} has no job {id}"

@@ -190,8 +190,10 @@ pub struct JobContext {
     /// rather than its own clock (a fire may run a little early by this host's clock,
     /// or late).
     pub fire_at: Option<DateTime<Utc>>,
-    /// Cancelled when the lease is lost or the worker's shutdown grace period ends.
-    /// Long handlers should watch it; the runtime drops the handler soon after.
+    /// Cancelled when the lease is lost, the worker's shutdown grace period ends, or an
+    /// operator cancels the job (`longshore job cancel`). Long handlers should watch it;
+    /// the runtime drops the handler soon after, and whatever it answers but `done`
+    /// after an operator's cancel, the job ends cancelled.
     pub cancel: CancellationToken,
     pool: PgPool,
     tx: Option<Transaction<'static, Postgres>>,

@@ -23,6 +23,8 @@ pub(crate) enum Action {
         attempts: u32,
         error: String,
     },
+    /// An operator cancelled it: out of the queue, recorded as cancelled.
+    Cancel,
 }
 
 impl Action {
@@ -42,6 +44,7 @@ impl Action {
             (Action::Reschedule { .. }, _) => "retry",
             (Action::Bury { .. }, Outcome::Fail(_)) => "fail",
             (Action::Bury { .. }, _) => "exhausted",
+            (Action::Cancel, _) => "cancelled",
         }
     }
 }

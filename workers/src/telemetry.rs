@@ -31,8 +31,8 @@ pub const QUEUE_PAUSED: &str = "longshore_queue_paused";
 /// the fleet; a count that keeps failing shows here).
 pub const QUEUE_SAMPLE_AGE: &str = "longshore_queue_sample_age_seconds";
 /// Counter `{queue,outcome}`: how runs ended (done, retry, snooze, fail, exhausted,
-/// released, lapsed, lost), and messages dead-lettered at claim without a run
-/// (`exhausted`, or `fail` when undecodable). Jobs handed back unrun at a shutdown are
+/// released, lapsed, lost, cancelled), and messages settled at claim without a run
+/// (`exhausted`, `fail` when undecodable, `cancelled` by an operator). Jobs handed back unrun at a shutdown are
 /// not counted.
 pub const JOBS_TOTAL: &str = "longshore_jobs_total";
 /// Histogram `{queue}`: how long a run took.

@@ -457,7 +457,7 @@ impl Handler for LlmCallHandler {
             let outcome = tokio::select! {
                 r = provider.complete(&req) => r,
                 _ = ctx.cancel.cancelled() => {
-                    return Err(JobError::retry("cancelled during a provider call (shutdown or lost lease)"));
+                    return Err(JobError::retry("cancelled during a provider call (shutdown, lost lease or an operator's cancel)"));
                 }
             };
             let latency_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);

@@ -121,6 +121,12 @@ pub enum Beat {
     Busy,
     /// No longer ours: acknowledged, or claimed by someone else after the lease ran out.
     Gone,
+    /// Still ours (`extended` or not, as for [`Beat::Extended`] and [`Beat::Busy`]),
+    /// and an operator asked to cancel it: its run is to stop.
+    Cancelled {
+        /// The lease was extended too.
+        extended: bool,
+    },
 }
 
 /// Claims up to $1 visible messages with a lease of $2 seconds, and up to $3 suspects,
@@ -253,7 +259,10 @@ extended AS (
 SELECT f.id,
        EXISTS (SELECT 1 FROM extended e WHERE e.msg_id = f.id) AS extended,
        EXISTS (SELECT 1 FROM {q} m
-                WHERE m.msg_id = f.id AND m.read_ct = f.ct AND m.last_read_at IS NOT NULL) AS held
+                WHERE m.msg_id = f.id AND m.read_ct = f.ct AND m.last_read_at IS NOT NULL) AS held,
+       EXISTS (SELECT 1 FROM {q} m
+                WHERE m.msg_id = f.id AND m.read_ct = f.ct
+                  AND longshore.headers(m.headers) ? 'cancel_requested') AS cancel
   FROM f
 "#;
 
@@ -358,10 +367,13 @@ impl QueueSql {
         let mut by_id = std::collections::HashMap::with_capacity(rows.len());
         for r in rows {
             let id: i64 = r.try_get(0)?;
-            let beat = match (r.try_get::<bool, _>(1)?, r.try_get::<bool, _>(2)?) {
-                (true, _) => Beat::Extended,
-                (false, true) => Beat::Busy,
-                (false, false) => Beat::Gone,
+            let (extended, held, cancel): (bool, bool, bool) =
+                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            let beat = match (extended, held, cancel) {
+                (extended, true, true) => Beat::Cancelled { extended },
+                (true, _, _) => Beat::Extended,
+                (false, true, _) => Beat::Busy,
+                (false, false, _) => Beat::Gone,
             };
             by_id.insert(id, beat);
         }

@@ -48,6 +48,8 @@ pub enum Completion {
     Reschedule(Reschedule),
     /// Moved to the dead letters.
     Bury(Bury),
+    /// Cancelled by an operator: moved to `longshore.cancelled_jobs`.
+    Cancel(Fence),
 }
 
 /// The statement that writes a [`Completion`]: a batch runs one per kind present.
@@ -61,6 +63,8 @@ pub enum Statement {
     Reschedule,
     /// Writes [`Completion::Bury`]s.
     Bury,
+    /// Writes [`Completion::Cancel`]s.
+    Cancel,
 }
 
 impl Completion {
@@ -83,6 +87,7 @@ impl Completion {
                 attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
                 error,
             }),
+            Action::Cancel => Completion::Cancel(fence),
         }
     }
 
@@ -96,7 +101,7 @@ impl Completion {
     /// The claim this completion settles.
     pub fn fence(&self) -> Fence {
         match self {
-            Completion::Archive(f, _) | Completion::Delete(f) => *f,
+            Completion::Archive(f, _) | Completion::Delete(f) | Completion::Cancel(f) => *f,
             Completion::Reschedule(r) => r.fence,
             Completion::Bury(b) => b.fence,
         }
@@ -109,6 +114,7 @@ impl Completion {
             Completion::Delete(_) => Statement::Delete,
             Completion::Reschedule(_) => Statement::Reschedule,
             Completion::Bury(_) => Statement::Bury,
+            Completion::Cancel(_) => Statement::Cancel,
         }
     }
 
@@ -124,6 +130,7 @@ impl Completion {
             Completion::Reschedule(r) if r.free => "snooze or release",
             Completion::Reschedule(_) => "retry",
             Completion::Bury(_) => "dead letter",
+            Completion::Cancel(_) => "cancelled",
         }
     }
 }
@@ -173,13 +180,15 @@ RETURNING msg_id
 
 /// Retry, snooze, release. Fenced on `last_read_at IS NOT NULL` as well, which this
 /// statement clears: applied twice (a retry after a lost answer), it changes nothing the
-/// second time, so a release can never count two free reads.
+/// second time, so a release can never count two free reads. A message with a cancel
+/// request is due at once, whatever its delay: the next claim records it cancelled.
 pub(super) const RESCHEDULE: &str = r#"
 WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[], $3::float8[], $4::text[], $5::bool[])
                    AS f(id, ct, delay, err, free)),
 held AS ({held})
 UPDATE {q} m
-   SET vt           = clock_timestamp() + make_interval(secs => held.delay),
+   SET vt           = CASE WHEN longshore.headers(m.headers) ? 'cancel_requested' THEN clock_timestamp()
+                           ELSE clock_timestamp() + make_interval(secs => held.delay) END,
        last_read_at = NULL,
        headers      = (longshore.headers(m.headers) - 'deaths')
                       || CASE WHEN held.err IS NULL THEN '{}'::jsonb
@@ -207,6 +216,26 @@ SELECT '{name}', msg_id, message, longshore.headers(headers) || jsonb_build_obje
 ON CONFLICT (queue, msg_id) DO UPDATE
    SET message = excluded.message, headers = excluded.headers, attempts = excluded.attempts,
        last_error = excluded.last_error, failed_at = now()
+RETURNING msg_id
+"#;
+
+/// A held message an operator cancelled, to `longshore.cancelled_jobs` (who asked is
+/// in its `cancel_requested` header).
+pub(super) const CANCEL: &str = r#"
+WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[]) AS f(id, ct)),
+held AS ({held}),
+gone AS (
+    DELETE FROM {q} m USING held
+     WHERE m.msg_id = held.msg_id AND m.msg_id = ANY ($1::bigint[])
+    RETURNING m.msg_id, m.read_ct, m.message, m.headers, m.enqueued_at
+)
+INSERT INTO longshore.cancelled_jobs (queue, msg_id, message, headers, attempts, enqueued_at, cancelled_by)
+SELECT '{name}', msg_id, message, headers, longshore.attempts(read_ct, headers), enqueued_at,
+       coalesce(longshore.headers(headers) -> 'cancel_requested' ->> 'by', 'unknown')
+  FROM gone
+ON CONFLICT (queue, msg_id) DO UPDATE
+   SET message = excluded.message, headers = excluded.headers, attempts = excluded.attempts,
+       enqueued_at = excluded.enqueued_at, cancelled_by = excluded.cancelled_by, cancelled_at = now()
 RETURNING msg_id
 "#;
 
@@ -254,6 +283,16 @@ impl QueueSql {
             .collect();
         if !bury.is_empty() {
             ids.extend(self.bury(&mut *c, &bury).await?);
+        }
+        let cancel: Vec<Fence> = of(Statement::Cancel).map(Completion::fence).collect();
+        if !cancel.is_empty() {
+            let (fids, cts) = split(&cancel);
+            let done: Vec<i64> = sqlx::query_scalar(&self.cancel)
+                .bind(fids)
+                .bind(cts)
+                .fetch_all(&mut *c)
+                .await?;
+            ids.extend(done);
         }
         Ok(ids)
     }

@@ -105,19 +105,50 @@ pub enum Cancel {
     /// It was waiting (visible, delayed or in backoff): it is out of the queue and
     /// recorded as cancelled; it never runs.
     Cancelled,
-    /// A worker holds it now (running, or settling): not cancelled. Cancelling a
-    /// running job is not built yet (issue 19).
-    Running,
+    /// A worker holds it (running): the request is in its `cancel_requested` header. The worker
+    /// sees it at its next heartbeat (every third of the lease) and cancels the run: its
+    /// `ctx.tx()` rolls back and it is recorded as cancelled. Should the run end first,
+    /// a done outcome stands (the job is done), and any other puts the job back, where
+    /// the next claim records it cancelled without running it.
+    Requested,
     /// It had already ended: done, dead or cancelled.
     Final,
     /// No such job (never enqueued, or pruned).
     Unknown,
 }
 
-/// Cancels job `msg_id` of `sql`'s queue if no worker holds it, recording `actor`; in
-/// the caller's transaction. A claim racing with it either takes the job first (then
-/// the row's lock makes this wait, and it finds the job held) or finds it gone.
+/// Cancels job `msg_id` of `sql`'s queue, recording `actor`; in the caller's
+/// transaction. A waiting job is cancelled at once; a held one is asked to stop
+/// ([`Cancel::Requested`]). Each write re-checks its row under its lock, so a claim or
+/// a settle racing with it is seen: the job is then tried the other way (a few times).
 pub async fn cancel_job(
+    tx: &mut PgConnection,
+    sql: &super::QueueSql,
+    msg_id: i64,
+    actor: &str,
+) -> Result<Cancel, sqlx::Error> {
+    let q = &sql.name;
+    let mut outcome = Cancel::Unknown;
+    for _ in 0..3 {
+        outcome = cancel_once(tx, sql, msg_id, actor).await?;
+        // Queued again between the two writes (a release, a retry): try again.
+        if outcome != Cancel::Unknown || sql.status(&mut *tx, msg_id).await?.is_none() {
+            break;
+        }
+    }
+    record(
+        tx,
+        actor,
+        "cancel",
+        q,
+        serde_json::json!({"id": msg_id, "outcome": outcome}),
+    )
+    .await?;
+    Ok(outcome)
+}
+
+/// One try of [`cancel_job`]: `Unknown` also when the job is waiting again.
+async fn cancel_once(
     tx: &mut PgConnection,
     sql: &super::QueueSql,
     msg_id: i64,
@@ -145,23 +176,32 @@ RETURNING msg_id
     .bind(actor)
     .fetch_optional(&mut *tx)
     .await?;
-    let outcome = match cancelled {
-        Some(_) => Cancel::Cancelled,
-        None => match sql.status(&mut *tx, msg_id).await? {
-            None => Cancel::Unknown,
-            Some(s) if s.state.is_final() => Cancel::Final,
-            Some(_) => Cancel::Running,
-        },
-    };
-    record(
-        tx,
-        actor,
-        "cancel",
+    if cancelled.is_some() {
+        return Ok(Cancel::Cancelled);
+    }
+    // Held now: ask its worker to stop.
+    let requested: Option<i64> = sqlx::query_scalar(&super::render(
+        r#"
+UPDATE {q}
+   SET headers = longshore.headers(headers)
+                 || jsonb_build_object('cancel_requested', jsonb_build_object('by', $2::text, 'at', now()))
+ WHERE msg_id = $1 AND last_read_at IS NOT NULL AND vt > clock_timestamp()
+RETURNING msg_id
+"#,
         q,
-        serde_json::json!({"id": msg_id, "outcome": outcome}),
-    )
+    ))
+    .bind(msg_id)
+    .bind(actor)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(outcome)
+    if requested.is_some() {
+        return Ok(Cancel::Requested);
+    }
+    Ok(match sql.status(&mut *tx, msg_id).await? {
+        Some(s) if s.state.is_final() => Cancel::Final,
+        // None, or waiting again: the caller decides.
+        _ => Cancel::Unknown,
+    })
 }
 
 /// What [`retry_now`] did.

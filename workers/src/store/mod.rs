@@ -19,7 +19,8 @@
 //!
 //! Header keys the runtime owns: `last_error`, `free_reads`, `deaths` (runs in a row
 //! that ended with no outcome: the worker died or lost its lease), `result` (in the
-//! archive), `idempotency_key`, `run_at`. They are read with `longshore.header_int`, so
+//! archive), `idempotency_key`, `run_at`, `cancel_requested` (an operator's cancel of a
+//! held job: `{"by", "at"}`). They are read with `longshore.header_int`, so
 //! no value a producer writes there can fail a statement.
 
 pub mod claim;
@@ -36,7 +37,7 @@ use sqlx::{PgExecutor, Row};
 
 pub use self::claim::{Beat, BuriedAtClaim, ClaimRequest, ClaimResult, Claimed, Undecodable};
 use self::claim::{CLAIM, HEARTBEAT};
-use self::complete::{ACK_ARCHIVE, ACK_DELETE, BURY, HELD_LOCKED, RESCHEDULE};
+use self::complete::{ACK_ARCHIVE, ACK_DELETE, BURY, CANCEL, HELD_LOCKED, RESCHEDULE};
 pub use self::complete::{Bury, Completion, Reschedule, Statement};
 pub use self::controls::{
     Cancel, QueueControl, RetryNow, cancel_job, queue_controls, retry_now, set_paused,
@@ -151,6 +152,7 @@ pub struct QueueSql {
     ack_delete: String,
     reschedule: String,
     bury: String,
+    cancel: String,
     heartbeat: String,
     insert: String,
     stats: String,
@@ -234,6 +236,7 @@ impl QueueSql {
             ack_delete: with_held(ACK_DELETE, ""),
             reschedule: with_held(RESCHEDULE, ", f.delay, f.err, f.free"),
             bury: with_held(BURY, ", f.attempts, f.err"),
+            cancel: with_held(CANCEL, ""),
             heartbeat: render(HEARTBEAT, &name),
             insert: render(INSERT, &name),
             stats: render(STATS, &name),

@@ -257,10 +257,12 @@ impl Completer {
             Completion::Delete(_) => vec![bury(format!(
                 "the job completed, but its completion could not be recorded ({e}); retry it only if it is safe to run twice"
             ))],
-            Completion::Reschedule(_) | Completion::Bury(_) => vec![bury(format!(
-                "the runtime could not record this job's outcome ({}): {e}",
-                item.label()
-            ))],
+            Completion::Reschedule(_) | Completion::Bury(_) | Completion::Cancel(_) => {
+                vec![bury(format!(
+                    "the runtime could not record this job's outcome ({}): {e}",
+                    item.label()
+                ))]
+            }
         };
         for alt in alternatives {
             match self

@@ -231,6 +231,25 @@ impl Consumer {
                         let mut permit = permit;
                         let mut slots = slots;
                         for msg in batch.claimed {
+                            // Cancelled by an operator while a worker held it, which then
+                            // put it back (a retry, a release) before it saw the request:
+                            // it does not run again.
+                            if msg.headers.get("cancel_requested").is_some() {
+                                metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => "cancelled").increment(1);
+                                info!(
+                                    queue = self.queue,
+                                    id = msg.msg_id,
+                                    "cancelled by an operator; not run"
+                                );
+                                let _ = settle_tx.send(Settle {
+                                    fence: Fence {
+                                        msg_id: msg.msg_id,
+                                        read_ct: msg.read_ct,
+                                    },
+                                    action: Action::Cancel,
+                                });
+                                continue;
+                            }
                             let suspect = if msg.suspect { permit.take() } else { None };
                             let slot = take_one(&mut slots);
                             self.start(&mut jobs, msg, sent, suspect, slot, &settle_tx);

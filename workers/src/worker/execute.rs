@@ -98,6 +98,18 @@ impl Consumer {
         let elapsed = started.elapsed();
         metrics::histogram!(t::JOB_DURATION, "queue" => self.queue).record(elapsed.as_secs_f64());
         let tx = ctx.take_tx();
+        // An operator's cancel that the handler saw and answered (a retry, say, as a
+        // handler watching `ctx.cancel` may): cancelled all the same. A done outcome
+        // stands: the work is done.
+        let outcome = match outcome {
+            Some(o)
+                if !matches!(o, Outcome::Done(_))
+                    && self.held.why(fence) == Some(Stop::Cancelled) =>
+            {
+                None
+            }
+            o => o,
+        };
         let Some(outcome) = outcome else {
             return self
                 .settle_cancelled(fence, attempt, true, tx, &settle)
@@ -166,6 +178,7 @@ impl Consumer {
             Some(Stop::LeaseLost) | None => "lost",
             Some(Stop::Shutdown) => "released",
             Some(Stop::LeaseLapsed) => "lapsed",
+            Some(Stop::Cancelled) => "cancelled",
         };
         metrics::counter!(t::JOBS_TOTAL, "queue" => self.queue, "outcome" => outcome).increment(1);
         let action = match why {
@@ -173,6 +186,10 @@ impl Consumer {
                 warn!("job cancelled: its lease was lost; its effects were rolled back");
                 self.held.finish(fence);
                 return;
+            }
+            Some(Stop::Cancelled) => {
+                info!("job cancelled by an operator; its effects were rolled back");
+                Action::Cancel
             }
             Some(Stop::Shutdown | Stop::LeaseLapsed) if !started => {
                 info!("job cancelled before it started; released (its attempt is not spent)");

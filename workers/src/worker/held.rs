@@ -42,6 +42,8 @@ pub(crate) enum Stop {
     LeaseLapsed,
     /// The message is no longer ours (claimed again, here or elsewhere): nothing to write.
     LeaseLost,
+    /// An operator cancelled it: its effects roll back and it is recorded as cancelled.
+    Cancelled,
 }
 
 struct Entry {
@@ -207,6 +209,15 @@ impl Held {
             match beat {
                 Beat::Extended => e.lease_until = e.lease_until.max(sent + lease),
                 Beat::Busy => {}
+                Beat::Cancelled { extended } => {
+                    if *extended {
+                        e.lease_until = e.lease_until.max(sent + lease);
+                    }
+                    if e.phase != Phase::Settling && e.why.is_none() {
+                        e.why = Some(Stop::Cancelled);
+                        e.cancel.cancel();
+                    }
+                }
                 Beat::Gone => {
                     if e.phase != Phase::Settling && e.why.is_none() {
                         e.why = Some(Stop::LeaseLost);
@@ -377,5 +388,38 @@ mod tests {
             h.lapse(now + Duration::from_secs(12), Duration::from_secs(2))
                 .is_empty()
         );
+    }
+
+    /// A cancel request found by a heartbeat stops the run once, with its reason, and
+    /// still extends the lease when the heartbeat did (the run must settle under it).
+    #[test]
+    fn a_cancel_request_stops_the_run_and_keeps_the_lease() {
+        let h = Held::default();
+        let now = Instant::now();
+        let c = h.claim(
+            f(3, 1),
+            now + Duration::from_secs(10),
+            now + Duration::from_secs(60),
+            None,
+        );
+        h.beaten(
+            now + Duration::from_secs(5),
+            Duration::from_secs(10),
+            &[(f(3, 1), Beat::Cancelled { extended: true })],
+        );
+        assert!(c.cancel.is_cancelled());
+        assert_eq!(h.why(f(3, 1)), Some(Stop::Cancelled));
+        assert!(
+            h.lapse(now + Duration::from_secs(12), Duration::from_secs(2))
+                .is_empty(),
+            "already stopping: not lapsed, and its lease was extended"
+        );
+        // A second request (the next heartbeat) changes nothing.
+        h.beaten(
+            now + Duration::from_secs(6),
+            Duration::from_secs(10),
+            &[(f(3, 1), Beat::Cancelled { extended: false })],
+        );
+        assert_eq!(h.why(f(3, 1)), Some(Stop::Cancelled));
     }
 }
