@@ -58,6 +58,22 @@ rate_per_second = 10
 burst = 10
 revoked = true
 
+[[ingress.tokens]]
+name = "ops-read"
+sha256 = "{admin_read}"
+queues = []
+scopes = ["admin:read"]
+rate_per_second = 1000
+burst = 1000
+
+[[ingress.tokens]]
+name = "ops"
+sha256 = "{admin_write}"
+queues = []
+scopes = ["admin:write"]
+rate_per_second = 1000
+burst = 1000
+
 [hooks.watch]
 secret = "{HOOK_SECRET}"
 queue = "probe"
@@ -75,6 +91,8 @@ allow_replay = true
         probe = sha("tok-probe"),
         slow = sha("tok-slow"),
         revoked = sha("tok-revoked"),
+        admin_read = sha("tok-admin-read"),
+        admin_write = sha("tok-admin-write"),
     )
 }
 
@@ -1337,12 +1355,196 @@ burst = 10
         .unwrap_err();
     assert!(
         e.contains("ingress.tokens[0].scopes")
-            && e.contains(r#"known scopes are "logs", "read_all""#),
+            && e.contains(r#"known scopes are "admin:read", "admin:write", "logs", "read_all""#),
         "{e}"
     );
     // Without the pipelines' routes, `logs` is not a scope at all.
     let bare = longshore_workers::Registry::new();
     let e =
         longshore_workers::ingress::check_config(&with_scopes(r#"["logs"]"#), &bare).unwrap_err();
-    assert!(e.contains(r#"known scopes are "read_all""#), "{e}");
+    assert!(
+        e.contains(r#"known scopes are "admin:read", "admin:write", "read_all""#),
+        "{e}"
+    );
+}
+
+/// Issue 19: the operator controls over HTTP. `admin:read` sees the queues (with the
+/// pause) and may not act (403 `scope_forbidden`); `admin:write` pauses and resumes a
+/// queue and cancels and retries jobs, each recorded under `token:<name>`; an enqueue
+/// token reaches nothing under /v1/admin/; unknown queues and jobs are 404.
+#[tokio::test]
+async fn admin_routes_read_and_act_by_scope() {
+    let env = start().await;
+    let get = |path: &str, tok: &str| {
+        env.http
+            .get(format!("{}{path}", env.base))
+            .bearer_auth(tok)
+            .send()
+    };
+    // The ingress samples the queue gauges; wait for probe's row.
+    let base = env.base.clone();
+    let http = env.http.clone();
+    eventually(Duration::from_secs(10), "queue figures", || {
+        let (base, http) = (base.clone(), http.clone());
+        async move {
+            let v: Value = http
+                .get(format!("{base}/v1/admin/queues"))
+                .bearer_auth("tok-admin-read")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["queues"]
+                .as_array()?
+                .iter()
+                .any(|q| q["queue"] == "probe" && q["paused"] == false)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        error_code(
+            get("/v1/admin/queues", "tok-all-canary").await.unwrap(),
+            403
+        )
+        .await,
+        "scope_forbidden"
+    );
+    let r = env
+        .post("/v1/admin/queues/probe/pause", Some("tok-admin-read"), "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 403).await, "scope_forbidden");
+
+    // Pause with a reason; the read token sees it.
+    let r = env
+        .post(
+            "/v1/admin/queues/probe/pause",
+            Some("tok-admin-write"),
+            r#"{"reason":"deploy"}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            v["paused"].as_bool(),
+            v["changed"].as_bool(),
+            v["by"].as_str()
+        ),
+        (Some(true), Some(true), Some("token:ops"))
+    );
+    let v: Value = get("/v1/admin/queues", "tok-admin-read")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let probe = v["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "probe")
+        .unwrap();
+    assert_eq!(probe["paused"], true, "{v}");
+    let r = env
+        .post(
+            "/v1/admin/queues/probe/pause",
+            Some("tok-admin-write"),
+            "[1",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "invalid_json");
+    let r = env
+        .post("/v1/admin/queues/nosuch/pause", Some("tok-admin-write"), "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_queue");
+
+    // A delayed job: retry makes it visible; cancel takes it out.
+    let r = env
+        .post(
+            "/v1/queues/probe/jobs?delay=3600",
+            Some("tok-all-canary"),
+            r#"{"id":1}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let act = |what: &str| {
+        env.post(
+            &format!("/v1/admin/jobs/probe/{id}/{what}"),
+            Some("tok-admin-write"),
+            "",
+        )
+        .send()
+    };
+    let v: Value = act("retry").await.unwrap().json().await.unwrap();
+    assert_eq!(v["outcome"], "visible", "{v}");
+    let v: Value = act("cancel").await.unwrap().json().await.unwrap();
+    assert_eq!(v["outcome"], "cancelled", "{v}");
+    let v: Value = act("cancel").await.unwrap().json().await.unwrap();
+    assert_eq!(v["outcome"], "final", "{v}");
+    let status: Value = env
+        .http
+        .get(format!("{}/v1/jobs/probe/{id}", env.base))
+        .bearer_auth("tok-all-canary")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "cancelled", "{status}");
+    let r = env
+        .post(
+            "/v1/admin/jobs/probe/999999/cancel",
+            Some("tok-admin-write"),
+            "",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_job");
+    let r = env
+        .post("/v1/admin/jobs/probe/x/retry", Some("tok-admin-write"), "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_job");
+
+    let r = env
+        .post("/v1/admin/queues/probe/resume", Some("tok-admin-write"), "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let actions: Vec<(String, String)> =
+        sqlx::query_as("SELECT actor, action FROM longshore.operator_actions ORDER BY id")
+            .fetch_all(&env.t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        actions
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("token:ops", "pause"),
+            ("token:ops", "retry_now"),
+            ("token:ops", "cancel"),
+            ("token:ops", "cancel"),
+            ("token:ops", "resume"),
+        ]
+    );
 }

@@ -163,24 +163,45 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
         })
         .await?;
     }
-    let rows = run(pool, async |c| {
-        // The pause is read live (a small table), not sampled.
-        sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64, bool)>(
-            r#"SELECT s.queue, s.visible, s.in_flight, s.delayed, s.oldest_age_seconds, s.dead_letters,
-                    extract(epoch FROM now() - s.sampled_at)::float8, coalesce(c.paused, false)
-               FROM longshore.queue_samples s LEFT JOIN longshore.queue_controls c USING (queue)
-              ORDER BY s.queue"#,
-        )
-        .fetch_all(c)
-        .await
+    let rows = run(pool, async |c| read_samples(c).await).await?;
+    let age_seconds = rows.iter().map(|r| r.1).fold(0.0, f64::max);
+    let queues = rows.into_iter().map(|(s, _)| s).collect();
+    Ok(Sample {
+        counted,
+        failed,
+        queues,
+        age_seconds,
     })
+}
+
+/// The fleet's latest queue figures (`longshore.queue_samples`) with each one's age in
+/// seconds, by queue; the pause is read live (a small table), not sampled. The archive
+/// is not counted (`archived` is 0).
+pub async fn read_samples(
+    c: &mut sqlx::PgConnection,
+) -> Result<Vec<(QueueStats, f64)>, sqlx::Error> {
+    let rows = sqlx::query_as::<_, (String, i64, i64, i64, f64, i64, f64, bool)>(
+        r#"SELECT s.queue, s.visible, s.in_flight, s.delayed, s.oldest_age_seconds, s.dead_letters,
+                extract(epoch FROM now() - s.sampled_at)::float8, coalesce(c.paused, false)
+           FROM longshore.queue_samples s LEFT JOIN longshore.queue_controls c USING (queue)
+          ORDER BY s.queue"#,
+    )
+    .fetch_all(c)
     .await?;
-    let age_seconds = rows.iter().map(|r| r.6).fold(0.0, f64::max);
-    let queues = rows
+    Ok(rows
         .into_iter()
         .map(
-            |(queue, visible, in_flight, delayed, oldest_age_seconds, dead_letters, _, paused)| {
-                QueueStats {
+            |(
+                queue,
+                visible,
+                in_flight,
+                delayed,
+                oldest_age_seconds,
+                dead_letters,
+                age,
+                paused,
+            )| {
+                let s = QueueStats {
                     queue,
                     visible,
                     in_flight,
@@ -189,16 +210,11 @@ pub async fn sample_once(pool: &PgPool, every: Duration) -> Result<Sample, sqlx:
                     dead_letters,
                     archived: 0,
                     paused,
-                }
+                };
+                (s, age)
             },
         )
-        .collect();
-    Ok(Sample {
-        counted,
-        failed,
-        queues,
-        age_seconds,
-    })
+        .collect())
 }
 
 /// Sets the gauges of `sample`; a queue exported before and gone now (dropped) is set

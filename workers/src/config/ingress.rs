@@ -224,13 +224,18 @@ impl Config {
                     "must be 1 to 64 visible ASCII characters and unique",
                 ));
             }
-            // Which scopes exist is the ingress's to say (`read_all`, and the scopes
-            // of the pipelines' text routes): `ingress::check_config`.
+            // Which scopes exist is the ingress's to say (`read_all`, `admin:read`,
+            // `admin:write`, and the scopes of the pipelines' text routes, which have no
+            // colon): `ingress::check_config`.
             for s in &t.scopes {
-                if s.is_empty() || !s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                if s.is_empty()
+                    || !s
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b':')
+                {
                     return Err(ConfigError::invalid(
                         key("scopes"),
-                        format!("{s:?}: a scope is lowercase letters and underscores"),
+                        format!("{s:?}: a scope is lowercase letters, underscores and colons"),
                     ));
                 }
             }

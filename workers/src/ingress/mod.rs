@@ -12,6 +12,7 @@
 //! produces itself (unknown route, wrong method), from the status code. The request id
 //! is also in the `x-request-id` header and in the request's log line.
 
+pub mod admin;
 mod auth;
 mod codes;
 mod routes;
@@ -68,10 +69,13 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
     // Scopes: `read_all` is the runtime's; the others are the text routes'.
     for (n, t) in cfg.ingress.tokens.iter().enumerate() {
         for s in &t.scopes {
-            let known = s == "read_all" || registry.text_routes().iter().any(|r| r.scope == s);
+            let known = s == "read_all"
+                || s == admin::READ
+                || s == admin::WRITE
+                || registry.text_routes().iter().any(|r| r.scope == s);
             if !known {
                 let mut all: Vec<&str> = registry.text_routes().iter().map(|r| r.scope).collect();
-                all.push("read_all");
+                all.extend(["read_all", admin::READ, admin::WRITE]);
                 all.sort_unstable();
                 all.dedup();
                 return Err(format!(
@@ -247,7 +251,7 @@ impl Ingress {
 
     /// The runtime's own routes: the one list its router is built from and the text
     /// routes are checked against.
-    fn runtime_routes() -> [(&'static str, MethodRouter<Arc<Self>>); 8] {
+    fn runtime_routes() -> [(&'static str, MethodRouter<Arc<Self>>); 13] {
         [
             ("/v1/queues/{queue}/jobs", post(routes::enqueue_one)),
             ("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch)),
@@ -257,6 +261,11 @@ impl Ingress {
             ("/readyz", get(routes::readyz)),
             ("/metrics", get(routes::public_metrics)),
             ("/openapi.json", get(routes::openapi)),
+            ("/v1/admin/queues", get(admin::queues)),
+            ("/v1/admin/queues/{queue}/pause", post(admin::pause)),
+            ("/v1/admin/queues/{queue}/resume", post(admin::resume)),
+            ("/v1/admin/jobs/{queue}/{id}/cancel", post(admin::cancel)),
+            ("/v1/admin/jobs/{queue}/{id}/retry", post(admin::retry)),
         ]
     }
 

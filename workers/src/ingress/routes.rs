@@ -23,10 +23,10 @@ use crate::enqueue::{EnqueueError, EnqueueOptions, Enqueued, queue_sql};
 use crate::queue_name::QueueName;
 use crate::store;
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 /// A queue from the path: a valid name of a registered kind, else 404 before any SQL.
-fn known_queue(st: &Ingress, raw: &str) -> ApiResult<QueueName> {
+pub(super) fn known_queue(st: &Ingress, raw: &str) -> ApiResult<QueueName> {
     let q = QueueName::parse(raw).map_err(|_| no_such_queue())?;
     if !st.registry.contains(q.as_str()) {
         return Err(no_such_queue());
@@ -51,7 +51,7 @@ fn public_queue(st: &Ingress, raw: &str) -> ApiResult<QueueName> {
 /// Authenticates the request (before anything about the route is revealed) and records
 /// the caller's name for the request's log line. A failed attempt counts against the
 /// client address's unauthenticated budget (429 past it, so guessing is slow).
-fn caller<'a>(
+pub(super) fn caller<'a>(
     st: &'a Ingress,
     headers: &HeaderMap,
     slot: &CallerSlot,
@@ -71,7 +71,7 @@ fn caller<'a>(
 }
 
 /// Reads the body within the size limit and the read timeout.
-async fn read_body(st: &Ingress, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+pub(super) async fn read_body(st: &Ingress, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
     let limit = st.cfg.ingress.body_limit_bytes;
     let too_large = || {
         ApiError::new(
@@ -190,7 +190,7 @@ impl EnqueueQuery {
 /// or unreachable server must give 503, never a hung request (the server-side
 /// statement_timeout cannot fire on a server that is not running). A 503 after a
 /// timeout is ambiguous about an enqueue; clients retry with an Idempotency-Key.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     st: &Ingress,
     fut: impl std::future::Future<Output = ApiResult<T>>,
 ) -> ApiResult<T> {
@@ -664,6 +664,11 @@ pub(super) async fn openapi(State(st): State<Arc<Ingress>>) -> Response {
         st.openapi.clone(),
     )
         .into_response()
+}
+
+/// The fallback's answer, for a path that matched a route's pattern but not its types.
+pub(super) fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
 pub(super) async fn not_found() -> ApiError {
