@@ -1232,14 +1232,8 @@ async fn idle_consumers_wake_for_delayed_jobs_and_retries_not_at_the_cap() {
 
 fn probe(id: i64) -> Probe {
     Probe {
-        id,
-        sleep_ms: None,
-        fail_times: None,
         effect: Some(true),
-        hold_ms: None,
-        panic: None,
-        abort: None,
-        block_ms: None,
+        ..Probe::new(id)
     }
 }
 

@@ -50,6 +50,10 @@ pub struct Probe {
     /// stuck-handler test).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_ms: Option<u64>,
+    /// While sleeping, watch the cancellation token and answer it with a retry, as a
+    /// handler that stops an outside call does (`llm_call`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_cancel: Option<bool>,
 }
 
 impl JobArgs for Probe {
@@ -68,6 +72,7 @@ impl Probe {
             panic: None,
             abort: None,
             block_ms: None,
+            answer_cancel: None,
         }
     }
 }
@@ -211,7 +216,17 @@ impl Handler for ProbeHandler {
             std::thread::sleep(Duration::from_millis(ms));
         }
         if let Some(ms) = args.sleep_ms.filter(|ms| *ms > 0) {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let sleep = tokio::time::sleep(Duration::from_millis(ms));
+            if args.answer_cancel == Some(true) {
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = ctx.cancel.cancelled() => {
+                        return Err(JobError::retry(format!("probe {} stopped: cancelled", args.id)));
+                    }
+                }
+            } else {
+                sleep.await;
+            }
         }
         if args.panic == Some(true) {
             panic!("probe {} asked to panic", args.id);

@@ -98,16 +98,14 @@ impl Consumer {
         let elapsed = started.elapsed();
         metrics::histogram!(t::JOB_DURATION, "queue" => self.queue).record(elapsed.as_secs_f64());
         let tx = ctx.take_tx();
-        // An operator's cancel that the handler saw and answered (a retry, say, as a
-        // handler watching `ctx.cancel` may): cancelled all the same. A done outcome
+        // A run the runtime stopped (a shutdown, a lapsed or lost lease, an operator's
+        // cancel) whose handler saw the token and answered it (a retry, say, as
+        // `llm_call` does) settles as the stop says: a shutdown releases it, a cancel
+        // cancels it, without an attempt spent on the handler's answer. `select!` above
+        // picks the answer or the token at random when both are ready. A done outcome
         // stands: the work is done.
         let outcome = match outcome {
-            Some(o)
-                if !matches!(o, Outcome::Done(_))
-                    && self.held.why(fence) == Some(Stop::Cancelled) =>
-            {
-                None
-            }
+            Some(o) if !matches!(o, Outcome::Done(_)) && self.held.why(fence).is_some() => None,
             o => o,
         };
         let Some(outcome) = outcome else {
