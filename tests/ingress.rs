@@ -1522,6 +1522,26 @@ async fn admin_routes_read_and_act_by_scope() {
         .await
         .unwrap();
     assert_eq!(error_code(r, 404).await, "unknown_job");
+    let r = env
+        .post(
+            "/v1/admin/jobs/probe/999999/retry",
+            Some("tok-admin-write"),
+            "",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "unknown_job");
+    let r = env
+        .post(
+            "/v1/admin/queues/probe/pause",
+            Some("tok-admin-write"),
+            "[1]",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "bad_request");
 
     let r = env
         .post("/v1/admin/queues/probe/resume", Some("tok-admin-write"), "")
@@ -1544,7 +1564,46 @@ async fn admin_routes_read_and_act_by_scope() {
             ("token:ops", "retry_now"),
             ("token:ops", "cancel"),
             ("token:ops", "cancel"),
+            ("token:ops", "cancel"),
             ("token:ops", "resume"),
         ]
     );
+}
+
+/// An admin token reaches every queue and customer, so one that also names queues or
+/// customers (and would look limited) is refused at start; a retry of an unknown job is
+/// 404 like a cancel.
+#[test]
+fn an_admin_token_that_names_queues_or_customers_is_refused_at_start() {
+    let registry = longshore_jobs::door_registry(&config(&[])).unwrap();
+    let load = |extra: &str| {
+        let dir = config_dir(&format!(
+            r#"
+[[ingress.tokens]]
+name = "ops"
+sha256 = "{}"
+scopes = ["admin:write"]
+rate_per_second = 10
+burst = 10
+{extra}
+"#,
+            hex::encode(Sha256::digest(b"tok"))
+        ));
+        let c = longshore_workers::Config::load_runtime_from(
+            &dir.join("config"),
+            Some("test"),
+            common::test_env(),
+        )
+        .expect("loads");
+        std::fs::remove_dir_all(&dir).unwrap();
+        c
+    };
+    longshore_workers::ingress::check_config(&load(""), &registry).expect("no queues: fine");
+    for extra in [r#"queues = ["probe"]"#, "customers = [1001]"] {
+        let e = longshore_workers::ingress::check_config(&load(extra), &registry).unwrap_err();
+        assert!(
+            e.contains("ingress.tokens[0]") && e.contains("admin"),
+            "{extra}: {e}"
+        );
+    }
 }

@@ -192,9 +192,9 @@ pub struct JobContext {
     pub fire_at: Option<DateTime<Utc>>,
     /// Cancelled when the lease is lost, the worker's shutdown grace period ends, or an
     /// operator cancels the job (`longshore job cancel`). Long handlers should watch it;
-    /// the runtime drops the handler soon after. Whatever it answers but `done` once the
-    /// token fired is not its outcome: the stop's is (a shutdown releases the job
-    /// without spending an attempt, an operator's cancel cancels it).
+    /// the runtime drops the handler soon after. A retry answered to a shutdown is
+    /// released instead (no attempt spent), and anything but `done` answered to an
+    /// operator's cancel is cancelled; other answers stand.
     pub cancel: CancellationToken,
     pool: PgPool,
     tx: Option<Transaction<'static, Postgres>>,

@@ -72,7 +72,8 @@ pub struct TokenConfig {
     pub sha256: String,
     /// Public queues it may enqueue to; `"*"` for every public kind. Internal kinds
     /// (maintenance, files, pipeline steps) cannot be named: they are never enqueued
-    /// over HTTP.
+    /// over HTTP. Empty (or unset) for an `admin:*` token.
+    #[serde(default)]
     pub queues: Vec<String>,
     /// Extra rights: `read_all` (GET any job of its queues, not only the ones it
     /// enqueued), or the scope of a route a pipeline mounts (the billing pipeline's

@@ -121,6 +121,13 @@ async fn set_paused(
                 format!("the body is not JSON: {e}"),
             )
         })?;
+        if !v.is_object() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body is a JSON object, {\"reason\": \"…\"}, or empty",
+            ));
+        }
         match v.get("reason") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(crate::clean::error_text(s)),
@@ -198,20 +205,29 @@ async fn job_action(
         let mut tx = db::begin(&st.pool, Deadline::Statement)
             .await
             .map_err(|e| ApiError::database(&e))?;
+        // An unknown job is recorded too (committed), then answered 404.
         let outcome = if cancel {
             match store::cancel_job(&mut tx, &sql, msg_id, &actor).await {
-                Ok(Cancel::Unknown) => Err(unknown_job(&queue, &id)),
-                Ok(c) => Ok(serde_json::to_value(c).expect("an enum")),
-                Err(e) => Err(ApiError::database(&e)),
+                Ok(Cancel::Unknown) => None,
+                Ok(c) => Some(serde_json::to_value(c).expect("an enum")),
+                Err(e) => return Err(ApiError::database(&e)),
             }
         } else {
-            store::retry_now(&mut tx, &sql, msg_id, &actor)
+            if sql
+                .status(&mut *tx, msg_id)
                 .await
-                .map(|r| serde_json::to_value(r).expect("an enum"))
-                .map_err(|e| ApiError::database(&e))
-        }?;
+                .map_err(|e| ApiError::database(&e))?
+                .is_none()
+            {
+                return Err(unknown_job(&queue, &id));
+            }
+            let r = store::retry_now(&mut tx, &sql, msg_id, &actor)
+                .await
+                .map_err(|e| ApiError::database(&e))?;
+            Some(serde_json::to_value(r).expect("an enum"))
+        };
         tx.commit().await.map_err(|e| ApiError::database(&e))?;
-        Ok(outcome)
+        outcome.ok_or_else(|| unknown_job(&queue, &id))
     })
     .await?;
     Ok(Json(

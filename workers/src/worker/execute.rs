@@ -98,16 +98,19 @@ impl Consumer {
         let elapsed = started.elapsed();
         metrics::histogram!(t::JOB_DURATION, "queue" => self.queue).record(elapsed.as_secs_f64());
         let tx = ctx.take_tx();
-        // A run the runtime stopped (a shutdown, a lapsed or lost lease, an operator's
-        // cancel) whose handler saw the token and answered it (a retry, say, as
-        // `llm_call` does) settles as the stop says: a shutdown releases it, a cancel
-        // cancels it, without an attempt spent on the handler's answer. `select!` above
-        // picks the answer or the token at random when both are ready. A done outcome
-        // stands: the work is done.
-        let outcome = match outcome {
-            Some(o) if !matches!(o, Outcome::Done(_)) && self.held.why(fence).is_some() => None,
-            o => o,
+        // A run the runtime stopped whose handler saw the token and answered it
+        // (`select!` above takes the answer or the token at random when both are
+        // ready) settles as the stop says where the answer is only a reaction to it: a
+        // retry at a shutdown is released (no attempt spent on it), and anything but
+        // done at an operator's cancel is cancelled. A done, a snooze (its own delay)
+        // or a fail at a shutdown, and every answer under a lapsed or lost lease, stand
+        // (fenced as ever).
+        let overridden = |o: &Outcome| match self.held.why(fence) {
+            Some(Stop::Cancelled) => !matches!(o, Outcome::Done(_)),
+            Some(Stop::Shutdown) => matches!(o, Outcome::Retry(_)),
+            _ => false,
         };
+        let outcome = outcome.filter(|o| !overridden(o));
         let Some(outcome) = outcome else {
             return self
                 .settle_cancelled(fence, attempt, true, tx, &settle)
