@@ -66,8 +66,20 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
             }
         }
     }
-    // Scopes: `read_all` is the runtime's; the others are the text routes'.
+    // Scopes: `read_all` and `admin:*` are the runtime's; the others are the text
+    // routes'. The admin routes reach every registered queue and every customer's jobs:
+    // a token that holds an admin scope and also names queues or customers would look
+    // limited and not be.
     for (n, t) in cfg.ingress.tokens.iter().enumerate() {
+        let admin = t
+            .scopes
+            .iter()
+            .any(|s| s == admin::READ || s == admin::WRITE);
+        if admin && (!t.queues.is_empty() || t.customers.is_some()) {
+            return Err(format!(
+                "ingress.tokens[{n}]: an admin:read/admin:write token acts on every queue; give it no queues or customers (enqueue with another token)"
+            ));
+        }
         for s in &t.scopes {
             let known = s == "read_all"
                 || s == admin::READ
@@ -86,20 +98,6 @@ pub fn check_config(cfg: &Config, registry: &Registry) -> Result<(), String> {
                         .join(", ")
                 ));
             }
-        }
-    }
-    // The admin routes reach every registered queue and every customer's jobs: a token
-    // that holds an admin scope and also names queues or customers would look limited
-    // and not be.
-    for (n, t) in cfg.ingress.tokens.iter().enumerate() {
-        let admin = t
-            .scopes
-            .iter()
-            .any(|s| s == admin::READ || s == admin::WRITE);
-        if admin && (!t.queues.is_empty() || t.customers.is_some()) {
-            return Err(format!(
-                "ingress.tokens[{n}]: an admin:read/admin:write token acts on every queue; give it no queues or customers (enqueue with another token)"
-            ));
         }
     }
     for r in registry.text_routes() {

@@ -241,7 +241,8 @@ SELECT msg_id, attempt - 1, enqueued_at, NULL, NULL, orphan, deaths, reason
 
 /// Extends the leases of held messages without waiting for any lock, and says of each
 /// fence whether it was extended, is still held (its row locked, e.g. by an ack that is
-/// committing) or is gone. `held` reads the statement's snapshot, from before the update.
+/// committing) or is gone, and whether an operator asked to cancel it (one lookup of the
+/// row for both). `held` reads the statement's snapshot, from before the update.
 pub(super) const HEARTBEAT: &str = r#"
 WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int4[]) AS f(id, ct)),
 mine AS (
@@ -258,12 +259,11 @@ extended AS (
 )
 SELECT f.id,
        EXISTS (SELECT 1 FROM extended e WHERE e.msg_id = f.id) AS extended,
-       EXISTS (SELECT 1 FROM {q} m
-                WHERE m.msg_id = f.id AND m.read_ct = f.ct AND m.last_read_at IS NOT NULL) AS held,
-       EXISTS (SELECT 1 FROM {q} m
-                WHERE m.msg_id = f.id AND m.read_ct = f.ct
-                  AND longshore.headers(m.headers) ? 'cancel_requested') AS cancel
+       m.msg_id IS NOT NULL AS held,
+       coalesce(longshore.headers(m.headers) ? 'cancel_requested', false) AS cancel
   FROM f
+  LEFT JOIN {q} m ON m.msg_id = f.id AND m.read_ct = f.ct AND m.last_read_at IS NOT NULL
+                 AND m.msg_id = ANY ($1::bigint[])
 "#;
 
 impl QueueSql {

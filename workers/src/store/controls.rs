@@ -46,12 +46,6 @@ up AS (
        SET paused = excluded.paused, reason = excluded.reason,
            changed_by = excluded.changed_by, changed_at = now()
     RETURNING c.paused
-),
-act AS (
-    INSERT INTO longshore.operator_actions (actor, action, queue, detail)
-    VALUES ($4, CASE WHEN $2 THEN 'pause' ELSE 'resume' END, $1,
-            jsonb_build_object('reason', $3::text,
-                               'was_paused', coalesce((SELECT paused FROM prev), false)))
 )
 SELECT coalesce((SELECT paused FROM prev), false) <> (SELECT paused FROM up)
 "#,
@@ -63,20 +57,11 @@ SELECT coalesce((SELECT paused FROM prev), false) <> (SELECT paused FROM up)
     .fetch_one(&mut *tx)
     .await?;
     if !paused {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(listener::ENQUEUE)
-            .bind(queue.as_str())
-            .execute(&mut *tx)
-            .await?;
+        wake(tx, queue).await?;
     }
-    tracing::info!(
-        queue = queue.as_str(),
-        actor,
-        paused,
-        changed,
-        reason,
-        "queue control"
-    );
+    let action = if paused { "pause" } else { "resume" };
+    let detail = serde_json::json!({"reason": reason, "changed": changed});
+    record(tx, actor, action, queue, detail).await?;
     Ok(changed)
 }
 
@@ -233,11 +218,7 @@ pub async fn retry_now(
     .await?
     .rows_affected();
     let outcome = if n == 1 {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(listener::ENQUEUE)
-            .bind(q.as_str())
-            .execute(&mut *tx)
-            .await?;
+        wake(tx, q).await?;
         RetryNow::Visible
     } else {
         RetryNow::Unchanged
@@ -251,6 +232,16 @@ pub async fn retry_now(
     )
     .await?;
     Ok(outcome)
+}
+
+/// Wakes the queue's idle workers as an enqueue does (sent when the transaction commits).
+async fn wake(tx: &mut PgConnection, queue: &QueueName) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(listener::ENQUEUE)
+        .bind(queue.as_str())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// One row of `longshore.operator_actions`, and the same in the log.
