@@ -103,9 +103,10 @@ async fn enqueue_queues_and_dlq_commands() {
         .execute(&t.pool)
         .await
         .unwrap();
-    let (code, _, err) = run_cli(&t.url, &["dlq", "purge", "probe"], &[]);
-    assert_eq!(code, 0);
-    assert!(err.contains("purged 1"), "{err}");
+    let (code, out, err) = run_cli(&t.url, &["dlq", "purge", "probe"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let purged: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(purged["affected"], 1, "{out}");
 }
 
 #[tokio::test]
@@ -577,24 +578,23 @@ async fn dlq_retry_of_a_whole_queue_works_in_bounded_batches() {
     .unwrap();
     let (code, out, err) = run_cli(&t.url, &["dlq", "retry", "probe", "--batch", "1000"], &[]);
     assert_eq!(code, 0, "{err}");
-    let batches: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("re-sent a batch of"))
-        .collect();
-    assert_eq!(
-        batches,
-        vec![
-            "re-sent a batch of 1000 (1000 so far)",
-            "re-sent a batch of 1000 (2000 so far)",
-            "re-sent a batch of 500 (2500 so far)"
-        ],
-        "{err}"
-    );
+    // One operator action per batch, each its own transaction.
+    let batches: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT action, (detail->>'affected')::bigint, actor FROM longshore.operator_actions ORDER BY id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    let sizes: Vec<i64> = batches.iter().map(|b| b.1).collect();
+    assert_eq!(sizes, vec![1000, 1000, 500], "{batches:?}");
     assert!(
-        err.contains("re-sent 2500 dead letter(s) to probe"),
-        "{err}"
+        batches
+            .iter()
+            .all(|b| b.0 == "bulk_retry" && b.2.starts_with("cli:")),
+        "{batches:?}"
     );
-    assert_eq!(out.lines().count(), 2500);
+    let done: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(done["affected"], 2500, "{out}");
     assert_eq!(
         count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
         0
@@ -918,5 +918,169 @@ async fn job_cancel_and_retry_now() {
         )
         .await,
         7
+    );
+}
+
+/// Issue 19: `job bulk` acts on exactly the jobs its filter matches (state, error text,
+/// age), in bounded batches each recorded with who did it, and never on a job a worker
+/// holds; an action that does not apply to the state is refused with a code.
+#[tokio::test]
+async fn job_bulk_acts_on_what_the_filter_matches_in_recorded_batches() {
+    let t = db().await;
+    // 30 retrying with a timeout, enqueued 2 h ago; 20 retrying with another error; 25
+    // retrying with a timeout but enqueued just now; 15 delayed; 10 visible; 5 held by
+    // a worker (read, lease running) whose last error is a timeout too.
+    sqlx::query(
+        r#"
+INSERT INTO pgmq.q_probe (vt, enqueued_at, read_ct, last_read_at, message, headers)
+SELECT now() + interval '1 hour',
+       CASE WHEN i <= 50 THEN now() - interval '2 hours' ELSE now() END,
+       CASE WHEN i <= 75 THEN 2 WHEN i <= 90 THEN 0 WHEN i <= 100 THEN 0 ELSE 1 END,
+       CASE WHEN i > 100 THEN now() END,
+       jsonb_build_object('id', i),
+       CASE WHEN i <= 30 OR (i > 50 AND i <= 75) OR i > 100
+            THEN '{"last_error": "upstream TIMEOUT after 30s"}'::jsonb
+            WHEN i <= 50 THEN '{"last_error": "bad gateway"}'::jsonb
+            ELSE '{}'::jsonb END
+  FROM generate_series(1, 105) i
+"#,
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    // The visible ten are due now.
+    sqlx::query("UPDATE pgmq.q_probe SET vt = now() - interval '1 second' WHERE (message->>'id')::int BETWEEN 91 AND 100")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let ids = |sql: &'static str| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>(sql)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let (code, out, err) = run_cli(
+        &t.url,
+        &[
+            "job",
+            "bulk",
+            "cancel",
+            "probe",
+            "--state",
+            "retrying",
+            "--error",
+            "timeout",
+            "--older-than",
+            "1h",
+            "--batch",
+            "7",
+            "--by",
+            "ops:ana",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(v["affected"], 30, "{out}");
+    assert_eq!(
+        ids("SELECT (message->>'id')::int FROM longshore.cancelled_jobs ORDER BY 1").await,
+        (1..=30).collect::<Vec<_>>(),
+        "exactly the old timeouts"
+    );
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.cancelled_jobs WHERE cancelled_by = 'ops:ana' AND attempts = 2").await,
+        30
+    );
+    let batches: Vec<i64> = sqlx::query_scalar(
+        "SELECT (detail->>'affected')::bigint FROM longshore.operator_actions WHERE action = 'bulk_cancel' AND actor = 'ops:ana' ORDER BY id",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(batches, vec![7, 7, 7, 7, 2], "batches of --batch");
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM pgmq.q_probe WHERE (message->>'id')::int > 100"
+        )
+        .await,
+        5,
+        "a held job is never a bulk target"
+    );
+
+    // Retry the delayed ones: visible now, nothing else moves.
+    let (code, out, err) = run_cli(
+        &t.url,
+        &["job", "bulk", "retry", "probe", "--state", "delayed"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"affected\":15"), "{out}");
+    assert_eq!(
+        ids("SELECT (message->>'id')::int FROM pgmq.q_probe WHERE vt <= now() ORDER BY 1").await,
+        (76..=100).collect::<Vec<_>>(),
+        "the 15 delayed and the 10 that were visible"
+    );
+
+    // Dead letters: purge by error text; refused actions exit 2 with a code.
+    sqlx::query(
+        r#"INSERT INTO longshore.dead_letters (queue, msg_id, message, attempts, last_error, enqueued_at)
+         SELECT 'probe', 1000 + i, jsonb_build_object('id', i), 5,
+                CASE WHEN i % 2 = 0 THEN 'invalid args: x' ELSE 'provider 503' END, now()
+           FROM generate_series(1, 40) i"#,
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let (code, out, err) = run_cli(
+        &t.url,
+        &[
+            "job",
+            "bulk",
+            "purge",
+            "probe",
+            "--state",
+            "dead",
+            "--error",
+            "INVALID ARGS",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"affected\":20"), "{out}");
+    assert_eq!(
+        count(
+            &t.pool,
+            "SELECT count(*) FROM longshore.dead_letters WHERE last_error = 'provider 503'"
+        )
+        .await,
+        20
+    );
+    for (args, what) in [
+        (
+            ["job", "bulk", "cancel", "probe", "--state", "dead"],
+            "cancel dead",
+        ),
+        (
+            ["job", "bulk", "purge", "probe", "--state", "visible"],
+            "purge live",
+        ),
+        (
+            ["job", "bulk", "retry", "probe", "--state", "visible"],
+            "retry visible",
+        ),
+    ] {
+        let (code, _, err) = run_cli(&t.url, &args, &[]);
+        assert_eq!(code, 2, "{what}: {err}");
+        assert!(err.contains("E_BULK_NOT_APPLICABLE"), "{what}: {err}");
+    }
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        20,
+        "a refused action changed nothing"
     );
 }

@@ -1196,7 +1196,15 @@ fn every_error_code_is_documented() {
         );
     }
     // The source: every (status, code) given to ApiError::new, and the 401 helper's.
-    for f in ["auth.rs", "mod.rs", "routes.rs"] {
+    // Every source file of the ingress (the admin API and the console too).
+    let mut files: Vec<String> = std::fs::read_dir("workers/src/ingress")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.ends_with(".rs"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    for f in &files {
         let src = std::fs::read_to_string(format!("workers/src/ingress/{f}")).unwrap();
         let pairs = error_pairs(&src, "ApiError::new(").into_iter().chain(
             error_pairs(&src, "unauthorized(")
@@ -1606,4 +1614,290 @@ burst = 10
             "{extra}: {e}"
         );
     }
+}
+
+/// Issue 19: the admin API's reads. Jobs of a queue by state, newest first, with keyset
+/// pages that neither skip nor repeat; search by id and by JSON containment (bounded
+/// windows that say where to go on); one job with its secrets redacted and its operator
+/// actions; dead letters filtered by error and acted on by id; a bulk action over HTTP
+/// in bounded shares that says where to go on; schedules, errors and the pipelines'
+/// views; bad parameters are 400 with a code.
+#[tokio::test]
+async fn admin_reads_page_search_redact_and_bulk() {
+    let env = start().await;
+    let pool = env.t.pool.clone();
+    sqlx::query(
+        "SELECT pgmq.send('probe', jsonb_build_object('id', i, 'user', i % 3, 'api_key', 'sk-canary-' || i), 3600) FROM generate_series(1, 130) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let get = |path: String| {
+        let r = env.get(&path, "tok-admin-read");
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    // Keyset pages of 50: 130 delayed jobs, each exactly once, newest first.
+    let mut seen = Vec::new();
+    let mut before = String::new();
+    loop {
+        let (s, v) = get(format!(
+            "/v1/admin/queues/probe/jobs?state=delayed&limit=50{before}"
+        ))
+        .await;
+        assert_eq!(s, 200, "{v}");
+        for j in v["jobs"].as_array().unwrap() {
+            assert_eq!(j["args"]["api_key"], "[redacted]", "{j}");
+            seen.push(j["id"].as_i64().unwrap());
+        }
+        match v["next_before"].as_i64() {
+            Some(b) => before = format!("&before={b}"),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.dedup();
+    assert_eq!(seen, sorted, "newest first, no repeats");
+    assert_eq!(seen.len(), 130);
+    let (_, v) = get("/v1/admin/queues/probe/jobs?state=visible".into()).await;
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 0, "none is due: {v}");
+    // By containment and by id.
+    let (_, v) = get(format!(
+        "/v1/admin/queues/probe/jobs?state=delayed&limit=500&contains={}",
+        urlencode(r#"{"user": 1}"#)
+    ))
+    .await;
+    let users: Vec<i64> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["args"]["user"].as_i64().unwrap())
+        .collect();
+    assert_eq!(users.len(), 44, "{v}");
+    assert!(users.iter().all(|u| *u == 1));
+    let one = seen[7];
+    let (_, v) = get(format!(
+        "/v1/admin/queues/probe/jobs?state=delayed&id={one}"
+    ))
+    .await;
+    assert_eq!(v["jobs"][0]["id"], one);
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+
+    // One job: redacted, with what operators did.
+    let r = env
+        .post(
+            &format!("/v1/admin/jobs/probe/{one}/retry"),
+            Some("tok-admin-write"),
+            "",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, v) = get(format!("/v1/admin/jobs/probe/{one}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["state"], "visible", "{v}");
+    assert_eq!(v["args"]["api_key"], "[redacted]");
+    assert!(!v.to_string().contains("sk-canary"), "{v}");
+    assert_eq!(v["actions"][0]["action"], "retry_now", "{v}");
+    assert_eq!(v["actions"][0]["actor"], "token:ops");
+    let (s, v) = get("/v1/admin/jobs/probe/999999999".into()).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("unknown_job")));
+
+    // Dead letters: filtered, then retried by id.
+    sqlx::query(
+        r#"INSERT INTO longshore.dead_letters (queue, msg_id, message, attempts, last_error, enqueued_at)
+           SELECT 'probe', 5000 + i, jsonb_build_object('id', 5000 + i), 3,
+                  CASE WHEN i % 2 = 0 THEN 'Provider TIMEOUT' ELSE 'bad input' END, now()
+             FROM generate_series(1, 10) i"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (_, v) = get("/v1/admin/dead_letters?queue=probe&error=timeout".into()).await;
+    let dls = v["dead_letters"].as_array().unwrap();
+    assert_eq!(dls.len(), 5, "{v}");
+    let ids: Vec<i64> = dls.iter().map(|d| d["id"].as_i64().unwrap()).collect();
+    let r = env
+        .post(
+            "/v1/admin/dead_letters/probe/retry",
+            Some("tok-admin-read"),
+            json!({ "ids": ids }).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 403).await, "scope_forbidden");
+    let r = env
+        .post(
+            "/v1/admin/dead_letters/probe/retry",
+            Some("tok-admin-write"),
+            json!({ "ids": ids }).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["affected"], 5, "{v}");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM longshore.dead_letters").await,
+        5
+    );
+    let r = env
+        .post(
+            "/v1/admin/dead_letters/probe/purge",
+            Some("tok-admin-write"),
+            r#"{"ids": []}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "bad_request");
+
+    // Bulk over HTTP: 6,000 delayed jobs retried now in two shares.
+    sqlx::query("SELECT pgmq.send('probe', jsonb_build_object('id', i), 7200) FROM generate_series(1, 6000) i")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let bulk = |body: Value| {
+        env.post(
+            "/v1/admin/queues/probe/bulk",
+            Some("tok-admin-write"),
+            body.to_string(),
+        )
+        .send()
+    };
+    let v: Value = bulk(json!({"action": "retry", "state": "delayed", "older_than": "0s"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["affected"].as_u64(), v["done"].as_bool()),
+        (Some(5000), Some(false)),
+        "{v}"
+    );
+    let v: Value = bulk(
+        json!({"action": "retry", "state": "delayed", "after": v["after"], "up_to": v["up_to"]}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    // 6,000 + the 129 delayed from before (one was made visible above).
+    assert_eq!(
+        (v["affected"].as_u64(), v["done"].as_bool()),
+        (Some(1129), Some(true)),
+        "{v}"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM pgmq.q_probe WHERE vt > now()").await,
+        0
+    );
+    let r = bulk(json!({"action": "purge", "state": "visible"}))
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 422).await, "bulk_not_applicable");
+    let r = bulk(json!({"action": "explode", "state": "visible"}))
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "bad_request");
+
+    // Schedules, errors, views; bad parameters.
+    let (s, v) = get("/v1/admin/schedules".into()).await;
+    assert_eq!(s, 200);
+    assert!(
+        v["schedules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"].is_string() && x["next_fire"].is_string()),
+        "{v}"
+    );
+    let (_, v) = get("/v1/admin/errors".into()).await;
+    assert!(
+        v["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["state"] == "dead" && e["error"] == "bad input"),
+        "{v}"
+    );
+    let (_, v) = get("/v1/admin/views".into()).await;
+    let names: Vec<&str> = v["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["credits", "billing", "llm_errors"]);
+    for (n, tables) in [("credits", 2), ("billing", 3), ("llm_errors", 1)] {
+        let (s, v) = get(format!("/v1/admin/views/{n}?window=7d")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["sections"].as_array().unwrap().len(), tables, "{v}");
+    }
+    // A failed LLM attempt is among the recent errors.
+    sqlx::query(
+        "INSERT INTO llm_attempts (request_id, job_id, provider, model, status, http_status, latency_ms, error) VALUES (gen_random_uuid(), 1, 'grok', 'g-1', 'server_error', 503, 12, 'upstream 503')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (_, v) = get("/v1/admin/errors".into()).await;
+    assert_eq!(v["pipelines"][0]["name"], "llm_errors", "{v}");
+    assert_eq!(
+        v["pipelines"][0]["sections"][0]["rows"][0][5], "upstream 503",
+        "{v}"
+    );
+    for (path, status, code) in [
+        ("/v1/admin/views/nosuch", 404, "unknown_view"),
+        ("/v1/admin/views/credits?window=forever", 400, "bad_request"),
+        ("/v1/admin/views/credits?window=400d", 400, "bad_request"),
+        (
+            "/v1/admin/queues/probe/jobs?contains=%7B%22api_key%22%3A%22sk-canary-1%22%7D",
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/admin/queues/probe/jobs?state=asleep",
+            400,
+            "bad_request",
+        ),
+        ("/v1/admin/queues/probe/jobs?stat=done", 400, "bad_request"),
+        (
+            "/v1/admin/queues/probe/jobs?contains=%7Bx",
+            400,
+            "invalid_json",
+        ),
+        ("/v1/admin/queues/nosuch/jobs", 404, "unknown_queue"),
+    ] {
+        let (s, v) = get(path.into()).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path}: {v}"
+        );
+    }
+    let r = env
+        .get("/v1/admin/errors", "tok-all-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 403).await, "scope_forbidden");
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -5,6 +5,7 @@
 //! Pipelines get a folder each (`market/`, `billing/`, `chat/`), outside services
 //! `clients/`.
 
+pub mod admin_views;
 pub mod billing;
 pub mod chat;
 pub mod clients;
@@ -74,6 +75,9 @@ fn build(cfg: &Config, clients: Clients) -> Result<Registry, ConfigError> {
         .register(probe::ProbeHandler::from_config(cfg)?)
         .register(billing::ingest_logs::IngestLogsHandler(billing.clone()))
         .text_route(billing::ingest_logs::log_route())
+        .admin_view(admin_views::CREDITS)
+        .admin_view(admin_views::BILLING)
+        .admin_view(admin_views::LLM_ERRORS)
         .register(billing::scan_log_spool::ScanLogSpoolHandler(
             billing.clone(),
         ))

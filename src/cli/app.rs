@@ -180,3 +180,23 @@ pub fn shutdown_on_signals() -> CancellationToken {
     });
     token
 }
+
+/// A progress bar on stderr for long CLI work (`total` known: a bar; else a spinner with
+/// a count). indicatif hides it when stderr is not a terminal, so logs and pipes stay
+/// quiet.
+pub fn progress(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let pb = match total {
+        Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()).with_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        ),
+        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_style(
+            ProgressStyle::with_template("{spinner} {msg} {pos} ({per_sec})")
+                .expect("a valid template"),
+        ),
+    };
+    pb.set_message(what.to_string());
+    pb
+}

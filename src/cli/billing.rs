@@ -75,7 +75,12 @@ pub async fn run(args: Args) -> CliResult {
                 )));
             };
             let pool = app::pool(&cfg, "longshore-cli").await?;
-            let r = reconcile(&pool, chain.as_ref(), limit).await?;
+            // The chain's history is read in pages of RPC calls: a spinner on a terminal.
+            let pb = app::progress(None, "reading the chain's charges and the ledger");
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            let r = reconcile(&pool, chain.as_ref(), limit).await;
+            pb.finish_and_clear();
+            let r = r?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -3,7 +3,7 @@
 use anyhow::anyhow;
 use longshore_workers::QueueName;
 use longshore_workers::db;
-use longshore_workers::store::{self, QueueSql, Selection};
+use longshore_workers::store::{self, BulkAction, BulkFilter, BulkState, QueueSql, Selection};
 
 use super::app::{self, CliError, CliResult};
 
@@ -38,6 +38,7 @@ pub async fn run(args: Args) -> CliResult {
     let cfg = app::config()?;
     let parse = |q: &str| QueueName::parse(q).map_err(|e| CliError::usage(anyhow!("{q:?}: {e}")));
     let pool = app::pool(&cfg, "longshore-cli").await?;
+    let by = super::job::actor(None);
     match args.action {
         Action::List { queue, ids, limit } => {
             let q = parse(&queue)?;
@@ -63,50 +64,39 @@ pub async fn run(args: Args) -> CliResult {
                     );
                 }
             };
-            let mut total = 0;
             if !ids.is_empty() {
                 let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
                 let moved = store::retry_dead_letters(&mut tx, &sql, Selection::Ids(&ids)).await?;
                 tx.commit().await?;
                 print(&moved);
-                total = moved.len();
+                eprintln!("re-sent {} dead letter(s) to {q}", moved.len());
             } else {
-                // Bounded batches, each its own transaction, up to the newest dead letter
-                // there was when we started (jobs that die again meanwhile stay dead).
-                let up_to = db::run(&pool, db::Deadline::Statement, async |c| {
-                    store::newest_dead_letter(c, &q).await
-                })
-                .await?;
-                loop {
-                    let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
-                    let moved = store::retry_dead_letters(
-                        &mut tx,
-                        &sql,
-                        Selection::Oldest {
-                            up_to,
-                            limit: batch,
-                        },
-                    )
-                    .await?;
-                    tx.commit().await?;
-                    if moved.is_empty() {
-                        break;
-                    }
-                    print(&moved);
-                    total += moved.len();
-                    eprintln!("re-sent a batch of {} ({total} so far)", moved.len());
-                }
+                // All of them: the bulk action (bounded batches, each its own
+                // transaction, up to the newest dead letter there was when we started;
+                // recorded; a progress bar on a terminal).
+                super::job::run_bulk(&pool, &q, &all_dead(), BulkAction::Retry, batch, &by).await?;
             }
-            eprintln!("re-sent {total} dead letter(s) to {q}");
         }
         Action::Purge { queue, ids } => {
             let q = parse(&queue)?;
-            let n = db::run(&pool, db::Deadline::Statement, async |c| {
-                store::purge_dead_letters(c, &q, &ids).await
-            })
-            .await?;
-            eprintln!("purged {n} dead letter(s) from {q}");
+            if ids.is_empty() {
+                super::job::run_bulk(&pool, &q, &all_dead(), BulkAction::Purge, 1000, &by).await?;
+            } else {
+                let n = db::run(&pool, db::Deadline::Statement, async |c| {
+                    store::purge_dead_letters(c, &q, &ids).await
+                })
+                .await?;
+                eprintln!("purged {n} dead letter(s) from {q}");
+            }
         }
     }
     Ok(())
+}
+
+fn all_dead() -> BulkFilter {
+    BulkFilter {
+        state: BulkState::Dead,
+        error: None,
+        older_than: None,
+    }
 }

@@ -52,5 +52,5 @@ pub use enqueue::{
 };
 pub use job::{Handler, JobArgs, JobContext, JobError, Outcome, ResultExt};
 pub use queue_name::QueueName;
-pub use registry::Registry;
+pub use registry::{AdminView, Registry, ViewParams, ViewSection};
 pub use worker::{Observer, Worker, WorkerError};

@@ -111,6 +111,50 @@ pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn ErasedHandler>>,
     /// Routes the pipelines add to the ingress.
     text_routes: Vec<crate::ingress::TextRoute>,
+    /// Read-only pages the pipelines add to the admin API and the console.
+    admin_views: Vec<AdminView>,
+}
+
+/// One table of an [`AdminView`]: a title, column names, rows of JSON values.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ViewSection {
+    /// What the table shows.
+    pub title: String,
+    /// Column names.
+    pub columns: Vec<String>,
+    /// One array per row, as many values as columns.
+    pub rows: Vec<Vec<serde_json::Value>>,
+}
+
+/// What an [`AdminView`] is asked for: a window of time back from now (the
+/// `?window=` of the request, `24h` when not given).
+#[derive(Debug, Clone, Copy)]
+pub struct ViewParams {
+    /// How far back.
+    pub window: std::time::Duration,
+}
+
+/// Reads an [`AdminView`]'s tables; bounded by the caller's statement deadline.
+pub type ViewFn =
+    for<'c> fn(
+        &'c mut sqlx::PgConnection,
+        ViewParams,
+    ) -> futures::future::BoxFuture<'c, Result<Vec<ViewSection>, sqlx::Error>>;
+
+/// A pipeline's read-only page for operators (chat credits, billing): served as
+/// `GET /v1/admin/views/{name}` to `admin:read` tokens and shown in the console. Its
+/// reads must stay bounded on big tables (indexed windows, capped counts).
+#[derive(Clone, Copy)]
+pub struct AdminView {
+    /// Its name in the path (`[a-z_]+`).
+    pub name: &'static str,
+    /// Its title in the console.
+    pub title: &'static str,
+    /// Reads it.
+    pub read: ViewFn,
+    /// Shown on the errors page (and in `GET /v1/admin/errors`) rather than as a page
+    /// of its own: a pipeline's failures (failed LLM attempts).
+    pub errors: bool,
 }
 
 impl Registry {
@@ -165,6 +209,34 @@ impl Registry {
     /// The routes the pipelines add to the ingress.
     pub fn text_routes(&self) -> &[crate::ingress::TextRoute] {
         &self.text_routes
+    }
+
+    /// Adds a read-only admin page (see [`AdminView`]).
+    ///
+    /// # Panics
+    /// If the name is not `[a-z_]+` or is taken: programming errors found at start-up.
+    pub fn admin_view(mut self, view: AdminView) -> Self {
+        assert!(
+            !view.name.is_empty()
+                && view
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "admin view name {:?} must be [a-z_]+",
+            view.name
+        );
+        assert!(
+            self.admin_views.iter().all(|v| v.name != view.name),
+            "admin view {} registered twice",
+            view.name
+        );
+        self.admin_views.push(view);
+        self
+    }
+
+    /// The pipelines' admin pages.
+    pub fn admin_views(&self) -> &[AdminView] {
+        &self.admin_views
     }
 
     /// The registered kinds (each a queue).

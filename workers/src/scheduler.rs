@@ -67,6 +67,16 @@ impl Schedule {
         })
     }
 
+    /// The queue it enqueues to.
+    pub fn queue(&self) -> &QueueName {
+        &self.queue
+    }
+
+    /// Its cron expression and time zone, as configured.
+    pub fn describe(&self) -> String {
+        format!("{} ({})", self.cron, self.tz)
+    }
+
     /// The first fire strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron

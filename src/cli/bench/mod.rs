@@ -115,6 +115,9 @@ pub struct Args {
     /// Archived rows the sampler scenario fills in.
     #[arg(long, default_value_t = 10_000_000)]
     pub archived_rows: i64,
+    /// Archived jobs in the admin scenario (at most --archived-rows).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub admin_archived: i64,
     /// Samplers started at once in the sampler scenario (processes serving /metrics).
     #[arg(long, default_value_t = 24)]
     pub replicas: usize,
@@ -143,14 +146,20 @@ impl Observer for Recorder {
 }
 
 impl Recorder {
+    /// Waits for `n` jobs done, with a progress bar on a terminal (hidden off one, and
+    /// drawn at most a few times a second, so it costs the measurement nothing).
     async fn wait_done(&self, n: usize, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
+        let pb = app::progress(Some(n as u64), "jobs done");
         while self.done.load(Ordering::Relaxed) < n {
             if Instant::now() > deadline {
+                pb.abandon();
                 return false;
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), self.progress.notified()).await;
+            pb.set_position(self.done.load(Ordering::Relaxed).min(n) as u64);
         }
+        pb.finish_and_clear();
         true
     }
 }
@@ -221,6 +230,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
             "queues",
             "soak",
             "sampler",
+            "admin",
             "ingest",
             "aggregate",
             "signals",
@@ -229,7 +239,7 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         .contains(&p.as_str())
         {
             return Err(CliError::usage(anyhow::anyhow!(
-                "unknown phase {p:?}: store, drain, e2e, idle, delayed, effects, waiters, queues, soak, sampler, ingest, aggregate, signals, llm"
+                "unknown phase {p:?}: store, drain, e2e, idle, delayed, effects, waiters, queues, soak, sampler, admin, ingest, aggregate, signals, llm"
             )));
         }
     }
@@ -468,6 +478,18 @@ async fn bench(cfg: &Config, opts: PgConnectOptions, args: &Args) -> CliResult {
         .await?;
         lines.extend(f.lines);
         report.insert("sampler".into(), f.json);
+    }
+
+    if run("admin") {
+        let f = scale::admin(
+            &cfg,
+            &opts,
+            args.archived_rows.max(0).min(args.admin_archived),
+            &say,
+        )
+        .await?;
+        lines.extend(f.lines);
+        report.insert("admin".into(), f.json);
     }
 
     if run("soak") {

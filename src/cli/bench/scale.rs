@@ -19,6 +19,9 @@
 //!   (`--soak-retention`; `0s` for neither).
 //! - **sampler**: `--archived-rows` archived jobs, then the queue sampler: the cost of
 //!   one counting sample, and how many of `--replicas` samplers started at once count.
+//! - **admin**: `--admin-archived` archived jobs (1 M) and dead letters, cancelled and
+//!   waiting jobs and a credits ledger beside them: each admin API read route's p50,
+//!   p95 and max (the console reads through the same functions).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -669,4 +672,148 @@ pub(super) async fn sampler(
         lines,
         json: json!({"archived_rows": archived_rows, "counting_sample_ms": cost, "replicas": replicas, "counted": counted, "reading_sample_ms": read}),
     })
+}
+
+/// **admin**: the admin API's read routes (what the console shows) over `archived_rows`
+/// archived jobs, 20,000 dead letters, 20,000 cancelled jobs, 50,000 waiting jobs and a
+/// ledger of 200,000 charges: p50 / p95 / max of 30 requests per route, over HTTP to an
+/// in-process ingress. The goal is every route within 200 ms at 1 M archived.
+pub(super) async fn admin(
+    cfg: &Config,
+    opts: &PgConnectOptions,
+    archived_rows: i64,
+    say: &dyn Fn(String),
+) -> Result<Figures, CliError> {
+    say(format!(
+        "admin: {archived_rows} archived jobs, 20,000 dead letters, 20,000 cancelled, 50,000 waiting; 30 requests per route"
+    ));
+    let mut wcfg = cfg.clone();
+    let token: TokenConfig = serde_json::from_value(json!({
+        "name": "bench-admin", "sha256": longshore_workers::ingress::hash_token("bench-admin"),
+        "scopes": ["admin:read"], "rate_per_second": 1_000_000, "burst": 1_000_000
+    }))
+    .map_err(|e| err(e.to_string()))?;
+    wcfg.ingress.tokens.push(token);
+    let wcfg = Arc::new(wcfg);
+    let pool = fresh_db_sized(&wcfg, opts, 8).await?;
+    let t0 = Instant::now();
+    let pb = app::progress(Some(archived_rows.max(0) as u64), "filling the archive");
+    let slice = 500_000i64;
+    let mut filled = 0i64;
+    while filled < archived_rows {
+        let n = slice.min(archived_rows - filled);
+        sqlx::query(
+            r#"INSERT INTO pgmq.a_probe (msg_id, read_ct, enqueued_at, archived_at, vt, message, headers)
+             SELECT i, 1, now() - interval '1 day', now() - (i % 86400) * interval '1 second', now(),
+                    jsonb_build_object('id', i, 'user', i % 1000), '{"result": {"ok": true}}'
+               FROM generate_series($1::bigint, $2::bigint) i"#,
+        )
+        .bind(filled + 1)
+        .bind(filled + n)
+        .execute(&pool)
+        .await?;
+        filled += n;
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    sqlx::raw_sql(
+        r#"
+SELECT setval('pgmq.q_probe_msg_id_seq', greatest((SELECT max(msg_id) FROM pgmq.a_probe), 1));
+INSERT INTO pgmq.q_probe (vt, message, headers, read_ct)
+SELECT now() + interval '1 hour', jsonb_build_object('id', i), jsonb_build_object('last_error', 'boom ' || i), i % 2
+  FROM generate_series(1, 50000) i;
+INSERT INTO longshore.dead_letters (queue, msg_id, message, attempts, last_error, enqueued_at, failed_at)
+SELECT 'probe', 100000000 + i, jsonb_build_object('id', i), 5, 'upstream ' || (i % 7), now() - interval '2 days', now() - i * interval '1 second'
+  FROM generate_series(1, 20000) i;
+INSERT INTO longshore.cancelled_jobs (queue, msg_id, message, attempts, enqueued_at, cancelled_by)
+SELECT 'probe', 200000000 + i, jsonb_build_object('id', i), 1, now(), 'bench'
+  FROM generate_series(1, 20000) i;
+INSERT INTO credit_accounts (user_id) SELECT md5(i::text)::uuid FROM generate_series(1, 2000) i;
+INSERT INTO credits_ledger (user_id, delta, provider, reason, request_id, created_at)
+SELECT md5((i % 2000 + 1)::text)::uuid, -(i % 50 + 1), CASE WHEN i % 3 = 0 THEN 'openai' ELSE 'anthropic' END,
+       'charge', gen_random_uuid(), now() - (i % 604800) * interval '1 second'
+  FROM generate_series(1, 200000) i;
+VACUUM ANALYZE pgmq.a_probe, pgmq.q_probe, longshore.dead_letters, longshore.cancelled_jobs, credits_ledger;
+"#,
+    )
+    .execute(&pool)
+    .await?;
+    say(format!(
+        "admin: filled in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    ));
+    let stop = CancellationToken::new();
+    let ingress = Ingress::new(pool.clone(), app::door_registry(&wcfg)?, wcfg.clone(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let serving = tokio::spawn(ingress.serve(listener, stop.clone()));
+    let http = reqwest::Client::new();
+    let routes = [
+        "/v1/admin/queues",
+        "/v1/admin/queues/probe/jobs?state=done",
+        "/v1/admin/queues/probe/jobs?state=done&before=500000",
+        "/v1/admin/queues/probe/jobs?state=done&id=123456",
+        "/v1/admin/queues/probe/jobs?state=done&contains=%7B%22user%22%3A7%7D",
+        "/v1/admin/queues/probe/jobs?state=retrying",
+        "/v1/admin/queues/probe/jobs?state=dead",
+        "/v1/admin/queues/probe/jobs?state=cancelled",
+        "/v1/admin/jobs/probe/123456",
+        "/v1/admin/dead_letters?queue=probe&error=upstream%203",
+        "/v1/admin/schedules",
+        "/v1/admin/errors",
+        "/v1/admin/views/credits?window=7d",
+        "/v1/admin/views/billing",
+    ];
+    let mut lines = Vec::new();
+    let mut out = serde_json::Map::new();
+    let mut worst = Duration::ZERO;
+    for r in routes {
+        let mut took = Vec::with_capacity(30);
+        for _ in 0..30 {
+            let t = Instant::now();
+            let resp = http
+                .get(format!("http://{addr}{r}"))
+                .bearer_auth("bench-admin")
+                .send()
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|e| err(e.to_string()))?;
+            took.push(t.elapsed());
+            if !status.is_success() {
+                return Err(err(format!(
+                    "{r}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                )));
+            }
+        }
+        took.sort();
+        let (p50, p95, max) = (took[14], took[28], took[29]);
+        worst = worst.max(p95);
+        lines.push(format!(
+            "admin {r:<58} p50 {:>6.1} ms  p95 {:>6.1} ms  max {:>6.1} ms",
+            ms(p50),
+            ms(p95),
+            ms(max)
+        ));
+        out.insert(
+            r.to_string(),
+            json!({"p50_ms": ms(p50), "p95_ms": ms(p95), "max_ms": ms(max)}),
+        );
+    }
+    lines.push(format!(
+        "admin worst p95 {:.1} ms (goal: within 200 ms at 1 M archived)",
+        ms(worst)
+    ));
+    stop.cancel();
+    let _ = serving.await;
+    pool.close().await;
+    Ok(Figures {
+        lines,
+        json: json!({"archived_rows": archived_rows, "routes": out, "worst_p95_ms": ms(worst)}),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }

@@ -152,6 +152,28 @@ impl Tokens {
         Tokens(map)
     }
 
+    /// The token whose hash is `sha256` (a console session keeps the hash, never the
+    /// token), if it is configured and not revoked, within its rate limit.
+    pub(super) fn by_hash(&self, sha256: &str) -> Result<&Token, ApiError> {
+        let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
+        let Some(t) = self.0.get(sha256) else {
+            return Err(unauthorized("invalid_token", "the token is not valid"));
+        };
+        if t.revoked {
+            return Err(unauthorized("token_revoked", "the token has been revoked"));
+        }
+        if let Err(not_until) = t.limiter.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests for this token; retry later",
+            )
+            .retry_after(wait.as_secs_f64().ceil() as u64));
+        }
+        Ok(t)
+    }
+
     /// Checks the bearer token and its rate limit: who is calling. (What it may do is
     /// checked after, against the route: [`Token::permit`], [`Token::require`].)
     pub(super) fn authenticate(&self, headers: &HeaderMap) -> Result<&Token, ApiError> {
@@ -178,22 +200,7 @@ impl Tokens {
             })?;
         // Looked up by hash: the map never holds a token, and the lookup's timing
         // depends only on the hash.
-        let Some(t) = self.0.get(&hash_token(presented)) else {
-            return Err(unauthorized("invalid_token", "the token is not valid"));
-        };
-        if t.revoked {
-            return Err(unauthorized("token_revoked", "the token has been revoked"));
-        }
-        if let Err(not_until) = t.limiter.check() {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests for this token; retry later",
-            )
-            .retry_after(wait.as_secs_f64().ceil() as u64));
-        }
-        Ok(t)
+        self.by_hash(&hash_token(presented))
     }
 }
 

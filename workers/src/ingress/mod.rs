@@ -18,6 +18,7 @@ mod codes;
 mod routes;
 mod serve;
 mod text_route;
+mod ui;
 mod waiters;
 
 use std::sync::{Arc, Mutex};
@@ -263,7 +264,7 @@ impl Ingress {
 
     /// The runtime's own routes: the one list its router is built from and the text
     /// routes are checked against.
-    fn runtime_routes() -> [(&'static str, MethodRouter<Arc<Self>>); 13] {
+    fn runtime_routes() -> [(&'static str, MethodRouter<Arc<Self>>); 23] {
         [
             ("/v1/queues/{queue}/jobs", post(routes::enqueue_one)),
             ("/v1/queues/{queue}/jobs:batch", post(routes::enqueue_batch)),
@@ -278,6 +279,22 @@ impl Ingress {
             ("/v1/admin/queues/{queue}/resume", post(admin::resume)),
             ("/v1/admin/jobs/{queue}/{id}/cancel", post(admin::cancel)),
             ("/v1/admin/jobs/{queue}/{id}/retry", post(admin::retry)),
+            ("/v1/admin/queues/{queue}/jobs", get(admin::jobs)),
+            ("/v1/admin/queues/{queue}/bulk", post(admin::bulk)),
+            ("/v1/admin/jobs/{queue}/{id}", get(admin::job)),
+            ("/v1/admin/dead_letters", get(admin::dead_letters)),
+            (
+                "/v1/admin/dead_letters/{queue}/retry",
+                post(admin::dlq_retry),
+            ),
+            (
+                "/v1/admin/dead_letters/{queue}/purge",
+                post(admin::dlq_purge),
+            ),
+            ("/v1/admin/schedules", get(admin::schedules)),
+            ("/v1/admin/errors", get(admin::errors)),
+            ("/v1/admin/views", get(admin::views)),
+            ("/v1/admin/views/{name}", get(admin::view)),
         ]
     }
 
@@ -289,6 +306,10 @@ impl Ingress {
     fn routes(&self) -> Router<Arc<Self>> {
         let mut r = Router::new();
         for (path, method) in Self::runtime_routes() {
+            r = r.route(path, method);
+        }
+        // The console: HTML pages, not part of the API's document.
+        for (path, method) in ui::routes() {
             r = r.route(path, method);
         }
         for (i, t) in self.registry.text_routes().iter().enumerate() {
@@ -529,7 +550,9 @@ async fn envelope(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let mut resp = next.run(req).await;
     let mut status = resp.status();
-    if status.is_client_error() || status.is_server_error() {
+    // A console page answers HTML, errors included.
+    let html = resp.extensions().get::<ui::HtmlPage>().is_some();
+    if !html && (status.is_client_error() || status.is_server_error()) {
         let (code, message) = match resp.extensions().get::<ErrorBody>() {
             Some(e) => (e.code, e.message.clone()),
             None => default_error(status),

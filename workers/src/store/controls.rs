@@ -235,7 +235,7 @@ pub async fn retry_now(
 }
 
 /// Wakes the queue's idle workers as an enqueue does (sent when the transaction commits).
-async fn wake(tx: &mut PgConnection, queue: &QueueName) -> Result<(), sqlx::Error> {
+pub(super) async fn wake(tx: &mut PgConnection, queue: &QueueName) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(listener::ENQUEUE)
         .bind(queue.as_str())
@@ -245,7 +245,7 @@ async fn wake(tx: &mut PgConnection, queue: &QueueName) -> Result<(), sqlx::Erro
 }
 
 /// One row of `longshore.operator_actions`, and the same in the log.
-async fn record(
+pub(super) async fn record(
     tx: &mut PgConnection,
     actor: &str,
     action: &str,

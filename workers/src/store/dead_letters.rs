@@ -187,3 +187,33 @@ pub async fn purge_dead_letters(
     .await?;
     Ok(r.rows_affected())
 }
+
+/// An operator's retry (re-send) or purge of the dead letters `ids` of `sql`'s queue,
+/// recorded under `actor`, in the caller's transaction. Returns what it did:
+/// `{"action", "affected", "resent": [[dead letter id, new job id], …]}`.
+pub async fn dead_letter_action(
+    tx: &mut sqlx::PgConnection,
+    sql: &QueueSql,
+    ids: &[i64],
+    retry: bool,
+    actor: &str,
+) -> Result<Value, sqlx::Error> {
+    // An empty selection is nothing (the functions below read it as "all").
+    if ids.is_empty() {
+        return Ok(
+            serde_json::json!({"queue": sql.name.as_str(), "affected": 0, "resent": [], "by": actor}),
+        );
+    }
+    let (action, affected, resent) = if retry {
+        let moved = retry_dead_letters(&mut *tx, sql, Selection::Ids(ids)).await?;
+        ("dlq_retry", moved.len() as u64, moved)
+    } else {
+        let n = purge_dead_letters(&mut *tx, &sql.name, ids).await?;
+        ("dlq_purge", n, Vec::new())
+    };
+    let detail = serde_json::json!({"ids": ids, "affected": affected, "resent": resent});
+    super::controls::record(tx, actor, action, &sql.name, detail.clone()).await?;
+    Ok(
+        serde_json::json!({"queue": sql.name.as_str(), "action": action, "affected": affected, "resent": resent, "by": actor}),
+    )
+}

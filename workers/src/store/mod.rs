@@ -1,5 +1,5 @@
 //! The queue store: every statement the runtime runs against pgmq tables lives here
-//! (this module and its siblings: [`claim`], [`complete`], [`mod@dead_letters`], [`idempotency`], [`schedule`],
+//! (this module and its siblings: [`browse`], [`mod@bulk`], [`claim`], [`complete`], [`mod@dead_letters`], [`idempotency`], [`schedule`],
 //! [`retention`]).
 //!
 //! pgmq keeps each queue in `pgmq.q_<name>` and its archive in `pgmq.a_<name>`. We
@@ -23,6 +23,8 @@
 //! held job: `{"by", "at"}`). They are read with `longshore.header_int`, so
 //! no value a producer writes there can fail a statement.
 
+pub mod browse;
+pub mod bulk;
 pub mod claim;
 pub mod complete;
 pub mod controls;
@@ -35,6 +37,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgExecutor, Row};
 
+pub use self::bulk::{
+    BulkAction, BulkBatch, BulkFilter, BulkState, bulk, bulk_batch, bulk_bound, bulk_count,
+};
 pub use self::claim::{Beat, BuriedAtClaim, ClaimRequest, ClaimResult, Claimed, Undecodable};
 use self::claim::{CLAIM, HEARTBEAT};
 use self::complete::{ACK_ARCHIVE, ACK_DELETE, BURY, CANCEL, HELD_LOCKED, RESCHEDULE};
@@ -43,7 +48,8 @@ pub use self::controls::{
     Cancel, QueueControl, RetryNow, cancel_job, queue_controls, retry_now, set_paused,
 };
 pub use self::dead_letters::{
-    DeadLetter, Selection, dead_letters, newest_dead_letter, purge_dead_letters, retry_dead_letters,
+    DeadLetter, Selection, dead_letter_action, dead_letters, newest_dead_letter,
+    purge_dead_letters, retry_dead_letters,
 };
 pub use self::idempotency::{KeyEntry, idempotency_lookup, idempotency_record};
 pub use self::retention::{
