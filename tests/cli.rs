@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proc, count, db, eventually, run_cli};
+use common::{Proc, RunTrace, count, db, eventually, run_cli};
 
 #[tokio::test]
 async fn enqueue_queues_and_dlq_commands() {
@@ -1083,4 +1083,69 @@ SELECT now() + interval '1 hour',
         20,
         "a refused action changed nothing"
     );
+}
+
+/// Issue 19: a bulk cancel racing a worker that is claiming from the same queue: every
+/// job ends exactly once, done or cancelled, never both, never lost, and no job that
+/// was cancelled ever started a run (the batch locks what it takes with SKIP LOCKED and
+/// re-checks each row is not held as it deletes it).
+#[tokio::test]
+async fn a_bulk_cancel_racing_a_claiming_worker_loses_and_doubles_nothing() {
+    let t = db().await;
+    let trace = RunTrace::new("bulk-race");
+    common::send_probes(&t.pool, 600, serde_json::json!({"sleep_ms": 20})).await;
+    let (k, v) = trace.env();
+    let w = Proc::spawn(
+        &t.url,
+        &["worker"],
+        &[(k, &v), ("LONGSHORE__WORKER__CONCURRENCY", "16")],
+    );
+    let pool = t.pool.clone();
+    eventually(Duration::from_secs(20), "the worker claiming", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.a_probe").await >= 20).then_some(()) }
+    })
+    .await;
+    // Small batches, so the cancel and the claims interleave many times.
+    let (code, out, err) = run_cli(
+        &t.url,
+        &[
+            "job", "bulk", "cancel", "probe", "--state", "visible", "--batch", "7",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let cancelled = v["affected"].as_i64().unwrap();
+    eventually(Duration::from_secs(30), "every job settled", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "SELECT count(*) FROM pgmq.q_probe").await == 0).then_some(()) }
+    })
+    .await;
+    drop(w);
+    let done = count(&t.pool, "SELECT count(*) FROM pgmq.a_probe").await;
+    let gone = count(&t.pool, "SELECT count(*) FROM longshore.cancelled_jobs").await;
+    assert_eq!(gone, cancelled, "{out}");
+    assert!(
+        cancelled > 0 && done > 20,
+        "both sides got some: {done} done, {cancelled} cancelled"
+    );
+    assert_eq!(done + gone, 600, "every job ended exactly once");
+    assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM pgmq.a_probe a JOIN longshore.cancelled_jobs c ON c.msg_id = a.msg_id").await,
+        0,
+        "never both"
+    );
+    let cancelled_ids: Vec<i64> =
+        sqlx::query_scalar("SELECT (message->>'id')::bigint FROM longshore.cancelled_jobs")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    let starts = trace.starts();
+    let ran: Vec<&i64> = cancelled_ids
+        .iter()
+        .filter(|i| starts.contains_key(i))
+        .collect();
+    assert!(ran.is_empty(), "cancelled jobs that started a run: {ran:?}");
+    assert!(trace.overlaps().is_empty());
 }

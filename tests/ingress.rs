@@ -1748,6 +1748,22 @@ async fn admin_reads_page_search_redact_and_bulk() {
         count(&pool, "SELECT count(*) FROM longshore.dead_letters").await,
         5
     );
+    // A dead job's page: each failed attempt's error, credentials in them redacted.
+    sqlx::query(
+        r#"UPDATE longshore.dead_letters SET headers = '{"errors": [{"attempt": 1, "error": "POST /v1?api-key=k1 → 503", "at": "t1"}, {"attempt": 2, "error": "Bearer abc refused", "at": "t2"}]}'
+            WHERE msg_id = 5001"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (s, v) = get("/v1/admin/jobs/probe/5001".into()).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("dead")), "{v}");
+    assert_eq!(
+        v["errors"][0]["error"], "POST /v1?api-key=[redacted] → 503",
+        "{v}"
+    );
+    assert_eq!(v["errors"][1]["error"], "Bearer [redacted] refused", "{v}");
+    assert!(v["headers"].get("errors").is_none(), "{v}");
     let r = env
         .post(
             "/v1/admin/dead_letters/probe/purge",

@@ -240,6 +240,18 @@ async fn retry_then_done_and_the_effect_commits_once() {
         hdr["last_error"].as_str().unwrap().contains("attempt 2"),
         "{hdr}"
     );
+    // Every failed attempt with its error (issue 19), in order.
+    let errors = hdr["errors"].as_array().expect("an errors history");
+    let attempts: Vec<i64> = errors
+        .iter()
+        .map(|e| e["attempt"].as_i64().unwrap())
+        .collect();
+    assert_eq!(attempts, vec![1, 2], "{hdr}");
+    assert!(
+        errors[0]["error"].as_str().unwrap().contains("attempt 1"),
+        "{hdr}"
+    );
+    assert!(errors.iter().all(|e| e["at"].is_string()), "{hdr}");
 }
 
 #[tokio::test]
@@ -295,6 +307,17 @@ async fn bad_args_panics_and_exhaustion_dead_letter_while_good_jobs_finish() {
         rows[0].2
     );
     assert_eq!(rows[1].1, 3, "panics retry up to max_attempts");
+    let history: Vec<i64> = sqlx::query_scalar(
+        "SELECT (e->>'attempt')::bigint FROM longshore.dead_letters d, jsonb_array_elements(d.headers->'errors') e WHERE d.message->>'id' = '3' ORDER BY 1",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        history,
+        vec![1, 2, 3],
+        "each attempt's error, the last one's too"
+    );
     assert!(
         rows[1]
             .2

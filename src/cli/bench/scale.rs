@@ -733,8 +733,13 @@ INSERT INTO credits_ledger (user_id, delta, provider, reason, request_id, create
 SELECT md5((i % 2000 + 1)::text)::uuid, -(i % 50 + 1), CASE WHEN i % 3 = 0 THEN 'openai' ELSE 'anthropic' END,
        'charge', gen_random_uuid(), now() - (i % 604800) * interval '1 second'
   FROM generate_series(1, 200000) i;
-VACUUM ANALYZE pgmq.a_probe, pgmq.q_probe, longshore.dead_letters, longshore.cancelled_jobs, credits_ledger;
 "#,
+    )
+    .execute(&pool)
+    .await?;
+    // Outside the fill's implicit transaction (VACUUM refuses to run in one).
+    sqlx::raw_sql(
+        "VACUUM ANALYZE pgmq.a_probe, pgmq.q_probe, longshore.dead_letters, longshore.cancelled_jobs, credits_ledger",
     )
     .execute(&pool)
     .await?;
@@ -747,7 +752,10 @@ VACUUM ANALYZE pgmq.a_probe, pgmq.q_probe, longshore.dead_letters, longshore.can
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let serving = tokio::spawn(ingress.serve(listener, stop.clone()));
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| err(e.to_string()))?;
     let routes = [
         "/v1/admin/queues",
         "/v1/admin/queues/probe/jobs?state=done",
@@ -763,7 +771,28 @@ VACUUM ANALYZE pgmq.a_probe, pgmq.q_probe, longshore.dead_letters, longshore.can
         "/v1/admin/errors",
         "/v1/admin/views/credits?window=7d",
         "/v1/admin/views/billing",
+        "/ui",
+        "/ui/queues/probe?state=done",
+        "/ui/queues/probe?state=retrying",
+        "/ui/jobs/probe/123456",
+        "/ui/dead?queue=probe",
+        "/ui/errors",
     ];
+    // The console's pages, as a signed-in browser gets them.
+    let signed_in = http
+        .post(format!("http://{addr}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=bench-admin")
+        .send()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let cookie = signed_in
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .ok_or_else(|| err("the console's sign-in set no cookie".into()))?
+        .to_string();
     let mut lines = Vec::new();
     let mut out = serde_json::Map::new();
     let mut worst = Duration::ZERO;
@@ -774,6 +803,7 @@ VACUUM ANALYZE pgmq.a_probe, pgmq.q_probe, longshore.dead_letters, longshore.can
             let resp = http
                 .get(format!("http://{addr}{r}"))
                 .bearer_auth("bench-admin")
+                .header("cookie", &cookie)
                 .send()
                 .await
                 .map_err(|e| err(e.to_string()))?;

@@ -125,7 +125,10 @@ pub async fn list_jobs(
     let limit = q.limit.clamp(1, MAX_PAGE);
     let name = sql.name.as_str();
     // (source, id column, attempts, at, last error, state condition)
-    let from = match q.state {
+    // Each source is read on its own by its primary key and the pages merged here (a
+    // UNION of the archive and the completion records is planned as a sort of the whole
+    // archive once the small table has no statistics).
+    let froms: Vec<String> = match q.state {
         ListState::Visible | ListState::Delayed | ListState::Retrying | ListState::Running => {
             let cond = match q.state {
                 ListState::Visible => "vt <= clock_timestamp()",
@@ -137,28 +140,33 @@ pub async fn list_jobs(
                 }
                 _ => "last_read_at IS NOT NULL AND vt > clock_timestamp()",
             };
-            super::render(
+            vec![super::render(
                 &format!(
                     "SELECT msg_id AS id, longshore.attempts(read_ct, headers) AS attempts, enqueued_at, vt AS at, \
                      longshore.headers(headers) ->> 'last_error' AS last_error, message FROM {{q}} WHERE {cond}"
                 ),
                 &sql.name,
-            )
+            )]
         }
-        ListState::Done => super::render(
-            "SELECT msg_id AS id, longshore.attempts(read_ct, headers) AS attempts, enqueued_at, archived_at AS at, \
-             NULL::text AS last_error, message FROM {a} WHERE true \
-             UNION ALL SELECT msg_id, attempts, done_at, done_at, NULL, NULL FROM longshore.completions WHERE queue = '{name}'",
-            &sql.name,
-        ),
-        ListState::Dead => format!(
+        ListState::Done => vec![
+            super::render(
+                "SELECT msg_id AS id, longshore.attempts(read_ct, headers) AS attempts, enqueued_at, archived_at AS at, \
+                 NULL::text AS last_error, message FROM {a}",
+                &sql.name,
+            ),
+            format!(
+                "SELECT msg_id AS id, attempts, done_at AS enqueued_at, done_at AS at, NULL::text AS last_error, NULL::jsonb AS message \
+                 FROM longshore.completions WHERE queue = '{name}'"
+            ),
+        ],
+        ListState::Dead => vec![format!(
             "SELECT msg_id AS id, attempts, enqueued_at, failed_at AS at, last_error, message \
              FROM longshore.dead_letters WHERE queue = '{name}'"
-        ),
-        ListState::Cancelled => format!(
+        )],
+        ListState::Cancelled => vec![format!(
             "SELECT msg_id AS id, attempts, enqueued_at, cancelled_at AS at, 'cancelled by ' || cancelled_by AS last_error, message \
              FROM longshore.cancelled_jobs WHERE queue = '{name}'"
-        ),
+        )],
     };
     // A search no index serves (containment on args; a state of the queue table, whose
     // rows in other states may fill it) looks at one window of ids below the cursor.
@@ -177,34 +185,37 @@ pub async fn list_jobs(
     }
     // Only the filters given, each bound: one plan per shape, never a generic plan
     // that cannot use the primary key for an `id = $n` PostgreSQL could not see.
-    let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
-        "SELECT id, attempts, enqueued_at, at, last_error, coalesce(message, 'null'::jsonb) FROM ({from}) j WHERE true"
-    ));
-    if let Some(b) = q.before {
-        qb.push(" AND id < ").push_bind(b);
+    let mut jobs = Vec::new();
+    for from in &froms {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+            "SELECT id, attempts, enqueued_at, at, last_error, coalesce(message, 'null'::jsonb) FROM ({from}) j WHERE true"
+        ));
+        if let Some(b) = q.before {
+            qb.push(" AND id < ").push_bind(b);
+        }
+        if let Some(id) = q.id {
+            qb.push(" AND id = ").push_bind(id);
+        }
+        if let Some(v) = &q.contains {
+            qb.push(" AND message @> ").push_bind(v.clone());
+        }
+        if let Some(f) = floor {
+            qb.push(" AND id >= ").push_bind(f);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
+        for r in qb.build().fetch_all(&mut *c).await? {
+            jobs.push(JobRow {
+                id: r.try_get(0)?,
+                attempts: r.try_get::<i32, _>(1)?.max(0),
+                enqueued_at: r.try_get(2)?,
+                at: r.try_get(3)?,
+                last_error: r.try_get::<Option<String>, _>(4)?.map(|e| redact_text(&e)),
+                args: redact(&r.try_get::<Value, _>(5)?),
+            });
+        }
     }
-    if let Some(id) = q.id {
-        qb.push(" AND id = ").push_bind(id);
-    }
-    if let Some(v) = &q.contains {
-        qb.push(" AND message @> ").push_bind(v.clone());
-    }
-    if let Some(f) = floor {
-        qb.push(" AND id >= ").push_bind(f);
-    }
-    qb.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
-    let rows = qb.build().fetch_all(&mut *c).await?;
-    let mut jobs = Vec::with_capacity(rows.len());
-    for r in &rows {
-        jobs.push(JobRow {
-            id: r.try_get(0)?,
-            attempts: r.try_get::<i32, _>(1)?.max(0),
-            enqueued_at: r.try_get(2)?,
-            at: r.try_get(3)?,
-            last_error: r.try_get::<Option<String>, _>(4)?.map(|e| redact_text(&e)),
-            args: redact(&r.try_get::<Value, _>(5)?),
-        });
-    }
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
+    jobs.truncate(limit as usize + 1);
     let more = jobs.len() as i64 > limit;
     jobs.truncate(limit as usize);
     let next_before = if more {
@@ -267,7 +278,7 @@ pub struct JobDetail {
     pub enqueued_at: DateTime<Utc>,
     /// When it is due, its lease ends, or it ended.
     pub at: Option<DateTime<Utc>>,
-    /// Its last error (the runtime keeps the latest attempt's error, not each one's).
+    /// Its last error.
     pub last_error: Option<String>,
     /// Its args, redacted.
     pub args: Value,
@@ -275,6 +286,9 @@ pub struct JobDetail {
     pub headers: Value,
     /// Its handler's result (done jobs of an `archive` queue).
     pub result: Option<Value>,
+    /// Each failed attempt's error, oldest first (the last 10): `{"attempt", "error",
+    /// "at"}`.
+    pub errors: Vec<Value>,
     /// What operators did to it, oldest first.
     pub actions: Vec<Value>,
 }
@@ -318,6 +332,10 @@ LIMIT 1
         .try_get::<Option<Value>, _>(6)?
         .unwrap_or(Value::Object(Default::default()));
     let result = headers.as_object_mut().and_then(|h| h.remove("result"));
+    let errors = match headers.as_object_mut().and_then(|h| h.remove("errors")) {
+        Some(Value::Array(a)) => a.iter().map(redact).collect(),
+        _ => Vec::new(),
+    };
     // (Served by operator_actions_job_idx.)
     let actions: Vec<Value> = sqlx::query_scalar(
         r#"SELECT jsonb_build_object('at', at, 'actor', actor, 'action', action, 'detail', detail)
@@ -340,6 +358,7 @@ LIMIT 1
         args: redact(&r.try_get::<Option<Value>, _>(5)?.unwrap_or(Value::Null)),
         headers: redact(&headers),
         result: result.map(|v| redact(&v)),
+        errors,
         actions,
     }))
 }
@@ -566,10 +585,13 @@ pub fn secret_field(name: &str) -> bool {
     SECRET_WORDS.iter().any(|w| n.contains(w)) || SECRET_NAMES.contains(&n.as_str())
 }
 
-/// Whether a string value looks like a credential whatever its field is called.
+/// Whether a string value is a credential whatever its field is called: `Bearer x`,
+/// `Basic x`, `sk-…` and nothing else (text around one goes through [`redact_text`]).
 fn secret_value(s: &str) -> bool {
-    let l = s.trim_start().to_ascii_lowercase();
-    l.starts_with("bearer ") || l.starts_with("basic ") || l.starts_with("sk-")
+    let l = s.trim().to_ascii_lowercase();
+    let words = l.split_whitespace().count();
+    ((l.starts_with("bearer ") || l.starts_with("basic ")) && words == 2)
+        || (l.starts_with("sk-") && words == 1)
 }
 
 /// `v` with the value of every secret-looking field (at any depth, see

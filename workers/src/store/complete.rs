@@ -192,7 +192,10 @@ UPDATE {q} m
        last_read_at = NULL,
        headers      = (longshore.headers(m.headers) - 'deaths')
                       || CASE WHEN held.err IS NULL THEN '{}'::jsonb
-                              ELSE jsonb_build_object('last_error', held.err) END
+                              ELSE jsonb_build_object('last_error', held.err,
+                                     'errors', longshore.error_history(m.headers,
+                                                 longshore.attempts(m.read_ct, m.headers), held.err))
+                              END
                       || CASE WHEN held.free
                               THEN jsonb_build_object('free_reads', longshore.header_int(m.headers, 'free_reads') + 1)
                               ELSE '{}'::jsonb END
@@ -210,7 +213,9 @@ gone AS (
     RETURNING m.msg_id, m.message, m.headers, m.enqueued_at, held.attempts, held.err
 )
 INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at)
-SELECT '{name}', msg_id, message, longshore.headers(headers) || jsonb_build_object('last_error', err),
+SELECT '{name}', msg_id, message,
+       longshore.headers(headers) || jsonb_build_object('last_error', err,
+                                       'errors', longshore.error_history(headers, attempts, err)),
        attempts, err, enqueued_at
   FROM gone
 ON CONFLICT (queue, msg_id) DO UPDATE

@@ -110,7 +110,7 @@ DELETE FROM longshore.dead_letters d
                  LIMIT $4
                    FOR UPDATE SKIP LOCKED)
 RETURNING d.id, d.msg_id, coalesce(d.message, 'null'::jsonb),
-          nullif(longshore.headers(d.headers) - 'last_error' - 'free_reads' - 'run_at' - 'deaths'
+          nullif(longshore.headers(d.headers) - 'last_error' - 'errors' - 'free_reads' - 'run_at' - 'deaths'
                  - 'cancel_requested',
                  '{}'::jsonb)
 "#,

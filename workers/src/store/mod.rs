@@ -17,7 +17,8 @@
 //! two of them (an ack and a reschedule of overlapping stale fences, say) can never
 //! deadlock; the heartbeat never waits for a lock at all (`SKIP LOCKED`).
 //!
-//! Header keys the runtime owns: `last_error`, `free_reads`, `deaths` (runs in a row
+//! Header keys the runtime owns: `last_error`, `errors` (each failed attempt's error, the
+//! last 10: `[{"attempt", "error", "at"}]`), `free_reads`, `deaths` (runs in a row
 //! that ended with no outcome: the worker died or lost its lease), `result` (in the
 //! archive), `idempotency_key`, `run_at`, `cancel_requested` (an operator's cancel of a
 //! held job: `{"by", "at"}`). They are read with `longshore.header_int`, so

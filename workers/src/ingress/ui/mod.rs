@@ -879,6 +879,17 @@ async fn job_page(
                 dt { "Last error" } dd { (d.last_error.as_deref().unwrap_or("—")) }
             }
         }
+        h2 { "Attempts that failed" }
+        div.card {
+            @if d.errors.is_empty() { p.muted { "None." } }
+            @else {
+                table #attempts { thead { tr { th.num { "Attempt" } th { "At" } th { "Error" } } }
+                    tbody { @for e in &d.errors { tr {
+                        td.num { (cell(&e["attempt"])) } td { (cell(&e["at"])) } td.wrap { (cell(&e["error"])) }
+                    } } }
+                }
+            }
+        }
         h2 { "Args" } div.card { pre { (pretty(&d.args)) } }
         h2 { "Headers" } div.card { pre { (pretty(&d.headers)) } }
         @if let Some(r) = &d.result { h2 { "Result" } div.card { pre { (pretty(r)) } } }
@@ -894,7 +905,6 @@ async fn job_page(
                 }
             }
         }
-        p.muted { "The runtime keeps the latest attempt's error; earlier attempts' errors are in the worker logs (span job_id)." }
     };
     Ok(page(
         StatusCode::OK,
