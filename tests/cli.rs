@@ -92,6 +92,11 @@ async fn enqueue_queues_and_dlq_commands() {
         0
     );
     assert_eq!(
+        count(&t.pool, "SELECT count(*) FROM longshore.operator_actions WHERE action = 'dlq_retry' AND actor LIKE 'cli:%'").await,
+        1,
+        "a retry by id is recorded"
+    );
+    assert_eq!(
         count(
             &t.pool,
             "SELECT count(*) FROM pgmq.q_probe WHERE message = '[1,2]'"

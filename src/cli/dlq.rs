@@ -3,7 +3,7 @@
 use anyhow::anyhow;
 use longshore_workers::QueueName;
 use longshore_workers::db;
-use longshore_workers::store::{self, BulkAction, BulkFilter, BulkState, QueueSql, Selection};
+use longshore_workers::store::{self, BulkAction, BulkFilter, BulkState, QueueSql};
 
 use super::app::{self, CliError, CliResult};
 
@@ -56,19 +56,18 @@ pub async fn run(args: Args) -> CliResult {
                 return Err(CliError::usage(anyhow!("--batch must be at least 1")));
             }
             let sql = QueueSql::new(q.clone());
-            let print = |moved: &[(i64, i64)]| {
-                for (dl, id) in moved {
+            if !ids.is_empty() {
+                // Recorded as the console's and the API's are.
+                let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
+                let done = store::dead_letter_action(&mut tx, &sql, &ids, true, &by).await?;
+                tx.commit().await?;
+                let moved = done["resent"].as_array().cloned().unwrap_or_default();
+                for pair in &moved {
                     println!(
                         "{}",
-                        serde_json::json!({"dead_letter": dl, "queue": q.as_str(), "id": id})
+                        serde_json::json!({"dead_letter": pair[0], "queue": q.as_str(), "id": pair[1]})
                     );
                 }
-            };
-            if !ids.is_empty() {
-                let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
-                let moved = store::retry_dead_letters(&mut tx, &sql, Selection::Ids(&ids)).await?;
-                tx.commit().await?;
-                print(&moved);
                 eprintln!("re-sent {} dead letter(s) to {q}", moved.len());
             } else {
                 // All of them: the bulk action (bounded batches, each its own
@@ -82,11 +81,11 @@ pub async fn run(args: Args) -> CliResult {
             if ids.is_empty() {
                 super::job::run_bulk(&pool, &q, &all_dead(), BulkAction::Purge, 1000, &by).await?;
             } else {
-                let n = db::run(&pool, db::Deadline::Statement, async |c| {
-                    store::purge_dead_letters(c, &q, &ids).await
-                })
-                .await?;
-                eprintln!("purged {n} dead letter(s) from {q}");
+                let sql = QueueSql::new(q.clone());
+                let mut tx = db::begin(&pool, db::Deadline::Statement).await?;
+                let done = store::dead_letter_action(&mut tx, &sql, &ids, false, &by).await?;
+                tx.commit().await?;
+                eprintln!("purged {} dead letter(s) from {q}", done["affected"]);
             }
         }
     }
