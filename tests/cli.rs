@@ -1017,6 +1017,14 @@ SELECT now() + interval '1 hour',
         "a held job is never a bulk target"
     );
 
+    // One more delayed job far past the others' ids: the batches walk the ids in
+    // stretches of BULK_WINDOW and still reach it.
+    sqlx::query(
+        "INSERT INTO pgmq.q_probe (msg_id, vt, message) OVERRIDING SYSTEM VALUE VALUES (500000, now() + interval '1 hour', '{\"id\": 999}')",
+    )
+    .execute(&t.pool)
+    .await
+    .unwrap();
     // Retry the delayed ones: visible now, nothing else moves.
     let (code, out, err) = run_cli(
         &t.url,
@@ -1024,11 +1032,13 @@ SELECT now() + interval '1 hour',
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("\"affected\":15"), "{out}");
+    assert!(out.contains("\"affected\":16"), "{out}");
+    let mut want: Vec<i32> = (76..=100).collect();
+    want.push(999);
     assert_eq!(
         ids("SELECT (message->>'id')::int FROM pgmq.q_probe WHERE vt <= now() ORDER BY 1").await,
-        (76..=100).collect::<Vec<_>>(),
-        "the 15 delayed and the 10 that were visible"
+        want,
+        "the 16 delayed and the 10 that were visible"
     );
 
     // Dead letters: purge by error text; refused actions exit 2 with a code.
@@ -1098,7 +1108,9 @@ SELECT now() + interval '1 hour',
 async fn a_bulk_cancel_racing_a_claiming_worker_loses_and_doubles_nothing() {
     let t = db().await;
     let trace = RunTrace::new("bulk-race");
-    common::send_probes(&t.pool, 600, serde_json::json!({"sleep_ms": 20})).await;
+    // 600 runs of 100 ms at 16 at a time: about 4 s of work, so the cancel (a process
+    // start away) meets a worker still claiming even on a loaded machine.
+    common::send_probes(&t.pool, 600, serde_json::json!({"sleep_ms": 100})).await;
     let (k, v) = trace.env();
     let w = Proc::spawn(
         &t.url,

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -61,7 +62,12 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// chromedriver and the Chromium it started share a process group: all of it goes,
+    /// also when a test fails before closing its session.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -81,6 +87,7 @@ async fn browser(width: u32, height: u32) -> (Driver, Client) {
     let port = free_port();
     let child = Command::new(&driver)
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -149,12 +156,18 @@ async fn click(b: &Client, css: &str) {
         .unwrap();
 }
 
-/// Saves a screenshot of the page under docs/console/ (the README shows them).
+/// Saves a screenshot of the page: under docs/console/ (the README shows them) with
+/// `UPDATE_SCREENSHOTS=1`, else under target/ (a test run leaves the tree as it was).
 async fn shot(b: &Client, name: &str) {
     let png = b.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
-    std::fs::create_dir_all("docs/console").unwrap();
-    std::fs::write(format!("docs/console/{name}.png"), png).unwrap();
+    let dir = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        "docs/console"
+    } else {
+        "target/console-screenshots"
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(format!("{dir}/{name}.png"), png).unwrap();
 }
 
 /// POSTs a form from inside the page (same origin, with the session cookie), as a
@@ -282,8 +295,9 @@ async fn console_drives_the_fleet_from_a_browser() {
         text(&b, "h1 .badge.paused").await.filter(|t| t == "paused")
     })
     .await;
-    // What it held when the pause landed finishes within a run's 250 ms.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // What it held when the pause landed finishes within a run's 250 ms (and its
+    // acknowledgement's flush): given 3 s on a busy machine.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let (settled, started) = (done().await, trace.starts().len());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(done().await, settled, "a paused queue: nothing more done");
@@ -351,18 +365,30 @@ async fn console_drives_the_fleet_from_a_browser() {
     shot(&b, "job").await;
     let asked = std::time::Instant::now();
     click(&b, "button[data-action=cancel]").await;
-    eventually(Duration::from_secs(60), "cancelled", || async {
-        b.refresh().await.ok()?;
-        text(&b, "#state").await.filter(|s| s == "cancelled")
-    })
+    eventually(
+        Duration::from_secs(60),
+        "cancelled in the database",
+        || async {
+            (count(&pool, "SELECT count(*) FROM longshore.cancelled_jobs").await == 1).then_some(())
+        },
+    )
     .await;
     // The lease is 6 s, so a heartbeat every 2 s: stopped within a few, far from the
     // 60 s the handler would sleep.
     assert!(
-        asked.elapsed() < Duration::from_secs(12),
+        asked.elapsed() < Duration::from_secs(20),
         "the handler stopped at a heartbeat, not at the end of its sleep: {:?}",
         asked.elapsed()
     );
+    eventually(
+        Duration::from_secs(10),
+        "the page says cancelled",
+        || async {
+            b.refresh().await.ok()?;
+            text(&b, "#state").await.filter(|s| s == "cancelled")
+        },
+    )
+    .await;
     let ended = std::fs::read_to_string(trace.dir.join("runs.log")).unwrap();
     assert!(
         ended.lines().any(|l| l.starts_with("end 7000")),

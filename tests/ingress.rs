@@ -1748,9 +1748,31 @@ async fn admin_reads_page_search_redact_and_bulk() {
         count(&pool, "SELECT count(*) FROM longshore.dead_letters").await,
         5
     );
+    // The error filter matches the text as shown: a guess at a redacted key finds
+    // nothing, the words around it do.
+    sqlx::query(
+        "INSERT INTO longshore.dead_letters (queue, msg_id, message, attempts, last_error, enqueued_at) VALUES ('probe', 7777, '{}', 1, 'rpc call failed: https://rpc/?api-key=Zq9SECRETkey', now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (needle, found) in [("SECRET", 0), ("api-key=Zq9", 0), ("RPC CALL failed", 1)] {
+        let (_, v) = get(format!(
+            "/v1/admin/dead_letters?queue=probe&error={}",
+            urlencode(needle)
+        ))
+        .await;
+        let list = v["dead_letters"].as_array().unwrap();
+        assert_eq!(list.len(), found, "{needle}: {v}");
+        assert!(!v.to_string().contains("Zq9SECRET"), "{v}");
+    }
+    sqlx::query("DELETE FROM longshore.dead_letters WHERE msg_id = 7777")
+        .execute(&pool)
+        .await
+        .unwrap();
     // A dead job's page: each failed attempt's error, credentials in them redacted.
     sqlx::query(
-        r#"UPDATE longshore.dead_letters SET headers = '{"errors": [{"attempt": 1, "error": "POST /v1?api-key=k1 → 503", "at": "t1"}, {"attempt": 2, "error": "Bearer abc refused", "at": "t2"}]}'
+        r#"UPDATE longshore.dead_letters SET headers = '{"errors": [{"attempt": 1, "error": "POST /v1?api-key=k1 → 503", "at": "t1"}, {"attempt": 2, "error": "Bearer eyJhbGciOiJIUz refused", "at": "t2"}]}'
             WHERE msg_id = 5001"#,
     )
     .execute(&pool)
@@ -1893,6 +1915,12 @@ async fn admin_reads_page_search_redact_and_bulk() {
             "invalid_json",
         ),
         ("/v1/admin/queues/nosuch/jobs", 404, "unknown_queue"),
+        ("/v1/admin/queues/probe/jobs?before=0", 400, "bad_request"),
+        (
+            "/v1/admin/queues/probe/jobs?before=-9223372036854775808",
+            400,
+            "bad_request",
+        ),
     ] {
         let (s, v) = get(path.into()).await;
         assert_eq!(

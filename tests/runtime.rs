@@ -308,7 +308,7 @@ async fn bad_args_panics_and_exhaustion_dead_letter_while_good_jobs_finish() {
     );
     assert_eq!(rows[1].1, 3, "panics retry up to max_attempts");
     let history: Vec<i64> = sqlx::query_scalar(
-        "SELECT (e->>'attempt')::bigint FROM longshore.dead_letters d, jsonb_array_elements(d.headers->'errors') e WHERE d.message->>'id' = '3' ORDER BY 1",
+        "SELECT (e->>'attempt')::bigint FROM longshore.dead_letters d, jsonb_array_elements(d.headers->'errors') WITH ORDINALITY AS x(e, o) WHERE d.message->>'id' = '3' ORDER BY o",
     )
     .fetch_all(&t.pool)
     .await
@@ -1332,4 +1332,42 @@ async fn the_test_kit_sees_enqueued_jobs_drains_due_ones_and_reads_results() {
         Some(longshore_workers::store::JobState::Queued)
     );
     assert_eq!(job_result(&t.pool, "probe", later).await, None);
+}
+
+/// The errors history keeps the newest 10 failures in order, whatever a producer put in
+/// the header (not an array, not an object at all).
+#[tokio::test]
+async fn the_errors_history_keeps_the_last_ten_in_order() {
+    let t = db().await;
+    let (attempts, first_error): (Vec<i64>, String) = sqlx::query_as(
+        r#"
+WITH RECURSIVE h(n, hdr) AS (
+    SELECT 0, '{"errors": "not an array"}'::jsonb
+    UNION ALL
+    SELECT n + 1, hdr || jsonb_build_object('errors', longshore.error_history(hdr, n + 1, 'boom ' || (n + 1)))
+      FROM h WHERE n < 12
+)
+SELECT array_agg((e->>'attempt')::bigint ORDER BY o), (array_agg(e->>'error' ORDER BY o))[1]
+  FROM (SELECT hdr FROM h WHERE n = 12) last, jsonb_array_elements(last.hdr->'errors') WITH ORDINALITY AS x(e, o)
+"#,
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, (3..=12).collect::<Vec<i64>>());
+    assert_eq!(first_error, "boom 3");
+    let from_null: i64 = sqlx::query_scalar(
+        "SELECT jsonb_array_length(longshore.error_history(NULL, 1, repeat('x', 900)))::bigint",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(from_null, 1);
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT length(longshore.error_history('\"scalar\"', 1, repeat('x', 900)) -> 0 ->> 'error')::bigint",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(cut, 500, "each error cut at 500 characters");
 }

@@ -95,8 +95,12 @@ pub async fn run_bulk(
         let up_to = store::bulk_bound(c, &sql, filter.state).await?;
         store::bulk_count(c, &sql, filter, up_to, cap).await
     })
-    .await?;
-    let pb = app::progress((total < cap).then_some(total as u64), action_name(action));
+    .await
+    .ok(); // best effort: no count in time, a spinner
+    let pb = app::progress(
+        total.filter(|t| *t < cap).map(|t| t as u64),
+        action_name(action),
+    );
     let n = store::bulk(pool, &sql, filter, action, batch, actor, |n| pb.inc(n)).await?;
     pb.finish_and_clear();
     // Rows a worker held as a batch passed were skipped: how many still match.
@@ -104,7 +108,8 @@ pub async fn run_bulk(
         let up_to = store::bulk_bound(c, &sql, filter.state).await?;
         store::bulk_count(c, &sql, filter, up_to, 10_000).await
     })
-    .await?;
+    .await
+    .ok();
     println!(
         "{}",
         serde_json::json!({"queue": q.as_str(), "action": action, "filter": filter, "affected": n, "still_matching": still, "by": actor})

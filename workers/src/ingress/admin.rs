@@ -293,9 +293,9 @@ fn params(
 fn int_param(m: &HashMap<String, String>, key: &str) -> ApiResult<Option<i64>> {
     m.get(key)
         .filter(|v| !v.is_empty())
-        .map(|v| {
-            v.parse::<i64>()
-                .map_err(|_| bad_request(format!("{key} must be an integer")))
+        .map(|v| match v.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(bad_request(format!("{key} must be a positive integer"))),
         })
         .transpose()
 }
@@ -521,10 +521,10 @@ pub(crate) async fn bulk_step(
         .check(action)
         .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bulk_not_applicable", m))?;
     let sql = crate::enqueue::queue_sql(queue);
-    let up_to = match up_to {
-        Some(u) => u,
-        None => read_db(st, async |c| store::bulk_bound(c, &sql, filter.state).await).await?,
-    };
+    // Never past the newest id there is (a client's up_to cannot reach jobs that
+    // arrive while the action goes on).
+    let bound = read_db(st, async |c| store::bulk_bound(c, &sql, filter.state).await).await?;
+    let up_to = up_to.map_or(bound, |u| u.min(bound));
     // Each batch within the database deadline on its own: a slow batch answers 503,
     // and the batches before it stand (committed, recorded; they match no more).
     let (mut after, mut affected, mut done) = (after, 0_u64, false);
@@ -544,13 +544,14 @@ pub(crate) async fn bulk_step(
     }
     // Rows a worker held at the instant a batch passed were skipped: say how many still
     // match (counted up to 10,000), so the operator can run it again.
+    // Best effort: a count that does not answer in time is left out, never a 503 after
+    // the work is done.
     let remaining = if done {
-        Some(
-            read_db(st, async |c| {
-                store::bulk_count(c, &sql, filter, up_to, 10_000).await
-            })
-            .await?,
-        )
+        read_db(st, async |c| {
+            store::bulk_count(c, &sql, filter, up_to, 10_000).await
+        })
+        .await
+        .ok()
     } else {
         None
     };
@@ -657,13 +658,29 @@ pub(super) async fn schedules(
     Ok(Json(schedules_value(&st).await?))
 }
 
-/// Recent errors: dead letters and retrying jobs of every queue.
-pub(crate) async fn errors_value(st: &Ingress, limit: i64) -> ApiResult<Value> {
-    let queues: Vec<_> = st
+/// The registered queues whose tables exist (a kind added to the build before
+/// `longshore migrate` ran must not fail the pages that read every queue).
+pub(crate) async fn migrated_queues(st: &Ingress) -> ApiResult<Vec<QueueName>> {
+    let have: Vec<String> = read_db(st, async |c| {
+        sqlx::query_scalar("SELECT queue_name::text FROM pgmq.meta")
+            .fetch_all(c)
+            .await
+    })
+    .await?;
+    Ok(st
         .registry
         .kinds()
+        .filter(|k| have.iter().any(|h| h == k))
         .filter_map(|k| QueueName::parse(k).ok())
-        .map(|q| crate::enqueue::queue_sql(&q))
+        .collect())
+}
+
+/// Recent errors: dead letters and retrying jobs of every queue.
+pub(crate) async fn errors_value(st: &Ingress, limit: i64) -> ApiResult<Value> {
+    let queues: Vec<_> = migrated_queues(st)
+        .await?
+        .iter()
+        .map(crate::enqueue::queue_sql)
         .collect();
     let errs = read_db(st, async |c| browse::recent_errors(c, &queues, limit).await).await?;
     // The pipelines' failures (failed LLM attempts), over the last day.
@@ -740,7 +757,15 @@ pub(crate) async fn view_value(
     if window > MAX_WINDOW {
         return Err(bad_request("window: at most 31d"));
     }
-    let sections = read_db(st, async |c| (view.read)(c, ViewParams { window }).await).await?;
+    let mut sections = read_db(st, async |c| (view.read)(c, ViewParams { window }).await).await?;
+    // A pipeline's tables are shown redacted too (an error text with a key in it).
+    for sec in &mut sections {
+        for row in &mut sec.rows {
+            for cell in row.iter_mut() {
+                *cell = browse::redact(cell);
+            }
+        }
+    }
     Ok((view, sections))
 }
 

@@ -181,7 +181,7 @@ pub async fn list_jobs(
     if windowed {
         let (min, max) = id_range(c, sql, q.state).await?;
         lowest = min;
-        floor = Some(q.before.unwrap_or(max + 1) - SEARCH_WINDOW);
+        floor = Some(q.before.unwrap_or(max + 1).saturating_sub(SEARCH_WINDOW));
     }
     // Only the filters given, each bound: one plan per shape, never a generic plan
     // that cannot use the primary key for an `id = $n` PostgreSQL could not see.
@@ -405,17 +405,20 @@ pub async fn recent_errors(
             at: r.try_get(4)?,
         });
     }
-    // Retrying jobs: each queue's newest, from the queue tables (small: what waits).
+    // Retrying jobs: each queue's newest, among its newest SEARCH_WINDOW ids (a backlog
+    // of visible jobs must not make this a scan of the queue).
     let mut retrying = Vec::new();
     for sql in queues {
         let rows = sqlx::query(&super::render(
             "SELECT msg_id, longshore.attempts(read_ct, headers), longshore.headers(headers) ->> 'last_error', vt \
                FROM {q} WHERE last_read_at IS NULL AND read_ct > 0 AND vt > clock_timestamp() \
                  AND longshore.headers(headers) ? 'last_error' \
+                 AND msg_id >= (SELECT coalesce(max(msg_id), 0) FROM {q}) - $2 \
               ORDER BY msg_id DESC LIMIT $1",
             &sql.name,
         ))
         .bind(limit)
+        .bind(SEARCH_WINDOW)
         .fetch_all(&mut *c)
         .await?;
         for r in rows {
@@ -504,7 +507,7 @@ pub async fn dead_letter_page(
         .fetch_one(&mut *c)
         .await?;
         lowest = min;
-        floor = Some(before.unwrap_or(max + 1) - SEARCH_WINDOW);
+        floor = Some(before.unwrap_or(max + 1).saturating_sub(SEARCH_WINDOW));
     }
     let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
         "SELECT id, queue, msg_id, coalesce(message, 'null'::jsonb), coalesce(headers, '{}'::jsonb), \
@@ -514,9 +517,33 @@ pub async fn dead_letter_page(
         qb.push(" AND queue = ").push_bind(q.to_string());
     }
     if let Some(e) = error {
-        qb.push(" AND strpos(lower(last_error), lower(")
-            .push_bind(e.to_string())
-            .push(")) > 0");
+        // Matched against the text as it is shown (redacted), so a filter cannot test
+        // guesses at a redacted credential: the window's errors are read and matched
+        // here, then the page's rows fetched by id.
+        let needle = e.to_lowercase();
+        let mut scan = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "SELECT id, last_error FROM longshore.dead_letters WHERE true",
+        );
+        if let Some(q) = queue {
+            scan.push(" AND queue = ").push_bind(q.to_string());
+        }
+        if let Some(b) = before {
+            scan.push(" AND id < ").push_bind(b);
+        }
+        if let Some(f) = floor {
+            scan.push(" AND id >= ").push_bind(f);
+        }
+        scan.push(" ORDER BY id DESC");
+        let hits: Vec<i64> = scan
+            .build_query_as::<(i64, String)>()
+            .fetch_all(&mut *c)
+            .await?
+            .into_iter()
+            .filter(|(_, text)| redact_text(text).to_lowercase().contains(&needle))
+            .map(|(id, _)| id)
+            .take(limit as usize + 1)
+            .collect();
+        qb.push(" AND id = ANY(").push_bind(hits).push(")");
     }
     if let Some(b) = before {
         qb.push(" AND id < ").push_bind(b);
@@ -573,7 +600,7 @@ const SECRET_WORDS: [&str; 14] = [
 
 /// Field names that are secrets when they are the whole name (as parts of longer names
 /// they mean other things: `author`, `passenger`).
-const SECRET_NAMES: [&str; 5] = ["auth", "pass", "pwd", "bearer", "key"];
+const SECRET_NAMES: [&str; 4] = ["auth", "pass", "pwd", "bearer"];
 
 /// Whether a field of this name holds a secret.
 pub fn secret_field(name: &str) -> bool {
@@ -582,6 +609,8 @@ pub fn secret_field(name: &str) -> bool {
         .filter(|c| *c != '-' && *c != '_')
         .flat_map(char::to_lowercase)
         .collect();
+    // Token counts (`max_tokens`, `input_tokens`, `token_count`) are not tokens.
+    let n = n.replace("tokens", "").replace("tokencount", "");
     SECRET_WORDS.iter().any(|w| n.contains(w)) || SECRET_NAMES.contains(&n.as_str())
 }
 
@@ -589,9 +618,12 @@ pub fn secret_field(name: &str) -> bool {
 /// `Basic x`, `sk-…` and nothing else (text around one goes through [`redact_text`]).
 fn secret_value(s: &str) -> bool {
     let l = s.trim().to_ascii_lowercase();
-    let words = l.split_whitespace().count();
-    ((l.starts_with("bearer ") || l.starts_with("basic ")) && words == 2)
-        || (l.starts_with("sk-") && words == 1)
+    let words: Vec<&str> = l.split_whitespace().collect();
+    match words.as_slice() {
+        ["bearer" | "basic", cred] => cred.len() >= 8,
+        [one] => one.starts_with("sk-") && one.len() >= 8,
+        _ => false,
+    }
 }
 
 /// `v` with the value of every secret-looking field (at any depth, see
@@ -636,26 +668,36 @@ pub fn redact_text(s: &str) -> String {
     while i < s.len() {
         let rest = &s[i..];
         let lower = rest.get(..7).map(str::to_ascii_lowercase);
-        if let Some(l) = &lower
+        let at_word = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        if at_word
+            && let Some(l) = &lower
             && (l == "bearer " || l.starts_with("basic "))
         {
             let skip = if l == "bearer " { 7 } else { 6 };
-            out.push_str(&rest[..skip]);
             let mut j = i + skip;
             while j < s.len() && !stop(bytes[j]) {
                 j += 1;
             }
-            if j > i + skip {
+            // A credential, not a word: 8 characters or more of token alphabet.
+            let word = &s[i + skip..j];
+            if word.len() >= 8
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+            {
+                out.push_str(&rest[..skip]);
                 out.push_str("[redacted]");
+                i = j;
+                continue;
             }
-            i = j;
-            continue;
         }
         if bytes[i] == b'=' {
             // The key before this '=': back to the last delimiter.
             let start = s[..i]
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-                .map_or(0, |p| p + 1);
+                .char_indices()
+                .rev()
+                .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+                .map_or(0, |(p, c)| p + c.len_utf8());
             if start < i && secret_field(&s[start..i]) {
                 out.push('=');
                 let mut j = i + 1;
@@ -679,12 +721,8 @@ pub fn redact_text(s: &str) -> String {
 /// Whether a containment search names a redacted field (refused: it would let a reader
 /// test guesses at a value it is not shown).
 pub fn searches_secret(v: &Value) -> bool {
-    match v {
-        Value::Object(m) => m.iter().any(|(k, v)| secret_field(k) || searches_secret(v)),
-        Value::Array(a) => a.iter().any(searches_secret),
-        Value::String(s) => secret_value(s),
-        _ => false,
-    }
+    // Whatever `redact` would change is not searchable.
+    redact(v) != *v
 }
 
 #[cfg(test)]
@@ -694,7 +732,9 @@ mod tests {
     #[test]
     fn credentials_in_text_are_redacted() {
         assert_eq!(
-            redact_text("POST https://rpc.example/?api-key=abc123&x=1 failed: Bearer sk-9 refused"),
+            redact_text(
+                "POST https://rpc.example/?api-key=abc123&x=1 failed: Bearer sk-9abcdefgh refused"
+            ),
             "POST https://rpc.example/?api-key=[redacted]&x=1 failed: Bearer [redacted] refused"
         );
         assert_eq!(
@@ -702,7 +742,30 @@ mod tests {
             "token=[redacted]; author=ana"
         );
         assert_eq!(redact_text("plain error, 3 = 3"), "plain error, 3 = 3");
-        assert_eq!(redact_text("ünïcode key=v é"), "ünïcode key=[redacted] é");
+        assert_eq!(
+            redact_text("ünïcode secret=v é"),
+            "ünïcode secret=[redacted] é"
+        );
+        // Multi-byte characters right before '=' (a chat message's text).
+        assert_eq!(
+            redact_text("größe=5 ß=1 €token=abc"),
+            "größe=5 ß=1 €token=[redacted]"
+        );
+        assert_eq!(
+            redact_text("the basic plan failed; max_tokens=4096"),
+            "the basic plan failed; max_tokens=4096"
+        );
+        assert!(
+            !secret_field("input_tokens")
+                && !secret_field("max_tokens")
+                && secret_field("refresh_token")
+        );
+        assert!(searches_secret(
+            &serde_json::json!({"name": "x-api-key", "value": "guess"})
+        ));
+        assert!(searches_secret(
+            &serde_json::json!({"url": "https://h/?token=guess"})
+        ));
         assert!(searches_secret(
             &serde_json::json!({"a": {"X-Api-Key": "k"}})
         ));
@@ -711,7 +774,7 @@ mod tests {
         ));
         assert_eq!(
             redact(
-                &serde_json::json!([{"name": "x-api-key", "value": "k"}, {"url": "https://h/?token=z"}, "Bearer q"])
+                &serde_json::json!([{"name": "x-api-key", "value": "k"}, {"url": "https://h/?token=z"}, "Bearer q1w2e3r4t5"])
             ),
             serde_json::json!([{"name": "x-api-key", "value": "[redacted]"}, {"url": "https://h/?token=[redacted]"}, "[redacted]"])
         );

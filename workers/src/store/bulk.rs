@@ -25,6 +25,9 @@ use super::QueueSql;
 use super::controls::{record, wake};
 use super::dead_letters::{Selection, retry_dead_letters};
 
+/// Most ids one batch looks at.
+pub const BULK_WINDOW: i64 = 50_000;
+
 /// Which jobs a bulk action considers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -222,17 +225,23 @@ pub async fn bulk_batch(
     limit: i64,
     actor: &str,
 ) -> Result<BulkBatch, sqlx::Error> {
+    // One stretch of ids per batch: a filter that matches rarely walks at most
+    // BULK_WINDOW ids in a statement, never the whole table.
+    let window_end = up_to.min(after.saturating_add(BULK_WINDOW));
     let pick = format!("{} LIMIT $5", matching(sql, filter.state, true));
     let ids: Vec<i64> = sqlx::query_scalar(&pick)
         .bind(after)
-        .bind(up_to)
+        .bind(window_end)
         .bind(filter.error.as_deref())
         .bind(filter.age_seconds())
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
     let Some(&last) = ids.last() else {
-        return Ok(BulkBatch::default());
+        return Ok(BulkBatch {
+            affected: 0,
+            next_after: (window_end < up_to).then_some(window_end),
+        });
     };
     let affected = match (action, filter.state) {
         (BulkAction::Retry, BulkState::Dead) => {
@@ -296,7 +305,12 @@ SELECT '{name}', msg_id, message, headers, longshore.attempts(read_ct, headers),
     .await?;
     Ok(BulkBatch {
         affected,
-        next_after: Some(last),
+        // A full batch may have left matches in the stretch; a short one took them all.
+        next_after: Some(if ids.len() as i64 == limit {
+            last
+        } else {
+            window_end
+        }),
     })
 }
 

@@ -209,7 +209,8 @@ buried AS (
 dead AS (
     INSERT INTO longshore.dead_letters (queue, msg_id, message, headers, attempts, last_error, enqueued_at)
     SELECT '{name}', msg_id, message,
-           longshore.headers(headers) || jsonb_build_object('last_error', reason),
+           longshore.headers(headers) || jsonb_build_object('last_error', reason,
+                                             'errors', longshore.error_history(headers, attempt - 1, reason)),
            attempt - 1, reason, enqueued_at
       FROM buried
     ON CONFLICT (queue, msg_id) DO UPDATE

@@ -569,7 +569,7 @@ async fn logout(State(st): State<Arc<Ingress>>, headers: HeaderMap, body: Body) 
 /// Most rows the chart counts per queue and refresh: the newest of the last 10 minutes
 /// by the `archived_at` index, so a busy fleet's chart costs a bounded read (the
 /// oldest buckets of a queue past it are left out, and the chart says so).
-const CHART_ROWS: i64 = 20_000;
+const CHART_ROWS: i64 = 5_000;
 
 /// Jobs done per 30 s over the last 10 minutes, every queue together (oldest first), and
 /// whether a queue had more rows than [`CHART_ROWS`].
@@ -577,12 +577,10 @@ async fn throughput(st: &Ingress) -> Result<(Vec<i64>, bool), ApiError> {
     let mut parts = vec![format!(
         "(SELECT floor(extract(epoch FROM now() - done_at) / 30)::int AS b, 'completions' AS src FROM longshore.completions WHERE done_at > now() - interval '10 minutes' ORDER BY done_at DESC LIMIT {CHART_ROWS})"
     )];
-    for k in st.registry.kinds() {
-        if let Ok(q) = QueueName::parse(k) {
-            parts.push(format!(
-                "(SELECT floor(extract(epoch FROM now() - archived_at) / 30)::int, '{q}' FROM pgmq.a_{q} WHERE archived_at > now() - interval '10 minutes' ORDER BY archived_at DESC LIMIT {CHART_ROWS})"
-            ));
-        }
+    for q in admin::migrated_queues(st).await? {
+        parts.push(format!(
+            "(SELECT floor(extract(epoch FROM now() - archived_at) / 30)::int, '{q}' FROM pgmq.a_{q} WHERE archived_at > now() - interval '10 minutes' ORDER BY archived_at DESC LIMIT {CHART_ROWS})"
+        ));
     }
     let stmt = format!(
         "SELECT b, count(*)::bigint, max(n)::bigint FROM (SELECT b, count(*) OVER (PARTITION BY src) AS n FROM ({}) x) y GROUP BY b",
@@ -789,7 +787,13 @@ async fn queue_page(
                     }
                 }
             }
-            @if page_.jobs.is_empty() { p.muted { "No " (state.as_str()) " jobs." } }
+            @if page_.jobs.is_empty() {
+                @if page_.next_before.is_some() {
+                    p.muted { "None in this stretch of ids; older ones may match." }
+                } @else {
+                    p.muted { "No " (state.as_str()) " jobs." }
+                }
+            }
             @if let Some(b) = page_.next_before {
                 p { a href={(here) "&before=" (b) (m.get("contains").map(|c| format!("&contains={}", form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>())).unwrap_or_default())} { "Older →" } }
             }
@@ -930,8 +934,15 @@ async fn dead_page(
         Some(raw) => Some(super::routes::known_queue(&st, raw).map_err(from_api)?),
         None => None,
     };
-    let error = m.get("error").filter(|v| !v.is_empty()).cloned();
-    let before = m.get("before").and_then(|b| b.parse::<i64>().ok());
+    // Trimmed as the bulk form's is, so "all matching" is what the page lists.
+    let error = m
+        .get("error")
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty());
+    let before = m
+        .get("before")
+        .and_then(|b| b.parse::<i64>().ok())
+        .filter(|b| *b > 0);
     let dl = admin::read_db(&st, async |c| {
         browse::dead_letter_page(
             c,
@@ -1010,7 +1021,13 @@ async fn dead_page(
                     }
                 }
             }
-            @if dl.dead_letters.is_empty() { p.muted { "No dead letters." } }
+            @if dl.dead_letters.is_empty() {
+                @if dl.next_before.is_some() {
+                    p.muted { "None in this stretch of dead letters; older ones may match." }
+                } @else {
+                    p.muted { "No dead letters." }
+                }
+            }
             @if let Some(b) = dl.next_before { p { a href={(here) "before=" (b)} { "Older →" } } }
         }
     };
