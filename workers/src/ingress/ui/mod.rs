@@ -320,19 +320,27 @@ fn is_loopback(headers: &HeaderMap) -> bool {
 
 // ---------------------------------------------------------------- layout
 
+/// Every page's head: the embedded stylesheet and scripts (htmx without eval, as the
+/// Content-Security-Policy allows no eval).
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false}"#;
+            title { (title) " · Longshore" }
+            link rel="stylesheet" href="/ui/assets/console.css";
+            script src="/ui/assets/htmx.min.js" {}
+            script src="/ui/assets/console.js" {}
+        }
+    }
+}
+
 fn bare(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false}"#;
-                title { (title) " · Longshore" }
-                link rel="stylesheet" href="/ui/assets/console.css";
-                script src="/ui/assets/htmx.min.js" {}
-                script src="/ui/assets/console.js" {}
-            }
+            (head(title))
             body { main { (body) } }
         }
     }
@@ -352,15 +360,7 @@ fn layout(
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false}"#;
-                title { (title) " · Longshore" }
-                link rel="stylesheet" href="/ui/assets/console.css";
-                script src="/ui/assets/htmx.min.js" {}
-                script src="/ui/assets/console.js" {}
-            }
+            (head(title))
             body {
                 header {
                     span.brand { "Longshore" }
@@ -386,6 +386,25 @@ fn layout(
             }
         }
     }
+}
+
+/// A page of the console with its `?msg=` banner.
+fn shown(
+    st: &Ingress,
+    s: &Session<'_>,
+    on: &str,
+    title: &str,
+    m: &HashMap<String, String>,
+    body: Markup,
+) -> Response {
+    page(
+        StatusCode::OK,
+        layout(st, s, on, title, m.get("msg").map(String::as_str), body),
+    )
+}
+
+fn no_page() -> Response {
+    error_page(StatusCode::NOT_FOUND, "not_found", "no such page")
 }
 
 fn csrf_input(s: &Session<'_>) -> Markup {
@@ -680,17 +699,7 @@ async fn overview(
             }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            "overview",
-            "Overview",
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, "overview", "Overview", &m, body))
 }
 
 async fn queue_page(
@@ -701,11 +710,7 @@ async fn queue_page(
 ) -> UiResult {
     let s = session(&st, &headers, true).await?;
     let Ok(Path(raw)) = path else {
-        return Err(error_page(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such page",
-        ));
+        return Err(no_page());
     };
     let queue = super::routes::known_queue(&st, &raw).map_err(from_api)?;
     let m = query_map(q);
@@ -799,17 +804,7 @@ async fn queue_page(
             }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            "",
-            &format!("Queue {qs}"),
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, "", &format!("Queue {qs}"), &m, body))
 }
 
 fn job_buttons(s: &Session<'_>, queue: &str, id: i64, state: ListState, back: &str) -> Markup {
@@ -843,11 +838,7 @@ async fn job_page(
 ) -> UiResult {
     let s = session(&st, &headers, true).await?;
     let Ok(Path((raw, id))) = path else {
-        return Err(error_page(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such page",
-        ));
+        return Err(no_page());
     };
     let queue = super::routes::known_queue(&st, &raw).map_err(from_api)?;
     let m = query_map(q);
@@ -910,17 +901,7 @@ async fn job_page(
             }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            "",
-            &format!("Job {msg_id}"),
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, "", &format!("Job {msg_id}"), &m, body))
 }
 
 async fn dead_page(
@@ -1031,17 +1012,7 @@ async fn dead_page(
             @if let Some(b) = dl.next_before { p { a href={(here) "before=" (b)} { "Older →" } } }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            "dead",
-            "Dead letters",
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, "dead", "Dead letters", &m, body))
 }
 
 async fn schedules_page(
@@ -1079,17 +1050,7 @@ async fn schedules_page(
             }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            "schedules",
-            "Schedules",
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, "schedules", "Schedules", &m, body))
 }
 
 async fn errors_page(
@@ -1135,17 +1096,7 @@ async fn errors_page(
             }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            "errors",
-            "Errors",
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, "errors", "Errors", &m, body))
 }
 
 async fn view_page(
@@ -1156,11 +1107,7 @@ async fn view_page(
 ) -> UiResult {
     let s = session(&st, &headers, true).await?;
     let Ok(Path(name)) = path else {
-        return Err(error_page(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such page",
-        ));
+        return Err(no_page());
     };
     let m = query_map(q);
     let window = m.get("window").cloned().unwrap_or_else(|| "24h".into());
@@ -1187,17 +1134,7 @@ async fn view_page(
             }
         }
     };
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &st,
-            &s,
-            view.name,
-            view.title,
-            m.get("msg").map(String::as_str),
-            body,
-        ),
-    ))
+    Ok(shown(&st, &s, view.name, view.title, &m, body))
 }
 
 // ---------------------------------------------------------------- actions
@@ -1281,11 +1218,7 @@ async fn job_action(
 ) -> UiResult {
     let (s, form) = posted(&st, &headers, body).await?;
     let Ok(Path((raw, id))) = path else {
-        return Err(error_page(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such page",
-        ));
+        return Err(no_page());
     };
     let queue = super::routes::known_queue(&st, &raw).map_err(from_api)?;
     let Ok(msg_id) = id.parse::<i64>() else {
