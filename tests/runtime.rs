@@ -1371,3 +1371,67 @@ SELECT array_agg((e->>'attempt')::bigint ORDER BY o), (array_agg(e->>'error' ORD
     .unwrap();
     assert_eq!(cut, 500, "each error cut at 500 characters");
 }
+
+/// Issue 20 (groundwork): a fleet-wide rate limit. Three pools (three processes' worth
+/// of connections) take from one key at 10/s with no burst for 4 s: never more than 10
+/// takes in any one-second window across all three, and together they get the rate,
+/// not a third of it.
+#[tokio::test]
+async fn a_rate_limit_shared_by_three_pools_passes_the_rate_and_no_more() {
+    use longshore_workers::limits::{self, RateLimit};
+    let t = db().await;
+    let limit = RateLimit::per(10, Duration::from_secs(1), 1);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&t.url)
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut at = Vec::new();
+            while started.elapsed() < Duration::from_secs(4) {
+                limits::until_ready(&pool, "cryptometer", limit)
+                    .await
+                    .unwrap();
+                at.push(started.elapsed());
+            }
+            at
+        }));
+    }
+    let mut all: Vec<Duration> = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort();
+    let most = all
+        .iter()
+        .map(|from| {
+            all.iter()
+                .filter(|t| **t >= *from && **t < *from + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    // 10 a second; one more for the jitter of reading the clock here, not in the database.
+    assert!(most <= 11, "{most} takes in one second: {all:?}");
+    assert!(
+        all.len() >= 36,
+        "the three together got the rate: {} takes in 4 s",
+        all.len()
+    );
+    // A burst: after a quiet spell, `burst` takes at once, then the rate.
+    let burst = RateLimit::per(1, Duration::from_secs(60), 3);
+    for _ in 0..3 {
+        assert_eq!(limits::take(&t.pool, "burst", burst).await.unwrap(), None);
+    }
+    let wait = limits::take(&t.pool, "burst", burst)
+        .await
+        .unwrap()
+        .expect("the fourth waits");
+    assert!(
+        wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+        "{wait:?}"
+    );
+}

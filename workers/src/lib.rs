@@ -28,6 +28,7 @@ pub mod embedded;
 pub mod enqueue;
 pub mod ingress;
 pub mod job;
+pub mod limits;
 pub mod listener;
 pub mod locks;
 pub mod maintenance;
