@@ -160,3 +160,42 @@ impl Market {
         tracing::info!(%source, %clusters, strategy = %self.cfg.strategy.version, "market data sources");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::types::Timeframe;
+    use super::*;
+
+    /// Issue 17, item 7: the win-rate horizon per timeframe, in whole candles: 4 h on
+    /// 1m–4h, one candle on 1d and 1w (stated in the result as seconds and candles).
+    #[test]
+    fn the_horizon_is_whole_candles_on_every_timeframe() {
+        let w = WinrateConfig {
+            horizon: Duration::from_secs(4 * 3600),
+            threshold: 0.01,
+        };
+        let cases = [
+            (Timeframe::M1, 240),
+            (Timeframe::M5, 48),
+            (Timeframe::M15, 16),
+            (Timeframe::M30, 8),
+            (Timeframe::H1, 4),
+            (Timeframe::H4, 1),
+            (Timeframe::D1, 1),
+            (Timeframe::W1, 1),
+        ];
+        for (tf, candles) in cases {
+            assert_eq!(
+                w.horizon_for(tf),
+                (candles * tf.seconds(), candles),
+                "{tf:?}"
+            );
+        }
+        // A horizon that is not a whole number of candles rounds up.
+        let odd = WinrateConfig {
+            horizon: Duration::from_secs(90 * 60),
+            threshold: 0.01,
+        };
+        assert_eq!(odd.horizon_for(Timeframe::H1), (7200, 2));
+    }
+}

@@ -6,7 +6,7 @@
 //!   is never computed on a candle that is still forming.
 //! - **No candle is skipped.** Indicators are stored for every closed candle after the
 //!   last one stored (a delayed job, a 1m pair under the 5-minute tick, an outage: all
-//!   caught up, at most `market.backfill` candles), and `compute_signals` carries that
+//!   caught up, at most [`MAX_CATCH_UP`] candles), and `compute_signals` carries that
 //!   range. A job `for` a candle (the tick's) waits until that candle has closed by
 //!   this host's clock and the source serves it; a source that still lacks it after a
 //!   grace period (`min(timeframe, 5 min)` past the close) is taken as a gap.
