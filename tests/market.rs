@@ -1385,6 +1385,100 @@ async fn a_tick_enqueues_one_ingest_per_pair_and_candle_however_often_it_runs() 
     assert_eq!(fake.seen("ohlcv").len(), 2);
 }
 
+/// Issue 17, item 4: a scheduled tick is for its fire's candle, not for the clock at
+/// which it happens to run: a tick fired three hours ago (run late) enqueues the ingest
+/// of the candle that closed at that fire, keyed by that candle.
+#[tokio::test]
+async fn a_late_tick_is_for_the_candle_of_its_fire() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    sqlx::query("INSERT INTO watchers (id, user_id, symbol, timeframe) VALUES ($1::uuid, $2::uuid, 'BTC/USDT', '1h')")
+        .bind(W1)
+        .bind(U1)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let fire_at = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(2);
+    let sql = longshore_workers::store::QueueSql::new(
+        longshore_workers::QueueName::parse("market_tick").unwrap(),
+    );
+    let mut tx = t.pool.begin().await.unwrap();
+    longshore_workers::store::fire_schedule(
+        &mut tx,
+        &sql,
+        "market_tick",
+        fire_at,
+        &serde_json::to_value(MarketTick::default()).unwrap(),
+    )
+    .await
+    .unwrap()
+    .expect("fired");
+    tx.commit().await.unwrap();
+    work(&t.pool, &env, "the tick's ingest", || async {
+        (count_done(&t.pool, "ingest_indicators").await == 1).then_some(())
+    })
+    .await;
+    let candle = Timeframe::H1.last_closed(fire_at);
+    assert!(
+        candle < Timeframe::H1.last_closed(Utc::now()),
+        "an earlier candle than now's"
+    );
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT key FROM longshore.idempotency_keys WHERE queue = 'ingest_indicators'",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        vec![format!("ingest:BTC/USDT:1h:{}", candle.timestamp())],
+        "keyed by the fire's candle"
+    );
+}
+
+/// Issue 17, item 6, through the pipeline: a series from the source with a candle missing
+/// inside the warm-up window gives a signal marked `gap`; one with too little history
+/// for the indicators (30 candles, EMA(50) needs 50) gives `short_history`; the fake's
+/// whole series gives `ok`. (Win-rates count only `ok`: the win-rate test.)
+#[tokio::test]
+async fn signals_on_a_gapped_or_short_series_are_marked() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    let full = candles_json(Timeframe::H1, Utc::now()); // newest first, forming included
+    let mut gapped = full.clone();
+    gapped.remove(10); // a closed candle ten hours back
+    let short: Vec<Value> = full.iter().take(31).cloned().collect();
+    for (symbol, series, n) in [
+        ("BTC/USDT", gapped, 1),
+        ("ETH/USDT", short, 2),
+        ("SOL/USDT", full, 3),
+    ] {
+        fake.script("ohlcv", &[Reply::Json(200, envelope(Value::Array(series)))]);
+        put(&t.pool, &ingest(symbol, Timeframe::H1, None)).await;
+        work(&t.pool, &env, "the signal", || async {
+            (count_done(&t.pool, "compute_signals").await == n).then_some(())
+        })
+        .await;
+    }
+    let marks: Vec<(String, String)> =
+        sqlx::query_as("SELECT symbol, metadata->>'quality' FROM signals ORDER BY symbol")
+            .fetch_all(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        marks,
+        vec![
+            ("BTC/USDT".to_string(), "gap".to_string()),
+            ("ETH/USDT".to_string(), "short_history".to_string()),
+            ("SOL/USDT".to_string(), "ok".to_string()),
+        ]
+    );
+}
+
 /// Where a seeded signal's outcome candle is.
 #[derive(Clone, Copy)]
 enum Outcome4h {
@@ -1859,7 +1953,12 @@ async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
     flat_position(&t.pool).await;
     let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
     let t2 = t1 + chrono::Duration::minutes(5);
-    let env = market_env(&FakeCryptometer::start().await, true);
+    let mut env = market_env(&FakeCryptometer::start().await, true);
+    // The issue's 3,600 s cooldown, said here rather than taken from the defaults.
+    env.push((
+        "LONGSHORE__MARKET__GUARDRAILS__COOLDOWN_SECONDS",
+        "3600".to_string(),
+    ));
     signal_at(&t.pool, &env, t1, long_row(100.0), 0).await;
     signal_at(&t.pool, &env, t2, long_row(101.0), 1).await;
     let signals: Vec<(f64, Value)> = sqlx::query_as(

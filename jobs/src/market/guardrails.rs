@@ -294,5 +294,48 @@ mod tests {
         assert!(failed(0.65, 0.55));
         assert!(!failed(0.800001, 0.7));
         assert!(!failed(0.76, 0.65));
+
+        // Every pair of scores strategy v1 can produce (each subset of its six weights,
+        // times each multiplier: ×0.8 high volatility, ×0.9 near a cluster, both),
+        // computed in binary floating point and stored at six decimals as the strategy
+        // does, against exact decimal arithmetic: the delta passes exactly when the
+        // decimal difference is above 0.1.
+        use rust_decimal::Decimal;
+        use std::str::FromStr;
+        let dec = |x: &str| Decimal::from_str(x).unwrap();
+        let weights = ["0.25", "0.20", "0.20", "0.15", "0.10", "0.10"];
+        let multipliers = ["1", "0.8", "0.9", "0.72"];
+        let mut scores: Vec<(f64, Decimal)> = Vec::new();
+        for set in 0u32..64 {
+            let (mut f, mut d) = (0.0_f64, Decimal::ZERO);
+            for (i, w) in weights.iter().enumerate() {
+                if set & (1 << i) != 0 {
+                    f += w.parse::<f64>().unwrap();
+                    d += dec(w);
+                }
+            }
+            for m in multipliers {
+                let mf = if m == "0.72" {
+                    0.8 * 0.9
+                } else {
+                    m.parse::<f64>().unwrap()
+                };
+                scores.push((
+                    crate::market::strategy::round6(f * mf),
+                    (d * dec(m)).round_dp(6),
+                ));
+            }
+        }
+        let (mut on_edge, mut pairs) = (0, 0);
+        for (a, ad) in &scores {
+            for (b, bd) in &scores {
+                let passes = ad - bd > dec("0.1");
+                on_edge += usize::from(ad - bd == dec("0.1"));
+                pairs += 1;
+                assert_eq!(!failed(*a, *b), passes, "{a} − {b}");
+            }
+        }
+        assert_eq!(pairs, 256 * 256);
+        assert!(on_edge > 100, "the table lands on the 0.1 edge: {on_edge}");
     }
 }

@@ -246,7 +246,8 @@ fn grace(tf: Timeframe) -> chrono::Duration {
 /// than the source's window loses candles, and the job counts them (`lost`).
 pub const MAX_CATCH_UP: usize = 1000;
 
-/// Candles of history asked for before the first candle computed. [`warm_up`] is when
+/// Candles asked for beyond the ones computed (the forming one among them, so one fewer
+/// closed candle of history). [`warm_up`] is when
 /// every indicator has a value (EMA50 at its 50th candle, seeded with a plain average);
 /// 300 candles is when the seeds no longer matter (an EMA50 seed weighs (49/51)^250 ≈
 /// 0.00004, RSI(14)'s far less), so a live row is computed as a backfilled one is and
@@ -298,7 +299,8 @@ impl Handler for IngestIndicatorsHandler {
         };
         let warm = warm_up(m.cfg.strategy.volume_window, m.cfg.volatility_window);
         // The history before the first candle computed (enough for the EMAs and RSI to
-        // forget their seed, not only to have a value), and the one still forming.
+        // forget their seed, not only to have a value); the source counts the candle
+        // still forming among them, so 299 closed ones come before the first computed.
         let limit = wanted + warm.max(HISTORY);
         let fetched = match source.candles(symbol, tf, limit).await {
             Ok(c) => c,
