@@ -817,6 +817,9 @@ async fn a_late_ingest_catches_up_every_candle_since_the_last_stored() {
         (count(&t.pool, "SELECT count(*) FROM signals").await == 10).then_some(())
     })
     .await;
+    // It asked for the four it missed and the history before them.
+    let (q, _) = fake.seen("ohlcv").pop().unwrap();
+    assert_eq!(q["limit"], (4 + 300).to_string());
     let quality: Vec<String> =
         sqlx::query_scalar("SELECT metadata->>'quality' FROM signals ORDER BY at DESC LIMIT 4")
             .fetch_all(&t.pool)
@@ -834,6 +837,63 @@ async fn a_late_ingest_catches_up_every_candle_since_the_last_stored() {
     .await
     .unwrap();
     assert_eq!(horizon, "1d");
+}
+
+/// Issue 17, item 4: what cannot be caught up is said. After an outage longer than the
+/// source's window (the last stored candle 300 hours back, the source serving 200), the
+/// candles in between are counted as `lost`; a job for a candle the source never
+/// serves, past the grace after its close, records it as `missing_candle` and goes on
+/// with what there is instead of waiting for ever.
+#[tokio::test]
+async fn candles_the_source_no_longer_or_never_serves_are_counted() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    let newest = Timeframe::H1.last_closed(Utc::now());
+    let stored = newest - chrono::Duration::hours(300);
+    sqlx::query(
+        "INSERT INTO indicators (symbol, timeframe, at, data, source) VALUES ('BTC/USDT', '1h', $1, '{}', 'internal')",
+    )
+    .bind(stored)
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    put(&t.pool, &ingest("BTC/USDT", Timeframe::H1, None)).await;
+    work(&t.pool, &env, "the catch-up", || async {
+        (count_done(&t.pool, "ingest_indicators").await == 1).then_some(())
+    })
+    .await;
+    let results = longshore_workers::testing::results(&t.pool, "ingest_indicators").await;
+    // The fake's oldest closed candle opens 200 hours before the forming one, 199 after
+    // the stored one's hour: 100 hours fall between the two.
+    assert_eq!(results[0].1["lost"], 100, "{}", results[0].1);
+
+    // A candle three hours back that the source stopped at four hours back: past the
+    // grace, a gap, and the job ends.
+    let gap = newest - chrono::Duration::hours(2);
+    let mut served = candles_json(Timeframe::H1, Utc::now());
+    served.drain(..4); // the forming one and the three newest closed
+    fake.script("ohlcv", &[Reply::Json(200, envelope(Value::Array(served)))]);
+    let mut args = ingest("ETH/USDT", Timeframe::H1, None);
+    args.candle = Some(gap);
+    put(&t.pool, &args).await;
+    work(
+        &t.pool,
+        &env,
+        "the ingest for a candle never served",
+        || async { (count_done(&t.pool, "ingest_indicators").await == 2).then_some(()) },
+    )
+    .await;
+    let results = longshore_workers::testing::results(&t.pool, "ingest_indicators").await;
+    let r = &results[1].1;
+    assert_eq!(
+        r["missing_candle"]
+            .as_str()
+            .map(|s| s.parse::<DateTime<Utc>>().unwrap()),
+        Some(gap),
+        "{r}"
+    );
 }
 
 fn delivery(
