@@ -627,10 +627,10 @@ async fn ingest_computes_indicators_and_a_long_signal_with_its_reasons_and_guard
     let g = &meta["guardrails"];
     assert_eq!(g["allowed"], json!(false));
     assert_eq!(g["failed"], json!(["max_position_pct"]), "{g}");
-    assert_eq!(g["checks"].as_array().unwrap().len(), 4);
+    assert_eq!(g["checks"].as_array().unwrap().len(), 5);
 
-    // The same candle again (a repeated job): its compute_signals collapses into the
-    // first (same candle, same key), and nothing is doubled.
+    // The same candle again (a repeated job): the ingest finds nothing new and enqueues
+    // no compute_signals, so nothing is signalled or doubled twice.
     put(&t.pool, &args).await;
     work(&t.pool, &env, "the repeat", || async {
         (count_done(&t.pool, "ingest_indicators").await == 2).then_some(())
@@ -894,6 +894,48 @@ async fn candles_the_source_no_longer_or_never_serves_are_counted() {
         Some(gap),
         "{r}"
     );
+}
+
+/// Issue 17 (review): a candle closed by this host's clock is not final until the source
+/// serves the next one. A 1m ingest whose answer ends at the candle that just closed (the
+/// source has not started the next) waits and asks again, rather than signalling the
+/// candle on a close and volume the source may still be filling; the second answer,
+/// with the forming candle after it, is taken.
+#[tokio::test]
+async fn a_candle_is_taken_once_the_source_has_moved_past_it() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let mut env = market_env(&fake, false);
+    env.push(("LONGSHORE__MARKET__BACKFILL", "0".into()));
+    // Early in a minute, so the scripted answer's newest candle is the one that has
+    // just closed when the job reads it (the grace on 1m is one minute).
+    while Utc::now().timestamp() % 60 > 45 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut unfinished = candles_json(Timeframe::M1, Utc::now());
+    unfinished.remove(0); // newest first: the forming candle goes
+    fake.script(
+        "ohlcv",
+        &[Reply::Json(200, envelope(Value::Array(unfinished)))],
+    );
+    let started = std::time::Instant::now();
+    put(&t.pool, &ingest("BTC/USDT", Timeframe::M1, None)).await;
+    work(&t.pool, &env, "the signal", || async {
+        (count_done(&t.pool, "compute_signals").await == 1).then_some(())
+    })
+    .await;
+    let asked = fake.seen("ohlcv");
+    assert_eq!(
+        asked.len(),
+        2,
+        "asked again once the first answer was unfinished"
+    );
+    assert!(
+        asked[1].1 - asked[0].1 >= Duration::from_secs(9),
+        "it waited before asking again: {:?}",
+        asked[1].1 - asked[0].1
+    );
+    assert!(started.elapsed() >= Duration::from_secs(9));
 }
 
 fn delivery(

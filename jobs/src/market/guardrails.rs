@@ -79,6 +79,17 @@ pub fn doubling(
         pct.is_some_and(|p| p < cfg.max_position_pct),
         json!({"position_pct": pct, "max": cfg.max_position_pct, "position": if position.is_some() { "known" } else { "unknown" }}),
     );
+    // A doubling is of a position on the signal's side (or none yet): a short signal
+    // never doubles a long. Unknown: fails closed.
+    let side = match direction {
+        Direction::Long => 1.0,
+        _ => -1.0,
+    };
+    check(
+        "same_side",
+        position.is_some_and(|p| p.size == 0.0 || p.size.signum() == side),
+        json!({"position_size": position.map(|p| p.size), "position": if position.is_some() { "known" } else { "unknown" }}),
+    );
     let last = position.and_then(|p| p.last_increase_at);
     let since = last.map(|t| (now - t).num_seconds());
     check(
@@ -142,7 +153,7 @@ mod tests {
                 Some(0.01),
                 None,
                 None,
-                vec!["max_position_pct", "cooldown"],
+                vec!["max_position_pct", "same_side", "cooldown"],
             ),
             (
                 "score rose by only 0.08",
@@ -180,7 +191,30 @@ mod tests {
                     size: -12_000.0,
                     ..pos.clone()
                 }),
-                vec!["max_position_pct"],
+                vec!["max_position_pct", "same_side"],
+            ),
+            (
+                // A long signal does not double a short (review, issue 17).
+                "short position at 5%",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(Position {
+                    size: -5_000.0,
+                    ..pos.clone()
+                }),
+                vec!["same_side"],
+            ),
+            (
+                "no position yet (size 0)",
+                0.75,
+                Some(0.01),
+                Some(prev.clone()),
+                Some(Position {
+                    size: 0.0,
+                    ..pos.clone()
+                }),
+                vec![],
             ),
             (
                 "increased 30 min ago",
@@ -253,10 +287,21 @@ mod tests {
             assert_eq!(d["allowed"], json!(want.is_empty()), "{name}");
             assert_eq!(
                 d["checks"].as_array().unwrap().len(),
-                4,
+                5,
                 "{name}: every check is recorded"
             );
         }
+        // And a short signal does not double a long (scores are magnitudes, as stored).
+        let d = doubling(
+            &guard(),
+            Direction::Short,
+            0.75,
+            Some(0.01),
+            Some(&Previous { id: 7, score: 0.62 }),
+            Some(&pos),
+            now,
+        );
+        assert_eq!(d["failed"], json!(["same_side"]), "{d}");
         let flat = doubling(&guard(), Direction::Flat, 0.3, Some(0.01), None, None, now);
         assert_eq!(flat["applies"], json!(false));
         assert_eq!(flat["allowed"], json!(false));

@@ -313,6 +313,7 @@ impl Handler for IngestIndicatorsHandler {
             }
             Err(e) => return Err(source_error("candles", e)),
         };
+        let newest_served = fetched.last().map(|c| c.open_time);
         let closed: Vec<Candle> = fetched
             .into_iter()
             .filter(|c| c.open_time + tf.duration() <= now)
@@ -322,6 +323,15 @@ impl Handler for IngestIndicatorsHandler {
                 "candles: the source returned no closed {tf} candle for {symbol}"
             )));
         };
+        // Closed by this host's clock is not final at the source: a candle is taken as
+        // final once the source serves the next one (the forming candle), or once the
+        // grace after its close has passed. Before that the source may still be
+        // filling it (a tick fires the instant the candle closes), and a signal on its
+        // partial close and volume would stand.
+        if newest_served == Some(last) && now < last + tf.duration() + grace(tf) {
+            tracing::info!(%symbol, %tf, candle = %last, "the source has not started the next candle: waiting for this one to be final");
+            return Outcome::snooze(SOURCE_LAG_POLL);
+        }
         let mut missing_candle = None;
         if let Some(c) = a.candle
             && last < c
