@@ -2053,7 +2053,8 @@ async fn signal_at_tf(
 async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
     let t = db().await;
     flat_position(&t.pool).await;
-    let t1 = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(1);
+    // The newest closed candle: its job runs within a timeframe of its close (live).
+    let t1 = Timeframe::H1.last_closed(Utc::now());
     let t2 = t1 + chrono::Duration::minutes(5);
     let mut env = market_env(&FakeCryptometer::start().await, true);
     // The issue's 3,600 s cooldown, said here rather than taken from the defaults.
@@ -2100,7 +2101,9 @@ async fn an_allowed_doubling_starts_the_cooldown_for_the_next_signal() {
 async fn the_cooldown_holds_across_timeframes() {
     let t = db().await;
     flat_position(&t.pool).await;
-    let day = Timeframe::D1.last_closed(Utc::now()) - chrono::Duration::days(1);
+    // The day that closed last (so its job is live, not late); the 5m candle after it
+    // is judged, late or not, against the position the day's doubling recorded.
+    let day = Timeframe::D1.last_closed(Utc::now());
     let close = day + chrono::Duration::days(1);
     let env: Vec<(&'static str, String)> = market_env(&FakeCryptometer::start().await, true)
         .into_iter()
@@ -2222,6 +2225,31 @@ async fn an_ingest_of_unchanged_candles_rewrites_nothing() {
         "the second ingest asked the source again"
     );
     assert_eq!(versions().await, before, "no row rewritten");
+}
+
+/// Issue 17 (review): a job that runs long after its candle closed (more than the
+/// timeframe, at least 10 minutes: a quota retry, a backlog) evaluates it as history: it
+/// may show an allowed doubling, but the live position's cooldown does not start at a
+/// stale price.
+#[tokio::test]
+async fn a_late_job_does_not_double_the_live_position() {
+    let t = db().await;
+    flat_position(&t.pool).await;
+    let env = market_env(&FakeCryptometer::start().await, true);
+    let stale = Timeframe::H1.last_closed(Utc::now()) - chrono::Duration::hours(2);
+    signal_at(&t.pool, &env, stale, long_row(101.0), 0).await;
+    let (live, late): (bool, bool) =
+        sqlx::query_as("SELECT (metadata->>'live')::bool, (metadata->>'late')::bool FROM signals")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!((live, late), (false, true));
+    let last: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT last_increase_at FROM positions WHERE symbol = 'BTC/USDT'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(last, None, "no doubling recorded for a late candle");
 }
 
 /// Issue 17, item 1: "the previous signal" is the previous one of the same timeframe and
@@ -2466,10 +2494,22 @@ async fn the_next_job_fills_a_candle_an_earlier_job_never_signalled() {
     assert_eq!(
         rows,
         vec![
-            (t1, "flat".into(), true),
+            // t1's own job ran hours after its candle closed: late, so history.
+            (t1, "flat".into(), false),
             (t1 + chrono::Duration::hours(1), "long".into(), false),
             (t1 + chrono::Duration::hours(3), "long".into(), true),
         ]
+    );
+    let late: Vec<bool> = sqlx::query_scalar(
+        "SELECT coalesce((metadata->>'late')::bool, false) FROM signals ORDER BY at",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        late,
+        vec![true, false, false],
+        "only t1's job was late for its own candle"
     );
     let (_, result) = results(&t.pool, "compute_signals").await.pop().unwrap();
     assert_eq!(

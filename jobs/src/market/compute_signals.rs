@@ -139,6 +139,11 @@ impl Handler for ComputeSignalsHandler {
             };
             let market = market.unwrap_or(Value::Null);
             let closed_at = at + a.timeframe.duration();
+            // A job that runs long after its candle closed (a quota retry, a backlog)
+            // evaluates it as history: doubling now would act at a stale price and start
+            // a cooldown that refuses the fresh candle after it.
+            let late = !history && Utc::now() > closed_at + stale_after(a.timeframe);
+            let history = history || late;
             let fresh = |t: Option<DateTime<Utc>>| {
                 t.is_none_or(|t| t <= closed_at + stale_after(a.timeframe))
             };
@@ -207,6 +212,7 @@ impl Handler for ComputeSignalsHandler {
                 "quality": ind.quality().as_str(),
                 "history": ind.history,
                 "live": !history,
+                "late": late,
                 "volatility": {
                     "per_candle": ind.volatility,
                     "value": inputs.volatility,
