@@ -938,6 +938,54 @@ async fn a_candle_is_taken_once_the_source_has_moved_past_it() {
     assert!(started.elapsed() >= Duration::from_secs(9));
 }
 
+/// Issue 17, item 5, for a new pair's backfill: a backfill that is dead-lettered (here
+/// the source refuses it) does not hold its key, so when the pair is watched again the
+/// backfill is asked for again, as a new job, and runs.
+#[tokio::test]
+async fn a_dead_backfill_does_not_block_the_next_one() {
+    let t = db().await;
+    let fake = FakeCryptometer::start().await;
+    let env = market_env(&fake, false);
+    fake.script("ohlcv", &[Reply::Json(403, json!({"error": "Forbidden"}))]);
+    let stamp = |h: u32| format!("2026-11-20T{h:02}:00:00Z");
+    sync(
+        &t.pool,
+        &env,
+        &[delivery(
+            "INSERT",
+            W1,
+            U1,
+            "BTC/USDT",
+            "1h",
+            true,
+            &stamp(10),
+        )],
+    )
+    .await;
+    let r = longshore_workers::testing::results(&t.pool, "sync_watcher").await;
+    let job1 = r[0].1["backfill_job"].as_i64().expect("a backfill");
+    work(&t.pool, &env, "the backfill dead-lettered", || async {
+        (longshore_workers::testing::count_dead(&t.pool, "ingest_indicators").await == 1)
+            .then_some(())
+    })
+    .await;
+    // Unwatched, then watched again: a fresh backfill.
+    sync(
+        &t.pool,
+        &env,
+        &[
+            delivery("DELETE", W1, U1, "BTC/USDT", "1h", true, &stamp(11)),
+            delivery("INSERT", W2, U1, "BTC/USDT", "1h", true, &stamp(12)),
+        ],
+    )
+    .await;
+    let r = longshore_workers::testing::results(&t.pool, "sync_watcher").await;
+    let job2 = r.last().unwrap().1["backfill_job"]
+        .as_i64()
+        .expect("a second backfill");
+    assert_ne!(job1, job2, "a new job, not the dead one's key");
+}
+
 fn delivery(
     op: &str,
     id: &str,

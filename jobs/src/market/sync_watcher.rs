@@ -284,8 +284,11 @@ impl Handler for SyncWatcherHandler {
                             backfill: Some(backfill),
                             candle: None,
                         };
+                        // A backfill that dies (its quota retries spent, a bad answer)
+                        // must not hold its key: the pair's next first watcher asks again.
                         let key = format!("backfill:{symbol}:{tf}");
-                        let job = enqueue_on(tx, &args, EnqueueOptions::default().key(key))
+                        let opts = EnqueueOptions::default().key(key).free_key_when_dead();
+                        let job = enqueue_on(tx, &args, opts)
                             .await
                             .map_err(|e| JobError::retry(e.into_sqlx()))?;
                         backfill_job = Some(job.id);
