@@ -12,17 +12,12 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Proc, RunTrace, config_dir, count, db, eventually};
+use common::{Proc, RunTrace, config_dir, count, db, eventually, sha};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 const WRITE_TOKEN: &str = "tok-console-write-0123456789";
 const READ_TOKEN: &str = "tok-console-read-0123456789";
-
-fn sha(t: &str) -> String {
-    hex::encode(Sha256::digest(t.as_bytes()))
-}
 
 fn console_config() -> String {
     format!(

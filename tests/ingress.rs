@@ -6,16 +6,12 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Proc, config, config_dir, count, db, eventually};
+use common::{Proc, config, config_dir, count, db, eventually, sha};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const HOOK_SECRET: &str = "canary-hmac-secret-0123456789";
-
-fn sha(t: &str) -> String {
-    hex::encode(Sha256::digest(t.as_bytes()))
-}
 
 fn test_config() -> String {
     format!(

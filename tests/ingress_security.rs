@@ -8,16 +8,12 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Proc, config_dir, count, db, eventually};
+use common::{Proc, config_dir, count, db, eventually, sha};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const SECRET: &str = "hook-secret-for-security-tests";
-
-fn sha(t: &str) -> String {
-    hex::encode(Sha256::digest(t.as_bytes()))
-}
 
 fn sign(msg: &[u8]) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();

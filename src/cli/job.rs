@@ -101,11 +101,11 @@ pub async fn run_bulk(
         total.filter(|t| *t < cap).map(|t| t as u64),
         action_name(action),
     );
-    let n = store::bulk(pool, &sql, filter, action, batch, actor, |n| pb.inc(n)).await?;
+    let (n, up_to) = store::bulk(pool, &sql, filter, action, batch, actor, |n| pb.inc(n)).await?;
     pb.finish_and_clear();
-    // Rows a worker held as a batch passed were skipped: how many still match.
+    // Rows a worker held as a batch passed were skipped: how many still match (within
+    // the action's bound, so jobs that arrived since are not counted).
     let still = db::run(pool, db::Deadline::Statement, async |c| {
-        let up_to = store::bulk_bound(c, &sql, filter.state).await?;
         store::bulk_count(c, &sql, filter, up_to, 10_000).await
     })
     .await

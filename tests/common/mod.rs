@@ -566,3 +566,10 @@ impl Drop for PgBouncer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Hex SHA-256 of a token, as `ingress.tokens[].sha256` holds it (computed here, not
+/// by the runtime's own function, so a wrong hash there fails the tests).
+pub fn sha(t: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(t.as_bytes()))
+}

@@ -315,7 +315,9 @@ SELECT '{name}', msg_id, message, headers, longshore.attempts(read_ct, headers),
 }
 
 /// Runs a whole bulk action: batches of `limit`, each its own transaction, until none
-/// is left; `progress` hears each batch's count. Returns how many jobs it acted on.
+/// is left; `progress` hears each batch's count. Returns how many jobs it acted on and
+/// the newest id it considered (for a count of what still matches within the same
+/// bound).
 pub async fn bulk(
     pool: &sqlx::PgPool,
     sql: &QueueSql,
@@ -324,7 +326,7 @@ pub async fn bulk(
     limit: i64,
     actor: &str,
     mut progress: impl FnMut(u64),
-) -> Result<u64, sqlx::Error> {
+) -> Result<(u64, i64), sqlx::Error> {
     use crate::db::{self, Deadline};
     let up_to = db::run(pool, Deadline::Statement, async |c| {
         bulk_bound(c, sql, filter.state).await
@@ -340,7 +342,7 @@ pub async fn bulk(
         progress(b.affected);
         match b.next_after {
             Some(n) => after = n,
-            None => return Ok(total),
+            None => return Ok((total, up_to)),
         }
     }
 }

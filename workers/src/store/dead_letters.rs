@@ -158,19 +158,6 @@ UPDATE longshore.idempotency_keys k
     Ok(dl_ids.into_iter().zip(new_ids).collect())
 }
 
-/// The newest dead-letter id of a queue (0 when none): the bound of a "retry all".
-pub async fn newest_dead_letter(
-    ex: impl PgExecutor<'_>,
-    queue: &QueueName,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce(max(id), 0)::bigint FROM longshore.dead_letters WHERE queue = $1",
-    )
-    .bind(queue.as_str())
-    .fetch_one(ex)
-    .await
-}
-
 /// Deletes the dead letters of `queue` with the given `ids` (all when empty); returns
 /// how many went.
 pub async fn purge_dead_letters(

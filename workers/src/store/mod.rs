@@ -49,8 +49,7 @@ pub use self::controls::{
     Cancel, QueueControl, RetryNow, cancel_job, queue_controls, retry_now, set_paused,
 };
 pub use self::dead_letters::{
-    DeadLetter, Selection, dead_letter_action, dead_letters, newest_dead_letter,
-    purge_dead_letters, retry_dead_letters,
+    DeadLetter, Selection, dead_letter_action, dead_letters, purge_dead_letters, retry_dead_letters,
 };
 pub use self::idempotency::{KeyEntry, idempotency_lookup, idempotency_record};
 pub use self::retention::{

@@ -23,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::admin::{self, READ, WRITE};
 use super::auth::Token;
@@ -84,21 +83,14 @@ impl Session<'_> {
     }
 }
 
-fn hex_sha256(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
-
 fn random_hex() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
 /// Equal in time independent of where they differ.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 fn cookie_value(headers: &HeaderMap) -> Option<String> {
@@ -192,7 +184,7 @@ async fn session<'a>(
     let Some(id) = cookie_value(headers) else {
         return Err(out("missing_session", "sign in first"));
     };
-    let id_hash = hex_sha256(&id);
+    let id_hash = super::auth::hash_token(&id);
     let row: Option<(String, String)> = admin::read_db(st, async |c| {
         sqlx::query_as(
             "SELECT token_sha256, csrf FROM longshore.ui_sessions WHERE id_sha256 = $1 AND expires_at > now()",
@@ -226,21 +218,28 @@ async fn session<'a>(
     Ok(Session { token, csrf })
 }
 
-/// A POST's form fields, after its session, its CSRF token, its origin and (for an
-/// action) the `admin:write` scope are checked.
+/// A POST's form fields, after its session, its origin, its CSRF token and the
+/// `admin:write` scope are checked (every action).
 async fn posted<'a>(
     st: &'a Ingress,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Session<'a>, Vec<(String, String)>), Response> {
+    posted_as(st, headers, body, true).await
+}
+
+/// [`posted`], with the write scope required or not (signing out is for every token).
+async fn posted_as<'a>(
+    st: &'a Ingress,
+    headers: &HeaderMap,
+    body: Body,
+    write: bool,
+) -> Result<(Session<'a>, Vec<(String, String)>), Response> {
     let s = session(st, headers, false).await?;
     if let Some(r) = cross_origin(headers) {
         return Err(r);
     }
-    let bytes = super::routes::read_body(st, headers, body)
-        .await
-        .map_err(from_api)?;
-    let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
+    let form = read_form(st, headers, body).await?;
     let csrf = field(&form, "csrf").unwrap_or_default();
     if !same(&csrf, &s.csrf) {
         return Err(error_page(
@@ -249,7 +248,7 @@ async fn posted<'a>(
             "the form's CSRF token is not this session's; reload the page and try again",
         ));
     }
-    if !s.write() {
+    if write && !s.write() {
         return Err(error_page(
             StatusCode::FORBIDDEN,
             "scope_forbidden",
@@ -257,6 +256,19 @@ async fn posted<'a>(
         ));
     }
     Ok((s, form))
+}
+
+/// A form body (repeated keys kept: the dead letters selected), within the ingress's
+/// body limit and read timeout.
+async fn read_form(
+    st: &Ingress,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<(String, String)>, Response> {
+    let bytes = super::routes::read_body(st, headers, body)
+        .await
+        .map_err(from_api)?;
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
 /// A POST from another site's page is refused (SameSite=Strict already keeps the
@@ -479,11 +491,10 @@ async fn login(
     if let Some(r) = cross_origin(&headers) {
         return r;
     }
-    let bytes = match super::routes::read_body(&st, &headers, body).await {
-        Ok(b) => b,
-        Err(e) => return from_api(e),
+    let form = match read_form(&st, &headers, body).await {
+        Ok(f) => f,
+        Err(r) => return r,
     };
-    let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
     let presented = field(&form, "token").unwrap_or_default();
     let refuse = |msg: &str| page(StatusCode::UNAUTHORIZED, login_form(Some(msg)));
     // Every sign-in attempt spends the address's anonymous budget, before the token is
@@ -507,7 +518,7 @@ async fn login(
     }
     let id = random_hex();
     let csrf = random_hex();
-    let id_hash = hex_sha256(&id);
+    let id_hash = super::auth::hash_token(&id);
     let made = admin::read_db(&st, async |c| {
         // Ended sessions go a few at a time, so the table stays small.
         sqlx::query(
@@ -547,24 +558,14 @@ async fn login(
 }
 
 async fn logout(State(st): State<Arc<Ingress>>, headers: HeaderMap, body: Body) -> Response {
-    let s = match session(&st, &headers, false).await {
-        Ok(s) => s,
-        Err(_) => return redirect("/ui/login"),
-    };
-    let bytes = match super::routes::read_body(&st, &headers, body).await {
-        Ok(b) => b,
-        Err(e) => return from_api(e),
-    };
-    let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
-    if !same(&field(&form, "csrf").unwrap_or_default(), &s.csrf) {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "csrf_mismatch",
-            "reload the page and try again",
-        );
+    if cookie_value(&headers).is_none() {
+        return redirect("/ui/login");
+    }
+    if let Err(r) = posted_as(&st, &headers, body, false).await {
+        return r;
     }
     if let Some(id) = cookie_value(&headers) {
-        let id_hash = hex_sha256(&id);
+        let id_hash = super::auth::hash_token(&id);
         let _ = admin::read_db(&st, async |c| {
             sqlx::query("DELETE FROM longshore.ui_sessions WHERE id_sha256 = $1")
                 .bind(&id_hash)
